@@ -1,0 +1,3 @@
+"""krtfuap: universal adversarial perturbations against face recognition."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,103 @@
+"""Input checks shared by every public entry point.
+
+Each check raises an error that names the problem and says how to fix it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["check_images", "check_embeddings"]
+
+
+def check_images(images: object, *, name: str = "images") -> torch.Tensor:
+    """Check that ``images`` is a batch of RGB images in ``[0, 1]``.
+
+    Parameters
+    ----------
+    images : torch.Tensor
+        Shape ``(B, 3, H, W)``, floating point, values in ``[0, 1]``.
+    name : str
+        Name used in error messages.
+
+    Returns
+    -------
+    torch.Tensor
+        The same tensor (not copied).
+
+    Raises
+    ------
+    TypeError
+        If ``images`` is not a tensor or is not floating point.
+    ValueError
+        If the shape is wrong, a value is NaN/inf or outside ``[0, 1]``.
+    """
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(
+            f"{name} must be a torch.Tensor of shape (B, 3, H, W) in [0, 1], "
+            f"got {type(images).__name__}; convert with torch.as_tensor(...)."
+        )
+    if images.ndim != 4 or images.shape[1] != 3:
+        hint = ""
+        if images.ndim == 3:
+            hint = " Add a batch dimension with images.unsqueeze(0)."
+        elif images.ndim == 4 and images.shape[-1] == 3:
+            hint = " The tensor looks channels-last; use images.permute(0, 3, 1, 2)."
+        elif images.ndim == 4 and images.shape[1] in (1, 4):
+            hint = " Convert grey or RGBA images to 3-channel RGB first."
+        raise ValueError(
+            f"{name} must have shape (B, 3, H, W), got {tuple(images.shape)}.{hint}"
+        )
+    if images.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (B = 0); pass at least one image.")
+    if not images.is_floating_point():
+        raise TypeError(
+            f"{name} must be floating point in [0, 1], got dtype {images.dtype}; "
+            "for uint8 images use images.float() / 255."
+        )
+    if not torch.isfinite(images).all():
+        raise ValueError(f"{name} contains NaN or inf values; clean or drop those images.")
+    low, high = images.min().item(), images.max().item()
+    if low < 0.0 or high > 1.0:
+        hint = " It looks like 0-255 data: divide by 255." if high > 1.0 + 1e-6 and high <= 255 else ""
+        raise ValueError(
+            f"{name} must be in [0, 1], got values in [{low:.4g}, {high:.4g}].{hint} "
+            "If the model needs another normalisation, put it inside the model "
+            "(see krtfuap.models.FaceEmbedder)."
+        )
+    return images
+
+
+def check_embeddings(embeddings: object, batch_size: int, *, name: str = "model output") -> torch.Tensor:
+    """Check that a face model returned one embedding per image.
+
+    Parameters
+    ----------
+    embeddings : torch.Tensor
+        Expected shape ``(B, D)``.
+    batch_size : int
+        The ``B`` of the input batch.
+    name : str
+        Name used in error messages.
+
+    Returns
+    -------
+    torch.Tensor
+        The same tensor.
+    """
+    if not isinstance(embeddings, torch.Tensor):
+        raise TypeError(
+            f"{name} must be a torch.Tensor of shape (B, D), got {type(embeddings).__name__}; "
+            "wrap the model so that forward returns the embedding tensor only."
+        )
+    if embeddings.ndim != 2 or embeddings.shape[0] != batch_size:
+        raise ValueError(
+            f"{name} must have shape (B, D) = ({batch_size}, D), got {tuple(embeddings.shape)}; "
+            "the face model must map (B, 3, H, W) images to (B, D) embeddings "
+            "(flatten or select the embedding output in a wrapper)."
+        )
+    if not torch.isfinite(embeddings).all():
+        raise ValueError(
+            f"{name} contains NaN or inf; check the model weights and its input normalisation."
+        )
+    return embeddings

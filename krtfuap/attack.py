@@ -1,0 +1,495 @@
+"""``UAPAttack``: learn one KRT-FUAP perturbation for a face model (paper Algorithm 1).
+
+The estimator follows scikit-learn's conventions: ``__init__`` only stores its
+arguments, :meth:`UAPAttack.fit` learns the attributes that end in ``_`` and
+:meth:`UAPAttack.transform` adds the learned perturbation to new faces.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Iterable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from sklearn.base import BaseEstimator, TransformerMixin, clone
+from sklearn.utils import check_random_state
+from sklearn.utils.validation import check_is_fitted
+from torch import nn
+from tqdm.auto import tqdm
+
+from krtfuap._batches import ImageData, iter_image_batches
+from krtfuap._validation import check_embeddings, check_images
+from krtfuap.flow import FlowUnit
+from krtfuap.losses import DirectionLoss
+from krtfuap.masks import KeyRegionMasker
+from krtfuap.metrics import calibrate_threshold, cosine_similarity, pair_similarities, psnr, ssim
+from krtfuap.perturbation import MaskedPerturbation
+from krtfuap.stealth import StealthLossLike, resolve_stealth_loss
+
+__all__ = ["UAPAttack"]
+
+_FORMAT = "krtfuap.UAPAttack/1"
+_SAVED_TENSORS = ("perturbation_", "mask_", "warped_mask_", "flow_", "noise_")
+
+
+class UAPAttack(TransformerMixin, BaseEstimator):
+    """KRT-FUAP: a universal perturbation focused on facial key regions.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Face embedding model: ``(B, 3, H, W)`` RGB in ``[0, 1]`` -> ``(B, D)``.
+        Put any other input convention inside the model (see
+        :class:`krtfuap.models.FaceEmbedder`). Only its output is used; its
+        weights are left untouched.
+    threshold : float, optional
+        Verification threshold ``t`` on cosine similarity: a face is fooled when
+        ``cos(F(x + v), F(x)) < t``. ``None`` calibrates it in :meth:`fit` from
+        the ``pairs`` given there (best accuracy on genuine/impostor pairs).
+    epsilon : float
+        l_inf budget of the perturbation on ``[0, 1]`` images (paper: 0.08).
+    stealth_weight : float, optional
+        ``lambda`` of the stealth loss; ``None`` uses the loss's documented
+        default (0.05 for ``"vgg"`` as in the paper, 10 for ``"ssim"``).
+    stealth_loss : {"vgg", "ssim"}, callable or None
+        ``"vgg"``: the paper's shallow VGG16 feature loss (needs ImageNet VGG16
+        weights, see :class:`krtfuap.stealth.VGGStealthLoss`); ``"ssim"``:
+        ``1 - SSIM`` (no weights needed); any callable
+        ``(adversarial, clean) -> scalar``; ``None``: no stealth term.
+    adversarial_loss : {"direction", "cosine", "euclidean"}
+        The paper's direction loss, or the ablations of Table 5.
+    masker : KeyRegionMasker, torch.Tensor or None
+        Source of the key-region mask ``M0``: an (un)fitted
+        :class:`krtfuap.masks.KeyRegionMasker` (an unfitted one is cloned and
+        fitted on the fit data), an ``(H, W)`` mask tensor in ``[0, 1]``, or
+        ``None`` for ``KeyRegionMasker()`` (the built-in landmark template of
+        ArcFace-aligned faces: no landmark model needed).
+    use_key_regions : bool
+        ``False`` drops the mask: a global perturbation (ablation of Table 3).
+    learn_flow : bool
+        Learn the flow field that warps the mask (paper); ``False`` keeps the
+        key regions fixed (ablation of Table 4).
+    flow_bound : float
+        Bound of the flow field values (paper: 1).
+    flow_unit : {"pixels", "normalized"}
+        Unit of the flow field (see :mod:`krtfuap.flow`).
+    skip_fooled : bool
+        Algorithm 1, line 7: only faces that are not yet fooled contribute to
+        the adversarial loss of a step.
+    target_fooling_rate : float
+        Stop once the fooling rate over one epoch of the fit data reaches this.
+    max_epochs : int
+        Hard stop on passes over the data.
+    max_time : float, optional
+        Hard stop on wall time in seconds, checked after every step.
+    lr : float
+        Adam learning rate (paper: 0.01).
+    init_scale : float
+        The noise starts uniform in ``[-init_scale * epsilon, init_scale * epsilon]``.
+    batch_size : int
+        Batch size when ``X`` is given as one tensor.
+    random_state : int, numpy RandomState or None
+        Seeds the initial noise; an int makes ``fit`` repeatable on CPU.
+    device : str or torch.device, optional
+        Where to fit; default: the device of the model's parameters.
+    verbose : bool
+        Show a tqdm progress bar.
+
+    Attributes
+    ----------
+    perturbation_ : torch.Tensor
+        ``(3, H, W)``, values in ``[-epsilon, epsilon]``, on the CPU.
+    mask_ : torch.Tensor
+        Key-region mask ``M0``, ``(H, W)`` in ``[0, 1]``.
+    warped_mask_ : torch.Tensor
+        ``Mf``, the mask after the learned flow, ``(H, W)`` in ``[0, 1]``.
+    flow_ : torch.Tensor
+        ``(2, H, W)`` learned flow (zeros when ``learn_flow=False``).
+    noise_ : torch.Tensor
+        ``(3, H, W)`` learned noise before masking.
+    threshold_ : float
+        The threshold used.
+    history_ : list of dict
+        Per step: ``step, epoch, loss, adversarial_loss, stealth_loss,
+        fooling_rate, ssim`` (batch values, measured before the step's update).
+    n_iter_ : int
+        Optimisation steps taken.
+    n_epochs_ : int
+        Passes over the data.
+    fooling_rate_ : float
+        Fooling rate over the last epoch of the fit data.
+    stop_reason_ : str
+        ``"target_fooling_rate"``, ``"max_epochs"`` or ``"max_time"``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        threshold: float | None = None,
+        epsilon: float = 0.08,
+        stealth_weight: float | None = None,
+        stealth_loss: StealthLossLike | None = "vgg",
+        adversarial_loss: str = "direction",
+        masker: KeyRegionMasker | torch.Tensor | None = None,
+        use_key_regions: bool = True,
+        learn_flow: bool = True,
+        flow_bound: float = 1.0,
+        flow_unit: FlowUnit = "pixels",
+        skip_fooled: bool = True,
+        target_fooling_rate: float = 0.8,
+        max_epochs: int = 50,
+        max_time: float | None = None,
+        lr: float = 0.01,
+        init_scale: float = 1.0,
+        batch_size: int = 32,
+        random_state: Any = None,
+        device: str | torch.device | None = None,
+        verbose: bool = False,
+    ) -> None:
+        self.model = model
+        self.threshold = threshold
+        self.epsilon = epsilon
+        self.stealth_weight = stealth_weight
+        self.stealth_loss = stealth_loss
+        self.adversarial_loss = adversarial_loss
+        self.masker = masker
+        self.use_key_regions = use_key_regions
+        self.learn_flow = learn_flow
+        self.flow_bound = flow_bound
+        self.flow_unit = flow_unit
+        self.skip_fooled = skip_fooled
+        self.target_fooling_rate = target_fooling_rate
+        self.max_epochs = max_epochs
+        self.max_time = max_time
+        self.lr = lr
+        self.init_scale = init_scale
+        self.batch_size = batch_size
+        self.random_state = random_state
+        self.device = device
+        self.verbose = verbose
+
+    # ------------------------------------------------------------------ fitting
+    def _device(self) -> torch.device:
+        if self.device is not None:
+            return torch.device(self.device)
+        return next((p.device for p in self.model.parameters()), torch.device("cpu"))
+
+    def _check_params(self) -> None:
+        if not isinstance(self.model, nn.Module):
+            raise TypeError(
+                f"model must be a torch.nn.Module mapping (B, 3, H, W) images in [0, 1] to (B, D) "
+                f"embeddings, got {type(self.model).__name__}."
+            )
+        if not 0 < self.epsilon <= 1:
+            raise ValueError(f"epsilon must be in (0, 1] (images are in [0, 1]), got {self.epsilon}.")
+        if not 0 <= self.target_fooling_rate <= 1:
+            raise ValueError(f"target_fooling_rate must be in [0, 1], got {self.target_fooling_rate}.")
+        if self.max_epochs < 1:
+            raise ValueError(f"max_epochs must be >= 1, got {self.max_epochs}.")
+        if self.threshold is not None and not -1 <= self.threshold <= 1:
+            raise ValueError(f"threshold is a cosine similarity and must be in [-1, 1], got {self.threshold}.")
+
+    def _key_region_mask(self, X: ImageData, height: int, width: int) -> torch.Tensor | None:
+        if not self.use_key_regions:
+            return None
+        if isinstance(self.masker, torch.Tensor):
+            mask = self.masker.detach().float().cpu()
+        else:
+            if self.masker is None:
+                masker = KeyRegionMasker().fit(X)
+            elif hasattr(self.masker, "mask_"):
+                masker = self.masker
+            else:
+                masker = clone(self.masker).fit(X)
+            mask = masker.mask_.detach().float().cpu()
+        if mask.shape != (height, width):
+            raise ValueError(
+                f"The key-region mask has shape {tuple(mask.shape)} but the images are {height}x{width}; "
+                "fit the masker on images of the same size."
+            )
+        if mask.min() < 0 or mask.max() > 1 or not torch.isfinite(mask).all():
+            raise ValueError("The key-region mask must hold values in [0, 1].")
+        return mask
+
+    def _calibrated_threshold(self, pairs: Iterable | None) -> float:
+        if self.threshold is not None:
+            return float(self.threshold)
+        if pairs is None:
+            raise ValueError(
+                "threshold=None needs verification pairs to calibrate it: call fit(X, pairs=loader) with "
+                "batches of (images_a, images_b, same), or set threshold=t (the model's verification "
+                "threshold on cosine similarity)."
+            )
+        similarities, same = pair_similarities(self.model, pairs)
+        threshold, accuracy = calibrate_threshold(similarities, same)
+        self.threshold_accuracy_ = accuracy
+        return threshold
+
+    def fit(self, X: ImageData, y: None = None, *, pairs: Iterable | None = None) -> "UAPAttack":
+        """Learn the universal perturbation on faces ``X``.
+
+        Parameters
+        ----------
+        X : torch.Tensor or iterable
+            Aligned faces: a ``(N, 3, H, W)`` tensor in ``[0, 1]`` RGB, or a
+            re-iterable loader of such batches (or of tuples whose first item is
+            the batch), such as a ``DataLoader``.
+        y : None
+            Ignored (scikit-learn API).
+        pairs : iterable, optional
+            Batches ``(images_a, images_b, same)`` of verification pairs, used
+            only when ``threshold=None`` to calibrate ``threshold_``.
+
+        Returns
+        -------
+        UAPAttack
+            ``self``, fitted.
+        """
+        self._check_params()
+        started = time.perf_counter()
+        device = self._device()
+        first = next(iter_image_batches(X, self.batch_size))
+        height, width = first.shape[-2:]
+        mask = self._key_region_mask(X, height, width)
+        self.threshold_ = self._calibrated_threshold(pairs)
+
+        seed = int(check_random_state(self.random_state).randint(2**31 - 1))
+        generator = torch.Generator().manual_seed(seed)
+        perturbation = MaskedPerturbation(
+            mask,
+            epsilon=self.epsilon,
+            learn_flow=self.learn_flow and self.use_key_regions,
+            flow_bound=self.flow_bound,
+            flow_unit=self.flow_unit,
+            init_scale=self.init_scale,
+            generator=generator,
+            height=height,
+            width=width,
+        ).to(device)
+        adversarial_loss = DirectionLoss(self.adversarial_loss, reduction="none")
+        stealth_loss, stealth_weight = resolve_stealth_loss(self.stealth_loss, self.stealth_weight)
+        if isinstance(stealth_loss, nn.Module):
+            stealth_loss = stealth_loss.to(device)
+        optimizer = torch.optim.Adam(perturbation.parameters(), lr=self.lr)
+
+        self.history_ = []
+        self.n_iter_ = 0
+        self.stop_reason_ = "max_epochs"
+        was_training = self.model.training
+        frozen = [p for p in self.model.parameters() if p.requires_grad]
+        self.model.eval()
+        for parameter in frozen:
+            parameter.requires_grad_(False)
+        epochs = tqdm(range(self.max_epochs), desc="KRT-FUAP fit", disable=not self.verbose)
+        try:
+            for epoch in epochs:
+                fooled, seen = 0, 0
+                for images in iter_image_batches(X, self.batch_size):
+                    images = images.to(device)
+                    if images.shape[-2:] != (height, width):
+                        raise ValueError(
+                            f"All faces must share one size; got {tuple(images.shape[-2:])} after "
+                            f"{(height, width)}. Align every face to the same size (e.g. 112x112)."
+                        )
+                    record = self._step(images, perturbation, adversarial_loss, stealth_loss, stealth_weight, optimizer)
+                    record.update(step=self.n_iter_, epoch=epoch)
+                    self.history_.append(record)
+                    self.n_iter_ += 1
+                    fooled += record["fooling_rate"] * len(images)
+                    seen += len(images)
+                    if self.max_time is not None and time.perf_counter() - started > self.max_time:
+                        self.stop_reason_ = "max_time"
+                        break
+                self.fooling_rate_ = fooled / seen
+                self.n_epochs_ = epoch + 1
+                epochs.set_postfix(fooling_rate=f"{self.fooling_rate_:.3f}")
+                if self.stop_reason_ == "max_time":
+                    break
+                if self.fooling_rate_ >= self.target_fooling_rate:
+                    self.stop_reason_ = "target_fooling_rate"
+                    break
+        finally:
+            self.model.train(was_training)
+            for parameter in frozen:
+                parameter.requires_grad_(True)
+
+        with torch.no_grad():
+            self.perturbation_ = perturbation().detach().cpu()
+            self.warped_mask_ = perturbation.warped_mask().detach().cpu()
+            self.noise_ = perturbation.noise.detach().cpu()
+            flow = perturbation.flow_warp
+            self.flow_ = flow.flow.detach().cpu() if flow is not None else torch.zeros(2, height, width)
+        self.mask_ = mask if mask is not None else torch.ones(height, width)
+        self.fit_time_ = time.perf_counter() - started
+        return self
+
+    def _step(
+        self,
+        images: torch.Tensor,
+        perturbation: MaskedPerturbation,
+        adversarial_loss: DirectionLoss,
+        stealth_loss,
+        stealth_weight: float,
+        optimizer: torch.optim.Optimizer,
+    ) -> dict[str, float]:
+        """One Adam step on one batch; returns the batch's record for ``history_``."""
+        with torch.no_grad():
+            clean_embeddings = check_embeddings(self.model(images), len(images))
+        adversarial = (images + perturbation()).clamp(0.0, 1.0)
+        adversarial_embeddings = check_embeddings(self.model(adversarial), len(images))
+        similarity = cosine_similarity(adversarial_embeddings.detach(), clean_embeddings)
+        fooled = similarity < self.threshold_
+        per_face = adversarial_loss(adversarial_embeddings, clean_embeddings)
+        if self.skip_fooled:
+            per_face = per_face * (~fooled).to(per_face.dtype)
+        adversarial_term = per_face.mean()
+        if stealth_loss is not None:
+            stealth_term = stealth_loss(adversarial, images)
+        else:
+            stealth_term = adversarial_term.new_zeros(())
+        loss = adversarial_term + stealth_weight * stealth_term
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        perturbation.project_()
+        with torch.no_grad():
+            batch_ssim = ssim(adversarial.detach(), images).mean().item()
+        return {
+            "loss": loss.item(),
+            "adversarial_loss": adversarial_term.item(),
+            "stealth_loss": stealth_term.item(),
+            "fooling_rate": fooled.float().mean().item(),
+            "ssim": batch_ssim,
+        }
+
+    # --------------------------------------------------------------- applying
+    def transform(self, X: torch.Tensor) -> torch.Tensor:
+        """Add the learned perturbation: ``clip(X + perturbation_, 0, 1)``.
+
+        Parameters
+        ----------
+        X : torch.Tensor
+            ``(B, 3, H, W)`` RGB in ``[0, 1]``, the size the attack was fitted on.
+
+        Returns
+        -------
+        torch.Tensor
+            Same shape, device and dtype as ``X``, values in ``[0, 1]``.
+        """
+        check_is_fitted(self, "perturbation_")
+        check_images(X, name="X")
+        if X.shape[-2:] != self.perturbation_.shape[-2:]:
+            raise ValueError(
+                f"X has size {tuple(X.shape[-2:])} but the perturbation was fitted on "
+                f"{tuple(self.perturbation_.shape[-2:])}; align the faces to that size first."
+            )
+        return (X + self.perturbation_.to(device=X.device, dtype=X.dtype)).clamp(0.0, 1.0)
+
+    @torch.no_grad()
+    def evaluate(self, X: ImageData) -> dict[str, float]:
+        """Fooling rate, SSIM and PSNR of the perturbation on faces ``X``.
+
+        Parameters
+        ----------
+        X : torch.Tensor or iterable
+            Faces as in :meth:`fit`; judge on identities not used for fitting.
+
+        Returns
+        -------
+        dict
+            ``fooling_rate`` (share with ``cos(F(x + v), F(x)) < threshold_``),
+            ``ssim`` and ``psnr`` (means over faces), ``mean_similarity`` and
+            ``n_images``.
+        """
+        check_is_fitted(self, "perturbation_")
+        device = self._device()
+        was_training = self.model.training
+        self.model.eval()
+        similarities, ssims, psnrs = [], [], []
+        try:
+            for images in iter_image_batches(X, self.batch_size):
+                images = images.to(device)
+                adversarial = self.transform(images)
+                clean = check_embeddings(self.model(images), len(images))
+                similarities.append(cosine_similarity(self.model(adversarial), clean).cpu())
+                ssims.append(ssim(adversarial, images).cpu())
+                psnrs.append(psnr(adversarial, images).cpu())
+        finally:
+            self.model.train(was_training)
+        similarity = torch.cat(similarities)
+        return {
+            "fooling_rate": (similarity < self.threshold_).float().mean().item(),
+            "ssim": torch.cat(ssims).mean().item(),
+            "psnr": torch.cat(psnrs).mean().item(),
+            "mean_similarity": similarity.mean().item(),
+            "n_images": len(similarity),
+        }
+
+    # ----------------------------------------------------------- persistence
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the fitted attack to a ``.safetensors`` file (no pickle).
+
+        Tensors (``perturbation_``, ``mask_``, ``warped_mask_``, ``flow_``,
+        ``noise_``) go in the tensor section; JSON-serialisable parameters,
+        ``threshold_`` and ``history_`` go in the metadata. The model, a masker
+        object and a callable stealth loss are not saved.
+        """
+        check_is_fitted(self, "perturbation_")
+        params = {k: v for k, v in self.get_params(deep=False).items() if _is_json_scalar(v)}
+        fitted = {
+            k: getattr(self, k)
+            for k in ("threshold_", "n_iter_", "n_epochs_", "fooling_rate_", "stop_reason_", "fit_time_")
+        }
+        metadata = {
+            "format": _FORMAT,
+            "params": json.dumps(params),
+            "fitted": json.dumps(fitted),
+            "history": json.dumps(self.history_),
+        }
+        tensors = {name: getattr(self, name).contiguous() for name in _SAVED_TENSORS}
+        save_file(tensors, os.fspath(path), metadata=metadata)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> "UAPAttack":
+        """Read an attack written by :meth:`save`.
+
+        Parameters
+        ----------
+        path : path-like
+            A file written by :meth:`save`.
+        model : torch.nn.Module, optional
+            The face model, needed for :meth:`evaluate` or a new :meth:`fit`
+            (not for :meth:`transform`).
+
+        Returns
+        -------
+        UAPAttack
+            A fitted attack.
+        """
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"No saved attack at {path}.")
+        try:
+            with safe_open(path, framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        except Exception as error:
+            raise ValueError(f"{path} is not a krtfuap attack file (a .safetensors written by save): {error}") from error
+        if metadata.get("format") != _FORMAT or set(tensors) != set(_SAVED_TENSORS):
+            raise ValueError(f"{path} is not a krtfuap attack file (written by UAPAttack.save).")
+        attack = cls(model, **json.loads(metadata["params"]))
+        for name, value in json.loads(metadata["fitted"]).items():
+            setattr(attack, name, value)
+        attack.history_ = json.loads(metadata["history"])
+        for name, tensor in tensors.items():
+            setattr(attack, name, tensor)
+        return attack
+
+
+def _is_json_scalar(value: object) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str))

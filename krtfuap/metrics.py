@@ -1,0 +1,221 @@
+"""Attack and image-quality metrics.
+
+* fooling rate: share of faces whose cosine similarity between ``F(x + v)`` and
+  ``F(x)`` falls below the verification threshold ``t`` (paper Eq. 1);
+* threshold calibration on genuine / impostor pairs (best accuracy, TAR at FAR);
+* SSIM and PSNR (kornia), LPIPS (the ``lpips`` package).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from kornia.metrics import psnr as kornia_psnr
+from kornia.metrics import ssim as kornia_ssim
+from torch import nn
+
+from krtfuap._validation import check_embeddings, check_images
+from krtfuap.imagenet import load_imagenet_state_dict
+
+__all__ = [
+    "cosine_similarity",
+    "fooling_rate",
+    "embed",
+    "pair_similarities",
+    "calibrate_threshold",
+    "tar_at_far",
+    "ssim",
+    "psnr",
+    "LPIPSMetric",
+]
+
+
+def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise cosine similarity of ``(B, D)`` embeddings, shape ``(B,)`` in ``[-1, 1]``."""
+    return F.cosine_similarity(a, b, dim=1)
+
+
+def fooling_rate(adversarial: torch.Tensor, clean: torch.Tensor, threshold: float) -> float:
+    """Share of faces whose perturbed embedding no longer matches the clean one.
+
+    Parameters
+    ----------
+    adversarial, clean : torch.Tensor
+        Embeddings ``F(x + v)`` and ``F(x)``, shape ``(B, D)``.
+    threshold : float
+        Verification threshold ``t`` on cosine similarity.
+
+    Returns
+    -------
+    float
+        In ``[0, 1]``: the share with ``cos(F(x + v), F(x)) < t``.
+    """
+    return (cosine_similarity(adversarial, clean) < threshold).float().mean().item()
+
+
+@torch.no_grad()
+def embed(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Embeddings of ``images`` ``(N, 3, H, W)`` in ``[0, 1]``, shape ``(N, D)``, computed in batches.
+
+    The images are moved to the device of the model's parameters (CPU for a
+    model without parameters); the result stays there.
+    """
+    check_images(images)
+    device = next((p.device for p in model.parameters()), images.device)
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size].to(device)
+        outputs.append(check_embeddings(model(chunk), len(chunk)))
+    return torch.cat(outputs)
+
+
+@torch.no_grad()
+def pair_similarities(
+    model: nn.Module, pairs: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine similarities of verification pairs.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Face model, ``(B, 3, H, W)`` in ``[0, 1]`` -> ``(B, D)``.
+    pairs : iterable of (images_a, images_b, same)
+        Batches of ``(B, 3, H, W)`` image pairs and ``(B,)`` booleans (1 = same
+        person), e.g. a ``DataLoader`` over :class:`krtfuap.datasets.PairDataset`.
+
+    Returns
+    -------
+    (similarities, same) : (torch.Tensor, torch.Tensor)
+        Shapes ``(N,)`` float on the CPU and ``(N,)`` bool.
+    """
+    similarities, labels = [], []
+    for images_a, images_b, same in pairs:
+        similarities.append(cosine_similarity(embed(model, images_a), embed(model, images_b)).cpu())
+        labels.append(torch.as_tensor(same).bool().cpu())
+    if not similarities:
+        raise ValueError("pairs is empty: give at least one genuine and one impostor pair.")
+    return torch.cat(similarities), torch.cat(labels)
+
+
+def _check_pairs(similarities: torch.Tensor, same: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    similarities = torch.as_tensor(similarities, dtype=torch.float64).flatten()
+    same = torch.as_tensor(same).bool().flatten()
+    if similarities.shape != same.shape:
+        raise ValueError(f"similarities {tuple(similarities.shape)} and same {tuple(same.shape)} differ in length.")
+    if same.all() or not same.any():
+        raise ValueError("Calibration needs both genuine (same=1) and impostor (same=0) pairs.")
+    return similarities, same
+
+
+def calibrate_threshold(similarities: torch.Tensor, same: torch.Tensor) -> tuple[float, float]:
+    """The verification threshold with the best accuracy on labelled pairs.
+
+    A pair is judged "same person" when its similarity is ``>= t``. All
+    midpoints between consecutive sorted similarities are tried.
+
+    Parameters
+    ----------
+    similarities : torch.Tensor
+        Shape ``(N,)``, cosine similarities of pairs.
+    same : torch.Tensor
+        Shape ``(N,)``, True for genuine pairs.
+
+    Returns
+    -------
+    (threshold, accuracy) : (float, float)
+    """
+    similarities, same = _check_pairs(similarities, same)
+    values, order = similarities.sort()
+    labels = same[order].double()
+    n = len(values)
+    # Threshold placed just above values[k - 1]: the first k pairs are judged "different".
+    impostors_below = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(1 - labels, 0)])
+    genuine_above = labels.sum() - torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(labels, 0)])
+    accuracy = (impostors_below + genuine_above) / n
+    best = int(torch.argmax(accuracy))
+    candidates = torch.cat([values[:1] - 1e-6, (values[:-1] + values[1:]) / 2, values[-1:] + 1e-6])
+    return float(candidates[best]), float(accuracy[best])
+
+
+def tar_at_far(similarities: torch.Tensor, same: torch.Tensor, far: float = 1e-3) -> tuple[float, float]:
+    """True accept rate at a given false accept rate.
+
+    Parameters
+    ----------
+    similarities, same : torch.Tensor
+        As in :func:`calibrate_threshold`.
+    far : float
+        Target false accept rate in ``(0, 1)``.
+
+    Returns
+    -------
+    (tar, threshold) : (float, float)
+        The threshold is the smallest one whose FAR on the impostor pairs is
+        at most ``far``.
+    """
+    similarities, same = _check_pairs(similarities, same)
+    if not 0 < far < 1:
+        raise ValueError(f"far must be in (0, 1), got {far}.")
+    impostor = similarities[~same].sort(descending=True).values
+    allowed = int(far * len(impostor))  # impostors allowed at or above the threshold
+    threshold = float(impostor[allowed]) + 1e-9 if allowed < len(impostor) else float(impostor[-1])
+    tar = float((similarities[same] >= threshold).double().mean())
+    return tar, threshold
+
+
+def ssim(images: torch.Tensor, reference: torch.Tensor, window_size: int = 11) -> torch.Tensor:
+    """Per-image SSIM of ``(B, 3, H, W)`` images in ``[0, 1]``, shape ``(B,)``."""
+    return kornia_ssim(images, reference, window_size).flatten(1).mean(dim=1)
+
+
+def psnr(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of ``(B, 3, H, W)`` images in ``[0, 1]``, shape ``(B,)``."""
+    return torch.stack([kornia_psnr(a, b, 1.0) for a, b in zip(images, reference)])
+
+
+class LPIPSMetric(nn.Module):
+    """LPIPS perceptual distance (Zhang et al. 2018) via the ``lpips`` package.
+
+    The linear heads ship with ``lpips``; the ImageNet backbone is loaded with
+    :func:`krtfuap.imagenet.load_imagenet_state_dict` (path, torch hub cache,
+    or download), so a missing backbone gives a clear error instead of a
+    network failure deep inside torchvision.
+
+    Parameters
+    ----------
+    net : {"alex", "vgg"}
+        Backbone (LPIPS's default is ``"alex"``).
+    weights : path-like, optional
+        The torchvision backbone weights file.
+    download : bool
+        Allow torchvision to download the backbone when missing.
+    """
+
+    _BACKBONES = {"alex": "alexnet", "vgg": "vgg16"}
+
+    def __init__(self, net: str = "alex", *, weights: str | os.PathLike | None = None, download: bool = True) -> None:
+        super().__init__()
+        import warnings
+
+        import lpips
+
+        if net not in self._BACKBONES:
+            raise ValueError(f"net must be one of {sorted(self._BACKBONES)}, got {net!r}.")
+        state = load_imagenet_state_dict(self._BACKBONES[net], weights, download=download)
+        with warnings.catch_warnings():  # lpips still calls torchvision with the deprecated `pretrained=`
+            warnings.simplefilter("ignore", UserWarning)
+            self.model = lpips.LPIPS(net=net, pnet_rand=True, verbose=False).eval()
+        features = {k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")}
+        for slice_module in self.model.net.children():  # slices keep torchvision's layer indices as names
+            own = {k: features[k] for k in slice_module.state_dict()}
+            slice_module.load_state_dict(own)
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """Per-image LPIPS of ``(B, 3, H, W)`` images in ``[0, 1]``, shape ``(B,)``; lower is more similar."""
+        return self.model(images, reference, normalize=True).flatten()

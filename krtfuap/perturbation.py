@@ -1,0 +1,133 @@
+"""The universal perturbation: warped key-region mask times learnable noise (paper Section 3.4)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from krtfuap._ops import straight_through_clamp
+from krtfuap.flow import FlowUnit, FlowWarp
+
+__all__ = ["rescale_mask", "masked_perturbation", "MaskedPerturbation"]
+
+
+def rescale_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Map a mask from ``[0, 1]`` to ``[1/2, 1]``.
+
+    Non-key regions (0) get half the noise strength of key regions (1), as in
+    the paper. Values outside ``[0, 1]`` (float rounding after a warp) are
+    clipped first, without blocking the gradient.
+
+    Parameters
+    ----------
+    mask : torch.Tensor
+        Any shape, values nominally in ``[0, 1]``.
+
+    Returns
+    -------
+    torch.Tensor
+        Same shape, values in ``[0.5, 1]``.
+    """
+    return 0.5 + 0.5 * straight_through_clamp(mask, 0.0, 1.0)
+
+
+def masked_perturbation(noise: torch.Tensor, mask: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """Weight ``noise`` by the rescaled ``mask`` and clip it to the l_inf ball.
+
+    Parameters
+    ----------
+    noise : torch.Tensor
+        Shape ``(3, H, W)``.
+    mask : torch.Tensor
+        Shape ``(H, W)``, values in ``[0, 1]``.
+    epsilon : float
+        l_inf radius, on the ``[0, 1]`` image scale.
+
+    Returns
+    -------
+    torch.Tensor
+        Shape ``(3, H, W)``, values in ``[-epsilon, epsilon]``. The clip passes
+        gradients through, so noise projected onto the bound can move back.
+    """
+    return straight_through_clamp(rescale_mask(mask) * noise, -epsilon, epsilon)
+
+
+class MaskedPerturbation(nn.Module):
+    """Learnable noise shaped by a (optionally flow-warped) key-region mask.
+
+    ``v = clip(rescale(Flow(M0)) * n, -epsilon, epsilon)`` (paper Eq. 7).
+
+    Parameters
+    ----------
+    mask : torch.Tensor or None
+        Key-region mask ``M0`` of shape ``(H, W)`` in ``[0, 1]``. ``None``
+        means no key regions (a global perturbation: the ablation of Table 3),
+        in which case ``height`` and ``width`` are required.
+    epsilon : float
+        l_inf budget on ``[0, 1]`` images (paper: 0.08).
+    learn_flow : bool
+        Learn a flow field that warps the mask (paper); ``False`` keeps the
+        key regions fixed (the ablation of Table 4).
+    flow_bound, flow_unit :
+        See :class:`krtfuap.flow.FlowWarp`.
+    init_scale : float
+        The noise starts uniform in ``[-init_scale * epsilon, init_scale * epsilon]``.
+    generator : torch.Generator, optional
+        Source of randomness for the initial noise.
+    height, width : int, optional
+        Image size; only needed when ``mask`` is ``None``.
+
+    Attributes
+    ----------
+    noise : torch.nn.Parameter
+        Shape ``(3, H, W)``.
+    base_mask : torch.Tensor
+        Buffer, shape ``(H, W)``.
+    flow_warp : FlowWarp or None
+    """
+
+    def __init__(
+        self,
+        mask: torch.Tensor | None,
+        *,
+        epsilon: float = 0.08,
+        learn_flow: bool = True,
+        flow_bound: float = 1.0,
+        flow_unit: FlowUnit = "pixels",
+        init_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+        height: int | None = None,
+        width: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not epsilon > 0:
+            raise ValueError(f"epsilon must be > 0 (an l_inf radius on [0, 1] images), got {epsilon}.")
+        if mask is None:
+            if height is None or width is None:
+                raise ValueError("Pass height and width when mask is None (a global perturbation).")
+            mask = torch.ones(height, width)
+        if mask.ndim != 2:
+            raise ValueError(f"mask must have shape (H, W), got {tuple(mask.shape)}.")
+        height, width = mask.shape
+        self.epsilon = float(epsilon)
+        self.register_buffer("base_mask", mask.detach().float().clone())
+        noise = (torch.rand(3, height, width, generator=generator) * 2 - 1) * (init_scale * self.epsilon)
+        self.noise = nn.Parameter(noise)
+        self.flow_warp = FlowWarp(height, width, bound=flow_bound, unit=flow_unit) if learn_flow else None
+
+    def warped_mask(self) -> torch.Tensor:
+        """The mask after the flow, ``Mf``, shape ``(H, W)`` in ``[0, 1]``."""
+        if self.flow_warp is None:
+            return self.base_mask
+        return self.flow_warp(self.base_mask[None, None])[0, 0]
+
+    def forward(self) -> torch.Tensor:
+        """The perturbation ``v``, shape ``(3, H, W)`` in ``[-epsilon, epsilon]``."""
+        return masked_perturbation(self.noise, self.warped_mask(), self.epsilon)
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        """Clip noise to ``[-epsilon, epsilon]`` and the flow to its bound, in place."""
+        self.noise.clamp_(-self.epsilon, self.epsilon)
+        if self.flow_warp is not None:
+            self.flow_warp.project_()

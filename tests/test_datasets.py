@@ -1,0 +1,223 @@
+"""Tests for krtfuap.datasets: identity folders, identity splits and verification pairs."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from krtfuap.datasets import (
+    FaceFolder,
+    PairDataset,
+    filter_pairs,
+    load_image,
+    read_pairs,
+    split_identities,
+)
+
+
+def _write_image(path: Path, value: int, size: tuple[int, int] = (8, 6)) -> np.ndarray:
+    """Write an RGB image with a per-channel gradient; returns its (H, W, 3) uint8 pixels."""
+    height, width = size
+    pixels = np.zeros((height, width, 3), dtype=np.uint8)
+    pixels[..., 0] = value
+    pixels[..., 1] = np.arange(width, dtype=np.uint8)[None, :] * 10
+    pixels[..., 2] = np.arange(height, dtype=np.uint8)[:, None] * 20
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return pixels
+
+
+@pytest.fixture
+def face_root(tmp_path: Path) -> Path:
+    """A tiny face folder: bob (2 PNG), alice (1 PNG), carol (1 JPG), plus things to ignore."""
+    root = tmp_path / "faces"
+    _write_image(root / "bob" / "bob_0002.png", 30)
+    _write_image(root / "bob" / "bob_0001.png", 20)
+    _write_image(root / "alice" / "alice_0001.png", 10)
+    _write_image(root / "carol" / "carol_0001.JPG", 40)
+    (root / "empty_person").mkdir()
+    (root / ".cache").mkdir()
+    _write_image(root / ".cache" / "hidden.png", 0)
+    (root / "bob" / "notes.txt").write_text("not an image")
+    (root / "pairs.csv").write_text("path_a,path_b,same\n")
+    return root
+
+
+def test_face_folder_labels_follow_sorted_identities(face_root: Path) -> None:
+    dataset = FaceFolder(face_root)
+    assert dataset.identities == ["alice", "bob", "carol"]
+    assert dataset.all_identities == ["alice", "bob", "carol"]
+    assert [(path.name, label) for path, label in dataset.samples] == [
+        ("alice_0001.png", 0),
+        ("bob_0001.png", 1),
+        ("bob_0002.png", 1),
+        ("carol_0001.JPG", 2),
+    ]
+    assert len(dataset) == 4
+
+
+def test_face_folder_items_are_float_rgb_in_unit_range(face_root: Path) -> None:
+    image, label = FaceFolder(face_root)[1]
+    assert label == 1 and isinstance(label, int)
+    assert image.shape == (3, 8, 6) and image.dtype == torch.float32
+    expected = torch.from_numpy(np.array(Image.open(face_root / "bob" / "bob_0001.png"))).permute(2, 0, 1)
+    torch.testing.assert_close(image, expected.float() / 255.0)  # PNG is lossless: exact pixels
+
+
+def test_face_folder_subset_keeps_global_labels(face_root: Path) -> None:
+    subset = FaceFolder(face_root, identities=["carol", "bob"])
+    assert subset.identities == ["bob", "carol"]
+    assert sorted({label for _, label in subset.samples}) == [1, 2]
+    other = FaceFolder(face_root, identities=["carol"])
+    assert other.samples == [s for s in subset.samples if s[1] == 2]
+
+
+def test_face_folder_rejects_unknown_or_empty_identity(face_root: Path) -> None:
+    with pytest.raises(ValueError, match="'dave'"):
+        FaceFolder(face_root, identities=["alice", "dave"])
+    with pytest.raises(ValueError, match="'empty_person'"):
+        FaceFolder(face_root, identities=["empty_person"])
+    with pytest.raises(TypeError, match="wrap it in a list"):
+        FaceFolder(face_root, identities="alice")
+
+
+def test_face_folder_applies_transform(face_root: Path) -> None:
+    dataset = FaceFolder(face_root, transform=lambda image: image[:, :4, :4] * 0.5)
+    image, _ = dataset[0]
+    assert image.shape == (3, 4, 4) and image.max() <= 0.5
+
+
+def test_face_folder_batches_with_dataloader(face_root: Path) -> None:
+    images, labels = next(iter(DataLoader(FaceFolder(face_root), batch_size=4)))
+    assert images.shape == (4, 3, 8, 6)
+    assert labels.tolist() == [0, 1, 1, 2]
+
+
+def test_face_folder_corrupt_file_names_the_file(face_root: Path) -> None:
+    bad = face_root / "bob" / "bob_0003.jpg"
+    bad.write_bytes(b"\xff\xd8 this is not really a jpeg")
+    dataset = FaceFolder(face_root)
+    index = [path for path, _ in dataset.samples].index(bad)
+    with pytest.raises(ValueError, match="bob_0003.jpg"):
+        dataset[index]
+
+
+def test_face_folder_missing_and_empty_root(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="not found"):
+        FaceFolder(tmp_path / "nowhere")
+    (tmp_path / "person").mkdir()
+    (tmp_path / "readme.txt").write_text("no images here")
+    with pytest.raises(ValueError, match="no images found"):
+        FaceFolder(tmp_path)
+
+
+def test_load_image_converts_grey_and_rgba_to_rgb(tmp_path: Path) -> None:
+    Image.fromarray(np.full((5, 7), 51, dtype=np.uint8), mode="L").save(tmp_path / "grey.png")
+    Image.fromarray(np.full((5, 7, 4), 102, dtype=np.uint8), mode="RGBA").save(tmp_path / "rgba.png")
+    for name, value in (("grey.png", 0.2), ("rgba.png", 0.4)):
+        image = load_image(tmp_path / name)
+        assert image.shape == (3, 5, 7)
+        torch.testing.assert_close(image, torch.full((3, 5, 7), value))
+    with pytest.raises(FileNotFoundError):
+        load_image(tmp_path / "missing.png")
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    names=st.lists(st.text("abcdefghij_", min_size=1, max_size=8), min_size=2, max_size=40, unique=True),
+    fraction=st.floats(0.05, 0.95),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_split_identities_is_deterministic_disjoint_and_complete(names: list[str], fraction: float, seed: int) -> None:
+    fit_ids, heldout_ids = split_identities(names, fraction, random_state=seed)
+    assert fit_ids and heldout_ids
+    assert not set(fit_ids) & set(heldout_ids)
+    assert sorted(fit_ids + heldout_ids) == sorted(names)
+    assert split_identities(list(reversed(names)), fraction, random_state=seed) == (fit_ids, heldout_ids)
+
+
+def test_split_identities_sizes_and_errors() -> None:
+    names = [f"id{i:02d}" for i in range(10)]
+    fit_ids, heldout_ids = split_identities(names, fraction=0.3)
+    assert (len(fit_ids), len(heldout_ids)) == (3, 7)
+    assert split_identities(names, random_state=1) != split_identities(names, random_state=2)
+    with pytest.raises(ValueError, match="at least 2"):
+        split_identities(["solo"])
+    with pytest.raises(ValueError, match="repeated"):
+        split_identities(["a", "a", "b"])
+    with pytest.raises(ValueError, match="fraction"):
+        split_identities(names, fraction=1.0)
+
+
+def _write_pairs(path: Path, rows: list[list[str]], header: str = "path_a,path_b,same") -> Path:
+    path.write_text("\n".join([header, *(",".join(row) for row in rows)]) + "\n")
+    return path
+
+
+def test_read_pairs_and_filter(face_root: Path) -> None:
+    rows = [
+        ["bob/bob_0001.png", "bob/bob_0002.png", "1"],
+        ["alice/alice_0001.png", "carol/carol_0001.JPG", "0"],
+        ["bob/bob_0002.png", "alice/alice_0001.png", "false"],
+    ]
+    pairs = read_pairs(_write_pairs(face_root / "pairs.csv", rows))
+    assert pairs == [
+        ("bob/bob_0001.png", "bob/bob_0002.png", True),
+        ("alice/alice_0001.png", "carol/carol_0001.JPG", False),
+        ("bob/bob_0002.png", "alice/alice_0001.png", False),
+    ]
+    assert filter_pairs(pairs, ["bob"]) == pairs[:1]
+    assert filter_pairs(pairs, {"alice", "bob"}) == [pairs[0], pairs[2]]
+    assert filter_pairs(pairs, []) == []
+
+
+def test_pair_dataset_batches(face_root: Path) -> None:
+    rows = [["bob/bob_0001.png", "bob/bob_0002.png", "1"], ["alice/alice_0001.png", "carol/carol_0001.JPG", "0"]]
+    csv_path = _write_pairs(face_root / "pairs.csv", rows)
+    dataset = PairDataset(read_pairs(csv_path), root=csv_path.parent)
+    img_a, img_b, same = next(iter(DataLoader(dataset, batch_size=2)))
+    assert img_a.shape == img_b.shape == (2, 3, 8, 6)
+    assert same.dtype == torch.bool and same.tolist() == [True, False]
+    torch.testing.assert_close(img_a[1], load_image(face_root / "alice" / "alice_0001.png"))
+    with pytest.raises(ValueError, match="pairs is empty"):
+        PairDataset([], root=face_root)
+
+
+def test_read_pairs_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        read_pairs(tmp_path / "missing.csv")
+    with pytest.raises(ValueError, match="same"):
+        read_pairs(_write_pairs(tmp_path / "a.csv", [["x/1.jpg", "y/2.jpg"]], header="path_a,path_b"))
+    with pytest.raises(ValueError, match="line 3"):
+        read_pairs(_write_pairs(tmp_path / "b.csv", [["x/1.jpg", "y/2.jpg", "1"], ["x/1.jpg", "y/2.jpg", "maybe"]]))
+    with pytest.raises(ValueError, match="no pairs"):
+        read_pairs(_write_pairs(tmp_path / "c.csv", []))
+
+
+@pytest.mark.real
+def test_real_shared_faces(shared_assets: Path) -> None:
+    root = shared_assets / "faces"
+    dataset = FaceFolder(root)
+    assert len(dataset) == 2407
+    assert len(dataset.identities) == 407
+    with (root / "manifest.csv").open(newline="") as handle:
+        manifest = {row["path"]: int(row["label"]) for row in csv.DictReader(handle)}
+    assert {path.relative_to(root).as_posix(): label for path, label in dataset.samples} == manifest
+    image, _ = dataset[0]
+    assert image.shape == (3, 112, 112) and 0.0 <= image.min() and image.max() <= 1.0
+
+    pairs = read_pairs(root / "pairs.csv")
+    assert len(pairs) == 12988 and sum(same for *_, same in pairs) == 6494
+    fit_ids, heldout_ids = split_identities(dataset.identities)
+    heldout_pairs = filter_pairs(pairs, heldout_ids)
+    assert heldout_pairs and not filter_pairs(heldout_pairs, fit_ids)
+    img_a, img_b, same = PairDataset(heldout_pairs, root)[0]
+    assert img_a.shape == img_b.shape == (3, 112, 112) and same.dtype == torch.bool

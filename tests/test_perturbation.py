@@ -1,0 +1,83 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from krtfuap.perturbation import MaskedPerturbation, masked_perturbation, rescale_mask
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(-3, 3, allow_nan=False), min_size=1, max_size=64))
+def test_rescaled_mask_stays_in_half_to_one(values):
+    rescaled = rescale_mask(torch.tensor(values))
+    assert rescaled.min() >= 0.5 and rescaled.max() <= 1.0
+
+
+def test_rescale_maps_zero_to_half_and_one_to_one():
+    torch.testing.assert_close(rescale_mask(torch.tensor([0.0, 1.0])), torch.tensor([0.5, 1.0]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    epsilon=st.floats(1e-3, 0.5),
+    scale=st.floats(0.0, 50.0),
+    seed=st.integers(0, 2**16),
+)
+def test_perturbation_never_exceeds_budget(epsilon, scale, seed):
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(3, 6, 6, generator=generator) * scale
+    mask = torch.rand(6, 6, generator=generator)
+    assert masked_perturbation(noise, mask, epsilon).abs().max() <= epsilon
+
+
+@settings(max_examples=20, deadline=None)
+@given(epsilon=st.floats(1e-3, 0.3), seed=st.integers(0, 2**16), learn_flow=st.booleans())
+def test_module_stays_in_budget_after_arbitrary_updates(epsilon, seed, learn_flow):
+    generator = torch.Generator().manual_seed(seed)
+    mask = (torch.rand(8, 8, generator=generator) > 0.5).float()
+    module = MaskedPerturbation(mask, epsilon=epsilon, learn_flow=learn_flow, generator=generator)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 10)
+    assert module().abs().max() <= epsilon + 1e-7
+    module.project_()
+    assert module.noise.abs().max() <= epsilon + 1e-7
+    if learn_flow:
+        assert module.flow_warp.flow.abs().max() <= 1.0
+
+
+def test_non_key_regions_get_half_the_noise():
+    mask = torch.zeros(4, 4)
+    mask[:2] = 1.0
+    module = MaskedPerturbation(mask, epsilon=0.1, learn_flow=False)
+    with torch.no_grad():
+        module.noise.fill_(0.1)
+    v = module()
+    torch.testing.assert_close(v[:, :2], torch.full((3, 2, 4), 0.1))
+    torch.testing.assert_close(v[:, 2:], torch.full((3, 2, 4), 0.05))
+
+
+def test_zero_flow_keeps_the_mask():
+    mask = (torch.rand(10, 10) > 0.5).float()
+    module = MaskedPerturbation(mask, learn_flow=True)
+    assert torch.equal(module.warped_mask(), mask)
+
+
+def test_flow_and_noise_both_get_gradients():
+    mask = torch.zeros(10, 10)
+    mask[3:7, 3:7] = 1
+    module = MaskedPerturbation(mask, epsilon=0.5, learn_flow=True, generator=torch.Generator().manual_seed(0))
+    module().pow(2).sum().backward()
+    assert module.noise.grad.abs().sum() > 0
+    assert module.flow_warp.flow.grad.abs().sum() > 0
+
+
+def test_global_perturbation_needs_a_size():
+    with pytest.raises(ValueError, match="height and width"):
+        MaskedPerturbation(None)
+    assert MaskedPerturbation(None, height=5, width=7).base_mask.shape == (5, 7)
+
+
+def test_bad_epsilon_is_rejected():
+    with pytest.raises(ValueError, match="epsilon"):
+        MaskedPerturbation(torch.ones(3, 3), epsilon=0.0)
