@@ -54,7 +54,7 @@ class UAPAttack(TransformerMixin, BaseEstimator):
         l_inf budget of the perturbation on ``[0, 1]`` images (paper: 0.08).
     stealth_weight : float, optional
         ``lambda`` of the stealth loss; ``None`` uses the loss's documented
-        default (0.05 for ``"vgg"`` as in the paper, 10 for ``"ssim"``).
+        default (0.05 for ``"vgg"`` as in the paper, 3 for ``"ssim"``).
     stealth_loss : {"vgg", "ssim"}, callable or None
         ``"vgg"``: the paper's shallow VGG16 feature loss (needs ImageNet VGG16
         weights, see :class:`krtfuap.stealth.VGGStealthLoss`); ``"ssim"``:

