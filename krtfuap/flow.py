@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 from kornia.geometry.transform import remap
-from kornia.utils import create_meshgrid
+from kornia.geometry import create_meshgrid
 from torch import nn
 
 from krtfuap._ops import straight_through_clamp

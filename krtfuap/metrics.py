@@ -127,6 +127,8 @@ def calibrate_threshold(similarities: torch.Tensor, same: torch.Tensor) -> tuple
     -------
     (threshold, accuracy) : (float, float)
     """
+    is_float = isinstance(similarities, torch.Tensor) and similarities.is_floating_point()
+    dtype = similarities.dtype if is_float else torch.float64  # thresholds must split in this dtype too
     similarities, same = _check_pairs(similarities, same)
     values, order = similarities.sort()
     labels = same[order].double()
@@ -135,8 +137,19 @@ def calibrate_threshold(similarities: torch.Tensor, same: torch.Tensor) -> tuple
     impostors_below = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(1 - labels, 0)])
     genuine_above = labels.sum() - torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(labels, 0)])
     accuracy = (impostors_below + genuine_above) / n
+    # No threshold separates two equal similarities: skip splits inside a run of ties.
+    distinct = values[:-1] < values[1:]
+    edge = torch.ones(1, dtype=torch.bool)
+    accuracy = accuracy.masked_fill(~torch.cat([edge, distinct, edge]), -1.0)
     best = int(torch.argmax(accuracy))
-    candidates = torch.cat([values[:1] - 1e-6, (values[:-1] + values[1:]) / 2, values[-1:] + 1e-6])
+    # A midpoint can round onto values[k - 1] (adjacent floats, or float32 scores compared with
+    # the returned float); values[k] itself then splits exactly.
+    low, high = values.to(dtype)[:-1], values.to(dtype)[1:]
+    midpoints = ((values[:-1] + values[1:]) / 2).to(dtype)
+    midpoints = torch.where(midpoints > low, midpoints, high)
+    top = values[-1:].to(dtype)
+    above_all = torch.nextafter(top, torch.full_like(top, float("inf")))
+    candidates = torch.cat([values[:1] - 1e-6, midpoints.double(), above_all.double()])
     return float(candidates[best]), float(accuracy[best])
 
 
@@ -156,12 +169,18 @@ def tar_at_far(similarities: torch.Tensor, same: torch.Tensor, far: float = 1e-3
         The threshold is the smallest one whose FAR on the impostor pairs is
         at most ``far``.
     """
+    # The threshold is the next float above an impostor score in the scores' own dtype, so
+    # comparing float32 scores with it gives the same decisions as here (a fixed epsilon
+    # vanishes in float32, and rejects genuine scores within it in float64).
+    is_float = isinstance(similarities, torch.Tensor) and similarities.is_floating_point()
+    dtype = similarities.dtype if is_float else torch.float64
     similarities, same = _check_pairs(similarities, same)
     if not 0 < far < 1:
         raise ValueError(f"far must be in (0, 1), got {far}.")
     impostor = similarities[~same].sort(descending=True).values
-    allowed = int(far * len(impostor))  # impostors allowed at or above the threshold
-    threshold = float(impostor[allowed]) + 1e-9 if allowed < len(impostor) else float(impostor[-1])
+    allowed = int(far * len(impostor))  # impostors allowed at or above the threshold (< len since far < 1)
+    score = impostor[allowed].to(dtype)
+    threshold = float(torch.nextafter(score, torch.full_like(score, float("inf"))))
     tar = float((similarities[same] >= threshold).double().mean())
     return tar, threshold
 

@@ -125,8 +125,9 @@ class VGGStealthLoss(FeatureStealthLoss):
         download: bool = True,
     ) -> None:
         indices = _layer_indices(layers, VGG16_LAYERS, "VGG16")
+        state = load_imagenet_state_dict("vgg16", weights, download=download)  # fail fast when missing
         network = vgg16()
-        network.load_state_dict(load_imagenet_state_dict("vgg16", weights, download=download))
+        network.load_state_dict(state)
         super().__init__(network.features, indices)
         self.layers = tuple(layers)
 
@@ -210,6 +211,8 @@ def resolve_stealth_loss(
     """
     if spec is None:
         return None, 0.0
+    if weight is not None and weight < 0:
+        raise ValueError(f"stealth_weight must be >= 0, got {weight}.")
     if isinstance(spec, str):
         named = {"vgg": VGGStealthLoss, "ssim": SSIMStealthLoss}
         if spec not in named:
@@ -222,6 +225,4 @@ def resolve_stealth_loss(
         raise TypeError(f"stealth_loss must be a string, a callable or None, got {type(spec).__name__}.")
     if weight is None:
         weight = getattr(spec, "default_weight", FALLBACK_STEALTH_WEIGHT)
-    if weight < 0:
-        raise ValueError(f"stealth_weight must be >= 0, got {weight}.")
     return spec, float(weight)

@@ -1,0 +1,283 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+from torch import nn
+
+from krtfuap.attack import UAPAttack
+from krtfuap.masks import KeyRegionMasker
+
+SIZE = 32
+
+
+class TinyEmbedder(nn.Module):
+    """A small random conv net: (B, 3, H, W) in [0, 1] -> (B, 16)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+
+    def forward(self, x):
+        return self.net(x - 0.5)
+
+
+def faces(n: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def quick_attack(model=None, **params) -> UAPAttack:
+    defaults = dict(threshold=0.9, stealth_loss="ssim", max_epochs=2, batch_size=8, random_state=0)
+    defaults.update(params)
+    return UAPAttack(model or TinyEmbedder(), **defaults)
+
+
+@pytest.fixture(scope="module")
+def fitted() -> UAPAttack:
+    return quick_attack().fit(faces())
+
+
+def test_fit_sets_learned_attributes(fitted):
+    assert fitted.perturbation_.shape == (3, SIZE, SIZE)
+    assert fitted.mask_.shape == fitted.warped_mask_.shape == (SIZE, SIZE)
+    assert fitted.flow_.shape == (2, SIZE, SIZE)
+    assert fitted.n_iter_ == len(fitted.history_) == 4
+    assert set(fitted.history_[0]) >= {"step", "epoch", "loss", "adversarial_loss", "stealth_loss", "fooling_rate", "ssim"}
+    assert fitted.threshold_ == 0.9
+    assert fitted.stop_reason_ in {"max_epochs", "target_fooling_rate"}
+
+
+def test_perturbation_within_budget_and_output_in_range(fitted):
+    x = faces(5, seed=1)
+    adversarial = fitted.transform(x)
+    assert fitted.perturbation_.abs().max() <= fitted.epsilon + 1e-7
+    assert adversarial.min() >= 0 and adversarial.max() <= 1
+    assert (adversarial - x).abs().max() <= fitted.epsilon + 1e-6
+    assert adversarial.dtype == x.dtype
+
+
+@settings(max_examples=6, deadline=None)
+@given(epsilon=st.floats(0.005, 0.3), lr=st.floats(0.001, 0.5), seed=st.integers(0, 1000))
+def test_budget_holds_for_any_epsilon_and_learning_rate(epsilon, lr, seed):
+    attack = quick_attack(epsilon=epsilon, lr=lr, max_epochs=1, random_state=seed, stealth_loss=None)
+    attack.fit(faces(8, seed))
+    assert attack.perturbation_.abs().max() <= epsilon * (1 + 1e-6)
+    assert attack.flow_.abs().max() <= 1.0
+    out = attack.transform(faces(4, seed + 1))
+    assert 0 <= out.min() and out.max() <= 1
+
+
+def test_fixed_random_state_is_repeatable():
+    a = quick_attack(random_state=3).fit(faces())
+    b = quick_attack(random_state=3).fit(faces())
+    c = quick_attack(random_state=4).fit(faces())
+    assert torch.equal(a.perturbation_, b.perturbation_)
+    assert torch.equal(a.flow_, b.flow_)
+    assert not torch.equal(a.perturbation_, c.perturbation_)
+
+
+def test_clone_keeps_parameters():
+    attack = quick_attack(epsilon=0.05, lr=0.02, stealth_weight=2.0, learn_flow=False)
+    copy = clone(attack)
+    params, copied = attack.get_params(), copy.get_params()
+    assert params.keys() == copied.keys()
+    assert {k: v for k, v in params.items() if k != "model"} == {k: v for k, v in copied.items() if k != "model"}
+    assert not hasattr(copy, "perturbation_")
+    assert copy.set_params(epsilon=0.1).epsilon == 0.1
+
+
+def test_not_fitted_errors():
+    attack = quick_attack()
+    for call in (lambda: attack.transform(faces(1)), lambda: attack.evaluate(faces(1)), lambda: attack.save("x")):
+        with pytest.raises(NotFittedError):
+            call()
+
+
+def test_save_load_round_trip_exactly(fitted, tmp_path):
+    path = tmp_path / "attack.safetensors"
+    fitted.save(path)
+    loaded = UAPAttack.load(path)
+    for name in ("perturbation_", "mask_", "warped_mask_", "flow_", "noise_"):
+        assert torch.equal(getattr(loaded, name), getattr(fitted, name)), name
+    assert loaded.history_ == fitted.history_
+    assert loaded.threshold_ == fitted.threshold_ and loaded.n_iter_ == fitted.n_iter_
+    assert loaded.epsilon == fitted.epsilon and loaded.stealth_loss == fitted.stealth_loss
+    x = faces(3, seed=7)
+    assert torch.equal(loaded.transform(x), fitted.transform(x))
+
+
+def test_load_refuses_other_files(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        UAPAttack.load(tmp_path / "missing.safetensors")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x80\x04not a safetensors file")
+    with pytest.raises(ValueError, match="not a krtfuap attack file"):
+        UAPAttack.load(junk)
+    from safetensors.torch import save_file
+
+    other = tmp_path / "other.safetensors"
+    save_file({"weight": torch.zeros(2)}, str(other))
+    with pytest.raises(ValueError, match="not a krtfuap attack file"):
+        UAPAttack.load(other)
+
+
+def test_evaluate_reports_metrics(fitted):
+    result = fitted.evaluate(faces(6, seed=2))
+    assert result["n_images"] == 6
+    assert 0 <= result["fooling_rate"] <= 1 and 0 < result["ssim"] <= 1 and result["psnr"] > 0
+
+
+def test_model_is_left_untouched():
+    model = TinyEmbedder().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    quick_attack(model).fit(faces())
+    assert model.training
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_ablation_switches_change_the_mechanism():
+    x = faces()
+    no_regions = quick_attack(use_key_regions=False).fit(x)
+    assert torch.equal(no_regions.mask_, torch.ones(SIZE, SIZE))
+    assert torch.equal(no_regions.flow_, torch.zeros(2, SIZE, SIZE))
+    fixed = quick_attack(learn_flow=False).fit(x)
+    assert torch.equal(fixed.flow_, torch.zeros(2, SIZE, SIZE))
+    assert torch.equal(fixed.warped_mask_, fixed.mask_)
+    learned = quick_attack(lr=0.2).fit(x)
+    assert learned.flow_.abs().sum() > 0
+    assert 0 < learned.mask_.mean() < 1  # the template key regions cover part of the face
+    for kind in ("cosine", "euclidean"):
+        assert quick_attack(adversarial_loss=kind).fit(x).perturbation_.abs().sum() > 0
+
+
+def test_masker_options():
+    x = faces()
+    mask = torch.zeros(SIZE, SIZE)
+    mask[8:24, 8:24] = 1
+    assert torch.equal(quick_attack(masker=mask).fit(x).mask_, mask)
+    masker = KeyRegionMasker(combine="union")
+    attack = quick_attack(masker=masker).fit(x)
+    assert not hasattr(masker, "mask_")  # an unfitted masker is cloned, not changed
+    assert attack.mask_.shape == (SIZE, SIZE)
+    with pytest.raises(ValueError, match="mask has shape"):
+        quick_attack(masker=torch.ones(5, 5)).fit(x)
+
+
+def test_threshold_is_calibrated_from_pairs():
+    model = TinyEmbedder()
+    x = faces(8)
+    genuine = (x, (x + 0.01).clamp(0, 1), torch.ones(8, dtype=torch.bool))
+    impostor = (x, faces(8, seed=9), torch.zeros(8, dtype=torch.bool))
+    attack = quick_attack(model, threshold=None).fit(x, pairs=[genuine, impostor])
+    assert -1 <= attack.threshold_ <= 1
+    assert 0.5 <= attack.threshold_accuracy_ <= 1
+    with pytest.raises(ValueError, match="threshold=None needs verification pairs"):
+        quick_attack(model, threshold=None).fit(x)
+
+
+def test_stopping_rules():
+    assert quick_attack(target_fooling_rate=0.0, max_epochs=5).fit(faces()).stop_reason_ == "target_fooling_rate"
+    timed = quick_attack(max_time=0.0, max_epochs=5).fit(faces())
+    assert timed.stop_reason_ == "max_time" and timed.n_iter_ == 1
+    full = quick_attack(threshold=-1.0, max_epochs=3).fit(faces())  # nothing can be fooled
+    assert full.stop_reason_ == "max_epochs" and full.n_epochs_ == 3 and full.fooling_rate_ == 0.0
+
+
+def test_accepts_loaders_of_tuples():
+    x = faces(12)
+    loader = [(x[:6], torch.zeros(6)), (x[6:], torch.zeros(6))]
+    attack = quick_attack().fit(loader)
+    assert attack.n_iter_ == 4
+
+
+@pytest.mark.parametrize(
+    "data, error, message",
+    [
+        (torch.rand(4, SIZE, SIZE, 3), ValueError, "channels-last"),
+        (torch.rand(3, SIZE, SIZE), ValueError, "unsqueeze"),
+        ((torch.rand(4, 3, SIZE, SIZE) * 255).to(torch.uint8), TypeError, "/ 255"),
+        (torch.full((4, 3, SIZE, SIZE), float("nan")), ValueError, "NaN"),
+        (torch.rand(4, 3, SIZE, SIZE) * 255, ValueError, "divide by 255"),
+        ([], ValueError, "empty"),
+        ((b for b in [torch.rand(2, 3, SIZE, SIZE)]), TypeError, "one-shot"),
+    ],
+)
+def test_bad_data_gets_a_clear_error(data, error, message):
+    with pytest.raises(error, match=message):
+        quick_attack().fit(data)
+
+
+def test_bad_model_output_gets_a_clear_error():
+    class WrongShape(nn.Module):
+        def forward(self, x):
+            return x.mean(dim=(2, 3), keepdim=True)
+
+    with pytest.raises(ValueError, match=r"must have shape \(B, D\)"):
+        quick_attack(WrongShape()).fit(faces())
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        UAPAttack(lambda x: x, threshold=0.5).fit(faces())
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"epsilon": 0.0}, "epsilon"),
+        ({"epsilon": 2.0}, "epsilon"),
+        ({"threshold": 1.5}, "threshold"),
+        ({"target_fooling_rate": 1.2}, "target_fooling_rate"),
+        ({"max_epochs": 0}, "max_epochs"),
+        ({"adversarial_loss": "hinge"}, "kind must be one of"),
+        ({"stealth_loss": "blur"}, "stealth_loss must be"),
+    ],
+)
+def test_bad_parameters_get_a_clear_error(params, message):
+    with pytest.raises(ValueError, match=message):
+        quick_attack(**params).fit(faces())
+
+
+def test_transform_checks_its_input(fitted):
+    with pytest.raises(ValueError, match="fitted on"):
+        fitted.transform(torch.rand(2, 3, SIZE + 1, SIZE))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        fitted.transform(torch.rand(2, 3, SIZE, SIZE) + 1)
+
+
+def test_fit_transform_matches_fit_then_transform():
+    x = faces()
+    assert torch.equal(quick_attack().fit_transform(x), quick_attack().fit(x).transform(x))
+
+
+@pytest.mark.real
+def test_real_model_fools_held_out_identities_far_better_than_noise(shared_assets):
+    from krtfuap.datasets import FaceFolder, split_identities
+    from krtfuap.metrics import fooling_rate
+    from krtfuap.models import load_foamliu_mobilefacenet
+
+    folder = shared_assets / "faces"
+    fit_ids, test_ids = split_identities(FaceFolder(folder).identities, 0.5, random_state=0)
+    fit_set, test_set = FaceFolder(folder, identities=fit_ids), FaceFolder(folder, identities=test_ids)
+    assert not set(fit_set.identities) & set(test_set.identities)
+    fit_faces = torch.stack([fit_set[i][0] for i in range(64)])
+    test_faces = torch.stack([test_set[i][0] for i in range(64)])
+    model = load_foamliu_mobilefacenet(shared_assets / "models" / "foamliu_mobilefacenet_128d.pt")
+    # t = 0.275: best-accuracy threshold of this model on the LFW pairs (benchmarks/attack_quality.py).
+    attack = UAPAttack(
+        model, threshold=0.275, stealth_loss=None, target_fooling_rate=0.95, max_epochs=12, batch_size=16,
+        random_state=0,
+    ).fit(fit_faces)
+    result = attack.evaluate(test_faces)
+
+    noise = (torch.rand(3, 112, 112, generator=torch.Generator().manual_seed(0)) * 2 - 1) * attack.epsilon
+    with torch.no_grad():
+        noise_rate = fooling_rate(model((test_faces + noise).clamp(0, 1)), model(test_faces), 0.275)
+    assert result["fooling_rate"] >= noise_rate + 0.4, (result, noise_rate)
+    assert not math.isnan(result["ssim"])

@@ -1,0 +1,439 @@
+"""Tests for krtfuap.metrics: fooling rate, threshold calibration, image quality, LPIPS."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torchvision
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from krtfuap.metrics import (
+    LPIPSMetric,
+    calibrate_threshold,
+    cosine_similarity,
+    embed,
+    fooling_rate,
+    pair_similarities,
+    psnr,
+    ssim,
+    tar_at_far,
+)
+
+ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
+
+
+class TinyFace(nn.Module):
+    """A small deterministic face model: (B, 3, H, W) -> (B, 8); records batch sizes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 8))
+        self.calls: list[int] = []
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.calls.append(len(images))
+        return self.net(images)
+
+
+# --------------------------------------------------------------------------- cosine / fooling rate
+
+
+def test_cosine_similarity_rowwise():
+    a = torch.tensor([[1.0, 0.0], [1.0, 0.0], [2.0, 0.0], [0.0, 3.0]])
+    b = torch.tensor([[5.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [4.0, 3.0]])
+    torch.testing.assert_close(cosine_similarity(a, b), torch.tensor([1.0, 0.0, -1.0, 0.6]))
+
+
+def test_fooling_rate_counts_cosines_below_threshold():
+    clean = torch.tensor([[1.0, 0.0]] * 5)
+    # cosines with the clean embedding: 1, 0.8, 0, -1, 0.28
+    adversarial = torch.tensor([[2.0, 0.0], [4.0, 3.0], [0.0, 1.0], [-1.0, 0.0], [7.0, 24.0]])
+    assert fooling_rate(adversarial, clean, 0.5) == pytest.approx(3 / 5)
+    assert fooling_rate(adversarial, clean, 0.9) == pytest.approx(4 / 5)
+    assert fooling_rate(adversarial, clean, 0.1) == pytest.approx(2 / 5)
+    assert fooling_rate(adversarial, clean, -1.5) == 0.0
+    assert fooling_rate(adversarial, clean, 1.5) == 1.0
+    assert isinstance(fooling_rate(adversarial, clean, 0.5), float)
+
+
+def test_fooling_rate_strict_inequality():
+    clean = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    adversarial = torch.tensor([[0.0, 1.0], [1.0, 0.0]])  # cos exactly 0 and 1
+    assert fooling_rate(adversarial, clean, 0.0) == 0.0  # cos == t still matches
+    assert fooling_rate(adversarial, clean, 1.0) == 0.5
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), threshold=st.floats(-1.0, 1.0), scale=st.floats(0.01, 100.0))
+def test_fooling_rate_matches_definition_and_ignores_scale(seed, threshold, scale):
+    generator = torch.Generator().manual_seed(seed)
+    clean = torch.randn(20, 6, generator=generator, dtype=torch.float64)
+    adversarial = clean + torch.randn(20, 6, generator=generator, dtype=torch.float64)
+    cos = (clean * adversarial).sum(1) / (clean.norm(dim=1) * adversarial.norm(dim=1))
+    assert fooling_rate(adversarial, clean, threshold) == pytest.approx((cos < threshold).double().mean().item())
+    assert fooling_rate(adversarial * scale, clean, threshold) == pytest.approx(
+        fooling_rate(adversarial, clean, threshold)
+    )
+
+
+# --------------------------------------------------------------------------- calibrate_threshold
+
+
+def _accuracy_at(similarities: torch.Tensor, same: torch.Tensor, threshold: float) -> float:
+    """Accuracy of "same iff similarity >= threshold", compared in the similarities' own dtype."""
+    return ((similarities >= threshold) == same.bool()).double().mean().item()
+
+
+def test_calibrate_threshold_separable():
+    genuine = torch.tensor([0.61, 0.7, 0.9, 0.65, 0.8])
+    impostor = torch.tensor([-0.2, 0.1, 0.3, 0.05])
+    similarities = torch.cat([genuine, impostor])
+    same = torch.tensor([1] * 5 + [0] * 4)
+    threshold, accuracy = calibrate_threshold(similarities, same)
+    assert accuracy == 1.0
+    assert 0.3 < threshold < 0.61
+    assert threshold == pytest.approx((0.3 + 0.61) / 2)
+    assert _accuracy_at(similarities, same, threshold) == 1.0
+    assert isinstance(threshold, float) and isinstance(accuracy, float)
+
+
+def test_calibrate_threshold_accepts_lists_and_bool_labels():
+    threshold, accuracy = calibrate_threshold([0.9, 0.1, 0.8, 0.2], [True, False, True, False])
+    assert accuracy == 1.0 and 0.2 < threshold < 0.8
+
+
+def test_calibrate_threshold_extremes():
+    # All genuine below all impostors: best is to call everything the majority class.
+    threshold, accuracy = calibrate_threshold(torch.tensor([0.1, 0.2, 0.8, 0.9, 0.95]), torch.tensor([1, 1, 0, 0, 0]))
+    assert accuracy == pytest.approx(3 / 5)
+    assert threshold > 0.95  # everything judged "different"
+    threshold, accuracy = calibrate_threshold(torch.tensor([0.1, 0.2, 0.8, 0.9, 0.95]), torch.tensor([1, 1, 1, 0, 0]))
+    assert accuracy == pytest.approx(3 / 5)
+    assert threshold < 0.1  # everything judged "same"
+
+
+def test_calibrate_threshold_ties_report_achievable_accuracy():
+    """Regression: a split between equal similarities used to be reported (accuracy 1.0 here)."""
+    similarities = torch.tensor([0.5, 0.5])
+    same = torch.tensor([0, 1])
+    threshold, accuracy = calibrate_threshold(similarities, same)
+    assert accuracy == 0.5
+    assert _accuracy_at(similarities, same, threshold) == accuracy
+
+    similarities = torch.tensor([0.1, 0.5, 0.5, 0.5, 0.9])
+    same = torch.tensor([0, 1, 0, 1, 1])
+    threshold, accuracy = calibrate_threshold(similarities, same)
+    assert accuracy == pytest.approx(4 / 5)
+    assert _accuracy_at(similarities, same, threshold) == pytest.approx(accuracy)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("low", [0.0, 0.5, 0.75])
+def test_calibrate_threshold_adjacent_floats(dtype, low):
+    """Regression: the float64 midpoint of two neighbouring scores can round back onto the lower one."""
+    low = torch.tensor([low], dtype=dtype)
+    high = torch.nextafter(low, torch.ones_like(low))
+    similarities = torch.cat([high, low])
+    same = torch.tensor([1, 0])
+    threshold, accuracy = calibrate_threshold(similarities, same)
+    assert accuracy == 1.0
+    assert _accuracy_at(similarities, same, threshold) == 1.0
+    # Reversed labels: the best is "all same" or "all different", realisable in the dtype too.
+    reversed_same = torch.tensor([0, 1])
+    threshold, accuracy = calibrate_threshold(similarities, reversed_same)
+    assert accuracy == 0.5
+    assert _accuracy_at(similarities, reversed_same, threshold) == accuracy
+
+
+@pytest.mark.parametrize("same", [[1, 1, 1], [0, 0, 0], [True], [False]])
+def test_calibrate_threshold_needs_both_classes(same):
+    with pytest.raises(ValueError, match=r"needs both genuine \(same=1\) and impostor \(same=0\) pairs"):
+        calibrate_threshold(torch.rand(len(same)), torch.tensor(same))
+
+
+def test_calibrate_threshold_length_mismatch():
+    with pytest.raises(ValueError, match=r"similarities \(3,\) and same \(2,\) differ in length"):
+        calibrate_threshold(torch.rand(3), torch.tensor([0, 1]))
+
+
+# Similarities drawn from a small grid (many ties) or as free floats.
+_similarity = st.one_of(
+    st.sampled_from([-0.5, 0.0, 0.25, 0.5, 0.75, 1.0]),
+    st.floats(-1.0, 1.0, allow_nan=False, allow_subnormal=True),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    pairs=st.lists(st.tuples(_similarity, st.booleans()), min_size=2, max_size=30).filter(
+        lambda p: any(s for _, s in p) and not all(s for _, s in p)
+    ),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_calibrate_threshold_matches_brute_force(pairs, dtype):
+    similarities = torch.tensor([s for s, _ in pairs], dtype=dtype)
+    same = torch.tensor([g for _, g in pairs])
+    threshold, accuracy = calibrate_threshold(similarities, same)
+    # Every achievable decision is "similarity >= t" for t one of the values, or t above them all.
+    candidates = sorted(set(similarities.tolist())) + [2.0]
+    best = max(_accuracy_at(similarities, same, t) for t in candidates)
+    assert accuracy == pytest.approx(best, abs=1e-12)
+    assert _accuracy_at(similarities, same, threshold) == pytest.approx(accuracy, abs=1e-12)
+
+
+# --------------------------------------------------------------------------- tar_at_far
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_tar_at_far_constructed(dtype):
+    """With float32 scores the old ``+ 1e-9`` vanished and one impostor too many was accepted."""
+    impostor = torch.linspace(-0.5, 0.5, 1000, dtype=dtype)  # distinct values
+    genuine = torch.linspace(0.0, 1.0, 101, dtype=dtype)
+    similarities = torch.cat([genuine, impostor])
+    same = torch.cat([torch.ones(101, dtype=torch.bool), torch.zeros(1000, dtype=torch.bool)])
+
+    tar, threshold = tar_at_far(similarities, same, far=0.01)
+    # At most 10 impostors may be accepted: the threshold sits just above the 11th highest.
+    eleventh = impostor.sort(descending=True).values[10].item()
+    assert threshold == pytest.approx(eleventh, abs=1e-6)
+    assert threshold > eleventh
+    assert (impostor >= threshold).sum().item() == 10
+    assert tar == pytest.approx((genuine >= threshold).double().mean().item())
+    assert isinstance(tar, float) and isinstance(threshold, float)
+
+
+def test_tar_at_far_perfect_separation():
+    similarities = torch.tensor([0.9, 0.8, 0.85, 0.1, 0.2, 0.0, -0.1])
+    same = torch.tensor([1, 1, 1, 0, 0, 0, 0])
+    tar, threshold = tar_at_far(similarities, same, far=0.1)  # 0.1 * 4 -> no impostor allowed
+    assert tar == 1.0
+    assert 0.2 < threshold < 0.8
+
+
+def test_tar_at_far_with_ties_at_threshold():
+    # Three impostors tie at 0.5; with far=0.5 two may pass but no threshold lets exactly two through.
+    similarities = torch.tensor([0.5, 0.5, 0.5, 0.1, 0.5, 0.6])
+    same = torch.tensor([0, 0, 0, 0, 1, 1])
+    tar, threshold = tar_at_far(similarities, same, far=0.5)
+    assert (similarities[:4] >= threshold).double().mean().item() <= 0.5
+    assert threshold > 0.5
+    assert tar == 0.5
+
+
+@pytest.mark.parametrize("far", [0.0, 1.0, -0.1, 2.0])
+def test_tar_at_far_rejects_bad_far(far):
+    with pytest.raises(ValueError, match=r"far must be in \(0, 1\)"):
+        tar_at_far(torch.tensor([0.1, 0.9]), torch.tensor([0, 1]), far=far)
+
+
+def test_tar_at_far_needs_both_classes():
+    with pytest.raises(ValueError, match="both genuine"):
+        tar_at_far(torch.tensor([0.1, 0.9]), torch.tensor([1, 1]))
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    pairs=st.lists(st.tuples(_similarity, st.booleans()), min_size=2, max_size=60).filter(
+        lambda p: any(s for _, s in p) and not all(s for _, s in p)
+    ),
+    far=st.floats(0.001, 0.999),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_tar_at_far_respects_far_and_is_smallest(pairs, far, dtype):
+    similarities = torch.tensor([s for s, _ in pairs], dtype=dtype)
+    same = torch.tensor([g for _, g in pairs])
+    tar, threshold = tar_at_far(similarities, same, far=far)
+    impostor, genuine = similarities[~same], similarities[same]
+    assert (impostor >= threshold).double().mean().item() <= far
+    assert tar == pytest.approx((genuine >= threshold).double().mean().item())
+    # Any threshold at or below the highest rejected impostor would exceed the FAR.
+    rejected = impostor[impostor < threshold]
+    if len(rejected):
+        assert (impostor >= rejected.max()).double().mean().item() > far
+
+
+# --------------------------------------------------------------------------- ssim / psnr
+
+
+def test_ssim_identical_is_one_per_image():
+    images = torch.rand(3, 3, 16, 16)
+    out = ssim(images, images.clone())
+    assert out.shape == (3,)
+    torch.testing.assert_close(out, torch.ones(3), atol=1e-5, rtol=0)
+
+
+def test_ssim_decreases_with_noise_per_image():
+    torch.manual_seed(0)
+    reference = torch.rand(1, 3, 24, 24).repeat(3, 1, 1, 1)
+    noise = torch.randn(1, 3, 24, 24)
+    images = (reference + noise * torch.tensor([0.0, 0.05, 0.3]).view(3, 1, 1, 1)).clamp(0, 1)
+    out = ssim(images, reference)
+    assert out.shape == (3,)
+    assert out[0] > out[1] > out[2]
+    assert (out <= 1 + 1e-5).all()
+
+
+def test_ssim_window_size():
+    torch.manual_seed(1)
+    reference = torch.rand(2, 3, 16, 16)
+    images = (reference + 0.1 * torch.randn_like(reference)).clamp(0, 1)
+    assert not torch.allclose(ssim(images, reference, 3), ssim(images, reference, 11))
+
+
+def test_psnr_identical_is_infinite():
+    images = torch.rand(2, 3, 8, 8)
+    out = psnr(images, images.clone())
+    assert out.shape == (2,)
+    assert torch.isinf(out).all() and (out > 0).all()
+
+
+def test_psnr_known_mse_per_image():
+    reference = torch.full((2, 3, 8, 8), 0.5, dtype=torch.float64)
+    images = reference.clone()
+    images[0] += 0.1  # MSE 1e-2 -> 20 dB
+    images[1] += 0.01  # MSE 1e-4 -> 40 dB
+    torch.testing.assert_close(psnr(images, reference), torch.tensor([20.0, 40.0], dtype=torch.float64))
+
+
+def test_psnr_is_per_image_not_batch():
+    reference = torch.zeros(2, 3, 4, 4)
+    images = reference.clone()
+    images[1, :, :2] = 1.0  # only the second image differs: MSE 0.5 -> ~3.01 dB
+    out = psnr(images, reference)
+    assert torch.isinf(out[0])
+    assert out[1].item() == pytest.approx(10 * math.log10(2), rel=1e-5)
+
+
+# --------------------------------------------------------------------------- embed / pair_similarities
+
+
+def test_embed_batches_and_matches_direct_call():
+    model = TinyFace().eval()
+    images = torch.rand(7, 3, 12, 12)
+    out = embed(model, images, batch_size=3)
+    assert model.calls == [3, 3, 1]
+    assert out.shape == (7, 8)
+    assert not out.requires_grad
+    with torch.no_grad():
+        direct = model(images)
+    torch.testing.assert_close(out, direct, atol=1e-6, rtol=1e-5)
+
+
+def test_embed_model_without_parameters():
+    images = torch.rand(4, 3, 5, 5)
+    out = embed(nn.Flatten(), images, batch_size=2)
+    torch.testing.assert_close(out, images.flatten(1))
+
+
+def test_embed_checks_images_and_outputs():
+    model = TinyFace()
+    with pytest.raises(ValueError, match=r"images must be in \[0, 1\].*divide by 255"):
+        embed(model, torch.rand(2, 3, 12, 12) * 255)
+    with pytest.raises(ValueError, match=r"model output must have shape \(B, D\) = \(2, D\), got \(2, 4, 6, 6\)"):
+        embed(nn.Conv2d(3, 4, 1), torch.rand(2, 3, 6, 6))
+    with pytest.raises(TypeError, match="model output must be a torch.Tensor"):
+        embed(lambda_module(lambda x: (x.flatten(1),)), torch.rand(2, 3, 6, 6))
+
+
+def lambda_module(function) -> nn.Module:
+    class Wrap(nn.Module):
+        def forward(self, x):
+            return function(x)
+
+    return Wrap()
+
+
+def test_pair_similarities_list_of_batches():
+    model = TinyFace().eval()
+    torch.manual_seed(3)
+    a1, b1 = torch.rand(3, 3, 12, 12), torch.rand(3, 3, 12, 12)
+    a2, b2 = torch.rand(2, 3, 12, 12), torch.rand(2, 3, 12, 12)
+    batches = [(a1, a1.clone(), torch.tensor([1, 1, 1])), (a2, b2, [0, 1])]
+    similarities, same = pair_similarities(model, batches)
+    assert similarities.shape == (5,) and same.shape == (5,)
+    assert same.dtype == torch.bool and similarities.device.type == "cpu"
+    assert same.tolist() == [True, True, True, False, True]
+    torch.testing.assert_close(similarities[:3], torch.ones(3), atol=1e-5, rtol=0)
+    with torch.no_grad():
+        expected = cosine_similarity(model(a2), model(b2))
+    torch.testing.assert_close(similarities[3:], expected, atol=1e-6, rtol=1e-5)
+    del b1
+
+
+def test_pair_similarities_dataloader_feeds_calibration():
+    model = TinyFace().eval()
+    torch.manual_seed(4)
+    a = torch.rand(6, 3, 12, 12)
+    b = torch.where(torch.arange(6).view(6, 1, 1, 1) < 3, a, torch.rand(6, 3, 12, 12))
+    same = torch.tensor([1, 1, 1, 0, 0, 0])
+    similarities, labels = pair_similarities(model, DataLoader(TensorDataset(a, b, same), batch_size=4))
+    assert torch.equal(labels, same.bool())
+    threshold, accuracy = calibrate_threshold(similarities, labels)
+    assert 0.0 <= accuracy <= 1.0 and math.isfinite(threshold)
+
+
+def test_pair_similarities_empty():
+    with pytest.raises(ValueError, match="pairs is empty"):
+        pair_similarities(TinyFace(), [])
+
+
+# --------------------------------------------------------------------------- LPIPS
+
+
+@pytest.fixture(scope="module")
+def alexnet_home(tmp_path_factory):
+    """A TORCH_HOME whose hub cache holds random torchvision AlexNet weights under torchvision's name."""
+    home = tmp_path_factory.mktemp("torch_home")
+    checkpoints = home / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    torch.manual_seed(5)
+    state = torchvision.models.alexnet().state_dict()
+    # LPIPS uses only the convolutional features; the big classifier is stored as broadcast
+    # zeros to keep the file small (it still has the right keys and shapes).
+    state = {k: (v if k.startswith("features.") else torch.zeros(()).expand(v.shape)) for k, v in state.items()}
+    torch.save(state, checkpoints / ALEXNET_FILE)
+    return home, state
+
+
+def test_lpips_missing_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError) as info:
+        LPIPSMetric(download=False)
+    assert ALEXNET_FILE in str(info.value)
+    assert str(tmp_path / "hub" / "checkpoints") in str(info.value)
+
+
+def test_lpips_missing_explicit_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.pth does not exist"):
+        LPIPSMetric(weights=tmp_path / "missing.pth", download=False)
+
+
+def test_lpips_unknown_net():
+    with pytest.raises(ValueError, match=r"net must be one of \['alex', 'vgg'\], got 'squeeze'"):
+        LPIPSMetric("squeeze", download=False)
+
+
+def test_lpips_with_cached_random_alexnet(alexnet_home, monkeypatch):
+    home, state = alexnet_home
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    metric = LPIPSMetric(download=False)
+    # The backbone really is the cached file, not lpips's own random init.
+    torch.testing.assert_close(metric.model.net.slice1[0].weight, state["features.0.weight"])
+    torch.testing.assert_close(getattr(metric.model.net.slice5, "10").bias, state["features.10.bias"])
+    assert not any(p.requires_grad for p in metric.parameters())
+
+    torch.manual_seed(6)
+    images = torch.rand(2, 3, 64, 64)
+    same = metric(images, images.clone())
+    assert same.shape == (2,)
+    torch.testing.assert_close(same, torch.zeros(2), atol=1e-6, rtol=0)
+    other = metric(images, torch.rand(2, 3, 64, 64))
+    assert other.shape == (2,) and (other > 0).all()
+    slightly = metric(images, (images + 0.02 * torch.randn_like(images)).clamp(0, 1))
+    assert (slightly < other).all()
