@@ -27,7 +27,9 @@ def _images_of(item: object) -> object:
     return item
 
 
-def iter_image_batches(data: ImageData, batch_size: int = 32, *, name: str = "X") -> Iterator[torch.Tensor]:
+def iter_image_batches(
+    data: ImageData, batch_size: int = 32, *, name: str = "X", reiterable: bool = True
+) -> Iterator[torch.Tensor]:
     """Yield checked image batches ``(B, 3, H, W)`` in ``[0, 1]`` from ``data``.
 
     Parameters
@@ -40,6 +42,9 @@ def iter_image_batches(data: ImageData, batch_size: int = 32, *, name: str = "X"
         Batch size used when ``data`` is a tensor.
     name : str
         Name used in error messages.
+    reiterable : bool
+        Refuse one-shot iterators (generators), for callers that read the
+        data more than once.
 
     Raises
     ------
@@ -56,7 +61,7 @@ def iter_image_batches(data: ImageData, batch_size: int = 32, *, name: str = "X"
             f"{name} must be a (N, 3, H, W) tensor or an iterable of image batches "
             f"(e.g. a torch DataLoader), got {type(data).__name__}."
         )
-    if iter(data) is data:
+    if reiterable and iter(data) is data:
         raise TypeError(
             f"{name} is a one-shot iterator (e.g. a generator); fitting reads the data several times. "
             "Pass a list of batches or a DataLoader instead."
@@ -66,4 +71,7 @@ def iter_image_batches(data: ImageData, batch_size: int = 32, *, name: str = "X"
         yield check_images(_images_of(item), name=f"{name} batch {index}")
         count += 1
     if count == 0:
-        raise ValueError(f"{name} is empty: the loader yielded no batches. Check the dataset path and filters.")
+        raise ValueError(
+            f"{name} is an empty loader: it yielded no batches. Check the dataset path and filters "
+            "(and drop_last with fewer images than one batch)."
+        )

@@ -34,6 +34,7 @@ import torch
 from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
 
+from krtfuap._batches import iter_image_batches
 from krtfuap._validation import check_images
 from krtfuap.landmarks import LandmarkBackend, TemplateLandmarks, check_landmarks, get_landmark_backend
 
@@ -158,20 +159,6 @@ def key_region_mask(
     return key_region_masks(points[None], image_size, regions)[0]
 
 
-def _iter_batches(images_or_loader: object) -> Iterable[torch.Tensor]:
-    """Yield image batches from a tensor, or an iterable of tensors / tuples starting with one."""
-    if isinstance(images_or_loader, torch.Tensor):
-        yield images_or_loader
-        return
-    if not isinstance(images_or_loader, Iterable):
-        raise TypeError(
-            "fit needs a (B, 3, H, W) tensor or an iterable of such batches (e.g. a DataLoader), "
-            f"got {type(images_or_loader).__name__}."
-        )
-    for item in images_or_loader:
-        yield item[0] if isinstance(item, (tuple, list)) else item
-
-
 class KeyRegionMasker(BaseEstimator):
     """Learn the dataset's facial key-region mask ``M_0`` (KRT-FUAP Eq. 2-3).
 
@@ -276,13 +263,11 @@ class KeyRegionMasker(BaseEstimator):
                 )
             batches: Iterable[torch.Tensor] = ()
         else:
-            batches = _iter_batches(images_or_loader)
+            batches = iter_image_batches(images_or_loader, name="images", reiterable=False)
 
         count: torch.Tensor | None = None
-        n_faces = n_batches = 0
+        n_faces = 0
         for images in batches:
-            n_batches += 1
-            images = check_images(images)
             batch_hw = tuple(images.shape[2:])
             if size is None:
                 size = batch_hw
@@ -299,11 +284,6 @@ class KeyRegionMasker(BaseEstimator):
             count = batch_count if count is None else count + batch_count
             n_faces += images.shape[0]
 
-        if images_or_loader is not None and n_batches == 0:
-            raise ValueError(
-                "fit got an empty loader: it yielded no image batches to read the image size "
-                "and faces from; check the dataset and the DataLoader (e.g. drop_last with too few images)."
-            )
         if template_only:
             template = TemplateLandmarks().points(size)
             count = key_region_masks(template[None], size, regions)[0].to(torch.int64)

@@ -237,9 +237,9 @@ def test_dict_without_image_key_lists_keys():
 
 
 def test_empty_loader():
-    with pytest.raises(ValueError, match=r"^X is empty: the loader yielded no batches"):
+    with pytest.raises(ValueError, match=r"^X is an empty loader: it yielded no batches"):
         list(iter_image_batches([]))
-    with pytest.raises(ValueError, match="^train is empty"):
+    with pytest.raises(ValueError, match="^train is an empty loader"):
         list(iter_image_batches(DataLoader(TensorDataset(torch.rand(0, 3, 4, 4))), name="train"))
 
 
@@ -278,3 +278,8 @@ def test_bad_batch_types_inside_loader_name_index():
         list(iter_image_batches([_images(), (torch.zeros(1, 3, 4, 4, dtype=torch.uint8), 0)]))
     with pytest.raises(TypeError, match=r"^X batch 0 must be a torch\.Tensor.*got str"):
         list(iter_image_batches(["not images"]))
+
+
+def test_one_shot_iterators_allowed_when_read_once():
+    batches = (torch.rand(2, 3, 4, 4) for _ in range(2))
+    assert len(list(iter_image_batches(batches, reiterable=False))) == 2
