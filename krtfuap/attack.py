@@ -274,7 +274,6 @@ class UAPAttack(TransformerMixin, BaseEstimator):
         first = next(iter_image_batches(X, self.batch_size))
         height, width = first.shape[-2:]
         mask = self._key_region_mask(X, height, width)
-        self.threshold_ = self._calibrated_threshold(pairs)
 
         seed = int(check_random_state(self.random_state).randint(2**31 - 1))
         generator = torch.Generator().manual_seed(seed)
@@ -307,8 +306,9 @@ class UAPAttack(TransformerMixin, BaseEstimator):
         self.model.eval()
         for parameter in frozen:
             parameter.requires_grad_(False)
-        epochs = tqdm(range(first_epoch, self.max_epochs), desc="KRT-FUAP fit", disable=not self.verbose)
         try:
+            self.threshold_ = self._calibrated_threshold(pairs)
+            epochs = tqdm(range(first_epoch, self.max_epochs), desc="KRT-FUAP fit", disable=not self.verbose)
             for epoch in epochs:
                 fooled, seen = 0, 0
                 for images in iter_image_batches(X, self.batch_size):
