@@ -514,6 +514,7 @@ class UAPAttack(TransformerMixin, BaseEstimator):
         }
         metadata = {
             "format": _FORMAT,
+            "class": type(self).__name__,
             "params": json.dumps(params),
             "fitted": json.dumps(fitted),
             "history": json.dumps(self.history_),
@@ -549,7 +550,15 @@ class UAPAttack(TransformerMixin, BaseEstimator):
             raise ValueError(f"{path} is not a krtfuap attack file (a .safetensors written by save): {error}") from error
         if metadata.get("format") != _FORMAT or set(tensors) != set(_SAVED_TENSORS):
             raise ValueError(f"{path} is not a krtfuap attack file (written by UAPAttack.save).")
-        attack = cls(model, **json.loads(metadata["params"]))
+        params = json.loads(metadata["params"])
+        unknown = sorted(set(params) - set(cls._get_param_names()))
+        if unknown:
+            saved_by = metadata.get("class", "another attack class")
+            raise ValueError(
+                f"{path} was saved by {saved_by}, another attack class (it has parameters {unknown} that "
+                f"{cls.__name__} does not take); load it with {saved_by}.load."
+            )
+        attack = cls(model, **params)
         for name, value in json.loads(metadata["fitted"]).items():
             setattr(attack, name, value)
         attack.history_ = json.loads(metadata["history"])

@@ -1,0 +1,292 @@
+import math
+
+import pytest
+import torch
+from sklearn.base import clone
+from torch import nn
+
+from krtfuap.attack import UAPAttack
+from krtfuap.baselines import (
+    FGUAP,
+    DeepFoolUAP,
+    FrequencyUAP,
+    RandomNoiseUAP,
+    _BestPerturbation,
+    dct2,
+    dct_matrix,
+    deepfool_steps,
+    idct2,
+)
+
+SIZE = 32
+BASELINES = [RandomNoiseUAP, DeepFoolUAP, FGUAP, FrequencyUAP]
+COMMON_KEYWORDS = {
+    "model", "threshold", "epsilon", "target_fooling_rate", "max_epochs", "max_time",
+    "batch_size", "random_state", "device", "verbose",
+}
+
+
+class SmallConvEmbedder(nn.Module):
+    """Random conv net: (B, 3, H, W) in [0, 1] -> (B, 16)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.layers = nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+
+    def forward(self, x):
+        return self.layers(x - 0.5)
+
+
+def random_faces(n: int = 16, seed: int = 0, size: int = SIZE) -> torch.Tensor:
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def make(cls, model=None, **params):
+    settings = dict(threshold=0.9, epsilon=0.05, max_epochs=2, batch_size=8, random_state=0)
+    settings.update(params)
+    return cls(model or SmallConvEmbedder(), **settings)
+
+
+@pytest.fixture(scope="module")
+def fitted() -> dict:
+    return {cls: make(cls).fit(random_faces()) for cls in BASELINES}
+
+
+@pytest.mark.parametrize("cls", BASELINES)
+def test_budget_and_output_range(cls, fitted):
+    attack = fitted[cls]
+    assert attack.perturbation_.shape == (3, SIZE, SIZE)
+    assert attack.perturbation_.abs().max() <= attack.epsilon * (1 + 1e-6)
+    x = random_faces(4, seed=1)
+    adversarial = attack.transform(x)
+    assert adversarial.min() >= 0 and adversarial.max() <= 1
+    assert (adversarial - x).abs().max() <= attack.epsilon + 1e-6
+    assert torch.equal(attack.noise_, attack.perturbation_)
+    assert torch.equal(attack.mask_, torch.ones(SIZE, SIZE))
+    assert not attack.flow_.any()
+    result = attack.evaluate(random_faces(4, seed=2))
+    assert 0 <= result["fooling_rate"] <= 1 and result["n_images"] == 4
+
+
+@pytest.mark.parametrize("cls", BASELINES)
+def test_same_random_state_is_bit_identical(cls):
+    a = make(cls, random_state=3).fit(random_faces())
+    b = make(cls, random_state=3).fit(random_faces())
+    assert torch.equal(a.perturbation_, b.perturbation_)
+    assert a.history_ == b.history_
+
+
+@pytest.mark.parametrize("cls", [RandomNoiseUAP, FGUAP, FrequencyUAP])
+def test_random_state_changes_the_start(cls):
+    a = make(cls, random_state=3, max_epochs=1).fit(random_faces())
+    b = make(cls, random_state=4, max_epochs=1).fit(random_faces())
+    assert not torch.equal(a.perturbation_, b.perturbation_)
+
+
+@pytest.mark.parametrize("cls", BASELINES)
+def test_clone_keeps_parameters_and_accepts_uapattack_keywords(cls):
+    attack = make(cls, epsilon=0.03, max_time=5.0, device="cpu", verbose=False)
+    params = attack.get_params()
+    assert set(params) >= COMMON_KEYWORDS
+    copy = clone(attack)
+    assert {k: v for k, v in copy.get_params().items() if k != "model"} == {
+        k: v for k, v in params.items() if k != "model"
+    }
+    assert not hasattr(copy, "perturbation_")
+
+
+@pytest.mark.parametrize("cls", BASELINES)
+def test_save_load_round_trip_exactly(cls, fitted, tmp_path):
+    attack = fitted[cls]
+    path = tmp_path / f"{cls.__name__}.safetensors"
+    attack.save(path)
+    loaded = cls.load(path, attack.model)
+    assert type(loaded) is cls
+    for name in ("perturbation_", "mask_", "warped_mask_", "flow_", "noise_"):
+        assert torch.equal(getattr(loaded, name), getattr(attack, name)), name
+    assert loaded.get_params().keys() == attack.get_params().keys()
+    assert loaded.history_ == attack.history_ and loaded.threshold_ == attack.threshold_
+    x = random_faces(3, seed=7)
+    assert torch.equal(loaded.transform(x), attack.transform(x))
+    assert loaded.evaluate(x) == attack.evaluate(x)
+
+
+def test_uapattack_load_reads_a_random_noise_file(fitted, tmp_path):
+    attack = fitted[RandomNoiseUAP]
+    path = tmp_path / "random.safetensors"
+    attack.save(path)
+    loaded = UAPAttack.load(path, attack.model)
+    assert type(loaded) is UAPAttack
+    x = random_faces(3, seed=8)
+    assert torch.equal(loaded.transform(x), attack.transform(x))
+
+
+def test_load_with_the_wrong_class_names_the_problem(fitted, tmp_path):
+    path = tmp_path / "freq.safetensors"
+    fitted[FrequencyUAP].save(path)
+    with pytest.raises(ValueError, match="saved by FrequencyUAP, another attack class"):
+        DeepFoolUAP.load(path)
+    with pytest.raises(FileNotFoundError):
+        FGUAP.load(tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize("cls", BASELINES)
+def test_max_time_stops_after_the_first_step(cls):
+    attack = make(cls, max_time=0.0, max_epochs=5).fit(random_faces())
+    assert attack.stop_reason_ == "max_time"
+    assert attack.n_epochs_ == 1 and len(attack.history_) == 1
+    assert attack.perturbation_.abs().max() <= attack.epsilon * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("cls", BASELINES)
+def test_target_and_max_epochs_rules(cls):
+    reached = make(cls, threshold=1.0, target_fooling_rate=0.0, max_epochs=5).fit(random_faces())
+    assert reached.stop_reason_ == "target_fooling_rate" and reached.n_epochs_ == 1
+    # cos < -1 is impossible: the target is never reached.
+    exhausted = make(cls, threshold=-1.0, target_fooling_rate=1.0, max_epochs=2).fit(random_faces())
+    assert exhausted.stop_reason_ == "max_epochs"
+    assert exhausted.fooling_rate_ == 0.0
+    expected_epochs = 1 if cls is RandomNoiseUAP else 2
+    assert exhausted.n_epochs_ == expected_epochs
+
+
+@pytest.mark.parametrize("cls", [DeepFoolUAP, FGUAP, FrequencyUAP])
+def test_history_has_one_record_per_batch(cls, fitted):
+    attack = fitted[cls]
+    assert attack.n_iter_ == len(attack.history_) == 2 * attack.n_epochs_
+    assert {"step", "epoch", "fooling_rate", "mean_similarity", "ssim"} <= set(attack.history_[0])
+
+
+def test_random_noise_records_one_measurement(fitted):
+    attack = fitted[RandomNoiseUAP]
+    assert attack.n_iter_ == 0 and attack.n_epochs_ == 1 and len(attack.history_) == 1
+    assert attack.history_[0]["fooling_rate"] == attack.fooling_rate_
+    assert attack.perturbation_.abs().max() > 0.9 * attack.epsilon
+
+
+@pytest.mark.parametrize("cls, message", [
+    (DeepFoolUAP, dict(overshoot=-0.1)), (DeepFoolUAP, dict(max_inner=0)),
+    (FGUAP, dict(lr=0.0)), (FrequencyUAP, dict(keep_fraction=0.0)),
+    (FrequencyUAP, dict(coefficient_bound=-1.0)), (RandomNoiseUAP, dict(epsilon=0.0)),
+    (RandomNoiseUAP, dict(batch_size=0)),
+])
+def test_invalid_parameters_are_refused(cls, message):
+    with pytest.raises(ValueError, match=next(iter(message))):
+        make(cls, **message).fit(random_faces(2))
+
+
+# ---------------------------------------------------------------- frequency / DCT
+def test_dct_is_orthonormal_and_inverts():
+    d = dct_matrix(7, dtype=torch.float64)
+    assert torch.allclose(d @ d.T, torch.eye(7, dtype=torch.float64), atol=1e-12)
+    x = torch.randn(2, 3, 6, 9, dtype=torch.float64)
+    assert torch.allclose(idct2(dct2(x)), x, atol=1e-12)
+    constant = torch.full((5, 4), 0.5, dtype=torch.float64)
+    coefficients = dct2(constant)
+    assert coefficients[0, 0].item() == pytest.approx(0.5 * math.sqrt(20))
+    assert coefficients.flatten()[1:].abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("keep_fraction", [0.25, 0.5])
+def test_frequency_perturbation_stays_in_the_kept_band(keep_fraction):
+    attack = make(FrequencyUAP, keep_fraction=keep_fraction, lr=0.2, max_epochs=2).fit(random_faces())
+    rows, columns = attack.band_shape_
+    assert (rows, columns) == (math.ceil(keep_fraction * SIZE),) * 2
+    coefficients = dct2(attack.perturbation_.double())
+    inside = coefficients[:, :rows, :columns].abs().max()
+    outside = torch.cat([coefficients[:, rows:, :].flatten(), coefficients[:, :, columns:].flatten()]).abs().max()
+    assert inside > 1e-3
+    assert outside < 1e-5 * inside
+    assert attack.perturbation_.abs().max() <= attack.epsilon * (1 + 1e-6)
+
+
+def test_frequency_coefficient_bound_holds():
+    attack = make(FrequencyUAP, coefficient_bound=0.01, lr=0.5, epsilon=1.0).fit(random_faces())
+    assert attack.coefficient_bound_ == 0.01
+    assert dct2(attack.perturbation_.double()).abs().max() <= 0.01 * (1 + 1e-5)
+
+
+# ------------------------------------------------------------------------ DeepFool
+class LinearEmbedder(nn.Module):
+    """F(x) = W vec(x): a linear toy face model."""
+
+    def __init__(self, size: int = 8, dim: int = 4, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.linear = nn.Linear(3 * size * size, dim, bias=False)
+
+    def forward(self, x):
+        return self.linear(x.flatten(1))
+
+
+def test_deepfool_steps_cross_the_threshold_on_a_linear_model():
+    model = LinearEmbedder().eval()
+    images = 0.4 + 0.2 * random_faces(6, seed=3, size=8)
+    clean = model(images).detach()
+    perturbation = torch.zeros(3, 8, 8)
+    steps = deepfool_steps(model, images, clean, perturbation, 0.5, overshoot=0.02)
+    with torch.no_grad():
+        before = torch.cosine_similarity(model(images + perturbation), clean)
+        after = torch.cosine_similarity(model((images + steps).clamp(0, 1)), clean)
+    assert (before > 0.99).all()
+    assert (after < 0.5).all()
+    # Minimal-ish: the step stops near the target, not far beyond it.
+    assert (after > 0.5 - 0.2).all()
+
+
+def test_deepfool_uap_fools_a_single_face_within_budget():
+    model = LinearEmbedder()
+    face = 0.4 + 0.2 * random_faces(1, seed=4, size=8)
+    attack = DeepFoolUAP(model, threshold=0.5, epsilon=0.3, batch_size=1, max_epochs=3, random_state=0).fit(face)
+    assert attack.perturbation_.abs().max() <= 0.3 + 1e-7
+    assert attack.evaluate(face)["fooling_rate"] == 1.0
+    assert attack.history_[0]["n_updated"] == 1
+
+
+# --------------------------------------------------------------------------- FG-UAP
+def test_best_perturbation_keeps_the_highest_score_and_the_earliest_tie():
+    best = _BestPerturbation()
+    value = torch.zeros(2)
+    assert best.offer((0.5, -0.3), value, 0)
+    value += 1  # the kept copy must not follow later in-place updates
+    assert best.offer((0.7, -0.2), value, 1)
+    assert not best.offer((0.7, -0.2), value * 5, 2)
+    assert not best.offer((0.6, 0.0), value * 7, 3)
+    assert best.offer((0.7, -0.1), value * 2, 4)
+    assert best.epoch == 4 and torch.equal(best.perturbation, torch.full((2,), 2.0))
+
+
+def _scripted_scores(monkeypatch, fooling_rates):
+    """Make FGUAP's validation score of epoch k equal fooling_rates[k] (mean similarity 0)."""
+    scores = iter(fooling_rates)
+    monkeypatch.setattr(FGUAP, "_score", lambda self, validation, perturbation, device, size: (next(scores), 0.0))
+
+
+def test_fguap_keeps_the_best_epoch_not_the_last(monkeypatch):
+    faces, validation = random_faces(16), random_faces(8, seed=5)
+    params = dict(threshold=0.0, epsilon=0.1, lr=0.02, target_fooling_rate=1.0, random_state=1)
+    _scripted_scores(monkeypatch, [0.2, 0.6, 0.4, 0.1])
+    attack = make(FGUAP, max_epochs=4, **params).fit(faces, validation=validation)
+    assert attack.best_epoch_ == 1 and attack.n_epochs_ == 4
+    assert [s["fooling_rate"] for s in attack.epoch_scores_] == [0.2, 0.6, 0.4, 0.1]
+    # The same run stopped after epoch 1, and the same run keeping its last epoch.
+    _scripted_scores(monkeypatch, [0.2, 0.6])
+    at_best = make(FGUAP, max_epochs=2, **params).fit(faces, validation=validation)
+    _scripted_scores(monkeypatch, [0.1, 0.2, 0.3, 0.4])
+    last = make(FGUAP, max_epochs=4, **params).fit(faces, validation=validation)
+    assert last.best_epoch_ == 3
+    assert torch.equal(attack.perturbation_, at_best.perturbation_)
+    assert not torch.equal(attack.perturbation_, last.perturbation_)
+
+
+def test_fguap_default_score_is_the_running_fit_fooling_rate():
+    attack = make(FGUAP, threshold=0.0, max_epochs=3, target_fooling_rate=1.0).fit(random_faces())
+    scores = [(s["fooling_rate"], -s["mean_similarity"]) for s in attack.epoch_scores_]
+    assert attack.best_epoch_ == scores.index(max(scores))
+    for record in attack.epoch_scores_:
+        steps = [h for h in attack.history_ if h["epoch"] == record["epoch"]]
+        assert record["mean_similarity"] == pytest.approx(sum(h["mean_similarity"] for h in steps) / len(steps))
