@@ -85,7 +85,8 @@ class UAPAttack(TransformerMixin, BaseEstimator):
     max_epochs : int
         Hard stop on passes over the data.
     max_time : float, optional
-        Hard stop on wall time in seconds, checked after every step.
+        Hard stop on optimisation wall time in seconds (threshold calibration
+        and mask fitting not counted), checked after every step.
     lr : float
         Adam learning rate (paper: 0.01).
     init_scale : float
@@ -269,7 +270,7 @@ class UAPAttack(TransformerMixin, BaseEstimator):
             ``self``, fitted.
         """
         self._check_params()
-        started = time.perf_counter()
+        fit_started = time.perf_counter()
         device = self._device()
         first = next(iter_image_batches(X, self.batch_size))
         height, width = first.shape[-2:]
@@ -300,7 +301,6 @@ class UAPAttack(TransformerMixin, BaseEstimator):
         first_epoch, elapsed_before = 0, 0.0
         if resume and self.checkpoint_path is not None and os.path.isfile(self.checkpoint_path):
             first_epoch, elapsed_before = self._restore_checkpoint(perturbation, optimizer)
-        started -= elapsed_before
         was_training = self.model.training
         frozen = [p for p in self.model.parameters() if p.requires_grad]
         self.model.eval()
@@ -308,6 +308,7 @@ class UAPAttack(TransformerMixin, BaseEstimator):
             parameter.requires_grad_(False)
         try:
             self.threshold_ = self._calibrated_threshold(pairs)
+            started = time.perf_counter() - elapsed_before  # max_time counts optimisation only
             epochs = tqdm(range(first_epoch, self.max_epochs), desc="KRT-FUAP fit", disable=not self.verbose)
             for epoch in epochs:
                 fooled, seen = 0, 0
@@ -349,7 +350,7 @@ class UAPAttack(TransformerMixin, BaseEstimator):
             flow = perturbation.flow_warp
             self.flow_ = flow.flow.detach().cpu() if flow is not None else torch.zeros(2, height, width)
         self.mask_ = mask if mask is not None else torch.ones(height, width)
-        self.fit_time_ = time.perf_counter() - started
+        self.fit_time_ = time.perf_counter() - fit_started
         return self
 
     def _write_checkpoint(
@@ -369,7 +370,10 @@ class UAPAttack(TransformerMixin, BaseEstimator):
         }
         path = os.fspath(self.checkpoint_path)
         partial = f"{path}.partial"
-        torch.save(state, partial)
+        with open(partial, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(partial, path)
 
     def _restore_checkpoint(

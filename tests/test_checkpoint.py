@@ -1,0 +1,224 @@
+"""Checkpoints of ``UAPAttack.fit``: survive SIGKILL, resume bit-identically, never half-written.
+
+The kill test runs the fit in a real child process (``subprocess.Popen``), kills it
+with SIGKILL once a checkpoint of epoch >= 2 is on disk, resumes it in a new process
+and compares the result with an uninterrupted run of the same script.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from krtfuap.attack import UAPAttack
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_EPOCHS = 10
+
+# The child script. It counts model forwards, so the parent can tell a resumed fit
+# (which skips the finished epochs) from one that silently started afresh.
+FIT_SCRIPT = textwrap.dedent(
+    f"""
+    import json
+    import sys
+
+    import torch
+    from torch import nn
+
+    torch.set_num_threads(1)
+
+    from krtfuap.attack import UAPAttack
+
+    class Embedder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(
+                nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2),
+                nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            )
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            return self.net(x - 0.5)
+
+    checkpoint, output, resume = sys.argv[1], sys.argv[2], sys.argv[3] == "resume"
+    faces = torch.rand(48, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    model = Embedder()
+    attack = UAPAttack(
+        model, threshold=-1.0, stealth_loss="ssim", max_epochs={MAX_EPOCHS}, batch_size=2,
+        random_state=0, checkpoint_path=checkpoint, checkpoint_every=1,
+    )
+    attack.fit(faces, resume=resume)
+    attack.save(output)
+    print(json.dumps({{"forwards": model.calls, "n_iter": attack.n_iter_}}))
+    """
+)
+STEPS_PER_EPOCH = 48 // 2
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # The child must import this checkout, not whatever krtfuap is installed.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _start(script: Path, checkpoint: Path, output: Path, mode: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(script), str(checkpoint), str(output), mode],
+        cwd=REPO, env=_child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _finish(process: subprocess.Popen, timeout: float = 60.0) -> dict:
+    stdout, stderr = process.communicate(timeout=timeout)
+    assert process.returncode == 0, f"fit script failed ({process.returncode}):\n{stderr}"
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def _checkpoint_epoch(path: Path) -> int | None:
+    """Epoch stored in the checkpoint, or None while there is none yet.
+
+    Only a missing file is tolerated: the file is replaced atomically, so any
+    other load error would mean a reader saw a half-written checkpoint.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)["epoch"]
+    except FileNotFoundError:
+        return None
+
+
+def _assert_same_fit(a: UAPAttack, b: UAPAttack) -> None:
+    for name in ("perturbation_", "flow_", "noise_", "warped_mask_", "mask_"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype and x.shape == y.shape, name
+        assert torch.equal(x, y), f"{name} differs: max |diff| {(x - y).abs().max().item()}"
+    assert a.history_ == b.history_
+    assert (a.n_iter_, a.n_epochs_, a.stop_reason_) == (b.n_iter_, b.n_epochs_, b.stop_reason_)
+
+
+@pytest.mark.skipif(os.name != "posix" or not hasattr(signal, "SIGKILL"), reason="needs POSIX signals (SIGKILL)")
+def test_sigkill_mid_fit_then_resume_matches_uninterrupted_run(tmp_path):
+    script = tmp_path / "fit_script.py"
+    script.write_text(FIT_SCRIPT)
+    checkpoint = tmp_path / "fit.ckpt"
+    killed_out, resumed_out = tmp_path / "killed.safetensors", tmp_path / "resumed.safetensors"
+    reference_out = tmp_path / "reference.safetensors"
+
+    # The uninterrupted reference runs alongside the run that gets killed.
+    reference = _start(script, tmp_path / "reference.ckpt", reference_out, "fresh")
+    victim = _start(script, checkpoint, killed_out, "fresh")
+    try:
+        deadline = time.monotonic() + 45.0
+        epoch = None
+        while time.monotonic() < deadline:
+            epoch = _checkpoint_epoch(checkpoint)
+            if epoch is not None and epoch >= 2:
+                break
+            assert victim.poll() is None, "the fit ended before it could be killed:\n" + victim.communicate()[1]
+            time.sleep(0.01)
+        else:
+            pytest.fail(f"no checkpoint of epoch >= 2 within 45 s (last seen: {epoch})")
+        assert victim.poll() is None, "the fit ended before it could be killed; make the script slower"
+        victim.send_signal(signal.SIGKILL)
+        victim.communicate(timeout=30)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.communicate()
+    assert victim.returncode == -signal.SIGKILL
+    assert not killed_out.exists(), "the killed run reached the end of the fit"
+
+    # What the kill left behind is a complete checkpoint of an epoch before the end.
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    killed_at = state["epoch"]
+    assert 2 <= killed_at < MAX_EPOCHS
+    assert state["n_iter"] == len(state["history"]) == killed_at * STEPS_PER_EPOCH
+
+    resumed_counts = _finish(_start(script, checkpoint, resumed_out, "resume"))
+    reference_counts = _finish(reference)
+
+    # The resumed run only did the epochs left: two forwards (clean + adversarial) per step.
+    assert resumed_counts["forwards"] == 2 * STEPS_PER_EPOCH * (MAX_EPOCHS - killed_at)
+    assert reference_counts["forwards"] == 2 * STEPS_PER_EPOCH * MAX_EPOCHS
+    assert resumed_counts["n_iter"] == reference_counts["n_iter"] == MAX_EPOCHS * STEPS_PER_EPOCH
+
+    resumed, uninterrupted = UAPAttack.load(resumed_out), UAPAttack.load(reference_out)
+    _assert_same_fit(resumed, uninterrupted)
+    assert [r["step"] for r in resumed.history_] == list(range(MAX_EPOCHS * STEPS_PER_EPOCH))
+    assert not Path(f"{checkpoint}.partial").exists()
+
+
+# ------------------------------------------------------------ crash while writing
+class TinyEmbedder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+
+    def forward(self, x):
+        return self.net(x - 0.5)
+
+
+def _faces() -> torch.Tensor:
+    return torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def _attack(checkpoint: Path, model: nn.Module | None = None, **params) -> UAPAttack:
+    settings = dict(
+        threshold=-1.0, stealth_loss="ssim", max_epochs=3, batch_size=4, random_state=0,
+        checkpoint_path=checkpoint, checkpoint_every=1,
+    )
+    settings.update(params)
+    return UAPAttack(model or TinyEmbedder(), **settings)
+
+
+def test_crash_while_writing_checkpoint_keeps_previous_one(tmp_path, monkeypatch):
+    checkpoint = tmp_path / "fit.ckpt"
+    real_save = torch.save
+    calls, before_crash = [], {}
+
+    def crashing_save(obj, f, *args, **kwargs):
+        calls.append(os.fspath(getattr(f, "name", f)))  # a path or an open file
+        if len(calls) == 1:
+            return real_save(obj, f, *args, **kwargs)
+        # Second checkpoint: remember the good one, then die half-way through writing.
+        before_crash["bytes"] = checkpoint.read_bytes()
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full (simulated)")
+
+    model = TinyEmbedder()
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(OSError, match="simulated"):
+        _attack(checkpoint, model).fit(_faces())
+    monkeypatch.setattr(torch, "save", real_save)
+
+    # torch.save never wrote to the checkpoint itself, only to the side file.
+    assert calls == [f"{checkpoint}.partial"] * 2
+    assert checkpoint.read_bytes() == before_crash["bytes"]
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert state["epoch"] == 1 and len(state["history"]) == state["n_iter"] == 4
+    # The model is handed back unfrozen even though fit raised.
+    assert all(p.requires_grad for p in model.parameters())
+
+    # Resuming from the surviving checkpoint gives the uninterrupted result.
+    resumed = _attack(checkpoint).fit(_faces(), resume=True)
+    uninterrupted = _attack(tmp_path / "other.ckpt").fit(_faces())
+    _assert_same_fit(resumed, uninterrupted)
+    assert not Path(f"{checkpoint}.partial").exists()
