@@ -192,6 +192,12 @@ class UAPAttack(TransformerMixin, BaseEstimator):
         return next((p.device for p in self.model.parameters()), torch.device("cpu"))
 
     def _check_params(self) -> None:
+        self._check_common_params()
+        if self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}.")
+
+    def _check_common_params(self) -> None:
+        """Checks shared with the baselines in :mod:`krtfuap.baselines`."""
         if not isinstance(self.model, nn.Module):
             raise TypeError(
                 f"model must be a torch.nn.Module mapping (B, 3, H, W) images in [0, 1] to (B, D) "
@@ -203,8 +209,10 @@ class UAPAttack(TransformerMixin, BaseEstimator):
             raise ValueError(f"target_fooling_rate must be in [0, 1], got {self.target_fooling_rate}.")
         if self.max_epochs < 1:
             raise ValueError(f"max_epochs must be >= 1, got {self.max_epochs}.")
-        if self.checkpoint_every < 1:
-            raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}.")
+        if self.max_time is not None and self.max_time < 0:
+            raise ValueError(f"max_time must be >= 0 seconds or None, got {self.max_time}.")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}.")
         if self.threshold is not None and not -1 <= self.threshold <= 1:
             raise ValueError(f"threshold is a cosine similarity and must be in [-1, 1], got {self.threshold}.")
 

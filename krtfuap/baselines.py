@@ -253,23 +253,7 @@ class _BaselineUAP(UAPAttack):
     """
 
     def _check_params(self) -> None:
-        if not isinstance(self.model, nn.Module):
-            raise TypeError(
-                f"model must be a torch.nn.Module mapping (B, 3, H, W) images in [0, 1] to (B, D) "
-                f"embeddings, got {type(self.model).__name__}."
-            )
-        if not 0 < self.epsilon <= 1:
-            raise ValueError(f"epsilon must be in (0, 1] (images are in [0, 1]), got {self.epsilon}.")
-        if not 0 <= self.target_fooling_rate <= 1:
-            raise ValueError(f"target_fooling_rate must be in [0, 1], got {self.target_fooling_rate}.")
-        if self.max_epochs < 1:
-            raise ValueError(f"max_epochs must be >= 1, got {self.max_epochs}.")
-        if self.max_time is not None and self.max_time < 0:
-            raise ValueError(f"max_time must be >= 0 seconds or None, got {self.max_time}.")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}.")
-        if self.threshold is not None and not -1 <= self.threshold <= 1:
-            raise ValueError(f"threshold is a cosine similarity and must be in [-1, 1], got {self.threshold}.")
+        self._check_common_params()  # baselines write no checkpoints
 
     def _prepare(self, X: ImageData) -> tuple[float, torch.device, tuple[int, int], torch.Generator]:
         """Check parameters; return (start time, device, image size, seeded CPU generator)."""
