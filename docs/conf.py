@@ -1,5 +1,10 @@
 """Sphinx configuration for the krtfuap documentation."""
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # document this checkout, installed or not
+
 project = "krtfuap"
 author = "krtfuap developers"
 release = "0.1.0"
@@ -9,3 +14,5 @@ napoleon_google_docstring = False
 autodoc_member_order = "bysource"
 html_theme = "alabaster"
 exclude_patterns = ["_build"]
+# scikit-learn generates these on every estimator; their docstrings point into sklearn's own docs.
+autodoc_default_options = {"exclude-members": "set_fit_request, set_transform_request, set_score_request"}
