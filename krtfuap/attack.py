@@ -23,9 +23,11 @@ from tqdm.auto import tqdm
 
 from krtfuap._batches import ImageData, iter_image_batches
 from krtfuap._validation import check_embeddings, check_images
+from krtfuap.diversity import RandomResizePad
 from krtfuap.flow import FlowUnit
 from krtfuap.losses import DirectionLoss
 from krtfuap.masks import KeyRegionMasker
+from krtfuap.models.ensemble import EnsembleEmbedder
 from krtfuap.metrics import calibrate_threshold, cosine_similarity, pair_similarities, psnr, ssim
 from krtfuap.perturbation import MaskedPerturbation
 from krtfuap.stealth import StealthLossLike, resolve_stealth_loss
@@ -41,11 +43,14 @@ class UAPAttack(TransformerMixin, BaseEstimator):
 
     Parameters
     ----------
-    model : torch.nn.Module
+    model : torch.nn.Module or list of torch.nn.Module
         Face embedding model: ``(B, 3, H, W)`` RGB in ``[0, 1]`` -> ``(B, D)``.
         Put any other input convention inside the model (see
         :class:`krtfuap.models.FaceEmbedder`). Only its output is used; its
-        weights are left untouched.
+        weights are left untouched. A list fits one perturbation against an
+        ensemble (:class:`krtfuap.models.ensemble.EnsembleEmbedder`: the
+        similarity is the mean of the members' cosine similarities, and
+        ``threshold`` applies to that mean).
     threshold : float, optional
         Verification threshold ``t`` on cosine similarity: a face is fooled when
         ``cos(F(x + v), F(x)) < t``. ``None`` calibrates it in :meth:`fit` from
@@ -89,6 +94,14 @@ class UAPAttack(TransformerMixin, BaseEstimator):
         and mask fitting not counted), checked after every step.
     lr : float
         Adam learning rate (paper: 0.01).
+    input_diversity : float
+        Probability per step of feeding the model a randomly shrunk and
+        zero-padded copy of the adversarial batch (Xie et al. 2019, see
+        :mod:`krtfuap.diversity`); the clean embeddings stay those of the
+        untouched faces. ``0`` (default, as in the paper) turns it off; it is
+        meant to help transfer to unseen models.
+    diversity_min_scale : float
+        Smallest shrink factor of input diversity, in ``(0, 1]``.
     init_scale : float
         The noise starts uniform in ``[-init_scale * epsilon, init_scale * epsilon]``.
     batch_size : int
@@ -123,7 +136,8 @@ class UAPAttack(TransformerMixin, BaseEstimator):
         The threshold used.
     history_ : list of dict
         Per step: ``step, epoch, loss, adversarial_loss, stealth_loss,
-        fooling_rate, ssim`` (batch values, measured before the step's update).
+        fooling_rate, ssim`` (batch values, measured before the step's update)
+        and ``time`` (seconds of optimisation since the fit began, after the step).
     n_iter_ : int
         Optimisation steps taken.
     n_epochs_ : int
@@ -153,6 +167,8 @@ class UAPAttack(TransformerMixin, BaseEstimator):
         max_epochs: int = 50,
         max_time: float | None = None,
         lr: float = 0.01,
+        input_diversity: float = 0.0,
+        diversity_min_scale: float = 0.9,
         init_scale: float = 1.0,
         batch_size: int = 32,
         random_state: Any = None,
@@ -177,6 +193,8 @@ class UAPAttack(TransformerMixin, BaseEstimator):
         self.max_epochs = max_epochs
         self.max_time = max_time
         self.lr = lr
+        self.input_diversity = input_diversity
+        self.diversity_min_scale = diversity_min_scale
         self.init_scale = init_scale
         self.batch_size = batch_size
         self.random_state = random_state
@@ -189,19 +207,28 @@ class UAPAttack(TransformerMixin, BaseEstimator):
     def _device(self) -> torch.device:
         if self.device is not None:
             return torch.device(self.device)
-        return next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        return next((p.device for p in self._embedder().parameters()), torch.device("cpu"))
+
+    def _embedder(self) -> nn.Module:
+        """The face model; a list of models becomes one :class:`~krtfuap.models.ensemble.EnsembleEmbedder`."""
+        if isinstance(self.model, (list, tuple)):
+            return EnsembleEmbedder(self.model)
+        return self.model
 
     def _check_params(self) -> None:
         self._check_common_params()
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}.")
+        RandomResizePad(self.input_diversity, self.diversity_min_scale)  # checks both
 
     def _check_common_params(self) -> None:
         """Checks shared with the baselines in :mod:`krtfuap.baselines`."""
-        if not isinstance(self.model, nn.Module):
+        if isinstance(self.model, (list, tuple)):
+            EnsembleEmbedder(self.model)  # checks every member
+        elif not isinstance(self.model, nn.Module):
             raise TypeError(
                 f"model must be a torch.nn.Module mapping (B, 3, H, W) images in [0, 1] to (B, D) "
-                f"embeddings, got {type(self.model).__name__}."
+                f"embeddings (or a list of them), got {type(self.model).__name__}."
             )
         if not 0 < self.epsilon <= 1:
             raise ValueError(f"epsilon must be in (0, 1] (images are in [0, 1]), got {self.epsilon}.")
@@ -247,7 +274,7 @@ class UAPAttack(TransformerMixin, BaseEstimator):
                 "batches of (images_a, images_b, same), or set threshold=t (the model's verification "
                 "threshold on cosine similarity)."
             )
-        similarities, same = pair_similarities(self.model, pairs)
+        similarities, same = pair_similarities(self._embedder(), pairs)
         threshold, accuracy = calibrate_threshold(similarities, same)
         self.threshold_accuracy_ = accuracy
         return threshold
@@ -286,6 +313,7 @@ class UAPAttack(TransformerMixin, BaseEstimator):
 
         seed = int(check_random_state(self.random_state).randint(2**31 - 1))
         generator = torch.Generator().manual_seed(seed)
+        diversity = RandomResizePad(self.input_diversity, self.diversity_min_scale, generator=generator)
         perturbation = MaskedPerturbation(
             mask,
             epsilon=self.epsilon,
@@ -308,10 +336,11 @@ class UAPAttack(TransformerMixin, BaseEstimator):
         self.stop_reason_ = "max_epochs"
         first_epoch, elapsed_before = 0, 0.0
         if resume and self.checkpoint_path is not None and os.path.isfile(self.checkpoint_path):
-            first_epoch, elapsed_before = self._restore_checkpoint(perturbation, optimizer)
-        was_training = self.model.training
-        frozen = [p for p in self.model.parameters() if p.requires_grad]
-        self.model.eval()
+            first_epoch, elapsed_before = self._restore_checkpoint(perturbation, optimizer, generator)
+        model = self._embedder()
+        was_training = model.training
+        frozen = [p for p in model.parameters() if p.requires_grad]
+        model.eval()
         for parameter in frozen:
             parameter.requires_grad_(False)
         try:
@@ -327,8 +356,10 @@ class UAPAttack(TransformerMixin, BaseEstimator):
                             f"All faces must share one size; got {tuple(images.shape[-2:])} after "
                             f"{(height, width)}. Align every face to the same size (e.g. 112x112)."
                         )
-                    record = self._step(images, perturbation, adversarial_loss, stealth_loss, stealth_weight, optimizer)
-                    record.update(step=self.n_iter_, epoch=epoch)
+                    record = self._step(
+                        model, images, perturbation, diversity, adversarial_loss, stealth_loss, stealth_weight, optimizer
+                    )
+                    record.update(step=self.n_iter_, epoch=epoch, time=time.perf_counter() - started)
                     self.history_.append(record)
                     self.n_iter_ += 1
                     fooled += record["fooling_rate"] * len(images)
@@ -345,9 +376,9 @@ class UAPAttack(TransformerMixin, BaseEstimator):
                     self.stop_reason_ = "target_fooling_rate"
                     break
                 if self.checkpoint_path is not None and self.n_epochs_ % self.checkpoint_every == 0:
-                    self._write_checkpoint(perturbation, optimizer, time.perf_counter() - started)
+                    self._write_checkpoint(perturbation, optimizer, generator, time.perf_counter() - started)
         finally:
-            self.model.train(was_training)
+            model.train(was_training)
             for parameter in frozen:
                 parameter.requires_grad_(True)
 
@@ -362,7 +393,11 @@ class UAPAttack(TransformerMixin, BaseEstimator):
         return self
 
     def _write_checkpoint(
-        self, perturbation: MaskedPerturbation, optimizer: torch.optim.Optimizer, elapsed: float
+        self,
+        perturbation: MaskedPerturbation,
+        optimizer: torch.optim.Optimizer,
+        generator: torch.Generator,
+        elapsed: float,
     ) -> None:
         """Save the state after a finished epoch; write-then-rename so a kill loses nothing."""
         state = {
@@ -370,6 +405,7 @@ class UAPAttack(TransformerMixin, BaseEstimator):
             "perturbation": perturbation.state_dict(),
             "optimizer": optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(),
+            "generator": generator.get_state(),
             "epoch": self.n_epochs_,
             "n_iter": self.n_iter_,
             "fooling_rate": self.fooling_rate_,
@@ -385,7 +421,7 @@ class UAPAttack(TransformerMixin, BaseEstimator):
         os.replace(partial, path)
 
     def _restore_checkpoint(
-        self, perturbation: MaskedPerturbation, optimizer: torch.optim.Optimizer
+        self, perturbation: MaskedPerturbation, optimizer: torch.optim.Optimizer, generator: torch.Generator
     ) -> tuple[int, float]:
         """Load a checkpoint written by :meth:`_write_checkpoint`; returns (next epoch, elapsed seconds)."""
         path = os.fspath(self.checkpoint_path)
@@ -395,6 +431,7 @@ class UAPAttack(TransformerMixin, BaseEstimator):
                 raise ValueError("it was not written by UAPAttack")
             perturbation.load_state_dict(state["perturbation"])
             optimizer.load_state_dict(state["optimizer"])
+            generator.set_state(state["generator"])
         except Exception as error:
             raise ValueError(
                 f"Cannot resume from checkpoint {path}: {error}. Delete it to start afresh, or fit with "
@@ -409,8 +446,10 @@ class UAPAttack(TransformerMixin, BaseEstimator):
 
     def _step(
         self,
+        model: nn.Module,
         images: torch.Tensor,
         perturbation: MaskedPerturbation,
+        diversity: RandomResizePad,
         adversarial_loss: DirectionLoss,
         stealth_loss,
         stealth_weight: float,
@@ -418,9 +457,9 @@ class UAPAttack(TransformerMixin, BaseEstimator):
     ) -> dict[str, float]:
         """One Adam step on one batch; returns the batch's record for ``history_``."""
         with torch.no_grad():
-            clean_embeddings = check_embeddings(self.model(images), len(images))
+            clean_embeddings = check_embeddings(model(images), len(images))
         adversarial = (images + perturbation()).clamp(0.0, 1.0)
-        adversarial_embeddings = check_embeddings(self.model(adversarial), len(images))
+        adversarial_embeddings = check_embeddings(model(diversity(adversarial)), len(images))
         similarity = cosine_similarity(adversarial_embeddings.detach(), clean_embeddings)
         fooled = similarity < self.threshold_
         per_face = adversarial_loss(adversarial_embeddings, clean_embeddings)
@@ -487,19 +526,20 @@ class UAPAttack(TransformerMixin, BaseEstimator):
         """
         check_is_fitted(self, "perturbation_")
         device = self._device()
-        was_training = self.model.training
-        self.model.eval()
+        model = self._embedder()
+        was_training = model.training
+        model.eval()
         similarities, ssims, psnrs = [], [], []
         try:
             for images in iter_image_batches(X, self.batch_size):
                 images = images.to(device)
                 adversarial = self.transform(images)
-                clean = check_embeddings(self.model(images), len(images))
-                similarities.append(cosine_similarity(self.model(adversarial), clean).cpu())
+                clean = check_embeddings(model(images), len(images))
+                similarities.append(cosine_similarity(model(adversarial), clean).cpu())
                 ssims.append(ssim(adversarial, images).cpu())
                 psnrs.append(psnr(adversarial, images).cpu())
         finally:
-            self.model.train(was_training)
+            model.train(was_training)
         similarity = torch.cat(similarities)
         return {
             "fooling_rate": (similarity < self.threshold_).float().mean().item(),

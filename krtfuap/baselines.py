@@ -299,7 +299,7 @@ class _BaselineUAP(UAPAttack):
             fooled, similarity_sum, seen = 0.0, 0.0, 0
             for images in self._batches(X, device, size):
                 record = step(images)
-                record.update(step=self.n_iter_, epoch=epoch)
+                record.update(step=self.n_iter_, epoch=epoch, time=time.perf_counter() - started)
                 self.history_.append(record)
                 self.n_iter_ += 1
                 fooled += record["fooling_rate"] * len(images)
@@ -434,11 +434,11 @@ class RandomNoiseUAP(_BaselineUAP):
         noise = (torch.rand(3, *size, generator=generator) * 2 - 1) * self.epsilon
         perturbation = noise.to(device)
         fooled, similarity_sum, ssim_sum, seen = 0.0, 0.0, 0.0, 0
-        with _frozen(self.model), torch.no_grad():
+        with _frozen(self._embedder()), torch.no_grad():
             self.threshold_ = self._calibrated_threshold(pairs)
             for images in self._batches(X, device, size):
-                clean = check_embeddings(self.model(images), len(images))
-                record = self._record(images, perturbation, _similarity(self.model, images, perturbation, clean))
+                clean = check_embeddings(self._embedder()(images), len(images))
+                record = self._record(images, perturbation, _similarity(self._embedder(), images, perturbation, clean))
                 fooled += record["fooling_rate"] * len(images)
                 similarity_sum += record["mean_similarity"] * len(images)
                 ssim_sum += record["ssim"] * len(images)
@@ -581,20 +581,20 @@ class DeepFoolUAP(_BaselineUAP):
         def step(images: torch.Tensor) -> dict[str, float]:
             nonlocal perturbation
             with torch.no_grad():
-                clean = check_embeddings(self.model(images), len(images))
-                similarity = _similarity(self.model, images, perturbation, clean)
+                clean = check_embeddings(self._embedder()(images), len(images))
+                similarity = _similarity(self._embedder(), images, perturbation, clean)
             record = self._record(images, perturbation, similarity)
             todo = similarity >= self.threshold_
             record["n_updated"] = int(todo.sum())
             if todo.any():
                 steps = deepfool_steps(
-                    self.model, images[todo], clean[todo], perturbation, self.threshold_,
+                    self._embedder(), images[todo], clean[todo], perturbation, self.threshold_,
                     overshoot=self.overshoot, max_inner=self.max_inner, generator=generator,
                 )
                 perturbation = (perturbation + steps.sum(dim=0)).clamp(-self.epsilon, self.epsilon)
             return record
 
-        with _frozen(self.model):
+        with _frozen(self._embedder()):
             self.threshold_ = self._calibrated_threshold(pairs)
             self._run_epochs(X, device, size, started, step)
         self._store(perturbation, started)
@@ -695,8 +695,8 @@ class FGUAP(_BaselineUAP):
         """Fooling rate and mean similarity of ``perturbation`` on ``validation``."""
         similarities = []
         for images in self._batches(validation, device, size):
-            clean = check_embeddings(self.model(images), len(images))
-            similarities.append(_similarity(self.model, images, perturbation, clean))
+            clean = check_embeddings(self._embedder()(images), len(images))
+            similarities.append(_similarity(self._embedder(), images, perturbation, clean))
         similarity = torch.cat(similarities)
         return (similarity < self.threshold_).float().mean().item(), similarity.mean().item()
 
@@ -735,8 +735,8 @@ class FGUAP(_BaselineUAP):
 
         def step(images: torch.Tensor) -> dict[str, float]:
             with torch.no_grad():
-                clean = check_embeddings(self.model(images), len(images))
-            similarity = _similarity(self.model, images, perturbation, clean)
+                clean = check_embeddings(self._embedder()(images), len(images))
+            similarity = _similarity(self._embedder(), images, perturbation, clean)
             loss = similarity.mean()
             record = self._record(images, perturbation, similarity)
             record["loss"] = loss.item()
@@ -755,7 +755,7 @@ class FGUAP(_BaselineUAP):
             )
             best.offer((fooling_rate, -mean_similarity), perturbation, epoch)
 
-        with _frozen(self.model):
+        with _frozen(self._embedder()):
             self.threshold_ = self._calibrated_threshold(pairs)
             self._run_epochs(X, device, size, started, step, end_epoch)
         self.best_epoch_ = best.epoch
@@ -931,10 +931,10 @@ class FrequencyUAP(_BaselineUAP):
 
         def step(images: torch.Tensor) -> dict[str, float]:
             with torch.no_grad():
-                clean = check_embeddings(self.model(images), len(images))
+                clean = check_embeddings(self._embedder()(images), len(images))
             current = perturbation()
             adversarial = (images + current).clamp(0.0, 1.0)
-            embeddings = check_embeddings(self.model(adversarial), len(images))
+            embeddings = check_embeddings(self._embedder()(adversarial), len(images))
             loss = direction_loss(embeddings, clean)
             record = self._record(images, current, cosine_similarity(embeddings, clean))
             record["loss"] = loss.item()
@@ -944,7 +944,7 @@ class FrequencyUAP(_BaselineUAP):
             perturbation.project_()
             return record
 
-        with _frozen(self.model):
+        with _frozen(self._embedder()):
             self.threshold_ = self._calibrated_threshold(pairs)
             self._run_epochs(X, device, size, started, step)
         with torch.no_grad():
