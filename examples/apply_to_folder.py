@@ -66,13 +66,15 @@ def main() -> None:
                  "to the same PNG; rename one of them.")
 
     attack = UAPAttack.load(args.attack)
-    size = tuple(attack.perturbation_.shape[-2:])
+    height, width = attack.perturbation_.shape[-2:]
+    for path in images:  # check every size before writing anything (PIL reads only the header here)
+        with Image.open(path) as image:
+            if image.size != (width, height):
+                sys.exit(f"{path} is {image.size[0]}x{image.size[1]} pixels but the perturbation is "
+                         f"{width}x{height}; align the faces first (krtfuap.alignment.detect_and_align).")
     ssims, psnrs = [], []
     for path, output in zip(images, outputs):
         clean = load_image(path)
-        if tuple(clean.shape[-2:]) != size:
-            sys.exit(f"{path} is {clean.shape[-1]}x{clean.shape[-2]} pixels but the perturbation is "
-                     f"{size[1]}x{size[0]}; align the faces first (krtfuap.alignment.detect_and_align).")
         cloaked = attack.transform(clean[None])
         save_png(cloaked[0], output)
         ssims.append(ssim(cloaked, clean[None]))
