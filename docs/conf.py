@@ -8,11 +8,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # document this ch
 project = "krtfuap"
 author = "krtfuap developers"
 release = "0.1.0"
-extensions = ["sphinx.ext.autodoc", "sphinx.ext.napoleon", "sphinx.ext.viewcode"]
+extensions = ["sphinx.ext.autodoc", "sphinx.ext.napoleon", "sphinx.ext.viewcode", "myst_parser"]
+source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 napoleon_numpy_docstring = True
 napoleon_google_docstring = False
 autodoc_member_order = "bysource"
-html_theme = "alabaster"
+html_theme = "furo"
+html_title = "krtfuap"
 exclude_patterns = ["_build"]
 # scikit-learn generates these on every estimator; their docstrings point into sklearn's own docs.
 autodoc_default_options = {"exclude-members": "set_fit_request, set_transform_request, set_score_request"}

@@ -26,6 +26,7 @@ from krtfuap._ops import straight_through_clamp
 
 __all__ = ["FlowUnit", "warp_with_flow", "FlowWarp"]
 
+#: Unit of flow values: ``"pixels"`` or ``"normalized"`` (see the module notes).
 FlowUnit = Literal["pixels", "normalized"]
 
 

@@ -16,7 +16,9 @@ import torch
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "IMAGENET_WEIGHTS", "imagenet_normalize", "load_imagenet_state_dict"]
 
+#: Per-channel RGB mean of ImageNet on the ``[0, 1]`` scale.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
+#: Per-channel RGB standard deviation of ImageNet on the ``[0, 1]`` scale.
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 #: torchvision's file name and download address for each backbone.

@@ -49,6 +49,7 @@ __all__ = [
     "load_landmark_template",
 ]
 
+#: Number of points in the iBUG 300-W landmark scheme every backend returns.
 N_LANDMARKS = 68
 _TEMPLATE_RESOURCE = "landmarks_arcface112.json"
 _ALIGNED_HINT = (

@@ -62,6 +62,7 @@ def euclidean_loss(adversarial: torch.Tensor, clean: torch.Tensor, reduction: Re
     return _reduce(-distance, reduction)
 
 
+#: Adversarial loss functions by the name ``UAPAttack(adversarial_loss=...)`` takes.
 ADVERSARIAL_LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "direction": direction_loss,
     "cosine": cosine_loss,

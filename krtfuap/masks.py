@@ -40,12 +40,14 @@ from krtfuap.landmarks import LandmarkBackend, TemplateLandmarks, check_landmark
 
 __all__ = ["REGIONS", "REGION_GROUPS", "key_region_mask", "key_region_masks", "KeyRegionMasker"]
 
+#: iBUG 300-W landmark indices of each key region (see the table above).
 REGIONS: dict[str, tuple[int, ...]] = {
     "right_eye": tuple(range(36, 42)),
     "left_eye": tuple(range(42, 48)),
     "nose": tuple(range(27, 36)),
     "mouth": tuple(range(48, 60)),
 }
+#: Names that stand for several regions, each region getting its own hull.
 REGION_GROUPS: dict[str, tuple[str, ...]] = {"eyes": ("right_eye", "left_eye")}
 _COMBINE = ("intersection", "union", "vote")
 

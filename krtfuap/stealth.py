@@ -32,6 +32,7 @@ __all__ = [
     "resolve_stealth_loss",
 ]
 
+#: A stealth loss given by name (``"vgg"``, ``"ssim"``) or as a callable ``(adversarial, clean) -> scalar``.
 StealthLossLike = Union[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
 
 #: Layer name -> index (after that module) in ``torchvision.models.vgg16().features``.

@@ -1,17 +1,73 @@
-"""The Sphinx documentation builds with warnings treated as errors."""
+"""The Sphinx documentation builds with warnings treated as errors, with every page and public name."""
 
+import importlib
+from html import unescape
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 DOCS = Path(__file__).resolve().parents[1] / "docs"
+PAGES = ("index", "install", "quickstart", "custom_model", "method", "evaluation", "benchmarks", "api")
+FIGURES = ("masks.png", "perturbation.png", "faces.png")
+DOCUMENTED_MODULES = (
+    "attack", "baselines", "masks", "landmarks", "flow", "perturbation", "losses", "stealth",
+    "metrics", "models", "imagenet", "datasets", "alignment", "demo", "cli",
+)
 
 
-def test_sphinx_build_has_no_warnings(tmp_path):
+@pytest.fixture(scope="module")
+def html(tmp_path_factory) -> Path:
+    """The HTML site, built once for this module with ``-W --keep-going``."""
+    out = tmp_path_factory.mktemp("html")
     result = subprocess.run(
-        [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-b", "html", "-q", str(DOCS), str(tmp_path)],
+        [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-b", "html", "-q", str(DOCS), str(out)],
         capture_output=True,
         text=True,
     )
     assert result.returncode == 0, result.stderr
-    assert (tmp_path / "api.html").is_file()
+    return out
+
+
+def test_sphinx_build_has_no_warnings_and_builds_every_page(html):
+    for page in PAGES:
+        assert (html / f"{page}.html").is_file(), f"{page}.html was not built"
+    assert "furo" in (html / "index.html").read_text(encoding="utf-8")
+
+
+def test_method_page_shows_the_committed_figures(html):
+    method = (html / "method.html").read_text(encoding="utf-8")
+    for figure in FIGURES:
+        assert f"_images/{figure}" in method
+        assert (html / "_images" / figure).is_file()
+    assert "make_figures.py" in method
+    # Small enough to keep in the repository.
+    assert sum((DOCS / "_static" / figure).stat().st_size for figure in FIGURES) < 300 * 1024
+
+
+def test_benchmark_page_includes_the_results_file(html):
+    page = unescape(re.sub(r"<[^>]+>", "", (html / "benchmarks.html").read_text(encoding="utf-8")))
+    results = (DOCS.parent / "benchmarks" / "RESULTS.md").read_text(encoding="utf-8")
+    headings = re.findall(r"^## (.+)$", results, flags=re.MULTILINE)
+    assert headings, "benchmarks/RESULTS.md has no sections"
+    for heading in headings:
+        assert heading.replace("`", "") in page
+
+
+def test_api_page_documents_every_public_name(html):
+    anchors = set(re.findall(r'id="([^"]+)"', (html / "api.html").read_text(encoding="utf-8")))
+    missing = [
+        f"krtfuap.{module}.{name}"
+        for module in DOCUMENTED_MODULES
+        for name in importlib.import_module(f"krtfuap.{module}").__all__
+        if f"krtfuap.{module}.{name}" not in anchors
+    ]
+    krtfuap = importlib.import_module("krtfuap")
+    missing += [
+        f"krtfuap.{name}"
+        for name in krtfuap.__all__
+        if f"{getattr(krtfuap, name).__module__}.{name}" not in anchors
+    ]
+    assert not missing, f"not in the API reference: {missing}"

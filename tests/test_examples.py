@@ -1,10 +1,15 @@
-"""The example scripts run end to end (real model, real faces) on a tiny subset."""
+"""The example scripts run end to end (real model, real faces) on a tiny subset.
+
+Each example runs as a subprocess, as a user would run it; the tests check what it
+wrote and printed, not only its exit status.
+"""
 
 from __future__ import annotations
 
 import csv
 import itertools
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,8 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
+from torch import nn
 
 from krtfuap.attack import UAPAttack
+from krtfuap.datasets import load_image
 
 REPO = Path(__file__).resolve().parents[1]
 N_IDENTITIES, IMAGES_PER_IDENTITY = 8, 3
@@ -43,9 +51,21 @@ def _tiny_face_folder(faces: Path, root: Path) -> Path:
     return root
 
 
-@pytest.mark.real
-def test_fit_on_lfw_example_runs_and_saves_a_loadable_attack(shared_assets, tmp_path):
-    pytest.importorskip("onnx2torch", reason="the example loads InsightFace w600k_mbf through onnx2torch")
+def _run_example(script: str, *args: object, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``examples/<script>`` with this checkout on the path; by default require exit status 0."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+    result = subprocess.run(
+        [sys.executable, str(REPO / "examples" / script), *map(str, args)],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+    )
+    if check:
+        assert result.returncode == 0, f"{script} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def _require_insightface() -> None:
+    pytest.importorskip("onnx2torch", reason="the examples load InsightFace w600k_mbf through onnx2torch")
     try:
         from krtfuap.models import insightface_model_path
 
@@ -53,17 +73,40 @@ def test_fit_on_lfw_example_runs_and_saves_a_loadable_attack(shared_assets, tmp_
     except (ModuleNotFoundError, FileNotFoundError) as error:
         pytest.skip(f"InsightFace w600k_mbf is unavailable: {error}")
 
-    faces = _tiny_face_folder(shared_assets / "faces", tmp_path / "faces")
+
+@pytest.fixture(scope="module")
+def tiny_faces(shared_assets, tmp_path_factory) -> Path:
+    """8 identities x 3 real aligned faces with their own ``pairs.csv``."""
+    return _tiny_face_folder(shared_assets / "faces", tmp_path_factory.mktemp("data") / "faces")
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny_faces, tmp_path_factory) -> tuple[Path, str]:
+    """Run ``fit_and_save.py`` once on the tiny folder: (saved file, stdout)."""
+    _require_insightface()
+    output = tmp_path_factory.mktemp("fit") / "out" / "cloak.safetensors"
+    result = _run_example("fit_and_save.py", "--faces", tiny_faces, "--max-faces", 8, "--max-epochs", 2,
+                          "--output", output, cwd=output.parent.parent)
+    return output, result.stdout
+
+
+def _tiny_attack_file(path: Path, size: int = 112) -> UAPAttack:
+    """Fit and save an attack against a tiny random model on random faces (no real assets needed)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(48, 8))
+    attack = UAPAttack(model, threshold=0.5, stealth_loss=None, max_epochs=1, random_state=0)
+    attack.fit(torch.rand(4, 3, size, size))
+    attack.save(path)
+    return attack
+
+
+@pytest.mark.real
+def test_fit_on_lfw_example_runs_and_saves_a_loadable_attack(shared_assets, tiny_faces, tmp_path):
+    _require_insightface()
     output = tmp_path / "out" / "cloak.safetensors"
     output.parent.mkdir()
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
-    result = subprocess.run(
-        [sys.executable, str(REPO / "examples" / "fit_on_lfw.py"), str(faces),
-         "--max-faces", "8", "--max-time", "5", "--output", str(output)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 0, f"example failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+    result = _run_example("fit_on_lfw.py", tiny_faces, "--max-faces", 8, "--max-time", 5, "--output", output,
+                          cwd=tmp_path)
     assert f"saved {output}" in result.stdout
     assert "held-out identities:" in result.stdout
 
@@ -76,3 +119,104 @@ def test_fit_on_lfw_example_runs_and_saves_a_loadable_attack(shared_assets, tmp_
     faces_batch = torch.rand(2, 3, 112, 112)
     out = attack.transform(faces_batch)
     assert out.shape == faces_batch.shape and 0 <= out.min() and out.max() <= 1
+
+
+@pytest.mark.real
+def test_fit_and_save_fits_on_the_fitting_identities_and_saves(fitted):
+    output, stdout = fitted
+    attack = UAPAttack.load(output)
+    match = re.search(r"fitted on (\d+) faces of (\d+) identities: (\d+) steps, stopped by (\w+)", stdout)
+    assert match, stdout
+    n_faces, n_people, steps, reason = int(match[1]), int(match[2]), int(match[3]), match[4]
+    assert n_faces == 8 and n_people == 3  # the first 8 faces of fitting identities with 3 faces each
+    assert steps == attack.n_iter_ and reason == attack.stop_reason_ and attack.n_epochs_ <= 2
+    assert f"saved {output}" in stdout
+    assert attack.perturbation_.shape == (3, 112, 112)
+    assert attack.perturbation_.abs().max() <= 0.08 + 1e-6
+    assert attack.threshold_ == pytest.approx(0.202)
+
+
+def test_fit_and_save_says_when_the_faces_are_missing(tmp_path):
+    result = _run_example("fit_and_save.py", "--faces", tmp_path / "absent", cwd=tmp_path, check=False)
+    assert result.returncode != 0
+    assert "faces folder not found" in result.stderr and "--faces" in result.stderr
+
+
+def test_apply_to_folder_writes_cloaked_pngs_and_keeps_the_inputs(tmp_path):
+    attack = _tiny_attack_file(tmp_path / "cloak.safetensors")
+    photos = tmp_path / "photos"
+    generator = torch.Generator().manual_seed(1)
+    for name in ("alice/a.png", "alice/b.jpg", "bob/c.png"):
+        (photos / name).parent.mkdir(parents=True, exist_ok=True)
+        array = (torch.rand(112, 112, 3, generator=generator) * 255).to(torch.uint8).numpy()
+        Image.fromarray(array).save(photos / name)
+    before = {path: path.read_bytes() for path in photos.rglob("*") if path.is_file()}
+
+    result = _run_example("apply_to_folder.py", tmp_path / "cloak.safetensors", photos, tmp_path / "cloaked",
+                          cwd=tmp_path)
+    assert re.search(r"wrote 3 cloaked images to .*cloaked \(mean SSIM 0\.\d+, PSNR \d+\.\d+ dB\)", result.stdout)
+    written = sorted(p.relative_to(tmp_path / "cloaked").as_posix() for p in (tmp_path / "cloaked").rglob("*.png"))
+    assert written == ["alice/a.png", "alice/b.png", "bob/c.png"]
+    clean = load_image(photos / "alice" / "b.jpg")
+    cloaked = load_image(tmp_path / "cloaked" / "alice" / "b.png")
+    expected = attack.transform(clean[None])[0]
+    assert (cloaked - expected).abs().max() <= 0.5 / 255 + 1e-6  # only 8-bit rounding
+    assert (cloaked - clean).abs().max() > 0.01
+    assert before == {path: path.read_bytes() for path in photos.rglob("*") if path.is_file()}
+
+    for output in (photos, photos / "alice" / "out", tmp_path):
+        refused = _run_example("apply_to_folder.py", tmp_path / "cloak.safetensors", photos, output, cwd=tmp_path,
+                               check=False)
+        assert refused.returncode != 0 and "refusing to write" in refused.stderr
+    assert before == {path: path.read_bytes() for path in photos.rglob("*") if path.is_file()}
+
+
+def test_apply_to_folder_rejects_faces_of_another_size(tmp_path):
+    _tiny_attack_file(tmp_path / "cloak.safetensors")
+    (tmp_path / "photos").mkdir()
+    Image.new("RGB", (100, 120)).save(tmp_path / "photos" / "big.png")
+    result = _run_example("apply_to_folder.py", tmp_path / "cloak.safetensors", tmp_path / "photos",
+                          tmp_path / "cloaked", cwd=tmp_path, check=False)
+    assert result.returncode != 0 and "100x120 pixels" in result.stderr
+    assert not (tmp_path / "cloaked").exists() or not list((tmp_path / "cloaked").rglob("*.png"))
+
+
+@pytest.mark.real
+def test_evaluate_pairs_reports_clean_and_cloaked_accuracy_and_fooling_rate(fitted, tiny_faces, tmp_path):
+    output, _ = fitted
+    result = _run_example("evaluate_pairs.py", output, "--faces", tiny_faces, "--max-pairs", 12, cwd=tmp_path)
+    stdout = result.stdout
+    # 4 held-out identities x 3 faces: 12 genuine pairs and 6 impostor pairs, 6 + 6 kept.
+    assert "pairs: 12 (6 genuine, 6 impostor) of the heldout identities; threshold 0.202" in stdout, stdout
+    rows = {}
+    for name in ("clean", "first cloaked"):
+        match = re.search(rf"^{name} +\| +([\d.]+) \| +([\d.]+) \| +([\d.]+)$", stdout, flags=re.MULTILINE)
+        assert match, stdout
+        rows[name] = [float(value) for value in match.groups()]
+        accuracy, matched, rejected = rows[name]
+        assert 0 <= matched <= 1 and 0 <= rejected <= 1
+        assert accuracy == pytest.approx((matched + rejected) / 2, abs=1e-3)  # 6 genuine, 6 impostor
+    assert rows["clean"][0] >= 0.9  # a real ArcFace model on real LFW pairs
+    match = re.search(r"fooling rate on (\d+) photos: ([\d.]+)", stdout)
+    assert match and 0 <= float(match[2]) <= 1
+    assert 2 <= int(match[1]) <= 12  # distinct photos of the 4 held-out identities
+
+
+@pytest.mark.real
+def test_custom_model_wraps_a_backbone_calibrates_and_fits(shared_assets, tiny_faces, tmp_path):
+    weights = shared_assets / "models" / "foamliu_mobilefacenet_128d.pt"
+    if not weights.is_file():
+        pytest.skip(f"foamliu MobileFaceNet weights not found at {weights}")
+    output = tmp_path / "custom.safetensors"
+    result = _run_example("custom_model.py", "--faces", tiny_faces, "--weights", weights, "--max-faces", 8,
+                          "--max-pairs", 40, "--max-epochs", 2, "--output", output, cwd=tmp_path)
+    stdout = result.stdout
+    assert "model: (B, 3, H, W) in [0, 1] -> (2, 128)" in stdout
+    # 4 fitting identities x 3 faces: 12 genuine and 6 impostor pairs, all kept.
+    match = re.search(r"threshold (-?[\d.]+), calibrated on 18 pairs of fitting identities", stdout)
+    assert match, stdout
+    attack = UAPAttack.load(output)
+    assert attack.threshold_ == pytest.approx(float(match[1]), abs=5e-4)
+    assert re.search(rf"fitted on 8 faces: {attack.n_iter_} steps, stopped by {attack.stop_reason_}", stdout)
+    match = re.search(r"held-out identities \((\d+) faces\): fooling rate ([\d.]+), SSIM ([\d.]+), PSNR", stdout)
+    assert match and int(match[1]) == 8 and 0 <= float(match[2]) <= 1 and 0 < float(match[3]) <= 1

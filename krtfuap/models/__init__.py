@@ -38,6 +38,7 @@ __all__ = [
     "FACE_MODEL_NAMES",
 ]
 
+#: Names :func:`load_face_model` accepts.
 FACE_MODEL_NAMES = ("foamliu_mobilefacenet", "insightface_mbf", "iresnet18", "iresnet34", "iresnet50", "iresnet100")
 
 _NEEDS_PATH = {
