@@ -62,6 +62,7 @@ __all__ = [
 ]
 
 FOOLING_LEVELS = (0.4, 0.5, 0.6, 0.7, 0.8)
+"""Fooling rates at which :func:`time_to_fooling_rate` reports time and steps (Figure 6)."""
 
 
 @dataclass(frozen=True)
