@@ -595,12 +595,12 @@ class UAPAttack(TransformerMixin, BaseEstimator):
                 tensors = {name: handle.get_tensor(name) for name in handle.keys()}
         except Exception as error:
             raise ValueError(
-                f"{path} is not a readable krtfuap attack file: the .safetensors data is truncated or corrupt "
+                f"{path} is not a krtfuap attack file it can read: the .safetensors data is truncated or corrupt "
                 f"({error}). {fix}"
             ) from error
         if metadata.get("format") != _FORMAT or set(tensors) != set(_SAVED_TENSORS):
             raise ValueError(
-                f"{path} is a .safetensors file but not a krtfuap attack (format {metadata.get('format')!r}, "
+                f"{path} is a .safetensors file but not a krtfuap attack file (format {metadata.get('format')!r}, "
                 f"tensors {sorted(tensors)}). {fix}"
             )
         perturbation = tensors["perturbation_"]

@@ -698,7 +698,7 @@ ROWS = [
     (load, truncated_safetensors, ValueError, r"truncated or corrupt" + LOAD_FIX),
     (load, text_file, ValueError, r"truncated or corrupt" + LOAD_FIX),
     (load, empty_file, ValueError, r"truncated or corrupt" + LOAD_FIX),
-    (load, safetensors_weights, ValueError, r"\.safetensors file but not a krtfuap attack" + LOAD_FIX),
+    (load, safetensors_weights, ValueError, r"\.safetensors file but not a krtfuap attack file" + LOAD_FIX),
     (load, damaged_metadata, ValueError, r"damaged krtfuap metadata" + LOAD_FIX),
     (load, nan_perturbation, ValueError, r"damaged perturbation.*expected finite" + LOAD_FIX),
     (load_random_noise, evil_pickle, ValueError, r"pickle / torch\.save file.*never unpickles" + LOAD_FIX),
