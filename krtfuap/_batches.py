@@ -56,6 +56,11 @@ def iter_image_batches(
         check_images(data, name=name)
         yield from data.split(batch_size)
         return
+    if type(data).__module__ == "numpy":
+        raise TypeError(
+            f"{name} must be a torch.Tensor of shape (N, 3, H, W) in [0, 1], got a numpy array of shape "
+            f"{getattr(data, 'shape', '?')}; convert with torch.from_numpy(...) (channels first, floats in [0, 1])."
+        )
     if not isinstance(data, Iterable):
         raise TypeError(
             f"{name} must be a (N, 3, H, W) tensor or an iterable of image batches "

@@ -5,9 +5,13 @@ Each check raises an error that names the problem and says how to fix it.
 
 from __future__ import annotations
 
+import os
+import pickle
+import re
+
 import torch
 
-__all__ = ["check_images", "check_embeddings"]
+__all__ = ["check_images", "check_embeddings", "load_torch_file", "torch_load_error"]
 
 
 def check_images(images: object, *, name: str = "images") -> torch.Tensor:
@@ -101,3 +105,60 @@ def check_embeddings(embeddings: object, batch_size: int, *, name: str = "model 
             f"{name} contains NaN or inf; check the model weights and its input normalisation."
         )
     return embeddings
+
+
+def torch_load_error(error: Exception, path: str | os.PathLike, *, what: str, fix: str) -> ValueError:
+    """Turn an exception of ``torch.load(path, weights_only=True)`` into a clear ``ValueError``.
+
+    A file holding pickled Python objects other than tensors (which could run
+    code when unpickled) is reported as refused; anything else as truncated or
+    corrupt. ``what`` names the file's role (e.g. ``"face-model weights"``),
+    ``fix`` is a sentence saying how to get a good file.
+    """
+    text = str(error)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if isinstance(error, pickle.UnpicklingError) and found:  # weights_only refused to import a callable
+        detail = f" (it references {found.group(1)})"
+        return ValueError(
+            f"Refused to load {what} {os.fspath(path)}: it holds pickled Python objects{detail}, not only "
+            f"tensors, and unpickling them could run code. krtfuap never unpickles code; use a file that "
+            f"holds plain tensors (e.g. torch.save(model.state_dict(), path)) from a source you trust. {fix}"
+        )
+    first_line = next((line.strip() for line in text.splitlines() if line.strip()), "")[:200]
+    return ValueError(
+        f"Cannot read {what} {os.fspath(path)}: the file is truncated, corrupt or not a torch.save file "
+        f"({type(error).__name__}: {first_line or 'no details'}). {fix}"
+    )
+
+
+def load_torch_file(path: str | os.PathLike, *, what: str, fix: str) -> object:
+    """``torch.load(path, map_location="cpu", weights_only=True)`` with errors that say how to fix them.
+
+    Parameters
+    ----------
+    path : path-like
+        An existing file written by ``torch.save``.
+    what : str
+        The file's role, used in error messages (e.g. ``"checkpoint"``).
+    fix : str
+        A sentence telling the user how to get a good file.
+
+    Returns
+    -------
+    object
+        What the file holds (tensors and plain containers only).
+
+    Raises
+    ------
+    ValueError
+        If the file holds pickled code (refused, nothing is executed), or is
+        truncated, empty or not a ``torch.save`` file.
+    OSError
+        If the file cannot be opened (missing, a folder, no permission).
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as error:  # torch raises RuntimeError, EOFError, KeyError, UnpicklingError, ...
+        raise torch_load_error(error, path, what=what, fix=fix) from error

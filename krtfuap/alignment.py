@@ -158,7 +158,13 @@ class SCRFDDetector:
         self.score_threshold = float(score_threshold)
         self.nms_threshold = float(nms_threshold)
         self.input_size = int(input_size)
-        self._session = onnxruntime.InferenceSession(str(self.model_path), providers=["CPUExecutionProvider"])
+        try:
+            self._session = onnxruntime.InferenceSession(str(self.model_path), providers=["CPUExecutionProvider"])
+        except Exception as error:  # onnxruntime raises its own InvalidProtobuf / Fail types
+            raise ValueError(
+                f"{self.model_path} is not a readable ONNX model (truncated, corrupt or another format: "
+                f"{type(error).__name__}); pass scrfd_500m_bnkps.onnx, or reinstall it: {_INSTALL_HINT}"
+            ) from error
         self._input_name = self._session.get_inputs()[0].name
         self._output_names = [f"{kind}_{stride}" for kind in ("score", "bbox", "kps") for stride in _STRIDES]
         missing = set(self._output_names) - {output.name for output in self._session.get_outputs()}

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from krtfuap._batches import ImageData, iter_image_batches
-from krtfuap._validation import check_embeddings, check_images
+from krtfuap._validation import check_embeddings, check_images, load_torch_file
 from krtfuap.diversity import RandomResizePad
 from krtfuap.flow import FlowUnit
 from krtfuap.losses import DirectionLoss
@@ -215,6 +215,10 @@ class UAPAttack(TransformerMixin, BaseEstimator):
             return EnsembleEmbedder(self.model)
         return self.model
 
+    def _dtype(self) -> torch.dtype:
+        """Floating dtype the model computes in (its first floating parameter; float32 without one)."""
+        return next((p.dtype for p in self._embedder().parameters() if p.is_floating_point()), torch.float32)
+
     def _check_params(self) -> None:
         self._check_common_params()
         if self.checkpoint_every < 1:
@@ -305,6 +309,11 @@ class UAPAttack(TransformerMixin, BaseEstimator):
             ``self``, fitted.
         """
         self._check_params()
+        if resume and self.checkpoint_path is None:
+            raise ValueError(
+                "fit(resume=True) needs a checkpoint to resume from; set checkpoint_path= to the file the "
+                "interrupted fit wrote (or call fit without resume=True)."
+            )
         fit_started = time.perf_counter()
         device = self._device()
         first = next(iter_image_batches(X, self.batch_size))
@@ -350,7 +359,7 @@ class UAPAttack(TransformerMixin, BaseEstimator):
             for epoch in epochs:
                 fooled, seen = 0, 0
                 for images in iter_image_batches(X, self.batch_size):
-                    images = images.to(device)
+                    images = images.to(device, self._dtype())
                     if images.shape[-2:] != (height, width):
                         raise ValueError(
                             f"All faces must share one size; got {tuple(images.shape[-2:])} after "
@@ -425,24 +434,24 @@ class UAPAttack(TransformerMixin, BaseEstimator):
     ) -> tuple[int, float]:
         """Load a checkpoint written by :meth:`_write_checkpoint`; returns (next epoch, elapsed seconds)."""
         path = os.fspath(self.checkpoint_path)
+        fix = (
+            "Delete it (or pass resume=False) to start afresh, or fit with the same parameters and data "
+            "as the run that wrote it."
+        )
+        state = load_torch_file(path, what="checkpoint", fix=fix)
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
             if not isinstance(state, dict) or state.get("format") != _FORMAT:
                 raise ValueError("it was not written by UAPAttack")
             perturbation.load_state_dict(state["perturbation"])
             optimizer.load_state_dict(state["optimizer"])
             generator.set_state(state["generator"])
+            restored = (state["epoch"], state["n_iter"], state["fooling_rate"], state["history"], state["elapsed"])
+            torch.set_rng_state(state["torch_rng"])
         except Exception as error:
-            raise ValueError(
-                f"Cannot resume from checkpoint {path}: {error}. Delete it to start afresh, or fit with "
-                "the same parameters and data as the run that wrote it."
-            ) from error
-        torch.set_rng_state(state["torch_rng"])
-        self.n_epochs_ = state["epoch"]
-        self.n_iter_ = state["n_iter"]
-        self.fooling_rate_ = state["fooling_rate"]
-        self.history_ = state["history"]
-        return state["epoch"], state["elapsed"]
+            reason = f"missing entry {error}" if isinstance(error, KeyError) else " ".join(str(error).split())[:300]
+            raise ValueError(f"Cannot resume from checkpoint {path}: {reason}. {fix}") from error
+        self.n_epochs_, self.n_iter_, self.fooling_rate_, self.history_, elapsed = restored
+        return self.n_epochs_, elapsed
 
     def _step(
         self,
@@ -532,10 +541,11 @@ class UAPAttack(TransformerMixin, BaseEstimator):
         similarities, ssims, psnrs = [], [], []
         try:
             for images in iter_image_batches(X, self.batch_size):
-                images = images.to(device)
+                images = images.to(device, self._dtype())
                 adversarial = self.transform(images)
                 clean = check_embeddings(model(images), len(images))
-                similarities.append(cosine_similarity(model(adversarial), clean).cpu())
+                perturbed = check_embeddings(model(adversarial), len(images))
+                similarities.append(cosine_similarity(perturbed, clean).cpu())
                 ssims.append(ssim(adversarial, images).cpu())
                 psnrs.append(psnr(adversarial, images).cpu())
         finally:
@@ -556,7 +566,9 @@ class UAPAttack(TransformerMixin, BaseEstimator):
         Tensors (``perturbation_``, ``mask_``, ``warped_mask_``, ``flow_``,
         ``noise_``) go in the tensor section; JSON-serialisable parameters,
         ``threshold_`` and ``history_`` go in the metadata. The model, a masker
-        object and a callable stealth loss are not saved.
+        object and a callable stealth loss are not saved. The file is written
+        next to ``path`` and renamed into place, so a failed save leaves an
+        existing file at ``path`` unchanged.
         """
         check_is_fitted(self, "perturbation_")
         params = {k: v for k, v in self.get_params(deep=False).items() if _is_json_scalar(v)}
@@ -572,7 +584,20 @@ class UAPAttack(TransformerMixin, BaseEstimator):
             "history": json.dumps(self.history_),
         }
         tensors = {name: getattr(self, name).contiguous() for name in _SAVED_TENSORS}
-        save_file(tensors, os.fspath(path), metadata=metadata)
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"Cannot save to {path}: it is a folder; pass a file path such as attack.safetensors.")
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"Cannot save to {path}: the folder {folder} does not exist; create it first.")
+        partial = f"{path}.partial"
+        try:  # write-then-rename: a failed save leaves an existing file at path untouched
+            save_file(tensors, partial, metadata=metadata)
+            os.replace(partial, path)
+        except BaseException:
+            if os.path.exists(partial):
+                os.remove(partial)
+            raise
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> "UAPAttack":
@@ -593,16 +618,43 @@ class UAPAttack(TransformerMixin, BaseEstimator):
         """
         path = os.fspath(path)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"No saved attack at {path}.")
+            raise FileNotFoundError(
+                f"No saved attack at {path}; pass the path of a .safetensors file written by {cls.__name__}.save."
+            )
+        fix = f"Pass a .safetensors file written by {cls.__name__}.save, or save the fitted attack again."
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+        if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+            raise ValueError(
+                f"{path} is a pickle / torch.save file, not a krtfuap attack file: load reads only .safetensors "
+                f"files and never unpickles (pickles can run code). {fix}"
+            )
         try:
             with safe_open(path, framework="pt") as handle:
                 metadata = handle.metadata() or {}
                 tensors = {name: handle.get_tensor(name) for name in handle.keys()}
         except Exception as error:
-            raise ValueError(f"{path} is not a krtfuap attack file (a .safetensors written by save): {error}") from error
+            raise ValueError(
+                f"{path} is not a krtfuap attack file it can read: the .safetensors data is truncated or corrupt "
+                f"({error}). {fix}"
+            ) from error
         if metadata.get("format") != _FORMAT or set(tensors) != set(_SAVED_TENSORS):
-            raise ValueError(f"{path} is not a krtfuap attack file (written by UAPAttack.save).")
-        params = json.loads(metadata["params"])
+            raise ValueError(
+                f"{path} is a .safetensors file but not a krtfuap attack file (format {metadata.get('format')!r}, "
+                f"tensors {sorted(tensors)}). {fix}"
+            )
+        perturbation = tensors["perturbation_"]
+        if perturbation.ndim != 3 or perturbation.shape[0] != 3 or not torch.isfinite(perturbation).all():
+            raise ValueError(
+                f"{path} holds a damaged perturbation (shape {tuple(perturbation.shape)}, expected finite "
+                f"(3, H, W) values). {fix}"
+            )
+        try:
+            params = json.loads(metadata["params"])
+            fitted = json.loads(metadata["fitted"])
+            history = json.loads(metadata["history"])
+        except (KeyError, ValueError) as error:
+            raise ValueError(f"{path} has damaged krtfuap metadata ({type(error).__name__}: {error}). {fix}") from error
         unknown = sorted(set(params) - set(cls._get_param_names()))
         if unknown:
             saved_by = metadata.get("class", "another attack class")
@@ -611,9 +663,9 @@ class UAPAttack(TransformerMixin, BaseEstimator):
                 f"{cls.__name__} does not take); load it with {saved_by}.load."
             )
         attack = cls(model, **params)
-        for name, value in json.loads(metadata["fitted"]).items():
+        for name, value in fitted.items():
             setattr(attack, name, value)
-        attack.history_ = json.loads(metadata["history"])
+        attack.history_ = history
         for name, tensor in tensors.items():
             setattr(attack, name, tensor)
         return attack

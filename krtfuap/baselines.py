@@ -273,7 +273,7 @@ class _BaselineUAP(UAPAttack):
                     f"All faces must share one size; got {tuple(images.shape[-2:])} after {size}. "
                     "Align every face to the same size (e.g. 112x112)."
                 )
-            yield images.to(device)
+            yield images.to(device, self._dtype())
 
     def _run_epochs(
         self,

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from krtfuap._validation import load_torch_file
+
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "IMAGENET_WEIGHTS", "imagenet_normalize", "load_imagenet_state_dict"]
 
 #: Per-channel RGB mean of ImageNet on the ``[0, 1]`` scale.
@@ -43,6 +45,14 @@ def _hub_checkpoint_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
+def _load_state_dict(path: Path, backbone: str, url: str) -> dict[str, torch.Tensor]:
+    fix = f"Replace it with torchvision's {backbone} weights from {url}."
+    state = load_torch_file(path, what=f"{backbone} weights", fix=fix)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} does not hold a {backbone} state_dict (a mapping of names to tensors). {fix}")
+    return state
+
+
 def load_imagenet_state_dict(
     backbone: str, path: str | os.PathLike | None = None, *, download: bool = False
 ) -> dict[str, torch.Tensor]:
@@ -67,6 +77,9 @@ def load_imagenet_state_dict(
     FileNotFoundError
         When the weights are neither on disk nor downloadable; the message
         names the file, where to put it and where to get it.
+    ValueError
+        When the file is truncated, corrupt, not a state dict, or holds
+        pickled code (refused, never run).
     """
     if backbone not in IMAGENET_WEIGHTS:
         raise ValueError(f"backbone must be one of {sorted(IMAGENET_WEIGHTS)}, got {backbone!r}.")
@@ -75,10 +88,10 @@ def load_imagenet_state_dict(
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{backbone} weights file {path} does not exist; download it from {url}.")
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return _load_state_dict(path, backbone, url)
     cached = _hub_checkpoint_dir() / file_name
     if cached.is_file():
-        return torch.load(cached, map_location="cpu", weights_only=True)
+        return _load_state_dict(cached, backbone, url)
     reason = ""
     if download:
         try:

@@ -27,6 +27,7 @@ import importlib.resources
 import inspect
 import json
 import os
+import pickle
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,7 +37,7 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 
-from krtfuap._validation import check_images
+from krtfuap._validation import check_images, torch_load_error
 
 __all__ = [
     "N_LANDMARKS",
@@ -297,7 +298,13 @@ class DlibLandmarks:
         self.fallback_box = fallback_box
         self._dlib = dlib
         self._detector = dlib.get_frontal_face_detector()
-        self._predictor = dlib.shape_predictor(self.predictor_path)
+        try:
+            self._predictor = dlib.shape_predictor(self.predictor_path)
+        except RuntimeError as error:
+            raise ValueError(
+                f"{self.predictor_path} is not a readable dlib shape predictor ({error}); pass the path of "
+                "shape_predictor_68_face_landmarks.dat (e.g. from face_recognition_models) as predictor_path=."
+            ) from error
 
     def detect(self, images: torch.Tensor) -> list[Box | None]:
         """Detect the largest face in each image.
@@ -481,8 +488,15 @@ class FaceAlignmentLandmarks:
         if "compile" in inspect.signature(face_alignment.FaceAlignment).parameters:
             # torch.compile adds minutes of warm-up for the few images landmarks are needed on.
             kwargs["compile"] = False
-        with _fan_weights_from(folder):
-            self._model = face_alignment.FaceAlignment(face_alignment.LandmarksType.TWO_D, **kwargs)
+        try:
+            with _fan_weights_from(folder):
+                self._model = face_alignment.FaceAlignment(face_alignment.LandmarksType.TWO_D, **kwargs)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError) as error:
+            names = ", ".join(weights)
+            raise torch_load_error(
+                error, folder, what="face-alignment weights (one of " + names + ") in",
+                fix=f"Download them again from {', '.join(weights.values())} into {folder}.",
+            ) from error
 
     def __call__(self, images: torch.Tensor) -> np.ndarray:
         """68 landmarks per image.

@@ -20,6 +20,7 @@ from kornia.metrics import ssim as kornia_ssim
 from torch import nn
 from torchvision.models import squeezenet1_0, vgg16
 
+from krtfuap._validation import load_torch_file
 from krtfuap.imagenet import imagenet_normalize, load_imagenet_state_dict
 
 __all__ = [
@@ -101,6 +102,18 @@ def _layer_indices(layers: Sequence[str], table: dict[str, int], network: str) -
     return [table[name] for name in layers]
 
 
+def _load_backbone(network: nn.Module, state: object, expected: str, path: object) -> None:
+    """``network.load_state_dict(state)`` with an error that names the file and the expected weights."""
+    try:
+        network.load_state_dict(state)  # type: ignore[arg-type]
+    except (RuntimeError, TypeError, AttributeError) as error:
+        first_line = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"The weights {path if path is not None else '(torch hub cache)'} do not fit {expected}: "
+            f"{first_line}. Pass the ImageNet state_dict of exactly that network."
+        ) from error
+
+
 class VGGStealthLoss(FeatureStealthLoss):
     """The paper's stealth loss on shallow ImageNet VGG16 features (default lambda 0.05).
 
@@ -128,7 +141,7 @@ class VGGStealthLoss(FeatureStealthLoss):
         indices = _layer_indices(layers, VGG16_LAYERS, "VGG16")
         state = load_imagenet_state_dict("vgg16", weights, download=download)  # fail fast when missing
         network = vgg16()
-        network.load_state_dict(state)
+        _load_backbone(network, state, "torchvision vgg16 (vgg16-397923af.pth)", weights)
         super().__init__(network.features, indices)
         self.layers = tuple(layers)
 
@@ -158,8 +171,10 @@ class SqueezeNetStealthLoss(FeatureStealthLoss):
                 f"SqueezeNet 1.0 weights file {weights} does not exist; pass the path of a "
                 "torchvision squeezenet1_0 state_dict."
             )
+        fix = "Pass the path of a torchvision squeezenet1_0 ImageNet state_dict."
+        state = load_torch_file(weights, what="SqueezeNet 1.0 weights", fix=fix)
         network = squeezenet1_0()
-        network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        _load_backbone(network, state, "torchvision squeezenet1_0", weights)
         super().__init__(network.features, indices)
         self.layers = tuple(layers)
 

@@ -317,7 +317,7 @@ def test_resume_refuses_foreign_or_malicious_checkpoints(tmp_path):
             return (print, ("this must never run",))
 
     torch.save({"format": "something else", "x": Payload()}, path)
-    with pytest.raises(ValueError, match="Cannot resume from checkpoint"):
+    with pytest.raises(ValueError, match="Refused to load checkpoint"):
         quick_attack(checkpoint_path=path).fit(faces(), resume=True)
     torch.save({"format": "other"}, path)
     with pytest.raises(ValueError, match="not written by UAPAttack"):

