@@ -34,6 +34,7 @@ __all__ = [
     "rank",
     "world_size",
     "is_main_process",
+    "shard_indices",
     "shard",
     "set_epoch",
     "broadcast_module_",
