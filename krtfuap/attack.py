@@ -368,7 +368,8 @@ class UAPAttack(TransformerMixin, BaseEstimator):
         try:
             self.threshold_ = self._calibrated_threshold(pairs)
             started = time.perf_counter() - elapsed_before  # max_time counts optimisation only
-            epochs = tqdm(range(first_epoch, self.max_epochs), desc="KRT-FUAP fit", disable=not (self.verbose and is_main_process()))
+            show_progress = self.verbose and is_main_process()
+            epochs = tqdm(range(first_epoch, self.max_epochs), desc="KRT-FUAP fit", disable=not show_progress)
             for epoch in epochs:
                 fooled, seen = 0, 0
                 set_epoch(shard_of_X, epoch)

@@ -194,7 +194,9 @@ def average_gradients(parameters: Iterable[nn.Parameter]) -> None:
         parameter.grad.copy_(chunk.view_as(parameter.grad))
 
 
-def mean_over_ranks(values: dict[str, float], count: int, device: torch.device | str = "cpu") -> tuple[dict[str, float], int]:
+def mean_over_ranks(
+    values: dict[str, float], count: int, device: torch.device | str = "cpu"
+) -> tuple[dict[str, float], int]:
     """Count-weighted mean of per-batch values over ranks, and the total count.
 
     Parameters
