@@ -23,6 +23,15 @@ from tqdm.auto import tqdm
 
 from krtfuap._batches import ImageData, iter_image_batches
 from krtfuap._validation import check_embeddings, check_images, load_torch_file
+from krtfuap.distributed import (
+    any_rank,
+    average_gradients,
+    broadcast_module_,
+    is_main_process,
+    mean_over_ranks,
+    set_epoch,
+    shard,
+)
 from krtfuap.diversity import RandomResizePad
 from krtfuap.flow import FlowUnit
 from krtfuap.losses import DirectionLoss
@@ -105,11 +114,23 @@ class UAPAttack(TransformerMixin, BaseEstimator):
     init_scale : float
         The noise starts uniform in ``[-init_scale * epsilon, init_scale * epsilon]``.
     batch_size : int
-        Batch size when ``X`` is given as one tensor.
+        Batch size when ``X`` is given as one tensor (per process when fitting
+        distributed: the global batch is ``batch_size * world_size``).
     random_state : int, numpy RandomState or None
         Seeds the initial noise; an int makes ``fit`` repeatable on CPU.
     device : str or torch.device, optional
         Where to fit; default: the device of the model's parameters.
+    amp : bool
+        Run the face model's forward passes in :func:`torch.autocast` with
+        bfloat16 (mixed precision) during :meth:`fit`; the noise, the flow, the
+        losses and Adam stay float32. CUDA only: ``fit`` raises ``ValueError`` on
+        other devices and on GPUs without bfloat16 (compute capability < 8.0).
+        float16 is not offered: its gradients would need loss scaling.
+    channels_last : bool
+        Convert the model (in place; it stays converted) and the image batches to
+        the ``torch.channels_last`` memory format during :meth:`fit`, which speeds
+        up convolutions on recent GPUs and CPUs. Same result as without, up to
+        float rounding.
     checkpoint_path : path-like, optional
         Write the fit state (noise, flow, Adam state, random states, epoch,
         history) there every ``checkpoint_every`` epochs, atomically (write to
@@ -118,7 +139,22 @@ class UAPAttack(TransformerMixin, BaseEstimator):
     checkpoint_every : int
         Epochs between checkpoints.
     verbose : bool
-        Show a tqdm progress bar.
+        Show a tqdm progress bar (on rank 0 only when distributed).
+
+    Notes
+    -----
+    **Distributed fitting.** When ``torch.distributed`` is initialised (e.g. the
+    script runs under ``torchrun``), :meth:`fit` runs data-parallel with no
+    extra argument (see :mod:`krtfuap.distributed`): every rank starts from rank
+    0's initial perturbation, reads an interleaved shard of ``X`` (a tensor is
+    split by rank; a ``DataLoader`` gets a ``DistributedSampler``), averages the
+    noise and flow gradients over ranks before each Adam step, and records the
+    rank-averaged losses and fooling rate in ``history_``, so all ranks hold the
+    same perturbation and stop at the same step. With ``W`` ranks of
+    ``batch_size=b`` and a sequential loader the result equals a one-process fit
+    with ``batch_size=W * b`` up to float rounding. Only rank 0 writes
+    checkpoints and :meth:`save` files; ``checkpoint_path`` must be visible to
+    every rank for ``resume=True``. :meth:`evaluate` is not sharded.
 
     Attributes
     ----------
@@ -173,6 +209,8 @@ class UAPAttack(TransformerMixin, BaseEstimator):
         batch_size: int = 32,
         random_state: Any = None,
         device: str | torch.device | None = None,
+        amp: bool = False,
+        channels_last: bool = False,
         checkpoint_path: str | os.PathLike | None = None,
         checkpoint_every: int = 1,
         verbose: bool = False,
@@ -199,6 +237,8 @@ class UAPAttack(TransformerMixin, BaseEstimator):
         self.batch_size = batch_size
         self.random_state = random_state
         self.device = device
+        self.amp = amp
+        self.channels_last = channels_last
         self.checkpoint_path = checkpoint_path
         self.checkpoint_every = checkpoint_every
         self.verbose = verbose
@@ -224,6 +264,12 @@ class UAPAttack(TransformerMixin, BaseEstimator):
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}.")
         RandomResizePad(self.input_diversity, self.diversity_min_scale)  # checks both
+        device = self._device()
+        if self.amp and not (device.type == "cuda" and torch.cuda.is_bf16_supported()):
+            raise ValueError(
+                f"amp=True needs a CUDA GPU with bfloat16 support (compute capability >= 8.0); fitting on "
+                f"{device} instead. Set amp=False."
+            )
 
     def _check_common_params(self) -> None:
         """Checks shared with the baselines in :mod:`krtfuap.baselines`."""
@@ -319,6 +365,7 @@ class UAPAttack(TransformerMixin, BaseEstimator):
         first = next(iter_image_batches(X, self.batch_size))
         height, width = first.shape[-2:]
         mask = self._key_region_mask(X, height, width)
+        shard_of_X = shard(X)
 
         seed = int(check_random_state(self.random_state).randint(2**31 - 1))
         generator = torch.Generator().manual_seed(seed)
@@ -346,20 +393,26 @@ class UAPAttack(TransformerMixin, BaseEstimator):
         first_epoch, elapsed_before = 0, 0.0
         if resume and self.checkpoint_path is not None and os.path.isfile(self.checkpoint_path):
             first_epoch, elapsed_before = self._restore_checkpoint(perturbation, optimizer, generator)
+        broadcast_module_(perturbation)
         model = self._embedder()
         was_training = model.training
         frozen = [p for p in model.parameters() if p.requires_grad]
         model.eval()
         for parameter in frozen:
             parameter.requires_grad_(False)
+        memory_format = torch.channels_last if self.channels_last else torch.preserve_format
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
         try:
             self.threshold_ = self._calibrated_threshold(pairs)
             started = time.perf_counter() - elapsed_before  # max_time counts optimisation only
-            epochs = tqdm(range(first_epoch, self.max_epochs), desc="KRT-FUAP fit", disable=not self.verbose)
+            show_progress = self.verbose and is_main_process()
+            epochs = tqdm(range(first_epoch, self.max_epochs), desc="KRT-FUAP fit", disable=not show_progress)
             for epoch in epochs:
                 fooled, seen = 0, 0
-                for images in iter_image_batches(X, self.batch_size):
-                    images = images.to(device, self._dtype())
+                set_epoch(shard_of_X, epoch)
+                for images in iter_image_batches(shard_of_X, self.batch_size):
+                    images = images.to(device, self._dtype(), memory_format=memory_format)
                     if images.shape[-2:] != (height, width):
                         raise ValueError(
                             f"All faces must share one size; got {tuple(images.shape[-2:])} after "
@@ -368,12 +421,13 @@ class UAPAttack(TransformerMixin, BaseEstimator):
                     record = self._step(
                         model, images, perturbation, diversity, adversarial_loss, stealth_loss, stealth_weight, optimizer
                     )
+                    record, n_images = mean_over_ranks(record, len(images), device)
                     record.update(step=self.n_iter_, epoch=epoch, time=time.perf_counter() - started)
                     self.history_.append(record)
                     self.n_iter_ += 1
-                    fooled += record["fooling_rate"] * len(images)
-                    seen += len(images)
-                    if self.max_time is not None and time.perf_counter() - started > self.max_time:
+                    fooled += record["fooling_rate"] * n_images
+                    seen += n_images
+                    if self.max_time is not None and any_rank(time.perf_counter() - started > self.max_time, device):
                         self.stop_reason_ = "max_time"
                         break
                 self.fooling_rate_ = fooled / seen
@@ -384,7 +438,11 @@ class UAPAttack(TransformerMixin, BaseEstimator):
                 if self.fooling_rate_ >= self.target_fooling_rate:
                     self.stop_reason_ = "target_fooling_rate"
                     break
-                if self.checkpoint_path is not None and self.n_epochs_ % self.checkpoint_every == 0:
+                if (
+                    self.checkpoint_path is not None
+                    and self.n_epochs_ % self.checkpoint_every == 0
+                    and is_main_process()
+                ):
                     self._write_checkpoint(perturbation, optimizer, generator, time.perf_counter() - started)
         finally:
             model.train(was_training)
@@ -466,9 +524,9 @@ class UAPAttack(TransformerMixin, BaseEstimator):
     ) -> dict[str, float]:
         """One Adam step on one batch; returns the batch's record for ``history_``."""
         with torch.no_grad():
-            clean_embeddings = check_embeddings(model(images), len(images))
+            clean_embeddings = self._embed(model, images)
         adversarial = (images + perturbation()).clamp(0.0, 1.0)
-        adversarial_embeddings = check_embeddings(model(diversity(adversarial)), len(images))
+        adversarial_embeddings = self._embed(model, diversity(adversarial))
         similarity = cosine_similarity(adversarial_embeddings.detach(), clean_embeddings)
         fooled = similarity < self.threshold_
         per_face = adversarial_loss(adversarial_embeddings, clean_embeddings)
@@ -482,6 +540,7 @@ class UAPAttack(TransformerMixin, BaseEstimator):
         loss = adversarial_term + stealth_weight * stealth_term
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(perturbation.parameters())
         optimizer.step()
         perturbation.project_()
         with torch.no_grad():
@@ -493,6 +552,14 @@ class UAPAttack(TransformerMixin, BaseEstimator):
             "fooling_rate": fooled.float().mean().item(),
             "ssim": batch_ssim,
         }
+
+    def _embed(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """Face model forward with the ``amp`` and ``channels_last`` options: ``(B, D)`` float32."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            embeddings = model(images)
+        return check_embeddings(embeddings, len(images)).float()
 
     # --------------------------------------------------------------- applying
     def transform(self, X: torch.Tensor) -> torch.Tensor:
@@ -568,9 +635,12 @@ class UAPAttack(TransformerMixin, BaseEstimator):
         ``threshold_`` and ``history_`` go in the metadata. The model, a masker
         object and a callable stealth loss are not saved. The file is written
         next to ``path`` and renamed into place, so a failed save leaves an
-        existing file at ``path`` unchanged.
+        existing file at ``path`` unchanged. When fitting distributed, only
+        rank 0 writes the file (the other ranks return).
         """
         check_is_fitted(self, "perturbation_")
+        if not is_main_process():
+            return
         params = {k: v for k, v in self.get_params(deep=False).items() if _is_json_scalar(v)}
         fitted = {
             k: getattr(self, k)

@@ -220,3 +220,31 @@ def test_custom_model_wraps_a_backbone_calibrates_and_fits(shared_assets, tiny_f
     assert re.search(rf"fitted on 8 faces: {attack.n_iter_} steps, stopped by {attack.stop_reason_}", stdout)
     match = re.search(r"held-out identities \((\d+) faces\): fooling rate ([\d.]+), SSIM ([\d.]+), PSNR", stdout)
     assert match and int(match[1]) == 8 and 0 <= float(match[2]) <= 1 and 0 < float(match[3]) <= 1
+
+
+@pytest.mark.real
+def test_fit_distributed_example_runs_under_torchrun_with_two_processes(shared_assets, tmp_path):
+    pytest.importorskip("onnx2torch", reason="the example loads InsightFace w600k_mbf through onnx2torch")
+    try:
+        from krtfuap.models import insightface_model_path
+
+        insightface_model_path()
+    except (ModuleNotFoundError, FileNotFoundError) as error:
+        pytest.skip(f"InsightFace w600k_mbf is unavailable: {error}")
+
+    faces = _tiny_face_folder(shared_assets / "faces", tmp_path / "faces")
+    output = tmp_path / "cloak.safetensors"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(REPO / "examples" / "fit_distributed.py"), str(faces), "--max-faces", "8", "--batch-size", "2",
+         "--max-epochs", "1", "--output", str(output)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, f"example failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+    assert "2 process(es), global batch 4" in result.stdout
+    assert result.stdout.count("held-out identities:") == 1  # rank 0 only
+    attack = UAPAttack.load(output)
+    assert attack.n_epochs_ == 1 and attack.n_iter_ == len(attack.history_) >= 1
+    assert attack.perturbation_.abs().max() <= attack.epsilon + 1e-6

@@ -1,0 +1,65 @@
+"""``UAPAttack(amp=..., channels_last=...)``: speed options that must not change the result."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sklearn.base import clone
+from torch import nn
+
+from krtfuap.attack import UAPAttack
+
+
+class TinyEmbedder(nn.Module):
+    """A small fixed conv net: (B, 3, H, W) in [0, 1] -> (B, 16)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+
+    def forward(self, x):
+        return self.net(x - 0.5)
+
+
+def faces(n: int = 16) -> torch.Tensor:
+    return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def attack(model: nn.Module | None = None, **params) -> UAPAttack:
+    defaults = dict(threshold=0.995, stealth_loss="ssim", max_epochs=3, batch_size=8, random_state=0)
+    return UAPAttack(model or TinyEmbedder(), **{**defaults, **params})
+
+
+def test_channels_last_gives_the_same_fit_on_cpu():
+    plain = attack().fit(faces())
+    fast = attack(channels_last=True)
+    fast.fit(faces())
+    assert fast.model.net[0].weight.is_contiguous(memory_format=torch.channels_last)
+    # Convolutions in another memory format round differently: agree to 1e-5 (epsilon is 0.08).
+    torch.testing.assert_close(fast.perturbation_, plain.perturbation_, atol=1e-5, rtol=0)
+    assert fast.perturbation_.is_contiguous()
+    assert [r["fooling_rate"] for r in fast.history_] == [r["fooling_rate"] for r in plain.history_]
+
+
+def test_amp_on_cpu_raises_a_clear_error():
+    with pytest.raises(ValueError, match="amp=True needs a CUDA GPU with bfloat16"):
+        attack(amp=True).fit(faces())
+
+
+def test_options_are_estimator_parameters():
+    params = attack(amp=True, channels_last=True).get_params()
+    assert params["amp"] is True and params["channels_last"] is True
+    assert clone(attack(channels_last=True)).channels_last is True
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()), reason="needs a bf16 GPU")
+def test_amp_on_cuda_keeps_float32_parameters_and_the_budget():
+    fitted = attack(TinyEmbedder().cuda(), amp=True, channels_last=True).fit(faces())
+    assert fitted.perturbation_.dtype == fitted.noise_.dtype == torch.float32
+    assert torch.isfinite(fitted.perturbation_).all()
+    assert fitted.perturbation_.abs().max() <= fitted.epsilon + 1e-7
+    assert all(isinstance(record["loss"], float) for record in fitted.history_)
