@@ -103,7 +103,7 @@ def assert_same_fit(result: dict, expected: dict) -> None:
     torch.testing.assert_close(result["flow"], expected["flow"], atol=ATOL, rtol=0)
     for got, want in zip(result["history"], expected["history"], strict=True):
         assert got.keys() == want.keys()
-        for key in want:
+        for key in want.keys() - {"time"}:  # wall-clock seconds differ between runs
             assert got[key] == pytest.approx(want[key], abs=ATOL), (key, got["step"])
 
 
