@@ -714,7 +714,8 @@ def _figures(result: BenchmarkResult, output: Path) -> list[tuple[Path, str]]:
         axis.set_xlabel("SSIM (held-out faces)")
         axis.set_ylabel("fooling rate (held-out faces)")
         axis.set_title(f"white-box on {first_source}", fontsize=8)
-        axis.legend(fontsize=6)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=6)
         made.append(_save(figure, output / "tradeoff.png", "Fooling rate against SSIM"))
     curves = {k: v for k, v in result.curves.items() if k in shown}
     if curves:

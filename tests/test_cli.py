@@ -1,4 +1,4 @@
-"""Tests for the ``krtfuap demo`` command (krtfuap.cli, krtfuap.demo) on the real w600k_mbf model."""
+"""Tests for the ``krtfuap`` command line (krtfuap.cli, krtfuap.demo): ``demo`` and ``benchmark``."""
 
 from __future__ import annotations
 
@@ -136,3 +136,25 @@ def test_split_groups_keeps_each_person_on_one_side(seed: int) -> None:
 def test_split_groups_needs_two_people() -> None:
     with pytest.raises(ValueError, match="at least two people"):
         split_groups(torch.zeros(5, dtype=torch.int64))
+
+
+@pytest.mark.real
+def test_benchmark_command_writes_the_report(shared_assets: Path, tmp_path: Path) -> None:
+    status = main([
+        "benchmark", "--faces", str(shared_assets / "faces"), "--models-dir", str(shared_assets / "models"),
+        "--models", "foamliu_mobilefacenet", "--methods", "random-noise", "fixed-key-regions", "--fit-faces", "8",
+        "--test-faces", "8", "--pairs", "16", "--max-epochs", "1", "--sweep-stealth-weights", "--sweep-epsilons",
+        "--occlusion-strengths", "--output", str(tmp_path / "report"), "--quiet",
+    ])
+    assert status == 0
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "`krtfuap benchmark --faces" in report  # the command that made it is quoted
+    assert "KRT-FUAP, fixed regions (no flow)" in report and "Random noise" in report
+    with open(tmp_path / "report" / "results.csv") as handle:
+        methods = {row["method"] for row in csv.DictReader(handle) if row["experiment"] == "attack"}
+    assert methods == {"random-noise", "fixed-key-regions"}
+
+
+def test_benchmark_reports_a_folder_without_pairs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["benchmark", "--faces", str(tmp_path), "--models", "dlib_resnet", "--quiet"]) == 1
+    assert "pairs.csv" in capsys.readouterr().err
