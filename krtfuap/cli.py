@@ -148,7 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run_benchmark(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
     import torch
 
-    from krtfuap.benchmark import load_benchmark_data, load_models, run_benchmark, write_report
+    from krtfuap.benchmark import load_benchmark_data, load_models, run_benchmark
+    from krtfuap.report import write_report
 
     data = load_benchmark_data(
         args.faces, fit_faces=args.fit_faces, test_faces=args.test_faces, pairs=args.pairs, random_state=args.seed

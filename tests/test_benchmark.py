@@ -15,8 +15,8 @@ from krtfuap.benchmark import (
     occlusion_accuracy,
     run_benchmark,
     time_to_fooling_rate,
-    write_report,
 )
+from krtfuap.report import write_report
 
 
 class Linear(nn.Module):

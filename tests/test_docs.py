@@ -15,7 +15,7 @@ FIGURES = ("masks.png", "perturbation.png", "faces.png")
 DOCUMENTED_MODULES = (
     "attack", "baselines", "masks", "landmarks", "flow", "perturbation", "losses", "stealth",
     "metrics", "models", "imagenet", "datasets", "alignment", "demo", "cli",
-    "diversity", "benchmark", "models.ensemble", "models.dlib_resnet",
+    "diversity", "benchmark", "report", "models.ensemble", "models.dlib_resnet",
 )
 
 
