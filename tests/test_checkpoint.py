@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fakes import TinyEmbedder
 from torch import nn
 
 from krtfuap.attack import UAPAttack
@@ -169,19 +170,6 @@ def test_sigkill_mid_fit_then_resume_matches_uninterrupted_run(tmp_path):
 
 
 # ------------------------------------------------------------ crash while writing
-class TinyEmbedder(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(
-            nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        )
-
-    def forward(self, x):
-        return self.net(x - 0.5)
-
-
 def _faces() -> torch.Tensor:
     return torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 

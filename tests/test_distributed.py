@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from fakes import TinyEmbedder
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -24,21 +25,6 @@ from krtfuap.attack import UAPAttack
 WORLD_SIZE = 2
 GLOBAL_BATCH = 8
 ATOL = 1e-5
-
-
-class TinyEmbedder(nn.Module):
-    """A small fixed conv net: (B, 3, H, W) in [0, 1] -> (B, 16)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(
-            nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        )
-
-    def forward(self, x):
-        return self.net(x - 0.5)
 
 
 def faces(n: int = 24) -> torch.Tensor:
