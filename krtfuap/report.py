@@ -147,6 +147,9 @@ def write_report(result: BenchmarkResult, output: str | Path, *, command: str = 
     if figures:
         parts += ["", "## Figures", ""]
         parts += [f"![{caption}]({path.name})\n\n*{caption}*\n" for path, caption in figures]
+    if any(r.get("stop_reason") == "max_time" for r in attack):
+        parts += ["", "Rows stopped by `max_time` ended before reaching the target fooling rate: their fooling rates are "
+                  "what that much optimisation buys, not what the method converges to."]
     parts += ["", "All numbers: `results.csv` in this folder (one row per measurement, with model, data sizes, "
               "threshold, budget and seed)."]
     report = output / "report.md"
@@ -166,7 +169,7 @@ def _figures(result: BenchmarkResult, output: Path) -> list[tuple[Path, str]]:
     first_source = next(iter(single), "@").split("@")[1]
     shown = {k: v for k, v in single.items() if k.endswith("@" + first_source)}
     if shown and result.example is not None:
-        figure, axes = plt.subplots(2, len(shown) + 1, figsize=(1.6 * (len(shown) + 1), 3.6), squeeze=False)
+        figure, axes = plt.subplots(2, len(shown) + 1, figsize=(1.1 * (len(shown) + 1), 2.6), squeeze=False)
         axes[0, 0].imshow(result.example.permute(1, 2, 0).numpy())
         axes[0, 0].set_title("clean", fontsize=7)
         axes[1, 0].axis("off")
