@@ -15,6 +15,6 @@ napoleon_google_docstring = False
 autodoc_member_order = "bysource"
 html_theme = "furo"
 html_title = "krtfuap"
-exclude_patterns = ["_build"]
+exclude_patterns = ["_build", "report/report.md"]  # included by benchmark_report.md
 # scikit-learn generates these on every estimator; their docstrings point into sklearn's own docs.
 autodoc_default_options = {"exclude-members": "set_fit_request, set_transform_request, set_score_request"}

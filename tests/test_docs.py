@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-PAGES = ("index", "install", "quickstart", "custom_model", "method", "evaluation", "benchmarks", "api")
+PAGES = (
+    "index", "install", "quickstart", "custom_model", "method", "evaluation", "benchmarks", "benchmark_report", "api",
+)
 FIGURES = ("masks.png", "perturbation.png", "faces.png")
 DOCUMENTED_MODULES = (
     "attack", "baselines", "masks", "landmarks", "flow", "perturbation", "losses", "stealth",
