@@ -228,6 +228,16 @@ def _differentiable(model: nn.Module) -> bool:
     return not isinstance(model, DlibResNetEmbedder)
 
 
+def _running_curve(history: Sequence[dict], steps_per_epoch: int) -> list[tuple[float, float]]:
+    """``(time, running fooling rate)`` per step: the mean batch fooling rate of the last
+    ``steps_per_epoch`` steps; ``time`` is NaN for records without one."""
+    curve, window = [], []
+    for record in history:
+        window = (window + [record["fooling_rate"]])[-steps_per_epoch:]
+        curve.append((record.get("time", math.nan), sum(window) / len(window)))
+    return curve
+
+
 def time_to_fooling_rate(
     history: Sequence[dict], steps_per_epoch: int, levels: Sequence[float] = FOOLING_LEVELS
 ) -> dict[float, tuple[float, int] | None]:
@@ -252,15 +262,12 @@ def time_to_fooling_rate(
         ``level -> (seconds, steps)``, or ``None`` when never reached.
     """
     reached: dict[float, tuple[float, int] | None] = {level: None for level in levels}
-    window: list[float] = []
-    for index, record in enumerate(history):
-        if "time" not in record:
+    for step, (seconds, running) in enumerate(_running_curve(history, steps_per_epoch), start=1):
+        if math.isnan(seconds):
             continue
-        window = (window + [record["fooling_rate"]])[-steps_per_epoch:]
-        running = sum(window) / len(window)
         for level in levels:
             if reached[level] is None and running >= level:
-                reached[level] = (record["time"], index + 1)
+                reached[level] = (seconds, step)
     return reached
 
 
@@ -324,14 +331,6 @@ def _calibrate(model: nn.Module, loader: DataLoader) -> dict:
     threshold, accuracy = calibrate_threshold(similarities, same)
     tar, _ = tar_at_far(similarities, same, 1e-3)
     return {"threshold": threshold, "clean_accuracy": accuracy, "tar_at_far_1e-3": tar}
-
-
-def _running_curve(history: Sequence[dict], steps_per_epoch: int) -> list[tuple[float, float]]:
-    curve, window = [], []
-    for record in history:
-        window = (window + [record["fooling_rate"]])[-steps_per_epoch:]
-        curve.append((record.get("time", math.nan), sum(window) / len(window)))
-    return curve
 
 
 def run_benchmark(
