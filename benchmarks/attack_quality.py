@@ -24,8 +24,9 @@ from torch.utils.data import DataLoader
 from krtfuap.attack import UAPAttack
 from krtfuap.baselines import FGUAP, DeepFoolUAP, FrequencyUAP
 from krtfuap.datasets import FaceFolder, PairDataset, filter_pairs, read_pairs, split_identities
-from krtfuap.metrics import calibrate_threshold, pair_similarities, psnr, ssim, tar_at_far
+from krtfuap.metrics import calibrate_threshold, pair_similarities, tar_at_far
 from krtfuap.models import load_face_model
+from krtfuap.scoring import score_perturbation
 from krtfuap.stealth import SqueezeNetStealthLoss
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "assets"
@@ -84,13 +85,9 @@ def main() -> None:
         tar, _ = tar_at_far(similarities, same, 1e-3)
         head = f"| {name} | {threshold:.3f} | {accuracy:.3f} (TAR@1e-3 {tar:.3f})"
         noise = ((torch.rand(3, 112, 112, generator=generator) * 2 - 1) * args.epsilon).to(args.device)
-        with torch.no_grad():
-            noisy = (test_images + noise).clamp(0, 1)
-            clean = torch.cat([model(b) for b in test_images.split(128)])
-            adv = torch.cat([model(b) for b in noisy.split(128)])
-            fr = (torch.nn.functional.cosine_similarity(adv, clean) < threshold).float().mean().item()
-            print(f"{head} | random noise | - | - | - | - | - | - | {fr:.3f} | {ssim(noisy, test_images).mean():.4f} | "
-                  f"{psnr(noisy, test_images).mean():.2f} | - | - | - |", flush=True)
+        scores = score_perturbation(model, test_images, noise, threshold, batch_size=128)
+        print(f"{head} | random noise | - | - | - | - | - | - | {scores['fooling_rate']:.3f} | {scores['ssim']:.4f} | "
+              f"{scores['psnr']:.2f} | - | - | - |", flush=True)
         if args.baselines:
             for baseline in (DeepFoolUAP, FGUAP, FrequencyUAP):
                 attack = baseline(

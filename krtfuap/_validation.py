@@ -11,7 +11,7 @@ import re
 
 import torch
 
-__all__ = ["check_images", "check_embeddings", "load_torch_file", "torch_load_error"]
+__all__ = ["check_images", "check_embeddings", "check_number", "load_torch_file", "torch_load_error"]
 
 
 def check_images(images: object, *, name: str = "images") -> torch.Tensor:
@@ -162,3 +162,62 @@ def load_torch_file(path: str | os.PathLike, *, what: str, fix: str) -> object:
         raise
     except Exception as error:  # torch raises RuntimeError, EOFError, KeyError, UnpicklingError, ...
         raise torch_load_error(error, path, what=what, fix=fix) from error
+
+
+def check_number(
+    value: object,
+    name: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    integer: bool = False,
+    allow_none: bool = False,
+    hint: str = "",
+) -> None:
+    """Check a numeric parameter: its type, that it is finite and that it lies in its range.
+
+    Parameters
+    ----------
+    value : object
+        The value given.
+    name : str
+        The parameter's name, used in the message.
+    low, high : float, optional
+        Bounds; ``None`` for none.
+    low_open, high_open : bool
+        Exclude the bound itself.
+    integer : bool
+        Require an ``int`` (``bool`` is refused).
+    allow_none : bool
+        Accept ``None``.
+    hint : str
+        Said after the range, e.g. ``" (images are in [0, 1])"``.
+
+    Raises
+    ------
+    TypeError
+        When the value is not a number of the right kind (strings, bools, tensors ...).
+    ValueError
+        When it is NaN, infinite or outside its range.
+    """
+    if value is None and allow_none:
+        return
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        wanted = "an int" if integer else "a number"
+        hint = " or None" if allow_none else ""
+        raise TypeError(f"{name} must be {wanted}{hint}, got {value!r} ({type(value).__name__}).")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be a finite number, got {value}.")
+    if low is not None and high is not None:
+        interval = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    elif low is not None:
+        interval = f"{'>' if low_open else '>='} {low}"
+    else:
+        interval = f"{'<' if high_open else '<='} {high}"
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        raise ValueError(f"{name} must be {interval}{hint}, got {value!r}.")

@@ -2,53 +2,76 @@
 
 The estimator follows scikit-learn's conventions: ``__init__`` only stores its
 arguments, :meth:`UAPAttack.fit` learns the attributes that end in ``_`` and
-:meth:`UAPAttack.transform` adds the learned perturbation to new faces.
+:meth:`UAPAttack.transform` adds the learned perturbation to new faces. The
+loop, scoring, checkpoints and persistence are shared with every estimator
+(:mod:`krtfuap.estimator`, :mod:`krtfuap.engine`); this module holds what is
+KRT-FUAP's own: the masked, flow-warped perturbation and its losses.
 """
 
 from __future__ import annotations
 
-import json
+import math
 import os
-import time
-from typing import Any, Iterable
+from typing import Any, Callable
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-from sklearn.base import BaseEstimator, TransformerMixin, clone
-from sklearn.utils import check_random_state
-from sklearn.utils.validation import check_is_fitted
+from sklearn.base import clone
 from torch import nn
-from tqdm.auto import tqdm
 
-from krtfuap._batches import ImageData, iter_image_batches
-from krtfuap._validation import check_embeddings, check_images, load_torch_file
-from krtfuap.distributed import (
-    any_rank,
-    average_gradients,
-    broadcast_module_,
-    is_main_process,
-    mean_over_ranks,
-    set_epoch,
-    shard,
-)
+from krtfuap._batches import ImageData
+from krtfuap._validation import check_number
+from krtfuap.distributed import average_gradients, broadcast_module_
 from krtfuap.diversity import RandomResizePad
+from krtfuap.engine import Solver
+from krtfuap.estimator import PerturbationEstimator
 from krtfuap.flow import FlowUnit
-from krtfuap.losses import DirectionLoss
+from krtfuap.losses import ADVERSARIAL_LOSSES, DirectionLoss
 from krtfuap.masks import KeyRegionMasker
-from krtfuap.models.ensemble import EnsembleEmbedder
-from krtfuap.metrics import calibrate_threshold, cosine_similarity, pair_similarities, psnr, ssim
+from krtfuap.metrics import cosine_similarity, ssim
 from krtfuap.perturbation import MaskedPerturbation
 from krtfuap.stealth import StealthLossLike, resolve_stealth_loss
 
-__all__ = ["UAPAttack"]
+__all__ = ["UAPAttack", "adapt_stealth_weight"]
 
-_FORMAT = "krtfuap.UAPAttack/1"
-_SAVED_TENSORS = ("perturbation_", "mask_", "warped_mask_", "flow_", "noise_")
+#: Bounds of an adapted stealth weight.
+_WEIGHT_RANGE = (1e-3, 1e4)
+#: The adaptation aims this far above ``target_ssim``, so that the batch-to-batch swing of the
+#: measured SSIM leaves most end-of-epoch states at or above the target.
+_SSIM_MARGIN = 0.0025
 
 
-class UAPAttack(TransformerMixin, BaseEstimator):
+def adapt_stealth_weight(weight: float, measured_ssim: float, target_ssim: float, rate: float) -> float:
+    """One multiplicative dual-ascent step on the stealth weight.
+
+    ``weight * exp(rate * (target_ssim - measured_ssim) / 0.01)``: the weight
+    grows when the batch is less similar to the clean faces than the target
+    (by ``exp(rate)`` per 0.01 of SSIM below it) and shrinks when it is more,
+    so the fit settles where the measured SSIM meets the target. Clipped to
+    ``[1e-3, 1e4]``.
+
+    Parameters
+    ----------
+    weight : float
+        Current stealth weight, ``> 0``.
+    measured_ssim, target_ssim : float
+        Mean SSIM of the batch just used, and the target, in ``[0, 1]``.
+    rate : float
+        Log-step per 0.01 of SSIM error, ``>= 0`` (0 keeps the weight fixed).
+
+    Returns
+    -------
+    float
+    """
+    updated = weight * math.exp(rate * (target_ssim - measured_ssim) / 0.01)
+    return min(max(updated, _WEIGHT_RANGE[0]), _WEIGHT_RANGE[1])
+
+
+class UAPAttack(PerturbationEstimator):
     """KRT-FUAP: a universal perturbation focused on facial key regions.
+
+    The defaults are the recipe measured fastest on real models and real
+    faces (``docs/method.rst``, "Where the library departs from the paper");
+    :meth:`paper` gives the paper's recipe.
 
     Parameters
     ----------
@@ -56,26 +79,38 @@ class UAPAttack(TransformerMixin, BaseEstimator):
         Face embedding model: ``(B, 3, H, W)`` RGB in ``[0, 1]`` -> ``(B, D)``.
         Put any other input convention inside the model (see
         :class:`krtfuap.models.FaceEmbedder`). Only its output is used; its
-        weights are left untouched. A list fits one perturbation against an
-        ensemble (:class:`krtfuap.models.ensemble.EnsembleEmbedder`: the
-        similarity is the mean of the members' cosine similarities, and
-        ``threshold`` applies to that mean).
+        weights, training flags and ``requires_grad`` are left as they were. A
+        list fits one perturbation against an ensemble
+        (:class:`krtfuap.models.ensemble.EnsembleEmbedder`: the similarity is
+        the mean of the members' cosine similarities).
     threshold : float, optional
         Verification threshold ``t`` on cosine similarity: a face is fooled when
         ``cos(F(x + v), F(x)) < t``. ``None`` calibrates it in :meth:`fit` from
         the ``pairs`` given there (best accuracy on genuine/impostor pairs).
     epsilon : float
         l_inf budget of the perturbation on ``[0, 1]`` images (paper: 0.08).
+    target_ssim : float, optional
+        Stealth as a target, in ``(0, 1)``: the stealth weight adapts during the
+        fit (:func:`adapt_stealth_weight`, driven by each batch's measured SSIM,
+        aiming 0.0025 above the target) so that the returned perturbation keeps the mean SSIM over the fit faces
+        at or above ``target_ssim`` while the fooling rate is maximised; the
+        perturbation returned is the best one scored that meets it. Works with
+        every ``stealth_loss``. ``None``: a fixed ``stealth_weight``.
     stealth_weight : float, optional
-        ``lambda`` of the stealth loss; ``None`` uses the loss's documented
-        default (0.05 for ``"vgg"`` as in the paper, 3 for ``"ssim"``).
-    stealth_loss : {"vgg", "ssim"}, callable or None
-        ``"vgg"``: the paper's shallow VGG16 feature loss (needs ImageNet VGG16
-        weights, see :class:`krtfuap.stealth.VGGStealthLoss`); ``"ssim"``:
-        ``1 - SSIM`` (no weights needed); any callable
+        ``lambda`` of the stealth loss (the starting value when ``target_ssim``
+        is set); ``None`` uses the loss's default (20 for ``"ssim"``, 0.05
+        for ``"vgg"`` as in the paper).
+    stealth_loss : {"ssim", "vgg"}, callable or None
+        ``"ssim"``: ``1 - SSIM`` (no weights needed); ``"vgg"``: the paper's
+        shallow VGG16 feature loss (needs ImageNet VGG16 weights, see
+        :class:`krtfuap.stealth.VGGStealthLoss`); any callable
         ``(adversarial, clean) -> scalar``; ``None``: no stealth term.
+    stealth_adapt_rate : float
+        Speed of the stealth-weight adaptation (log-step per 0.01 of SSIM error).
     adversarial_loss : {"direction", "cosine", "euclidean"}
-        The paper's direction loss, or the ablations of Table 5.
+        The paper's direction loss or the ablations of Table 5 (see
+        :mod:`krtfuap.losses`; on normalised embeddings ``"cosine"`` is the
+        direction loss at half the weight).
     masker : KeyRegionMasker, torch.Tensor or None
         Source of the key-region mask ``M0``: an (un)fitted
         :class:`krtfuap.masks.KeyRegionMasker` (an unfitted one is cloned and
@@ -93,26 +128,29 @@ class UAPAttack(TransformerMixin, BaseEstimator):
         Unit of the flow field (see :mod:`krtfuap.flow`).
     skip_fooled : bool
         Algorithm 1, line 7: only faces that are not yet fooled contribute to
-        the adversarial loss of a step.
+        the adversarial loss of a step (paper: True).
     target_fooling_rate : float
-        Stop once the fooling rate over one epoch of the fit data reaches this.
+        Stop once the fooling rate of the perturbation, scored on the fit data
+        after an epoch, reaches this (and ``target_ssim`` is met).
     max_epochs : int
         Hard stop on passes over the data.
     max_time : float, optional
-        Hard stop on optimisation wall time in seconds (threshold calibration
-        and mask fitting not counted), checked after every step.
+        Hard stop on the loop's wall time in seconds (threshold calibration
+        and mask fitting not counted), checked after every step; the
+        perturbation is then scored once more.
     lr : float
-        Adam learning rate (paper: 0.01).
+        Adam learning rate of the noise (paper: 0.01).
+    flow_lr : float, optional
+        Adam learning rate of the flow field; ``None`` uses ``lr``.
     input_diversity : float
         Probability per step of feeding the model a randomly shrunk and
         zero-padded copy of the adversarial batch (Xie et al. 2019, see
-        :mod:`krtfuap.diversity`); the clean embeddings stay those of the
-        untouched faces. ``0`` (default, as in the paper) turns it off; it is
-        meant to help transfer to unseen models.
+        :mod:`krtfuap.diversity`). ``0`` turns it off; meant to help transfer.
     diversity_min_scale : float
         Smallest shrink factor of input diversity, in ``(0, 1]``.
     init_scale : float
-        The noise starts uniform in ``[-init_scale * epsilon, init_scale * epsilon]``.
+        The noise starts uniform in ``[-init_scale * epsilon, init_scale * epsilon]``
+        (paper: 1).
     batch_size : int
         Batch size when ``X`` is given as one tensor (per process when fitting
         distributed: the global batch is ``batch_size * world_size``).
@@ -122,20 +160,17 @@ class UAPAttack(TransformerMixin, BaseEstimator):
         Where to fit; default: the device of the model's parameters.
     amp : bool
         Run the face model's forward passes in :func:`torch.autocast` with
-        bfloat16 (mixed precision) during :meth:`fit`; the noise, the flow, the
-        losses and Adam stay float32. CUDA only: ``fit`` raises ``ValueError`` on
-        other devices and on GPUs without bfloat16 (compute capability < 8.0).
-        float16 is not offered: its gradients would need loss scaling.
+        bfloat16 during :meth:`fit`; CUDA with bfloat16 only (``ValueError``
+        elsewhere).
     channels_last : bool
-        Convert the model (in place; it stays converted) and the image batches to
-        the ``torch.channels_last`` memory format during :meth:`fit`, which speeds
-        up convolutions on recent GPUs and CPUs. Same result as without, up to
-        float rounding.
+        Convert the model (in place; it stays converted) and the image batches
+        to the ``torch.channels_last`` memory format during :meth:`fit`.
     checkpoint_path : path-like, optional
-        Write the fit state (noise, flow, Adam state, random states, epoch,
-        history) there every ``checkpoint_every`` epochs, atomically (write to
-        a temporary file, then rename). ``fit(X, resume=True)`` continues
-        from it; on CPU the result equals an uninterrupted fit.
+        Write the fit state there every ``checkpoint_every`` epochs, atomically.
+        ``fit(X, resume=True)`` continues from it (refused, naming the
+        difference, when the parameters or data differ); on CPU the result
+        equals an uninterrupted fit. Never saved in, or restored from, an
+        attack file.
     checkpoint_every : int
         Epochs between checkpoints.
     verbose : bool
@@ -143,45 +178,24 @@ class UAPAttack(TransformerMixin, BaseEstimator):
 
     Notes
     -----
-    **Distributed fitting.** When ``torch.distributed`` is initialised (e.g. the
-    script runs under ``torchrun``), :meth:`fit` runs data-parallel with no
-    extra argument (see :mod:`krtfuap.distributed`): every rank starts from rank
-    0's initial perturbation, reads an interleaved shard of ``X`` (a tensor is
-    split by rank; a ``DataLoader`` gets a ``DistributedSampler``), averages the
-    noise and flow gradients over ranks before each Adam step, and records the
-    rank-averaged losses and fooling rate in ``history_``, so all ranks hold the
-    same perturbation and stop at the same step. With ``W`` ranks of
-    ``batch_size=b`` and a sequential loader the result equals a one-process fit
-    with ``batch_size=W * b`` up to float rounding. Only rank 0 writes
-    checkpoints and :meth:`save` files; ``checkpoint_path`` must be visible to
-    every rank for ``resume=True``. :meth:`evaluate` is not sharded.
+    **Distributed fitting.** When ``torch.distributed`` is initialised (e.g.
+    under ``torchrun``), :meth:`fit` runs data-parallel with no extra argument
+    (see :mod:`krtfuap.distributed`): every rank starts from rank 0's
+    perturbation, reads its shard of ``X``, averages the gradients before each
+    step and the records and scores over ranks, so all ranks hold the same
+    perturbation and stop at the same step. Only rank 0 writes files.
 
     Attributes
     ----------
-    perturbation_ : torch.Tensor
-        ``(3, H, W)``, values in ``[-epsilon, epsilon]``, on the CPU.
-    mask_ : torch.Tensor
-        Key-region mask ``M0``, ``(H, W)`` in ``[0, 1]``.
-    warped_mask_ : torch.Tensor
-        ``Mf``, the mask after the learned flow, ``(H, W)`` in ``[0, 1]``.
-    flow_ : torch.Tensor
-        ``(2, H, W)`` learned flow (zeros when ``learn_flow=False``).
-    noise_ : torch.Tensor
-        ``(3, H, W)`` learned noise before masking.
-    threshold_ : float
-        The threshold used.
-    history_ : list of dict
-        Per step: ``step, epoch, loss, adversarial_loss, stealth_loss,
-        fooling_rate, ssim`` (batch values, measured before the step's update)
-        and ``time`` (seconds of optimisation since the fit began, after the step).
-    n_iter_ : int
-        Optimisation steps taken.
-    n_epochs_ : int
-        Passes over the data.
-    fooling_rate_ : float
-        Fooling rate over the last epoch of the fit data.
-    stop_reason_ : str
-        ``"target_fooling_rate"``, ``"max_epochs"`` or ``"max_time"``.
+    perturbation_, mask_, warped_mask_, flow_, noise_, threshold_, fooling_rate_, ssim_, best_epoch_, history_, epoch_scores_, n_iter_, n_epochs_, stop_reason_, fit_time_
+        See :class:`krtfuap.estimator.PerturbationEstimator`. ``mask_`` is
+        ``M0``, ``warped_mask_`` is ``Mf`` and ``flow_`` the learned flow
+        (zeros when ``learn_flow=False``). ``history_`` records per step
+        ``loss, adversarial_loss, stealth_loss, stealth_weight,
+        fooling_rate, ssim`` (batch values before the update).
+    stealth_weight_ : float
+        The stealth weight at the end of the fit (the adapted value when
+        ``target_ssim`` is set).
     """
 
     def __init__(
@@ -190,23 +204,26 @@ class UAPAttack(TransformerMixin, BaseEstimator):
         *,
         threshold: float | None = None,
         epsilon: float = 0.08,
+        target_ssim: float | None = None,
         stealth_weight: float | None = None,
-        stealth_loss: StealthLossLike | None = "vgg",
+        stealth_loss: StealthLossLike | None = "ssim",
+        stealth_adapt_rate: float = 0.05,
         adversarial_loss: str = "direction",
         masker: KeyRegionMasker | torch.Tensor | None = None,
         use_key_regions: bool = True,
         learn_flow: bool = True,
         flow_bound: float = 1.0,
         flow_unit: FlowUnit = "pixels",
-        skip_fooled: bool = True,
+        skip_fooled: bool = False,
         target_fooling_rate: float = 0.8,
         max_epochs: int = 50,
         max_time: float | None = None,
         lr: float = 0.01,
+        flow_lr: float | None = None,
         input_diversity: float = 0.0,
         diversity_min_scale: float = 0.9,
-        init_scale: float = 1.0,
-        batch_size: int = 32,
+        init_scale: float = 0.1,
+        batch_size: int = 20,
         random_state: Any = None,
         device: str | torch.device | None = None,
         amp: bool = False,
@@ -218,8 +235,10 @@ class UAPAttack(TransformerMixin, BaseEstimator):
         self.model = model
         self.threshold = threshold
         self.epsilon = epsilon
+        self.target_ssim = target_ssim
         self.stealth_weight = stealth_weight
         self.stealth_loss = stealth_loss
+        self.stealth_adapt_rate = stealth_adapt_rate
         self.adversarial_loss = adversarial_loss
         self.masker = masker
         self.use_key_regions = use_key_regions
@@ -231,6 +250,7 @@ class UAPAttack(TransformerMixin, BaseEstimator):
         self.max_epochs = max_epochs
         self.max_time = max_time
         self.lr = lr
+        self.flow_lr = flow_lr
         self.input_diversity = input_diversity
         self.diversity_min_scale = diversity_min_scale
         self.init_scale = init_scale
@@ -243,26 +263,45 @@ class UAPAttack(TransformerMixin, BaseEstimator):
         self.checkpoint_every = checkpoint_every
         self.verbose = verbose
 
-    # ------------------------------------------------------------------ fitting
-    def _device(self) -> torch.device:
-        if self.device is not None:
-            return torch.device(self.device)
-        return next((p.device for p in self._embedder().parameters()), torch.device("cpu"))
+    @classmethod
+    def paper(cls, model: nn.Module, **overrides: Any) -> "UAPAttack":
+        """The paper's recipe (Jin et al. 2024, Algorithm 1), any keyword overridable.
 
-    def _embedder(self) -> nn.Module:
-        """The face model; a list of models becomes one :class:`~krtfuap.models.ensemble.EnsembleEmbedder`."""
-        if isinstance(self.model, (list, tuple)):
-            return EnsembleEmbedder(self.model)
-        return self.model
+        VGG16 ``relu2_2`` stealth loss with ``lambda = 0.05``, noise starting
+        uniform over the whole budget, only not-yet-fooled faces in the
+        adversarial loss, Adam with ``lr = 0.01`` for noise and flow, batch
+        size 32, stop at fooling rate 0.8. Offline, where no VGG16 weights
+        exist, pass ``stealth_loss="ssim", stealth_weight=3``.
 
-    def _dtype(self) -> torch.dtype:
-        """Floating dtype the model computes in (its first floating parameter; float32 without one)."""
-        return next((p.dtype for p in self._embedder().parameters() if p.is_floating_point()), torch.float32)
+        Returns
+        -------
+        UAPAttack
+            Unfitted.
+        """
+        recipe = dict(
+            stealth_loss="vgg", stealth_weight=0.05, target_ssim=None, skip_fooled=True, init_scale=1.0,
+            lr=0.01, flow_lr=None, batch_size=32, target_fooling_rate=0.8, adversarial_loss="direction",
+        )
+        recipe.update(overrides)
+        return cls(model, **recipe)
 
+    # ------------------------------------------------------------------ checks
     def _check_params(self) -> None:
-        self._check_common_params()
-        if self.checkpoint_every < 1:
-            raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}.")
+        super()._check_params()
+        check_number(self.target_ssim, "target_ssim", low=0, high=1, low_open=True, high_open=True, allow_none=True)
+        check_number(self.stealth_weight, "stealth_weight", low=0, allow_none=True)
+        check_number(self.stealth_adapt_rate, "stealth_adapt_rate", low=0)
+        check_number(self.flow_bound, "flow_bound", low=0)
+        check_number(self.lr, "lr", low=0, low_open=True)
+        check_number(self.flow_lr, "flow_lr", low=0, allow_none=True)
+        check_number(self.init_scale, "init_scale", low=0)
+        check_number(self.checkpoint_every, "checkpoint_every", low=1, integer=True)
+        if self.adversarial_loss not in ADVERSARIAL_LOSSES:
+            raise ValueError(
+                f"adversarial_loss must be one of {sorted(ADVERSARIAL_LOSSES)}, got {self.adversarial_loss!r}."
+            )
+        if self.target_ssim is not None and self.stealth_loss is None:
+            raise ValueError("target_ssim needs a stealth loss to adapt; set stealth_loss='ssim' (or another).")
         RandomResizePad(self.input_diversity, self.diversity_min_scale)  # checks both
         device = self._device()
         if self.amp and not (device.type == "cuda" and torch.cuda.is_bf16_supported()):
@@ -271,28 +310,10 @@ class UAPAttack(TransformerMixin, BaseEstimator):
                 f"{device} instead. Set amp=False."
             )
 
-    def _check_common_params(self) -> None:
-        """Checks shared with the baselines in :mod:`krtfuap.baselines`."""
-        if isinstance(self.model, (list, tuple)):
-            EnsembleEmbedder(self.model)  # checks every member
-        elif not isinstance(self.model, nn.Module):
-            raise TypeError(
-                f"model must be a torch.nn.Module mapping (B, 3, H, W) images in [0, 1] to (B, D) "
-                f"embeddings (or a list of them), got {type(self.model).__name__}."
-            )
-        if not 0 < self.epsilon <= 1:
-            raise ValueError(f"epsilon must be in (0, 1] (images are in [0, 1]), got {self.epsilon}.")
-        if not 0 <= self.target_fooling_rate <= 1:
-            raise ValueError(f"target_fooling_rate must be in [0, 1], got {self.target_fooling_rate}.")
-        if self.max_epochs < 1:
-            raise ValueError(f"max_epochs must be >= 1, got {self.max_epochs}.")
-        if self.max_time is not None and self.max_time < 0:
-            raise ValueError(f"max_time must be >= 0 seconds or None, got {self.max_time}.")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}.")
-        if self.threshold is not None and not -1 <= self.threshold <= 1:
-            raise ValueError(f"threshold is a cosine similarity and must be in [-1, 1], got {self.threshold}.")
+    def _fit_options(self) -> dict[str, Any]:
+        return {"checkpoint_path": self.checkpoint_path, "checkpoint_every": self.checkpoint_every}
 
+    # ------------------------------------------------------------------- mask
     def _key_region_mask(self, X: ImageData, height: int, width: int) -> torch.Tensor | None:
         if not self.use_key_regions:
             return None
@@ -315,61 +336,12 @@ class UAPAttack(TransformerMixin, BaseEstimator):
             raise ValueError("The key-region mask must hold values in [0, 1].")
         return mask
 
-    def _calibrated_threshold(self, pairs: Iterable | None) -> float:
-        if self.threshold is not None:
-            return float(self.threshold)
-        if pairs is None:
-            raise ValueError(
-                "threshold=None needs verification pairs to calibrate it: call fit(X, pairs=loader) with "
-                "batches of (images_a, images_b, same), or set threshold=t (the model's verification "
-                "threshold on cosine similarity)."
-            )
-        similarities, same = pair_similarities(self._embedder(), pairs)
-        threshold, accuracy = calibrate_threshold(similarities, same)
-        self.threshold_accuracy_ = accuracy
-        return threshold
-
-    def fit(
-        self, X: ImageData, y: None = None, *, pairs: Iterable | None = None, resume: bool = False
-    ) -> "UAPAttack":
-        """Learn the universal perturbation on faces ``X``.
-
-        Parameters
-        ----------
-        X : torch.Tensor or iterable
-            Aligned faces: a ``(N, 3, H, W)`` tensor in ``[0, 1]`` RGB, or a
-            re-iterable loader of such batches (or of tuples whose first item is
-            the batch), such as a ``DataLoader``.
-        y : None
-            Ignored (scikit-learn API).
-        pairs : iterable, optional
-            Batches ``(images_a, images_b, same)`` of verification pairs, used
-            only when ``threshold=None`` to calibrate ``threshold_``.
-        resume : bool
-            Continue from ``checkpoint_path`` when that file exists (give the
-            same data, in the same order, and the same parameters).
-
-        Returns
-        -------
-        UAPAttack
-            ``self``, fitted.
-        """
-        self._check_params()
-        if resume and self.checkpoint_path is None:
-            raise ValueError(
-                "fit(resume=True) needs a checkpoint to resume from; set checkpoint_path= to the file the "
-                "interrupted fit wrote (or call fit without resume=True)."
-            )
-        fit_started = time.perf_counter()
-        device = self._device()
-        first = next(iter_image_batches(X, self.batch_size))
-        height, width = first.shape[-2:]
+    def _make_solver(self, X, size, device, generator, embed, threshold):
+        height, width = size
         mask = self._key_region_mask(X, height, width)
-        shard_of_X = shard(X)
-
-        seed = int(check_random_state(self.random_state).randint(2**31 - 1))
-        generator = torch.Generator().manual_seed(seed)
-        diversity = RandomResizePad(self.input_diversity, self.diversity_min_scale, generator=generator)
+        stealth_loss, stealth_weight = resolve_stealth_loss(self.stealth_loss, self.stealth_weight)
+        if isinstance(stealth_loss, nn.Module):
+            stealth_loss = stealth_loss.to(device)
         perturbation = MaskedPerturbation(
             mask,
             epsilon=self.epsilon,
@@ -381,365 +353,123 @@ class UAPAttack(TransformerMixin, BaseEstimator):
             height=height,
             width=width,
         ).to(device)
-        adversarial_loss = DirectionLoss(self.adversarial_loss, reduction="none")
-        stealth_loss, stealth_weight = resolve_stealth_loss(self.stealth_loss, self.stealth_weight)
-        if isinstance(stealth_loss, nn.Module):
-            stealth_loss = stealth_loss.to(device)
-        optimizer = torch.optim.Adam(perturbation.parameters(), lr=self.lr)
-
-        self.history_ = []
-        self.n_iter_ = 0
-        self.stop_reason_ = "max_epochs"
-        first_epoch, elapsed_before = 0, 0.0
-        if resume and self.checkpoint_path is not None and os.path.isfile(self.checkpoint_path):
-            first_epoch, elapsed_before = self._restore_checkpoint(perturbation, optimizer, generator)
-        broadcast_module_(perturbation)
-        model = self._embedder()
-        was_training = model.training
-        frozen = [p for p in model.parameters() if p.requires_grad]
-        model.eval()
-        for parameter in frozen:
-            parameter.requires_grad_(False)
-        memory_format = torch.channels_last if self.channels_last else torch.preserve_format
-        if self.channels_last:
-            model.to(memory_format=torch.channels_last)
-        try:
-            self.threshold_ = self._calibrated_threshold(pairs)
-            started = time.perf_counter() - elapsed_before  # max_time counts optimisation only
-            show_progress = self.verbose and is_main_process()
-            epochs = tqdm(range(first_epoch, self.max_epochs), desc="KRT-FUAP fit", disable=not show_progress)
-            for epoch in epochs:
-                fooled, seen = 0, 0
-                set_epoch(shard_of_X, epoch)
-                for images in iter_image_batches(shard_of_X, self.batch_size):
-                    images = images.to(device, self._dtype(), memory_format=memory_format)
-                    if images.shape[-2:] != (height, width):
-                        raise ValueError(
-                            f"All faces must share one size; got {tuple(images.shape[-2:])} after "
-                            f"{(height, width)}. Align every face to the same size (e.g. 112x112)."
-                        )
-                    record = self._step(
-                        model, images, perturbation, diversity, adversarial_loss, stealth_loss, stealth_weight, optimizer
-                    )
-                    record, n_images = mean_over_ranks(record, len(images), device)
-                    record.update(step=self.n_iter_, epoch=epoch, time=time.perf_counter() - started)
-                    self.history_.append(record)
-                    self.n_iter_ += 1
-                    fooled += record["fooling_rate"] * n_images
-                    seen += n_images
-                    if self.max_time is not None and any_rank(time.perf_counter() - started > self.max_time, device):
-                        self.stop_reason_ = "max_time"
-                        break
-                self.fooling_rate_ = fooled / seen
-                self.n_epochs_ = epoch + 1
-                epochs.set_postfix(fooling_rate=f"{self.fooling_rate_:.3f}")
-                if self.stop_reason_ == "max_time":
-                    break
-                if self.fooling_rate_ >= self.target_fooling_rate:
-                    self.stop_reason_ = "target_fooling_rate"
-                    break
-                if (
-                    self.checkpoint_path is not None
-                    and self.n_epochs_ % self.checkpoint_every == 0
-                    and is_main_process()
-                ):
-                    self._write_checkpoint(perturbation, optimizer, generator, time.perf_counter() - started)
-        finally:
-            model.train(was_training)
-            for parameter in frozen:
-                parameter.requires_grad_(True)
-
-        with torch.no_grad():
-            self.perturbation_ = perturbation().detach().cpu()
-            self.warped_mask_ = perturbation.warped_mask().detach().cpu()
-            self.noise_ = perturbation.noise.detach().cpu()
-            flow = perturbation.flow_warp
-            self.flow_ = flow.flow.detach().cpu() if flow is not None else torch.zeros(2, height, width)
-        self.mask_ = mask if mask is not None else torch.ones(height, width)
-        self.fit_time_ = time.perf_counter() - fit_started
-        return self
-
-    def _write_checkpoint(
-        self,
-        perturbation: MaskedPerturbation,
-        optimizer: torch.optim.Optimizer,
-        generator: torch.Generator,
-        elapsed: float,
-    ) -> None:
-        """Save the state after a finished epoch; write-then-rename so a kill loses nothing."""
-        state = {
-            "format": _FORMAT,
-            "perturbation": perturbation.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "generator": generator.get_state(),
-            "epoch": self.n_epochs_,
-            "n_iter": self.n_iter_,
-            "fooling_rate": self.fooling_rate_,
-            "elapsed": elapsed,
-            "history": self.history_,
-        }
-        path = os.fspath(self.checkpoint_path)
-        partial = f"{path}.partial"
-        with open(partial, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(partial, path)
-
-    def _restore_checkpoint(
-        self, perturbation: MaskedPerturbation, optimizer: torch.optim.Optimizer, generator: torch.Generator
-    ) -> tuple[int, float]:
-        """Load a checkpoint written by :meth:`_write_checkpoint`; returns (next epoch, elapsed seconds)."""
-        path = os.fspath(self.checkpoint_path)
-        fix = (
-            "Delete it (or pass resume=False) to start afresh, or fit with the same parameters and data "
-            "as the run that wrote it."
+        solver = _KeyRegionSolver(
+            perturbation,
+            embed=embed,
+            threshold=threshold,
+            adversarial_loss=DirectionLoss(self.adversarial_loss, reduction="none"),
+            stealth_loss=stealth_loss,
+            stealth_weight=stealth_weight,
+            target_ssim=self.target_ssim,
+            adapt_rate=self.stealth_adapt_rate,
+            skip_fooled=self.skip_fooled,
+            diversity=RandomResizePad(self.input_diversity, self.diversity_min_scale, generator=generator),
+            lr=self.lr,
+            flow_lr=self.lr if self.flow_lr is None else self.flow_lr,
         )
-        state = load_torch_file(path, what="checkpoint", fix=fix)
-        try:
-            if not isinstance(state, dict) or state.get("format") != _FORMAT:
-                raise ValueError("it was not written by UAPAttack")
-            perturbation.load_state_dict(state["perturbation"])
-            optimizer.load_state_dict(state["optimizer"])
-            generator.set_state(state["generator"])
-            restored = (state["epoch"], state["n_iter"], state["fooling_rate"], state["history"], state["elapsed"])
-            torch.set_rng_state(state["torch_rng"])
-        except Exception as error:
-            reason = f"missing entry {error}" if isinstance(error, KeyError) else " ".join(str(error).split())[:300]
-            raise ValueError(f"Cannot resume from checkpoint {path}: {reason}. {fix}") from error
-        self.n_epochs_, self.n_iter_, self.fooling_rate_, self.history_, elapsed = restored
-        return self.n_epochs_, elapsed
+        learned = {"mask_": mask if mask is not None else torch.ones(height, width)}
+        return solver, learned
 
-    def _step(
+
+class _KeyRegionSolver(Solver):
+    """KRT-FUAP's update: Adam on noise and flow of a :class:`MaskedPerturbation`, loss = adversarial + lambda * stealth."""
+
+    def __init__(
         self,
-        model: nn.Module,
-        images: torch.Tensor,
         perturbation: MaskedPerturbation,
-        diversity: RandomResizePad,
+        *,
+        embed: Callable[[torch.Tensor], torch.Tensor],
+        threshold: float,
         adversarial_loss: DirectionLoss,
-        stealth_loss,
+        stealth_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
         stealth_weight: float,
-        optimizer: torch.optim.Optimizer,
-    ) -> dict[str, float]:
-        """One Adam step on one batch; returns the batch's record for ``history_``."""
-        with torch.no_grad():
-            clean_embeddings = self._embed(model, images)
-        adversarial = (images + perturbation()).clamp(0.0, 1.0)
-        adversarial_embeddings = self._embed(model, diversity(adversarial))
-        similarity = cosine_similarity(adversarial_embeddings.detach(), clean_embeddings)
-        fooled = similarity < self.threshold_
-        per_face = adversarial_loss(adversarial_embeddings, clean_embeddings)
+        target_ssim: float | None,
+        adapt_rate: float,
+        skip_fooled: bool,
+        diversity: RandomResizePad,
+        lr: float,
+        flow_lr: float,
+    ) -> None:
+        self.module = perturbation
+        self.embed = embed
+        self.threshold = threshold
+        self.adversarial_loss = adversarial_loss
+        self.stealth_loss = stealth_loss
+        self.stealth_weight = stealth_weight
+        self.target_ssim = target_ssim
+        self.adapt_rate = adapt_rate
+        self.skip_fooled = skip_fooled
+        self.diversity = diversity
+        groups = [{"params": [perturbation.noise], "lr": lr}]
+        if perturbation.flow_warp is not None:
+            groups.append({"params": list(perturbation.flow_warp.parameters()), "lr": flow_lr})
+        self.optimizer = torch.optim.Adam(groups)
+
+    def step(self, images: torch.Tensor, clean_embeddings: torch.Tensor) -> dict[str, float]:
+        adversarial = (images + self.module().to(images.dtype)).clamp(0.0, 1.0)
+        embeddings = self.embed(self.diversity(adversarial))
+        similarity = cosine_similarity(embeddings.detach(), clean_embeddings)
+        fooled = similarity < self.threshold
+        per_face = self.adversarial_loss(embeddings, clean_embeddings)
         if self.skip_fooled:
             per_face = per_face * (~fooled).to(per_face.dtype)
         adversarial_term = per_face.mean()
-        if stealth_loss is not None:
-            stealth_term = stealth_loss(adversarial, images)
+        if self.stealth_loss is not None:
+            stealth_term = self.stealth_loss(adversarial, images)
         else:
             stealth_term = adversarial_term.new_zeros(())
-        loss = adversarial_term + stealth_weight * stealth_term
-        optimizer.zero_grad(set_to_none=True)
+        loss = adversarial_term + self.stealth_weight * stealth_term
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        average_gradients(perturbation.parameters())
-        optimizer.step()
-        perturbation.project_()
+        average_gradients(self.module.parameters())
+        self.optimizer.step()
+        self.module.project_()
         with torch.no_grad():
-            batch_ssim = ssim(adversarial.detach(), images).mean().item()
+            batch_ssim = ssim(adversarial.detach().float(), images.float()).mean().item()
         return {
             "loss": loss.item(),
             "adversarial_loss": adversarial_term.item(),
             "stealth_loss": stealth_term.item(),
+            "stealth_weight": self.stealth_weight,
             "fooling_rate": fooled.float().mean().item(),
             "ssim": batch_ssim,
         }
 
-    def _embed(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-        """Face model forward with the ``amp`` and ``channels_last`` options: ``(B, D)`` float32."""
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            embeddings = model(images)
-        return check_embeddings(embeddings, len(images)).float()
-
-    # --------------------------------------------------------------- applying
-    def transform(self, X: torch.Tensor) -> torch.Tensor:
-        """Add the learned perturbation: ``clip(X + perturbation_, 0, 1)``.
-
-        Parameters
-        ----------
-        X : torch.Tensor
-            ``(B, 3, H, W)`` RGB in ``[0, 1]``, the size the attack was fitted on.
-
-        Returns
-        -------
-        torch.Tensor
-            Same shape, device and dtype as ``X``, values in ``[0, 1]``.
-        """
-        check_is_fitted(self, "perturbation_")
-        check_images(X, name="X")
-        if X.shape[-2:] != self.perturbation_.shape[-2:]:
-            raise ValueError(
-                f"X has size {tuple(X.shape[-2:])} but the perturbation was fitted on "
-                f"{tuple(self.perturbation_.shape[-2:])}; align the faces to that size first."
+    def after_step(self, record: dict[str, float]) -> None:
+        if self.target_ssim is not None:
+            self.stealth_weight = adapt_stealth_weight(
+                self.stealth_weight, record["ssim"], self.target_ssim + _SSIM_MARGIN, self.adapt_rate
             )
-        return (X + self.perturbation_.to(device=X.device, dtype=X.dtype)).clamp(0.0, 1.0)
 
     @torch.no_grad()
-    def evaluate(self, X: ImageData) -> dict[str, float]:
-        """Fooling rate, SSIM and PSNR of the perturbation on faces ``X``.
+    def perturbation(self) -> torch.Tensor:
+        return self.module().detach()
 
-        Parameters
-        ----------
-        X : torch.Tensor or iterable
-            Faces as in :meth:`fit`; judge on identities not used for fitting.
-
-        Returns
-        -------
-        dict
-            ``fooling_rate`` (share with ``cos(F(x + v), F(x)) < threshold_``),
-            ``ssim`` and ``psnr`` (means over faces), ``mean_similarity`` and
-            ``n_images``.
-        """
-        check_is_fitted(self, "perturbation_")
-        device = self._device()
-        model = self._embedder()
-        was_training = model.training
-        model.eval()
-        similarities, ssims, psnrs = [], [], []
-        try:
-            for images in iter_image_batches(X, self.batch_size):
-                images = images.to(device, self._dtype())
-                adversarial = self.transform(images)
-                clean = check_embeddings(model(images), len(images))
-                perturbed = check_embeddings(model(adversarial), len(images))
-                similarities.append(cosine_similarity(perturbed, clean).cpu())
-                ssims.append(ssim(adversarial, images).cpu())
-                psnrs.append(psnr(adversarial, images).cpu())
-        finally:
-            model.train(was_training)
-        similarity = torch.cat(similarities)
+    @torch.no_grad()
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        flow_warp = self.module.flow_warp
+        height, width = self.module.base_mask.shape
         return {
-            "fooling_rate": (similarity < self.threshold_).float().mean().item(),
-            "ssim": torch.cat(ssims).mean().item(),
-            "psnr": torch.cat(psnrs).mean().item(),
-            "mean_similarity": similarity.mean().item(),
-            "n_images": len(similarity),
+            "perturbation_": self.module().detach().cpu().clone(),
+            "noise_": self.module.noise.detach().cpu().clone(),
+            "warped_mask_": self.module.warped_mask().detach().cpu().clone(),
+            "flow_": flow_warp.flow.detach().cpu().clone() if flow_warp is not None else torch.zeros(2, height, width),
         }
 
-    # ----------------------------------------------------------- persistence
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the fitted attack to a ``.safetensors`` file (no pickle).
+    def fitted_attributes(self) -> dict[str, Any]:
+        return {"stealth_weight_": self.stealth_weight}
 
-        Tensors (``perturbation_``, ``mask_``, ``warped_mask_``, ``flow_``,
-        ``noise_``) go in the tensor section; JSON-serialisable parameters,
-        ``threshold_`` and ``history_`` go in the metadata. The model, a masker
-        object and a callable stealth loss are not saved. The file is written
-        next to ``path`` and renamed into place, so a failed save leaves an
-        existing file at ``path`` unchanged. When fitting distributed, only
-        rank 0 writes the file (the other ranks return).
-        """
-        check_is_fitted(self, "perturbation_")
-        if not is_main_process():
-            return
-        params = {k: v for k, v in self.get_params(deep=False).items() if _is_json_scalar(v)}
-        fitted = {
-            k: getattr(self, k)
-            for k in ("threshold_", "n_iter_", "n_epochs_", "fooling_rate_", "stop_reason_", "fit_time_")
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "perturbation": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "stealth_weight": self.stealth_weight,
         }
-        metadata = {
-            "format": _FORMAT,
-            "class": type(self).__name__,
-            "params": json.dumps(params),
-            "fitted": json.dumps(fitted),
-            "history": json.dumps(self.history_),
-        }
-        tensors = {name: getattr(self, name).contiguous() for name in _SAVED_TENSORS}
-        path = os.fspath(path)
-        if os.path.isdir(path):
-            raise IsADirectoryError(f"Cannot save to {path}: it is a folder; pass a file path such as attack.safetensors.")
-        folder = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"Cannot save to {path}: the folder {folder} does not exist; create it first.")
-        partial = f"{path}.partial"
-        try:  # write-then-rename: a failed save leaves an existing file at path untouched
-            save_file(tensors, partial, metadata=metadata)
-            os.replace(partial, path)
-        except BaseException:
-            if os.path.exists(partial):
-                os.remove(partial)
-            raise
 
-    @classmethod
-    def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> "UAPAttack":
-        """Read an attack written by :meth:`save`.
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["perturbation"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.stealth_weight = float(state["stealth_weight"])
 
-        Parameters
-        ----------
-        path : path-like
-            A file written by :meth:`save`.
-        model : torch.nn.Module, optional
-            The face model, needed for :meth:`evaluate` or a new :meth:`fit`
-            (not for :meth:`transform`).
-
-        Returns
-        -------
-        UAPAttack
-            A fitted attack.
-        """
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"No saved attack at {path}; pass the path of a .safetensors file written by {cls.__name__}.save."
-            )
-        fix = f"Pass a .safetensors file written by {cls.__name__}.save, or save the fitted attack again."
-        with open(path, "rb") as handle:
-            head = handle.read(4)
-        if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
-            raise ValueError(
-                f"{path} is a pickle / torch.save file, not a krtfuap attack file: load reads only .safetensors "
-                f"files and never unpickles (pickles can run code). {fix}"
-            )
-        try:
-            with safe_open(path, framework="pt") as handle:
-                metadata = handle.metadata() or {}
-                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-        except Exception as error:
-            raise ValueError(
-                f"{path} is not a krtfuap attack file it can read: the .safetensors data is truncated or corrupt "
-                f"({error}). {fix}"
-            ) from error
-        if metadata.get("format") != _FORMAT or set(tensors) != set(_SAVED_TENSORS):
-            raise ValueError(
-                f"{path} is a .safetensors file but not a krtfuap attack file (format {metadata.get('format')!r}, "
-                f"tensors {sorted(tensors)}). {fix}"
-            )
-        perturbation = tensors["perturbation_"]
-        if perturbation.ndim != 3 or perturbation.shape[0] != 3 or not torch.isfinite(perturbation).all():
-            raise ValueError(
-                f"{path} holds a damaged perturbation (shape {tuple(perturbation.shape)}, expected finite "
-                f"(3, H, W) values). {fix}"
-            )
-        try:
-            params = json.loads(metadata["params"])
-            fitted = json.loads(metadata["fitted"])
-            history = json.loads(metadata["history"])
-        except (KeyError, ValueError) as error:
-            raise ValueError(f"{path} has damaged krtfuap metadata ({type(error).__name__}: {error}). {fix}") from error
-        unknown = sorted(set(params) - set(cls._get_param_names()))
-        if unknown:
-            saved_by = metadata.get("class", "another attack class")
-            raise ValueError(
-                f"{path} was saved by {saved_by}, another attack class (it has parameters {unknown} that "
-                f"{cls.__name__} does not take); load it with {saved_by}.load."
-            )
-        attack = cls(model, **params)
-        for name, value in fitted.items():
-            setattr(attack, name, value)
-        attack.history_ = history
-        for name, tensor in tensors.items():
-            setattr(attack, name, tensor)
-        return attack
-
-
-def _is_json_scalar(value: object) -> bool:
-    return value is None or isinstance(value, (bool, int, float, str))
+    def broadcast_(self) -> None:
+        broadcast_module_(self.module)

@@ -1,11 +1,15 @@
 """Baseline universal perturbations for the comparison of the paper's Table 1.
 
-Four baselines sit behind the estimator API of :class:`krtfuap.UAPAttack`
-(``fit`` / ``transform`` / ``evaluate`` / ``save`` / ``load``), with the same
-budget (an l_inf ball of radius ``epsilon`` on ``[0, 1]`` images), the same
-fooling criterion (``cos(F(x + v), F(x)) < threshold_``) and the same stopping
-rules (``target_fooling_rate`` over one epoch of the fit data, ``max_epochs``,
-``max_time`` checked after every step):
+Four baselines share the public surface of every estimator
+(:class:`krtfuap.estimator.PerturbationEstimator`: ``fit`` / ``transform`` /
+``evaluate`` / ``save`` / ``load``) and the fit loop of
+:class:`krtfuap.UAPAttack` (:class:`krtfuap.engine.FitLoop`), so they have the
+same budget (an l_inf ball of radius ``epsilon`` on ``[0, 1]`` images), the same
+fooling criterion (``cos(F(x + v), F(x)) < threshold_``), the same honest
+stopping rules (the perturbation is scored on the fit data after every epoch;
+``target_fooling_rate``, ``max_epochs``, ``max_time``), the same choice of the
+returned perturbation (the best one scored), and checkpoint/resume,
+distributed fitting and a progress bar:
 
 * :class:`RandomNoiseUAP`: uniform noise, nothing learned;
 * :class:`DeepFoolUAP`: the universal perturbation algorithm of
@@ -17,38 +21,26 @@ rules (``target_fooling_rate`` over one epoch of the fit data, ``max_epochs``,
   spirit of FTGAP (Deng and Karam); a re-implementation from the paper's
   description, as no public code exists.
 
-All four subclass :class:`~krtfuap.attack.UAPAttack`, so ``transform``,
-``evaluate``, ``save``, threshold calibration and scikit-learn's
-``get_params`` / ``clone`` are inherited unchanged. ``fit`` sets the
-attributes that ``save`` writes (``mask_`` and ``warped_mask_`` are all ones,
-``flow_`` is zero, ``noise_`` equals ``perturbation_``).
-
-Saving and loading: load a file with the class that saved it
-(``DeepFoolUAP.load(path, model)``). :meth:`UAPAttack.load
-<krtfuap.attack.UAPAttack.load>` builds ``UAPAttack(model, **saved_params)``,
-so it reads a :class:`RandomNoiseUAP` file (whose parameters are all
-``UAPAttack`` keywords) as a working ``UAPAttack``, but not a file of the
-other baselines (their extra parameters such as ``overshoot`` are not
-``UAPAttack`` keywords). Attributes specific to a baseline (``best_epoch_``,
-``band_shape_``, ...) are not saved.
+``fit`` sets the attributes that ``save`` writes (``mask_`` and
+``warped_mask_`` are all ones, ``flow_`` is zero, ``noise_`` equals
+``perturbation_``). Load a file with the class that saved it
+(``DeepFoolUAP.load(path, model)``).
 """
 
 from __future__ import annotations
 
 import math
-import time
-from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator
+import os
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from sklearn.utils import check_random_state
 from torch import nn
-from tqdm.auto import tqdm
 
-from krtfuap._batches import ImageData, iter_image_batches
-from krtfuap._validation import check_embeddings
-from krtfuap.attack import UAPAttack
+from krtfuap._validation import check_embeddings, check_number
+from krtfuap.distributed import average_gradients, broadcast_module_, sum_over_ranks_
+from krtfuap.engine import Solver
+from krtfuap.estimator import PerturbationEstimator
 from krtfuap.losses import direction_loss
 from krtfuap.metrics import cosine_similarity, ssim
 
@@ -123,31 +115,7 @@ def idct2(coefficients: torch.Tensor) -> torch.Tensor:
     return d_h.T @ coefficients @ d_w
 
 
-# ----------------------------------------------------------------------- helpers
-@contextmanager
-def _frozen(model: nn.Module) -> Iterator[None]:
-    """Put ``model`` in eval mode with frozen weights; restore both afterwards."""
-    was_training = model.training
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    model.eval()
-    for parameter in trainable:
-        parameter.requires_grad_(False)
-    try:
-        yield
-    finally:
-        model.train(was_training)
-        for parameter in trainable:
-            parameter.requires_grad_(True)
-
-
-def _similarity(
-    model: nn.Module, images: torch.Tensor, perturbation: torch.Tensor, clean: torch.Tensor
-) -> torch.Tensor:
-    """``cos(F(clip(x + v)), F(x))`` per face, shape ``(B,)``; differentiable in ``perturbation``."""
-    adversarial = (images + perturbation).clamp(0.0, 1.0)
-    return cosine_similarity(check_embeddings(model(adversarial), len(images)), clean)
-
-
+# ------------------------------------------------------------------- DeepFool step
 def deepfool_steps(
     model: nn.Module,
     images: torch.Tensor,
@@ -223,559 +191,111 @@ def deepfool_steps(
     return steps.detach() * moved.view(-1, 1, 1, 1)
 
 
-class _BestPerturbation:
-    """Keeps the perturbation with the highest score; the earliest wins ties.
-
-    Scores are tuples compared lexicographically, e.g.
-    ``(fooling_rate, -mean_similarity)``.
-    """
-
-    def __init__(self) -> None:
-        self.score: tuple[float, ...] | None = None
-        self.epoch = -1
-        self.perturbation: torch.Tensor | None = None
-
-    def offer(self, score: tuple[float, ...], perturbation: torch.Tensor, epoch: int) -> bool:
-        """Keep a copy of ``perturbation`` when ``score`` beats the best so far; return whether it did."""
-        if self.score is not None and score <= self.score:
-            return False
-        self.score, self.epoch = score, epoch
-        self.perturbation = perturbation.detach().clone()
-        return True
+# --------------------------------------------------------------------- solvers
+def _batch_record(images: torch.Tensor, perturbation: torch.Tensor, similarity: torch.Tensor, threshold: float) -> dict[str, float]:
+    """Fooling rate, mean similarity and SSIM of one batch under ``perturbation`` (before the update)."""
+    with torch.no_grad():
+        adversarial = (images + perturbation.detach()).clamp(0.0, 1.0)
+        return {
+            "fooling_rate": (similarity.detach() < threshold).float().mean().item(),
+            "mean_similarity": similarity.detach().mean().item(),
+            "ssim": ssim(adversarial.float(), images.float()).mean().item(),
+        }
 
 
-# ------------------------------------------------------------------ base class
-class _BaselineUAP(UAPAttack):
-    """Shared fitting machinery of the baselines (not public).
+class _FixedNoiseSolver(Solver):
+    """Random noise: nothing to learn, the loop only scores it."""
 
-    Subclasses store their parameters in ``__init__`` and implement ``fit``
-    with :meth:`_prepare`, :meth:`_run_epochs` and :meth:`_store`.
-    """
+    learns = False
 
-    def _check_params(self) -> None:
-        self._check_common_params()  # baselines write no checkpoints
+    def __init__(self, noise: torch.Tensor) -> None:
+        self.noise = noise
 
-    def _prepare(self, X: ImageData) -> tuple[float, torch.device, tuple[int, int], torch.Generator]:
-        """Check parameters; return (start time, device, image size, seeded CPU generator)."""
-        self._check_params()
-        started = time.perf_counter()
-        size = tuple(next(iter_image_batches(X, self.batch_size)).shape[-2:])
-        seed = int(check_random_state(self.random_state).randint(2**31 - 1))
-        return started, self._device(), size, torch.Generator().manual_seed(seed)
+    def perturbation(self) -> torch.Tensor:
+        return self.noise
 
-    def _out_of_time(self, started: float) -> bool:
-        return self.max_time is not None and time.perf_counter() - started > self.max_time
 
-    def _batches(self, X: ImageData, device: torch.device, size: tuple[int, ...]) -> Iterator[torch.Tensor]:
-        for images in iter_image_batches(X, self.batch_size):
-            if tuple(images.shape[-2:]) != size:
-                raise ValueError(
-                    f"All faces must share one size; got {tuple(images.shape[-2:])} after {size}. "
-                    "Align every face to the same size (e.g. 112x112)."
-                )
-            yield images.to(device, self._dtype())
+class _TensorSolver(Solver):
+    """A perturbation held as one tensor ``(3, H, W)``, with an optional Adam optimiser."""
 
-    def _run_epochs(
-        self,
-        X: ImageData,
-        device: torch.device,
-        size: tuple[int, ...],
-        started: float,
-        step: Callable[[torch.Tensor], dict[str, float]],
-        end_epoch: Callable[[int, float, float], None] | None = None,
-    ) -> None:
-        """The stopping logic of ``UAPAttack.fit`` around a per-batch ``step``.
+    def __init__(self, perturbation: torch.Tensor, lr: float | None = None) -> None:
+        self.tensor = perturbation.requires_grad_(lr is not None)
+        self.optimizer = torch.optim.Adam([self.tensor], lr=lr) if lr is not None else None
 
-        ``step(images)`` updates the perturbation and returns the batch record
-        (with ``fooling_rate`` and ``mean_similarity`` measured before the
-        update). ``end_epoch(epoch, fooling_rate, mean_similarity)`` runs after
-        every epoch, a partial one cut by ``max_time`` included.
-        """
-        self.history_ = []
-        self.n_iter_ = 0
-        self.stop_reason_ = "max_epochs"
-        epochs = tqdm(range(self.max_epochs), desc=f"{type(self).__name__} fit", disable=not self.verbose)
-        for epoch in epochs:
-            fooled, similarity_sum, seen = 0.0, 0.0, 0
-            for images in self._batches(X, device, size):
-                record = step(images)
-                record.update(step=self.n_iter_, epoch=epoch, time=time.perf_counter() - started)
-                self.history_.append(record)
-                self.n_iter_ += 1
-                fooled += record["fooling_rate"] * len(images)
-                similarity_sum += record["mean_similarity"] * len(images)
-                seen += len(images)
-                if self._out_of_time(started):
-                    self.stop_reason_ = "max_time"
-                    break
-            self.fooling_rate_ = fooled / seen
-            self.n_epochs_ = epoch + 1
-            epochs.set_postfix(fooling_rate=f"{self.fooling_rate_:.3f}")
-            if end_epoch is not None:
-                end_epoch(epoch, self.fooling_rate_, similarity_sum / seen)
-            if self.stop_reason_ == "max_time":
-                break
-            if self.fooling_rate_ >= self.target_fooling_rate:
-                self.stop_reason_ = "target_fooling_rate"
-                break
+    def perturbation(self) -> torch.Tensor:
+        return self.tensor.detach()
 
-    def _store(self, perturbation: torch.Tensor, started: float) -> None:
-        """Set ``perturbation_`` and the attributes ``save`` writes for a global perturbation."""
-        self.perturbation_ = perturbation.detach().cpu().clone()
-        height, width = self.perturbation_.shape[-2:]
-        self.noise_ = self.perturbation_.clone()
-        self.mask_ = torch.ones(height, width)
-        self.warped_mask_ = torch.ones(height, width)
-        self.flow_ = torch.zeros(2, height, width)
-        self.fit_time_ = time.perf_counter() - started
+    def state_dict(self) -> dict[str, Any]:
+        state = {"perturbation": self.tensor.detach().clone()}
+        if self.optimizer is not None:
+            state["optimizer"] = self.optimizer.state_dict()
+        return state
 
-    def _record(self, images: torch.Tensor, perturbation: torch.Tensor, similarity: torch.Tensor) -> dict[str, float]:
-        """Batch record: fooling rate, mean similarity and SSIM of ``clip(images + perturbation)``."""
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         with torch.no_grad():
-            adversarial = (images + perturbation.detach()).clamp(0.0, 1.0)
-            return {
-                "fooling_rate": (similarity.detach() < self.threshold_).float().mean().item(),
-                "mean_similarity": similarity.detach().mean().item(),
-                "ssim": ssim(adversarial, images).mean().item(),
-            }
+            self.tensor.copy_(state["perturbation"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+
+    def broadcast_(self) -> None:
+        holder = nn.Module()
+        holder.register_buffer("tensor", self.tensor.data)
+        broadcast_module_(holder)
 
 
-# --------------------------------------------------------------- random noise
-class RandomNoiseUAP(_BaselineUAP):
-    """Uniform random noise in ``[-epsilon, epsilon]``: the "Random" row of Table 1.
+class _DeepFoolSolver(_TensorSolver):
+    """Sums the DeepFool steps of a batch's unfooled faces into ``v`` and projects."""
 
-    Nothing is learned: ``fit`` draws the noise (seeded by ``random_state``),
-    sets ``threshold_`` and measures the noise once on the fit data.
+    def __init__(self, size, device, *, embed, threshold, epsilon, overshoot, max_inner, generator) -> None:
+        super().__init__(torch.zeros(3, *size, device=device))
+        self.embed, self.threshold, self.epsilon = embed, threshold, epsilon
+        self.overshoot, self.max_inner, self.generator = overshoot, max_inner, generator
 
-    Parameters
-    ----------
-    model : torch.nn.Module
-        Face embedding model, ``(B, 3, H, W)`` in ``[0, 1]`` -> ``(B, D)``.
-    threshold : float, optional
-        Verification threshold on cosine similarity; ``None`` calibrates it
-        from ``fit(..., pairs=...)`` as in :class:`~krtfuap.attack.UAPAttack`.
-    epsilon : float
-        l_inf budget on ``[0, 1]`` images.
-    target_fooling_rate, max_epochs, max_time
-        Only set ``stop_reason_``: the single measurement pass is reported as
-        ``"max_time"`` when it took longer than ``max_time``, else
-        ``"target_fooling_rate"`` when its fooling rate reaches the target, else
-        ``"max_epochs"``.
-    batch_size : int
-        Batch size when ``X`` is one tensor.
-    random_state : int, numpy RandomState or None
-        Seeds the noise.
-    device : str or torch.device, optional
-        Where to measure; default: the device of the model.
-    verbose : bool
-        Accepted for API parity; there is no progress bar.
-
-    Attributes
-    ----------
-    perturbation_ : torch.Tensor
-        ``(3, H, W)``, uniform in ``[-epsilon, epsilon]``, on the CPU.
-    mask_, warped_mask_, flow_, noise_ : torch.Tensor
-        Ones ``(H, W)``, ones ``(H, W)``, zeros ``(2, H, W)``, ``perturbation_``.
-    threshold_ : float
-    history_ : list of dict
-        One record: ``step, epoch, fooling_rate, mean_similarity, ssim`` on the fit data.
-    n_iter_ : int
-        0 (no optimisation step).
-    n_epochs_ : int
-        1 (one measurement pass).
-    fooling_rate_ : float
-        Fooling rate of the noise on the fit data.
-    stop_reason_ : str
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        threshold: float | None = None,
-        epsilon: float = 0.08,
-        target_fooling_rate: float = 0.8,
-        max_epochs: int = 50,
-        max_time: float | None = None,
-        batch_size: int = 32,
-        random_state: Any = None,
-        device: str | torch.device | None = None,
-        verbose: bool = False,
-    ) -> None:
-        self.model = model
-        self.threshold = threshold
-        self.epsilon = epsilon
-        self.target_fooling_rate = target_fooling_rate
-        self.max_epochs = max_epochs
-        self.max_time = max_time
-        self.batch_size = batch_size
-        self.random_state = random_state
-        self.device = device
-        self.verbose = verbose
-
-    def fit(self, X: ImageData, y: None = None, *, pairs: Iterable | None = None) -> "RandomNoiseUAP":
-        """Draw the noise and measure it on faces ``X``.
-
-        Parameters
-        ----------
-        X : torch.Tensor or iterable
-            ``(N, 3, H, W)`` faces in ``[0, 1]`` or a re-iterable loader of batches.
-        y : None
-            Ignored.
-        pairs : iterable, optional
-            ``(images_a, images_b, same)`` batches, used when ``threshold=None``.
-
-        Returns
-        -------
-        RandomNoiseUAP
-            ``self``, fitted.
-        """
-        started, device, size, generator = self._prepare(X)
-        noise = (torch.rand(3, *size, generator=generator) * 2 - 1) * self.epsilon
-        perturbation = noise.to(device)
-        fooled, similarity_sum, ssim_sum, seen = 0.0, 0.0, 0.0, 0
-        with _frozen(self._embedder()), torch.no_grad():
-            self.threshold_ = self._calibrated_threshold(pairs)
-            for images in self._batches(X, device, size):
-                clean = check_embeddings(self._embedder()(images), len(images))
-                record = self._record(images, perturbation, _similarity(self._embedder(), images, perturbation, clean))
-                fooled += record["fooling_rate"] * len(images)
-                similarity_sum += record["mean_similarity"] * len(images)
-                ssim_sum += record["ssim"] * len(images)
-                seen += len(images)
-        self.fooling_rate_ = fooled / seen
-        self.history_ = [
-            {
-                "step": 0,
-                "epoch": 0,
-                "fooling_rate": self.fooling_rate_,
-                "mean_similarity": similarity_sum / seen,
-                "ssim": ssim_sum / seen,
-            }
-        ]
-        self.n_iter_, self.n_epochs_ = 0, 1
-        if self._out_of_time(started):
-            self.stop_reason_ = "max_time"
-        elif self.fooling_rate_ >= self.target_fooling_rate:
-            self.stop_reason_ = "target_fooling_rate"
-        else:
-            self.stop_reason_ = "max_epochs"
-        self._store(noise, started)
-        return self
-
-
-# -------------------------------------------------------------------- DeepFool
-class DeepFoolUAP(_BaselineUAP):
-    """Universal perturbation of Moosavi-Dezfooli et al. (CVPR 2017), adapted to verification.
-
-    The original algorithm visits the images one by one and, for each image
-    the current ``v`` does not fool, adds the minimal DeepFool step that fools
-    it, then projects ``v`` onto the l_inf ball. Here a face is fooled when
-    ``cos(F(x + v), F(x)) < threshold_``, so the DeepFool step crosses that
-    threshold (see :func:`deepfool_steps`, which linearises the chordal
-    distance of the normalised embeddings instead of the similarity itself).
-
-    Batched variant: the steps ``r_i`` of all not-yet-fooled faces of a batch
-    are computed at the same ``v`` and **summed**, ``v <- clip(v + sum_i r_i,
-    -epsilon, epsilon)``. The sum is the sequential accumulation of the
-    original within a batch, except that each step is linearised at the
-    batch's starting ``v`` instead of after the previous face's step (the
-    projection is applied once per batch). ``batch_size=1`` gives the
-    original sequential algorithm. ``v`` starts at zero.
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-        Face embedding model, ``(B, 3, H, W)`` in ``[0, 1]`` -> ``(B, D)``,
-        used in eval mode (faces must not interact inside a batch).
-    threshold : float, optional
-        Verification threshold; ``None`` calibrates it from ``fit(..., pairs=...)``.
-    epsilon : float
-        l_inf budget on ``[0, 1]`` images.
-    overshoot : float
-        Margin aimed below the threshold, in cosine-similarity units, ``>= 0``.
-    max_inner : int
-        Maximum DeepFool linearisation steps per batch, ``>= 1``.
-    target_fooling_rate, max_epochs, max_time
-        Stopping rules of :class:`~krtfuap.attack.UAPAttack` (one step = one batch).
-    batch_size : int
-        Batch size when ``X`` is one tensor.
-    random_state : int, numpy RandomState or None
-        Seeds the tiny starting noise of each DeepFool step (``v`` itself
-        starts at zero).
-    device : str or torch.device, optional
-        Where to fit; default: the device of the model.
-    verbose : bool
-        Show a tqdm progress bar.
-
-    Attributes
-    ----------
-    perturbation_ : torch.Tensor
-        ``(3, H, W)`` in ``[-epsilon, epsilon]``, on the CPU.
-    mask_, warped_mask_, flow_, noise_ : torch.Tensor
-        Ones, ones, zeros and ``perturbation_`` (a global perturbation).
-    threshold_ : float
-    history_ : list of dict
-        Per batch: ``step, epoch, fooling_rate, mean_similarity, ssim``
-        (before the update) and ``n_updated`` (faces that contributed a step).
-    n_iter_, n_epochs_, fooling_rate_, stop_reason_
-        As in :class:`~krtfuap.attack.UAPAttack`.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        threshold: float | None = None,
-        epsilon: float = 0.08,
-        overshoot: float = 0.02,
-        max_inner: int = 10,
-        target_fooling_rate: float = 0.8,
-        max_epochs: int = 50,
-        max_time: float | None = None,
-        batch_size: int = 32,
-        random_state: Any = None,
-        device: str | torch.device | None = None,
-        verbose: bool = False,
-    ) -> None:
-        self.model = model
-        self.threshold = threshold
-        self.epsilon = epsilon
-        self.overshoot = overshoot
-        self.max_inner = max_inner
-        self.target_fooling_rate = target_fooling_rate
-        self.max_epochs = max_epochs
-        self.max_time = max_time
-        self.batch_size = batch_size
-        self.random_state = random_state
-        self.device = device
-        self.verbose = verbose
-
-    def _check_params(self) -> None:
-        super()._check_params()
-        if self.overshoot < 0:
-            raise ValueError(f"overshoot must be >= 0 (a margin below the threshold), got {self.overshoot}.")
-        if self.max_inner < 1:
-            raise ValueError(f"max_inner must be >= 1, got {self.max_inner}.")
-
-    def fit(self, X: ImageData, y: None = None, *, pairs: Iterable | None = None) -> "DeepFoolUAP":
-        """Learn the perturbation on faces ``X``.
-
-        Parameters
-        ----------
-        X : torch.Tensor or iterable
-            ``(N, 3, H, W)`` faces in ``[0, 1]`` or a re-iterable loader of batches.
-        y : None
-            Ignored.
-        pairs : iterable, optional
-            ``(images_a, images_b, same)`` batches, used when ``threshold=None``.
-
-        Returns
-        -------
-        DeepFoolUAP
-            ``self``, fitted.
-        """
-        started, device, size, generator = self._prepare(X)
-        perturbation = torch.zeros(3, *size, device=device)
-
-        def step(images: torch.Tensor) -> dict[str, float]:
-            nonlocal perturbation
-            with torch.no_grad():
-                clean = check_embeddings(self._embedder()(images), len(images))
-                similarity = _similarity(self._embedder(), images, perturbation, clean)
-            record = self._record(images, perturbation, similarity)
-            todo = similarity >= self.threshold_
-            record["n_updated"] = int(todo.sum())
-            if todo.any():
-                steps = deepfool_steps(
-                    self._embedder(), images[todo], clean[todo], perturbation, self.threshold_,
-                    overshoot=self.overshoot, max_inner=self.max_inner, generator=generator,
-                )
-                perturbation = (perturbation + steps.sum(dim=0)).clamp(-self.epsilon, self.epsilon)
-            return record
-
-        with _frozen(self._embedder()):
-            self.threshold_ = self._calibrated_threshold(pairs)
-            self._run_epochs(X, device, size, started, step)
-        self._store(perturbation, started)
-        return self
-
-
-# ---------------------------------------------------------------------- FG-UAP
-class FGUAP(_BaselineUAP):
-    """Feature-level cosine UAP with best-epoch selection, after FG-UAP (Ye et al., CVPR 2023).
-
-    FG-UAP minimises the cosine similarity between the features of clean and
-    perturbed images. Adapted to face verification, the features are the face
-    embeddings: a global (unmasked) perturbation ``v`` is optimised with Adam
-    on ``mean_i cos(F(clip(x_i + v)), F(x_i))`` over every face of the batch,
-    clipped to ``[-epsilon, epsilon]`` after each step. As in FG-UAP, the
-    perturbation kept is the best one seen at the end of an epoch, not the
-    last one.
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-        Face embedding model, ``(B, 3, H, W)`` in ``[0, 1]`` -> ``(B, D)``.
-    threshold : float, optional
-        Verification threshold; ``None`` calibrates it from ``fit(..., pairs=...)``.
-    epsilon : float
-        l_inf budget on ``[0, 1]`` images.
-    lr : float
-        Adam learning rate (same default as :class:`~krtfuap.attack.UAPAttack`).
-    target_fooling_rate, max_epochs, max_time
-        Stopping rules of :class:`~krtfuap.attack.UAPAttack`, judged on the fit
-        data's running fooling rate (whatever ``validation`` is).
-    batch_size : int
-        Batch size when ``X`` (and ``validation``) is one tensor.
-    random_state : int, numpy RandomState or None
-        Seeds the initial noise, uniform in ``[-epsilon, epsilon]``.
-    device : str or torch.device, optional
-        Where to fit; default: the device of the model.
-    verbose : bool
-        Show a tqdm progress bar.
-
-    Attributes
-    ----------
-    perturbation_ : torch.Tensor
-        ``(3, H, W)`` in ``[-epsilon, epsilon]``: the best end-of-epoch perturbation.
-    mask_, warped_mask_, flow_, noise_ : torch.Tensor
-        Ones, ones, zeros and ``perturbation_`` (a global perturbation).
-    threshold_ : float
-    history_ : list of dict
-        Per step: ``step, epoch, loss, fooling_rate, mean_similarity, ssim``
-        (batch values before the update).
-    epoch_scores_ : list of dict
-        Per epoch: ``epoch, fooling_rate, mean_similarity`` of the selection score.
-    best_epoch_ : int
-        The epoch whose end-of-epoch perturbation is ``perturbation_``.
-    n_iter_, n_epochs_, stop_reason_
-        As in :class:`~krtfuap.attack.UAPAttack`.
-    fooling_rate_ : float
-        Running fooling rate over the last epoch of the fit data (as in
-        ``UAPAttack``; it need not be the best epoch's).
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        threshold: float | None = None,
-        epsilon: float = 0.08,
-        lr: float = 0.01,
-        target_fooling_rate: float = 0.8,
-        max_epochs: int = 50,
-        max_time: float | None = None,
-        batch_size: int = 32,
-        random_state: Any = None,
-        device: str | torch.device | None = None,
-        verbose: bool = False,
-    ) -> None:
-        self.model = model
-        self.threshold = threshold
-        self.epsilon = epsilon
-        self.lr = lr
-        self.target_fooling_rate = target_fooling_rate
-        self.max_epochs = max_epochs
-        self.max_time = max_time
-        self.batch_size = batch_size
-        self.random_state = random_state
-        self.device = device
-        self.verbose = verbose
-
-    def _check_params(self) -> None:
-        super()._check_params()
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}.")
-
-    @torch.no_grad()
-    def _score(
-        self, validation: ImageData, perturbation: torch.Tensor, device: torch.device, size: tuple[int, ...]
-    ) -> tuple[float, float]:
-        """Fooling rate and mean similarity of ``perturbation`` on ``validation``."""
-        similarities = []
-        for images in self._batches(validation, device, size):
-            clean = check_embeddings(self._embedder()(images), len(images))
-            similarities.append(_similarity(self._embedder(), images, perturbation, clean))
-        similarity = torch.cat(similarities)
-        return (similarity < self.threshold_).float().mean().item(), similarity.mean().item()
-
-    def fit(
-        self, X: ImageData, y: None = None, *, pairs: Iterable | None = None, validation: ImageData | None = None
-    ) -> "FGUAP":
-        """Learn the perturbation on faces ``X``, keeping the best epoch.
-
-        Parameters
-        ----------
-        X : torch.Tensor or iterable
-            ``(N, 3, H, W)`` faces in ``[0, 1]`` or a re-iterable loader of batches.
-        y : None
-            Ignored.
-        pairs : iterable, optional
-            ``(images_a, images_b, same)`` batches, used when ``threshold=None``.
-        validation : torch.Tensor or iterable, optional
-            Faces that score each end-of-epoch perturbation (fooling rate, ties
-            broken by lower mean similarity; the earliest epoch wins exact
-            ties). ``None`` scores an epoch by the running fooling rate and mean
-            similarity of the fit data during that epoch: a free proxy that
-            measures the perturbations before each step of the epoch, not the
-            end-of-epoch one.
-
-        Returns
-        -------
-        FGUAP
-            ``self``, fitted.
-        """
-        started, device, size, generator = self._prepare(X)
-        initial = (torch.rand(3, *size, generator=generator) * 2 - 1) * self.epsilon
-        perturbation = initial.to(device).requires_grad_(True)
-        optimizer = torch.optim.Adam([perturbation], lr=self.lr)
-        best = _BestPerturbation()
-        self.epoch_scores_ = []
-
-        def step(images: torch.Tensor) -> dict[str, float]:
-            with torch.no_grad():
-                clean = check_embeddings(self._embedder()(images), len(images))
-            similarity = _similarity(self._embedder(), images, perturbation, clean)
-            loss = similarity.mean()
-            record = self._record(images, perturbation, similarity)
-            record["loss"] = loss.item()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                perturbation.clamp_(-self.epsilon, self.epsilon)
-            return record
-
-        def end_epoch(epoch: int, fooling_rate: float, mean_similarity: float) -> None:
-            if validation is not None:
-                fooling_rate, mean_similarity = self._score(validation, perturbation.detach(), device, size)
-            self.epoch_scores_.append(
-                {"epoch": epoch, "fooling_rate": fooling_rate, "mean_similarity": mean_similarity}
+    def step(self, images: torch.Tensor, clean_embeddings: torch.Tensor) -> dict[str, float]:
+        with torch.no_grad():
+            similarity = cosine_similarity(self.embed((images + self.tensor).clamp(0.0, 1.0)), clean_embeddings)
+        record = _batch_record(images, self.tensor, similarity, self.threshold)
+        todo = similarity >= self.threshold
+        record["n_updated"] = int(todo.sum())
+        update = torch.zeros_like(self.tensor)
+        if todo.any():
+            steps = deepfool_steps(
+                self.embed, images[todo], clean_embeddings[todo], self.tensor, self.threshold,
+                overshoot=self.overshoot, max_inner=self.max_inner, generator=self.generator,
             )
-            best.offer((fooling_rate, -mean_similarity), perturbation, epoch)
-
-        with _frozen(self._embedder()):
-            self.threshold_ = self._calibrated_threshold(pairs)
-            self._run_epochs(X, device, size, started, step, end_epoch)
-        self.best_epoch_ = best.epoch
-        self._store(best.perturbation, started)
-        return self
+            update = steps.sum(dim=0)
+        sum_over_ranks_(update)  # the global batch's steps, when distributed
+        with torch.no_grad():
+            self.tensor.copy_((self.tensor + update).clamp(-self.epsilon, self.epsilon))
+        return record
 
 
-# ------------------------------------------------------------------- frequency
+class _CosineAdamSolver(_TensorSolver):
+    """FG-UAP's update: Adam on the mean cosine similarity of every face, clip to the budget."""
+
+    def __init__(self, initial: torch.Tensor, *, embed, threshold, epsilon, lr) -> None:
+        super().__init__(initial, lr=lr)
+        self.embed, self.threshold, self.epsilon = embed, threshold, epsilon
+
+    def step(self, images: torch.Tensor, clean_embeddings: torch.Tensor) -> dict[str, float]:
+        similarity = cosine_similarity(self.embed((images + self.tensor).clamp(0.0, 1.0)), clean_embeddings)
+        loss = similarity.mean()
+        record = _batch_record(images, self.tensor, similarity, self.threshold)
+        record["loss"] = loss.item()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        average_gradients([self.tensor])
+        self.optimizer.step()
+        with torch.no_grad():
+            self.tensor.clamp_(-self.epsilon, self.epsilon)
+        return record
+
+
 class _DCTPerturbation(nn.Module):
-    """``v = s * idct2(b * theta)`` with ``theta`` in ``[-1, 1]`` on a low-frequency band.
-
-    ``theta`` has shape ``(3, kh, kw)`` (the lowest ``kh`` x ``kw`` DCT
-    frequencies; the others are zero), ``b`` is the coefficient bound and
-    ``s = min(1, epsilon / max|idct2(b * theta)|)`` rescales the spatial
-    perturbation into the l_inf ball without leaving the band (clipping would
-    add high frequencies).
-    """
+    """Low-frequency DCT perturbation: ``theta * bound`` in the kept band, inverse DCT, rescaled into the budget."""
 
     def __init__(
-        self, size: tuple[int, ...], band: tuple[int, int], bound: float, epsilon: float, generator: torch.Generator
+        self, size: tuple[int, int], band: tuple[int, int], bound: float, epsilon: float, generator: torch.Generator
     ) -> None:
         super().__init__()
         height, width = size
@@ -796,7 +316,305 @@ class _DCTPerturbation(nn.Module):
         self.theta.clamp_(-1.0, 1.0)
 
 
-class FrequencyUAP(_BaselineUAP):
+class _FrequencySolver(Solver):
+    """Adam on the DCT coefficients with the direction loss over every face."""
+
+    def __init__(self, module: _DCTPerturbation, *, embed, threshold, lr) -> None:
+        self.module, self.embed, self.threshold = module, embed, threshold
+        self.optimizer = torch.optim.Adam(module.parameters(), lr=lr)
+
+    def step(self, images: torch.Tensor, clean_embeddings: torch.Tensor) -> dict[str, float]:
+        current = self.module()
+        embeddings = self.embed((images + current).clamp(0.0, 1.0))
+        loss = direction_loss(embeddings, clean_embeddings)
+        record = _batch_record(images, current, cosine_similarity(embeddings, clean_embeddings), self.threshold)
+        record["loss"] = loss.item()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        average_gradients(self.module.parameters())
+        self.optimizer.step()
+        self.module.project_()
+        return record
+
+    @torch.no_grad()
+    def perturbation(self) -> torch.Tensor:
+        return self.module().detach()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def broadcast_(self) -> None:
+        broadcast_module_(self.module)
+
+
+class _CheckpointedBaseline(PerturbationEstimator):
+    """Baselines that learn: checkpoint options passed to the loop."""
+
+    def _fit_options(self) -> dict[str, Any]:
+        return {"checkpoint_path": self.checkpoint_path, "checkpoint_every": self.checkpoint_every}
+
+    def _check_params(self) -> None:
+        super()._check_params()
+        check_number(self.checkpoint_every, "checkpoint_every", low=1, integer=True)
+
+
+# --------------------------------------------------------------- random noise
+class RandomNoiseUAP(PerturbationEstimator):
+    """Uniform random noise in ``[-epsilon, epsilon]``: the "Random" row of Table 1.
+
+    Nothing is learned: ``fit`` draws the noise (seeded by ``random_state``),
+    sets ``threshold_`` and scores the noise once on the fit data.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Face embedding model, ``(B, 3, H, W)`` in ``[0, 1]`` -> ``(B, D)``.
+    threshold : float, optional
+        Verification threshold on cosine similarity; ``None`` calibrates it
+        from ``fit(..., pairs=...)`` as in :class:`~krtfuap.attack.UAPAttack`.
+    epsilon : float
+        l_inf budget on ``[0, 1]`` images.
+    target_fooling_rate, max_epochs, max_time
+        Only set ``stop_reason_`` after the single scoring pass:
+        ``"max_time"`` when it took longer than ``max_time``, else
+        ``"target_fooling_rate"`` when its fooling rate reaches the target,
+        else ``"max_epochs"``.
+    batch_size : int
+        Batch size when ``X`` is one tensor.
+    random_state : int, numpy RandomState or None
+        Seeds the noise.
+    device : str or torch.device, optional
+        Where to measure; default: the device of the model.
+    verbose : bool
+        Show a progress bar.
+
+    Attributes
+    ----------
+    perturbation_ : torch.Tensor
+        ``(3, H, W)``, uniform in ``[-epsilon, epsilon]``, on the CPU.
+    n_iter_, n_epochs_ : int
+        0 and 1 (one scoring pass, no step).
+    history_ : list
+        Empty (no step); the score is ``epoch_scores_[0]``.
+    Others as in :class:`krtfuap.estimator.PerturbationEstimator`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        threshold: float | None = None,
+        epsilon: float = 0.08,
+        target_fooling_rate: float = 0.8,
+        max_epochs: int = 50,
+        max_time: float | None = None,
+        batch_size: int = 32,
+        random_state: Any = None,
+        device: str | torch.device | None = None,
+        verbose: bool = False,
+    ) -> None:
+        self.model = model
+        self.threshold = threshold
+        self.epsilon = epsilon
+        self.target_fooling_rate = target_fooling_rate
+        self.max_epochs = max_epochs
+        self.max_time = max_time
+        self.batch_size = batch_size
+        self.random_state = random_state
+        self.device = device
+        self.verbose = verbose
+
+    def _make_solver(self, X, size, device, generator, embed, threshold):
+        noise = (torch.rand(3, *size, generator=generator) * 2 - 1) * self.epsilon
+        return _FixedNoiseSolver(noise.to(device)), {}
+
+
+# -------------------------------------------------------------------- DeepFool
+class DeepFoolUAP(_CheckpointedBaseline):
+    """Universal perturbation of Moosavi-Dezfooli et al. (CVPR 2017), adapted to verification.
+
+    The original algorithm visits the images one by one and, for each image
+    the current ``v`` does not fool, adds the minimal DeepFool step that fools
+    it, then projects ``v`` onto the l_inf ball. Here a face is fooled when
+    ``cos(F(x + v), F(x)) < threshold_``, so the DeepFool step crosses that
+    threshold (see :func:`deepfool_steps`, which linearises the chordal
+    distance of the normalised embeddings instead of the similarity itself).
+
+    Batched variant: the steps ``r_i`` of all not-yet-fooled faces of a batch
+    are computed at the same ``v`` and **summed**, ``v <- clip(v + sum_i r_i,
+    -epsilon, epsilon)`` (over the global batch when fitting distributed).
+    ``batch_size=1`` gives the original sequential algorithm. ``v`` starts at zero.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Face embedding model, ``(B, 3, H, W)`` in ``[0, 1]`` -> ``(B, D)``,
+        used in eval mode (faces must not interact inside a batch).
+    threshold : float, optional
+        Verification threshold; ``None`` calibrates it from ``fit(..., pairs=...)``.
+    epsilon : float
+        l_inf budget on ``[0, 1]`` images.
+    overshoot : float
+        Margin aimed below the threshold, in cosine-similarity units, ``>= 0``.
+    max_inner : int
+        Maximum DeepFool linearisation steps per batch, ``>= 1``.
+    target_fooling_rate, max_epochs, max_time
+        Stopping rules of :class:`~krtfuap.attack.UAPAttack` (one step = one batch).
+    batch_size : int
+        Batch size when ``X`` is one tensor.
+    random_state : int, numpy RandomState or None
+        Seeds the tiny starting noise of each DeepFool step.
+    device : str or torch.device, optional
+        Where to fit; default: the device of the model.
+    checkpoint_path, checkpoint_every
+        As in :class:`~krtfuap.attack.UAPAttack`.
+    verbose : bool
+        Show a tqdm progress bar.
+
+    Attributes
+    ----------
+    history_ : list of dict
+        Per batch: ``step, epoch, time, fooling_rate, mean_similarity, ssim``
+        (before the update) and ``n_updated`` (faces that contributed a step).
+    Others as in :class:`krtfuap.estimator.PerturbationEstimator`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        threshold: float | None = None,
+        epsilon: float = 0.08,
+        overshoot: float = 0.02,
+        max_inner: int = 10,
+        target_fooling_rate: float = 0.8,
+        max_epochs: int = 50,
+        max_time: float | None = None,
+        batch_size: int = 32,
+        random_state: Any = None,
+        device: str | torch.device | None = None,
+        checkpoint_path: str | os.PathLike | None = None,
+        checkpoint_every: int = 1,
+        verbose: bool = False,
+    ) -> None:
+        self.model = model
+        self.threshold = threshold
+        self.epsilon = epsilon
+        self.overshoot = overshoot
+        self.max_inner = max_inner
+        self.target_fooling_rate = target_fooling_rate
+        self.max_epochs = max_epochs
+        self.max_time = max_time
+        self.batch_size = batch_size
+        self.random_state = random_state
+        self.device = device
+        self.checkpoint_path = checkpoint_path
+        self.checkpoint_every = checkpoint_every
+        self.verbose = verbose
+
+    def _check_params(self) -> None:
+        super()._check_params()
+        check_number(self.overshoot, "overshoot", low=0, hint=" (a margin below the threshold)")
+        check_number(self.max_inner, "max_inner", low=1, integer=True)
+
+    def _make_solver(self, X, size, device, generator, embed, threshold):
+        solver = _DeepFoolSolver(
+            size, device, embed=embed, threshold=threshold, epsilon=self.epsilon, overshoot=self.overshoot,
+            max_inner=self.max_inner, generator=generator,
+        )
+        return solver, {}
+
+
+# ---------------------------------------------------------------------- FG-UAP
+class FGUAP(_CheckpointedBaseline):
+    """Feature-level cosine UAP with best-epoch selection, after FG-UAP (Ye et al., CVPR 2023).
+
+    FG-UAP minimises the cosine similarity between the features of clean and
+    perturbed images. Adapted to face verification, the features are the face
+    embeddings: a global (unmasked) perturbation ``v`` is optimised with Adam
+    on ``mean_i cos(F(clip(x_i + v)), F(x_i))`` over every face of the batch,
+    clipped to ``[-epsilon, epsilon]`` after each step. As in FG-UAP, the
+    perturbation kept is the best one scored at the end of an epoch (as for
+    every estimator here; pass ``fit(X, validation=faces)`` to score on
+    other faces).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Face embedding model, ``(B, 3, H, W)`` in ``[0, 1]`` -> ``(B, D)``.
+    threshold : float, optional
+        Verification threshold; ``None`` calibrates it from ``fit(..., pairs=...)``.
+    epsilon : float
+        l_inf budget on ``[0, 1]`` images.
+    lr : float
+        Adam learning rate.
+    target_fooling_rate, max_epochs, max_time
+        Stopping rules of :class:`~krtfuap.attack.UAPAttack`.
+    batch_size : int
+        Batch size when ``X`` (and ``validation``) is one tensor.
+    random_state : int, numpy RandomState or None
+        Seeds the initial noise, uniform in ``[-epsilon, epsilon]``.
+    device : str or torch.device, optional
+        Where to fit; default: the device of the model.
+    checkpoint_path, checkpoint_every
+        As in :class:`~krtfuap.attack.UAPAttack`.
+    verbose : bool
+        Show a tqdm progress bar.
+
+    Attributes
+    ----------
+    history_ : list of dict
+        Per step: ``step, epoch, time, loss, fooling_rate, mean_similarity, ssim``
+        (batch values before the update).
+    Others as in :class:`krtfuap.estimator.PerturbationEstimator`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        threshold: float | None = None,
+        epsilon: float = 0.08,
+        lr: float = 0.01,
+        target_fooling_rate: float = 0.8,
+        max_epochs: int = 50,
+        max_time: float | None = None,
+        batch_size: int = 32,
+        random_state: Any = None,
+        device: str | torch.device | None = None,
+        checkpoint_path: str | os.PathLike | None = None,
+        checkpoint_every: int = 1,
+        verbose: bool = False,
+    ) -> None:
+        self.model = model
+        self.threshold = threshold
+        self.epsilon = epsilon
+        self.lr = lr
+        self.target_fooling_rate = target_fooling_rate
+        self.max_epochs = max_epochs
+        self.max_time = max_time
+        self.batch_size = batch_size
+        self.random_state = random_state
+        self.device = device
+        self.checkpoint_path = checkpoint_path
+        self.checkpoint_every = checkpoint_every
+        self.verbose = verbose
+
+    def _check_params(self) -> None:
+        super()._check_params()
+        check_number(self.lr, "lr", low=0, low_open=True)
+
+    def _make_solver(self, X, size, device, generator, embed, threshold):
+        initial = ((torch.rand(3, *size, generator=generator) * 2 - 1) * self.epsilon).to(device)
+        return _CosineAdamSolver(initial, embed=embed, threshold=threshold, epsilon=self.epsilon, lr=self.lr), {}
+
+
+# ------------------------------------------------------------------- frequency
+class FrequencyUAP(_CheckpointedBaseline):
     """Low-frequency DCT universal perturbation in the spirit of FTGAP (Deng and Karam).
 
     A re-implementation from the FTGAP paper's idea, as no public code exists:
@@ -838,26 +656,21 @@ class FrequencyUAP(_BaselineUAP):
         Seeds the initial coefficients, uniform in ``[-bound, bound]``.
     device : str or torch.device, optional
         Where to fit; default: the device of the model.
+    checkpoint_path, checkpoint_every
+        As in :class:`~krtfuap.attack.UAPAttack`.
     verbose : bool
         Show a tqdm progress bar.
 
     Attributes
     ----------
-    perturbation_ : torch.Tensor
-        ``(3, H, W)`` in ``[-epsilon, epsilon]`` with no DCT energy outside the
-        kept band (up to float rounding).
-    mask_, warped_mask_, flow_, noise_ : torch.Tensor
-        Ones, ones, zeros and ``perturbation_`` (a global perturbation).
     band_shape_ : tuple of int
         ``(kh, kw)``, the kept low-frequency block.
     coefficient_bound_ : float
         The bound used.
-    threshold_ : float
     history_ : list of dict
-        Per step: ``step, epoch, loss, fooling_rate, mean_similarity, ssim``
+        Per step: ``step, epoch, time, loss, fooling_rate, mean_similarity, ssim``
         (batch values before the update).
-    n_iter_, n_epochs_, fooling_rate_, stop_reason_
-        As in :class:`~krtfuap.attack.UAPAttack`.
+    Others as in :class:`krtfuap.estimator.PerturbationEstimator`.
     """
 
     def __init__(
@@ -875,6 +688,8 @@ class FrequencyUAP(_BaselineUAP):
         batch_size: int = 32,
         random_state: Any = None,
         device: str | torch.device | None = None,
+        checkpoint_path: str | os.PathLike | None = None,
+        checkpoint_every: int = 1,
         verbose: bool = False,
     ) -> None:
         self.model = model
@@ -889,64 +704,27 @@ class FrequencyUAP(_BaselineUAP):
         self.batch_size = batch_size
         self.random_state = random_state
         self.device = device
+        self.checkpoint_path = checkpoint_path
+        self.checkpoint_every = checkpoint_every
         self.verbose = verbose
 
     def _check_params(self) -> None:
         super()._check_params()
-        if not 0 < self.keep_fraction <= 1:
-            raise ValueError(
-                f"keep_fraction must be in (0, 1] (share of frequencies per axis), got {self.keep_fraction}."
-            )
-        if self.coefficient_bound is not None and self.coefficient_bound <= 0:
-            raise ValueError(f"coefficient_bound must be > 0 or None (automatic), got {self.coefficient_bound}.")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}.")
+        check_number(self.keep_fraction, "keep_fraction", low=0, high=1, low_open=True, hint=" (share of frequencies per axis)")
+        check_number(self.coefficient_bound, "coefficient_bound", low=0, low_open=True, allow_none=True)
+        check_number(self.lr, "lr", low=0, low_open=True)
 
-    def fit(self, X: ImageData, y: None = None, *, pairs: Iterable | None = None) -> "FrequencyUAP":
-        """Learn the low-frequency perturbation on faces ``X``.
-
-        Parameters
-        ----------
-        X : torch.Tensor or iterable
-            ``(N, 3, H, W)`` faces in ``[0, 1]`` or a re-iterable loader of batches.
-        y : None
-            Ignored.
-        pairs : iterable, optional
-            ``(images_a, images_b, same)`` batches, used when ``threshold=None``.
-
-        Returns
-        -------
-        FrequencyUAP
-            ``self``, fitted.
-        """
-        started, device, size, generator = self._prepare(X)
+    def _band(self, size: tuple[int, int]) -> tuple[tuple[int, int], float]:
+        """The kept block ``(kh, kw)`` and the coefficient bound for images of ``size``."""
         height, width = size
         band = (math.ceil(self.keep_fraction * height), math.ceil(self.keep_fraction * width))
         bound = self.coefficient_bound
         if bound is None:
             bound = self.epsilon * math.sqrt(height * width / (band[0] * band[1]))
-        self.band_shape_, self.coefficient_bound_ = band, float(bound)
-        perturbation = _DCTPerturbation(size, band, float(bound), self.epsilon, generator).to(device)
-        optimizer = torch.optim.Adam(perturbation.parameters(), lr=self.lr)
+        return band, float(bound)
 
-        def step(images: torch.Tensor) -> dict[str, float]:
-            with torch.no_grad():
-                clean = check_embeddings(self._embedder()(images), len(images))
-            current = perturbation()
-            adversarial = (images + current).clamp(0.0, 1.0)
-            embeddings = check_embeddings(self._embedder()(adversarial), len(images))
-            loss = direction_loss(embeddings, clean)
-            record = self._record(images, current, cosine_similarity(embeddings, clean))
-            record["loss"] = loss.item()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            perturbation.project_()
-            return record
-
-        with _frozen(self._embedder()):
-            self.threshold_ = self._calibrated_threshold(pairs)
-            self._run_epochs(X, device, size, started, step)
-        with torch.no_grad():
-            self._store(perturbation(), started)
-        return self
+    def _make_solver(self, X, size, device, generator, embed, threshold):
+        band, bound = self._band(size)
+        module = _DCTPerturbation(size, band, bound, self.epsilon, generator).to(device)
+        solver = _FrequencySolver(module, embed=embed, threshold=threshold, lr=self.lr)
+        return solver, {"band_shape_": band, "coefficient_bound_": bound}

@@ -40,10 +40,11 @@ from krtfuap.attack import UAPAttack
 from krtfuap.baselines import FGUAP, DeepFoolUAP, FrequencyUAP, RandomNoiseUAP
 from krtfuap.datasets import FaceFolder, PairDataset, filter_pairs, read_pairs, split_identities
 from krtfuap.masks import KeyRegionMasker
-from krtfuap.metrics import calibrate_threshold, cosine_similarity, embed, pair_similarities, psnr, ssim, tar_at_far
+from krtfuap.metrics import calibrate_threshold, cosine_similarity, embed, pair_similarities, tar_at_far
 from krtfuap.models import load_face_model
 from krtfuap.models.dlib_resnet import DlibResNetEmbedder
 from krtfuap.models.ensemble import EnsembleEmbedder
+from krtfuap.scoring import PerturbationScore, score_batch
 
 __all__ = [
     "METHODS",
@@ -471,21 +472,30 @@ def _judge(
     target: str,
     batch_size: int,
 ) -> dict:
-    """Fooling rate, SSIM and PSNR of one perturbation on one target model, on the held-out faces."""
-    adversarial = (test_images + perturbation.to(test_images)).clamp(0, 1)
-    with torch.no_grad():
-        embeddings = embed(models[target], adversarial, batch_size).to(test_images.device)
-    similarity = cosine_similarity(embeddings, clean_embeddings[target])
+    """Fooling rate, SSIM and PSNR of one perturbation on one target model, on the held-out faces.
+
+    Scored by :mod:`krtfuap.scoring` against the cached clean embeddings of ``target``.
+    """
+    model = models[target]
     threshold = calibration[target]["threshold"]
+
+    def embed_on_images_device(images: torch.Tensor) -> torch.Tensor:  # dlib's model answers on the CPU
+        return embed(model, images, batch_size).to(images.device)
+
+    score = PerturbationScore(threshold)
+    perturbation = perturbation.to(test_images)
+    for images, clean in zip(test_images.split(batch_size), clean_embeddings[target].split(batch_size)):
+        score.update(score_batch(embed_on_images_device, images, perturbation, clean_embeddings=clean))
+    scores = score.compute()
     return {
         "target_model": target,
         "white_box": target == source or target in source.removeprefix("ensemble(").removesuffix(")").split("+"),
         "threshold": threshold,
         "clean_accuracy": calibration[target]["clean_accuracy"],
-        "fooling_rate": (similarity < threshold).float().mean().item(),
-        "mean_similarity": similarity.mean().item(),
-        "ssim": ssim(adversarial, test_images).mean().item(),
-        "psnr": psnr(adversarial, test_images).mean().item(),
+        "fooling_rate": scores["fooling_rate"],
+        "mean_similarity": scores["mean_similarity"],
+        "ssim": scores["ssim"],
+        "psnr": scores["psnr"],
     }
 
 

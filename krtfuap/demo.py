@@ -32,8 +32,9 @@ from torch.utils.data import DataLoader
 from krtfuap.alignment import detect_and_align, sample_photos
 from krtfuap.attack import UAPAttack
 from krtfuap.datasets import FaceFolder, Pair, PairDataset, filter_pairs, read_pairs, split_identities
-from krtfuap.metrics import calibrate_threshold, cosine_similarity, embed, pair_similarities, psnr, ssim
+from krtfuap.metrics import calibrate_threshold, embed, pair_similarities
 from krtfuap.models import load_insightface_mbf
+from krtfuap.scoring import score_batch, score_perturbation
 from krtfuap.stealth import resolve_stealth_loss
 
 __all__ = ["INSIGHTFACE_MBF_THRESHOLD", "group_faces", "split_groups", "run_demo"]
@@ -241,18 +242,12 @@ def _folder_faces(
 
 
 # ----------------------------------------------------------------- evaluating
-@torch.no_grad()
 def _evaluate_noise(model: nn.Module, faces: torch.Tensor, noise: torch.Tensor, threshold: float) -> dict[str, float]:
-    """Fooling rate, SSIM and PSNR of adding ``noise`` ``(3, H, W)`` to ``faces`` ``(N, 3, H, W)``."""
-    noisy = (faces + noise).clamp(0.0, 1.0)
-    similarity = cosine_similarity(embed(model, noisy), embed(model, faces)).cpu()
-    return {
-        "fooling_rate": (similarity < threshold).float().mean().item(),
-        "ssim": ssim(noisy, faces).mean().item(),
-        "psnr": psnr(noisy, faces).mean().item(),
-        "mean_similarity": similarity.mean().item(),
-        "n_images": len(faces),
-    }
+    """Fooling rate, SSIM and PSNR of adding ``noise`` ``(3, H, W)`` to ``faces`` ``(N, 3, H, W)``.
+
+    Scored by :func:`krtfuap.scoring.score_perturbation`, like the attack itself.
+    """
+    return score_perturbation(model, faces, noise, threshold)
 
 
 # -------------------------------------------------------------------- figure
@@ -265,8 +260,7 @@ def _save_figure(path: Path, attack: UAPAttack, faces: torch.Tensor, model: nn.M
 
     shown = faces[:_FIGURE_FACES]
     adversarial = attack.transform(shown)
-    with torch.no_grad():
-        similarity = cosine_similarity(embed(model, adversarial), embed(model, shown)).cpu()
+    similarity = score_batch(model, shown, attack.perturbation_.to(shown))["similarity"].cpu()
     epsilon = attack.epsilon
     panels = [
         ((attack.perturbation_ / (2 * epsilon) + 0.5).clamp(0, 1).permute(1, 2, 0).numpy(),

@@ -41,6 +41,7 @@ __all__ = [
     "average_gradients",
     "mean_over_ranks",
     "any_rank",
+    "sum_over_ranks_",
 ]
 
 
@@ -231,3 +232,11 @@ def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
     buffer = torch.tensor([float(flag)], device=device)
     dist.all_reduce(buffer)
     return buffer.item() > 0
+
+
+@torch.no_grad()
+def sum_over_ranks_(tensor: torch.Tensor) -> torch.Tensor:
+    """Replace ``tensor`` by its sum over ranks, in place (one ``all_reduce``); unchanged when not distributed."""
+    if is_distributed():
+        dist.all_reduce(tensor)
+    return tensor

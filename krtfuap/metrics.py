@@ -3,7 +3,7 @@
 * fooling rate: share of faces whose cosine similarity between ``F(x + v)`` and
   ``F(x)`` falls below the verification threshold ``t`` (paper Eq. 1);
 * threshold calibration on genuine / impostor pairs (best accuracy, TAR at FAR);
-* SSIM and PSNR (kornia), LPIPS (the ``lpips`` package).
+* SSIM (standard definition, valid region; kornia) and PSNR, LPIPS (the ``lpips`` package).
 """
 
 from __future__ import annotations
@@ -186,8 +186,29 @@ def tar_at_far(similarities: torch.Tensor, same: torch.Tensor, far: float = 1e-3
 
 
 def ssim(images: torch.Tensor, reference: torch.Tensor, window_size: int = 11) -> torch.Tensor:
-    """Per-image SSIM of ``(B, 3, H, W)`` images in ``[0, 1]``, shape ``(B,)``."""
-    return kornia_ssim(images, reference, window_size).flatten(1).mean(dim=1)
+    """Per-image SSIM of ``(B, C, H, W)`` images in ``[0, 1]``, shape ``(B,)``; differentiable.
+
+    The standard definition (Wang et al. 2004): a Gaussian window of
+    ``window_size`` (11 by default) with sigma 1.5, constants ``K1 = 0.01``,
+    ``K2 = 0.03`` for data range 1, the SSIM map taken over the **valid**
+    region only (positions whose window would leave the image are dropped;
+    kornia's default ``padding="same"`` instead pads the border by reflection
+    and counts those windows), then the mean over channels and positions. With
+    the defaults it equals ``skimage.metrics.structural_similarity(a, b,
+    gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+    data_range=1.0, channel_axis=0)`` per image.
+
+    Images smaller than the window on a side (tiny test images) are scored
+    with the largest odd window that fits, as ``win_size`` must be set for
+    them in scikit-image.
+    """
+    window_size = int(window_size)
+    if window_size < 1 or window_size % 2 == 0:
+        raise ValueError(f"window_size must be a positive odd integer, got {window_size}.")
+    smallest = min(images.shape[-2:])
+    if smallest < window_size:
+        window_size = max(1, smallest - (1 - smallest % 2))
+    return kornia_ssim(images, reference, window_size, padding="valid").flatten(1).mean(dim=1)
 
 
 def psnr(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

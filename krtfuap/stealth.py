@@ -16,12 +16,12 @@ import os
 from typing import Callable, Sequence, Union
 
 import torch
-from kornia.metrics import ssim as kornia_ssim
 from torch import nn
 from torchvision.models import squeezenet1_0, vgg16
 
 from krtfuap._validation import load_torch_file
 from krtfuap.imagenet import imagenet_normalize, load_imagenet_state_dict
+from krtfuap.metrics import ssim
 
 __all__ = [
     "FeatureStealthLoss",
@@ -180,15 +180,19 @@ class SqueezeNetStealthLoss(FeatureStealthLoss):
 
 
 class SSIMStealthLoss(nn.Module):
-    """``1 - SSIM`` between perturbed and clean images (kornia), batch mean; needs no weights.
+    """``1 - SSIM`` between perturbed and clean images, batch mean; needs no weights.
+
+    The SSIM is :func:`krtfuap.metrics.ssim` (the standard definition: Gaussian
+    window, sigma 1.5, valid region only), the same one every reported score
+    uses, so the loss optimises exactly what is measured.
 
     Parameters
     ----------
     window_size : int
         Gaussian window of the SSIM (odd).
 
-    The default lambda = 3 is the one measured to keep SSIM >= 0.93 on
-    held-out faces at the best fooling rate (README, "Stealth").
+    The default weight (``default_weight``) is documented in the README
+    ("Stealth losses and their cost").
     """
 
     default_weight = 3.0
@@ -199,7 +203,7 @@ class SSIMStealthLoss(nn.Module):
 
     def forward(self, adversarial: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
         """``1 - mean SSIM``; ``adversarial``, ``clean``: ``(B, 3, H, W)`` in ``[0, 1]``."""
-        return 1.0 - kornia_ssim(adversarial, clean, self.window_size).mean()
+        return 1.0 - ssim(adversarial, clean, self.window_size).mean()
 
 
 #: The lambda used for a callable that has no ``default_weight`` attribute.

@@ -244,7 +244,7 @@ def test_bad_model_output_gets_a_clear_error():
         ({"max_time": -1.0}, "max_time"),
         ({"batch_size": 0}, "batch_size"),
         ({"checkpoint_every": 0}, "checkpoint_every"),
-        ({"adversarial_loss": "hinge"}, "kind must be one of"),
+        ({"adversarial_loss": "hinge"}, "adversarial_loss must be one of"),
         ({"stealth_loss": "blur"}, "stealth_loss must be"),
     ],
 )

@@ -40,6 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import krtfuap.attack
+import krtfuap.estimator
 from krtfuap import KeyRegionMasker, NoFaceFoundError, SqueezeNetStealthLoss, UAPAttack, VGGStealthLoss
 from krtfuap._validation import load_torch_file
 from krtfuap.baselines import FGUAP, RandomNoiseUAP
@@ -219,8 +220,8 @@ def saved_by_fguap(ws: Workspace) -> Path:
 def damaged_metadata(ws: Workspace) -> Path:
     attack = ws.fitted()
     path = ws.root / "damaged.safetensors"
-    tensors = {name: getattr(attack, name).contiguous() for name in krtfuap.attack._SAVED_TENSORS}
-    save_file(tensors, path, metadata={"format": krtfuap.attack._FORMAT, "params": "{not json", "fitted": "{}",
+    tensors = {name: getattr(attack, name).contiguous() for name in krtfuap.estimator._SAVED_TENSORS}
+    save_file(tensors, path, metadata={"format": krtfuap.estimator._FORMAT, "params": "{not json", "fitted": "{}",
                                        "history": "[]"})
     return path
 
@@ -240,7 +241,7 @@ def wrong_format_checkpoint(ws: Workspace) -> Path:
 
 def checkpoint_missing_entry(ws: Workspace) -> Path:
     state = torch.load(ws.checkpoint, weights_only=True)
-    del state["optimizer"]
+    del state["solver"]["optimizer"]
     torch.save(state, ws.checkpoint)
     return ws.checkpoint
 
@@ -249,7 +250,7 @@ def checkpoint_of_other_size(ws: Workspace) -> Path:
     """A valid checkpoint, but of a fit on 24x24 faces."""
     other = ws.root / "other"
     other.mkdir()
-    UAPAttack(Tiny(), threshold=-1.0, stealth_loss="ssim", max_epochs=1, batch_size=2, random_state=0,
+    UAPAttack(Tiny(), threshold=-1.0, stealth_loss="ssim", max_epochs=2, batch_size=2, random_state=0,
               checkpoint_path=other / "fit.ckpt").fit(faces(size=24))
     shutil.copy(other / "fit.ckpt", ws.checkpoint)
     return ws.checkpoint
@@ -405,7 +406,7 @@ def save_crashing_mid_write(ws, path):
         Path(filename).write_bytes(b"half an attack")
         raise OSError("No space left on device (simulated); free space and save again")
 
-    with mock.patch.object(krtfuap.attack, "save_file", half_write):
+    with mock.patch.object(krtfuap.estimator, "save_file", half_write):
         ws.fitted().save(path)
 
 
@@ -648,12 +649,12 @@ ROWS = [
     (fit_params, params(epsilon=0), ValueError, r"epsilon must be in \(0, 1\] \(images are in \[0, 1\]\), got 0"),
     (fit_params, params(epsilon=255), ValueError, r"epsilon must be in \(0, 1\] \(images are in \[0, 1\]\), got 255"),
     (fit_params, params(batch_size=0), ValueError, r"batch_size must be >= 1, got 0"),
-    (fit_params, params(threshold=2.0), ValueError, r"threshold is a cosine similarity and must be in \[-1, 1\]"),
+    (fit_params, params(threshold=2.0), ValueError, r"threshold must be in \[-1, 1\] \(a cosine similarity\)"),
     (fit_params, params(threshold=None), ValueError, r"threshold=None needs verification pairs.*set threshold=t"),
     (fit_params, params(stealth_loss="lpips"), ValueError, r"stealth_loss must be 'vgg', 'ssim', a callable.*got 'lpips'"),
     (fit_params, params(stealth_weight=-1.0), ValueError, r"stealth_weight must be >= 0, got -1"),
     (fit_params, params(checkpoint_every=0), ValueError, r"checkpoint_every must be >= 1, got 0"),
-    (fit_params, params(adversarial_loss="l2"), ValueError, r"kind must be one of \['cosine', 'direction', 'euclidean'\], got 'l2'"),
+    (fit_params, params(adversarial_loss="l2"), ValueError, r"adversarial_loss must be one of \['cosine', 'direction', 'euclidean'\], got 'l2'"),
     (fit_params, params(masker=torch.ones(8, 8)), ValueError, r"mask has shape \(8, 8\) but the images are 16x16.*same size"),
     (fit_params, params(max_time=-1), ValueError, r"max_time must be >= 0 seconds or None"),
     # --- UAPAttack.fit(resume=True): bad checkpoints (must be refused, never executed)
@@ -664,7 +665,7 @@ ROWS = [
     (fit_resume, _as_checkpoint(lambda ws: ws.saved), ValueError, r"Cannot read checkpoint .*not a torch\.save file" + CKPT_FIX),
     (fit_resume, wrong_format_checkpoint, ValueError, r"Cannot resume from checkpoint .*not written by UAPAttack" + CKPT_FIX),
     (fit_resume, checkpoint_missing_entry, ValueError, r"Cannot resume from checkpoint .*missing entry 'optimizer'" + CKPT_FIX),
-    (fit_resume, checkpoint_of_other_size, ValueError, r"Cannot resume from checkpoint .*size mismatch" + CKPT_FIX),
+    (fit_resume, checkpoint_of_other_size, ValueError, r"Cannot resume from checkpoint .*other settings or data; differs in .*data_digest" + CKPT_FIX),
     (fit_resume_params, params(checkpoint_path=None), ValueError, r"resume=True\) needs a checkpoint.*set checkpoint_path="),
     # --- UAPAttack.transform
     (transform, uint8, TypeError, IMAGES_DTYPE),

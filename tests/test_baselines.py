@@ -11,7 +11,6 @@ from krtfuap.baselines import (
     DeepFoolUAP,
     FrequencyUAP,
     RandomNoiseUAP,
-    _BestPerturbation,
     dct2,
     dct_matrix,
     deepfool_steps,
@@ -144,7 +143,8 @@ def test_load_with_the_wrong_class_names_the_problem(fitted, tmp_path):
 def test_max_time_stops_after_the_first_step(cls):
     attack = make(cls, max_time=0.0, max_epochs=5).fit(random_faces())
     assert attack.stop_reason_ == "max_time"
-    assert attack.n_epochs_ == 1 and len(attack.history_) == 1
+    assert attack.n_epochs_ == 1 and len(attack.history_) == (0 if cls is RandomNoiseUAP else 1)
+    assert len(attack.epoch_scores_) == 1  # the cut epoch is still scored
     assert attack.perturbation_.abs().max() <= attack.epsilon * (1 + 1e-6)
 
 
@@ -169,8 +169,8 @@ def test_history_has_one_record_per_batch(cls, fitted):
 
 def test_random_noise_records_one_measurement(fitted):
     attack = fitted[RandomNoiseUAP]
-    assert attack.n_iter_ == 0 and attack.n_epochs_ == 1 and len(attack.history_) == 1
-    assert attack.history_[0]["fooling_rate"] == attack.fooling_rate_
+    assert attack.n_iter_ == 0 and attack.n_epochs_ == 1 and attack.history_ == []
+    assert len(attack.epoch_scores_) == 1 and attack.epoch_scores_[0]["fooling_rate"] == attack.fooling_rate_
     assert attack.perturbation_.abs().max() > 0.9 * attack.epsilon
 
 
@@ -254,45 +254,16 @@ def test_deepfool_uap_fools_a_single_face_within_budget():
 
 
 # --------------------------------------------------------------------------- FG-UAP
-def test_best_perturbation_keeps_the_highest_score_and_the_earliest_tie():
-    best = _BestPerturbation()
-    value = torch.zeros(2)
-    assert best.offer((0.5, -0.3), value, 0)
-    value += 1  # the kept copy must not follow later in-place updates
-    assert best.offer((0.7, -0.2), value, 1)
-    assert not best.offer((0.7, -0.2), value * 5, 2)
-    assert not best.offer((0.6, 0.0), value * 7, 3)
-    assert best.offer((0.7, -0.1), value * 2, 4)
-    assert best.epoch == 4 and torch.equal(best.perturbation, torch.full((2,), 2.0))
+def test_fguap_returns_the_best_scored_epoch_not_the_last():
+    attack = make(FGUAP, threshold=0.99, max_epochs=4, target_fooling_rate=1.0, lr=0.05).fit(random_faces())
+    keys = [(s["fooling_rate"], -s["mean_similarity"]) for s in attack.epoch_scores_]
+    assert attack.best_epoch_ == keys.index(max(keys))
+    assert attack.fooling_rate_ == attack.epoch_scores_[attack.best_epoch_]["fooling_rate"]
+    assert attack.evaluate(random_faces())["fooling_rate"] == attack.fooling_rate_
 
 
-def _scripted_scores(monkeypatch, fooling_rates):
-    """Make FGUAP's validation score of epoch k equal fooling_rates[k] (mean similarity 0)."""
-    scores = iter(fooling_rates)
-    monkeypatch.setattr(FGUAP, "_score", lambda self, validation, perturbation, device, size: (next(scores), 0.0))
-
-
-def test_fguap_keeps_the_best_epoch_not_the_last(monkeypatch):
+def test_validation_faces_score_the_epochs():
     faces, validation = random_faces(16), random_faces(8, seed=5)
-    params = dict(threshold=0.0, epsilon=0.1, lr=0.02, target_fooling_rate=1.0, random_state=1)
-    _scripted_scores(monkeypatch, [0.2, 0.6, 0.4, 0.1])
-    attack = make(FGUAP, max_epochs=4, **params).fit(faces, validation=validation)
-    assert attack.best_epoch_ == 1 and attack.n_epochs_ == 4
-    assert [s["fooling_rate"] for s in attack.epoch_scores_] == [0.2, 0.6, 0.4, 0.1]
-    # The same run stopped after epoch 1, and the same run keeping its last epoch.
-    _scripted_scores(monkeypatch, [0.2, 0.6])
-    at_best = make(FGUAP, max_epochs=2, **params).fit(faces, validation=validation)
-    _scripted_scores(monkeypatch, [0.1, 0.2, 0.3, 0.4])
-    last = make(FGUAP, max_epochs=4, **params).fit(faces, validation=validation)
-    assert last.best_epoch_ == 3
-    assert torch.equal(attack.perturbation_, at_best.perturbation_)
-    assert not torch.equal(attack.perturbation_, last.perturbation_)
-
-
-def test_fguap_default_score_is_the_running_fit_fooling_rate():
-    attack = make(FGUAP, threshold=0.0, max_epochs=3, target_fooling_rate=1.0).fit(random_faces())
-    scores = [(s["fooling_rate"], -s["mean_similarity"]) for s in attack.epoch_scores_]
-    assert attack.best_epoch_ == scores.index(max(scores))
-    for record in attack.epoch_scores_:
-        steps = [h for h in attack.history_ if h["epoch"] == record["epoch"]]
-        assert record["mean_similarity"] == pytest.approx(sum(h["mean_similarity"] for h in steps) / len(steps))
+    attack = make(FGUAP, threshold=0.99, max_epochs=2, target_fooling_rate=1.0).fit(faces, validation=validation)
+    assert all(s["n_images"] == 8 for s in attack.epoch_scores_)
+    assert attack.evaluate(validation)["fooling_rate"] == attack.fooling_rate_

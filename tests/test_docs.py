@@ -16,7 +16,7 @@ PAGES = (
 FIGURES = ("masks.png", "perturbation.png", "faces.png")
 DOCUMENTED_MODULES = (
     "attack", "baselines", "masks", "landmarks", "flow", "perturbation", "losses", "stealth",
-    "metrics", "models", "imagenet", "datasets", "alignment", "demo", "cli",
+    "metrics", "scoring", "engine", "estimator", "models", "imagenet", "datasets", "alignment", "demo", "cli",
     "diversity", "benchmark", "report", "models.ensemble", "models.dlib_resnet",
 )
 

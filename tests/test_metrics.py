@@ -286,6 +286,67 @@ def test_ssim_window_size():
     assert not torch.allclose(ssim(images, reference, 3), ssim(images, reference, 11))
 
 
+def _structured_images() -> torch.Tensor:
+    """Smooth gradients, stripes and a disc: image-like content, ``(2, 3, 40, 48)`` float64."""
+    y, x = torch.meshgrid(torch.linspace(0, 1, 40, dtype=torch.float64), torch.linspace(0, 1, 48, dtype=torch.float64),
+                          indexing="ij")
+    disc = (((x - 0.5) ** 2 + (y - 0.5) ** 2) < 0.08).double()
+    first = torch.stack([0.2 + 0.6 * x, 0.5 + 0.4 * torch.sin(12 * x) * y, 0.3 + 0.5 * disc])
+    second = torch.stack([disc, 1 - y, 0.5 + 0.5 * torch.cos(9 * y) * torch.cos(7 * x)]).clamp(0, 1)
+    return torch.stack([first, second])
+
+
+def test_ssim_matches_scikit_image_standard_definition():
+    structural_similarity = pytest.importorskip("skimage.metrics").structural_similarity
+    generator = torch.Generator().manual_seed(3)
+    random = torch.rand(3, 3, 33, 27, generator=generator, dtype=torch.float64)
+    structured = _structured_images()
+    cases = [
+        (random, (random + 0.1 * torch.randn(random.shape, generator=generator, dtype=torch.float64)).clamp(0, 1)),
+        (random, torch.rand(random.shape, generator=generator, dtype=torch.float64)),  # unrelated: SSIM near 0
+        (structured, (structured + 0.05 * torch.randn(structured.shape, generator=generator,
+                                                      dtype=torch.float64)).clamp(0, 1)),
+        (structured, (structured * 0.7 + 0.1).clamp(0, 1)),  # contrast / brightness change, no noise
+    ]
+    for reference, images in cases:
+        expected = torch.tensor([
+            structural_similarity(a.numpy(), b.numpy(), gaussian_weights=True, sigma=1.5,
+                                  use_sample_covariance=False, data_range=1.0, channel_axis=0)
+            for a, b in zip(images, reference)
+        ], dtype=torch.float64)
+        for dtype in (torch.float64, torch.float32):
+            out = ssim(images.to(dtype), reference.to(dtype))
+            assert out.shape == (len(images),)
+            torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=0)
+
+
+def test_ssim_uses_only_the_valid_region():
+    """Padded border windows are not counted: a perturbation inside the image (as the key-region mask
+    puts it) leaves the border windows identical, so counting them (kornia's ``padding="same"``,
+    which reflects the border) reads higher than the standard valid-region SSIM."""
+    from kornia.metrics import ssim as kornia_ssim
+
+    reference = _structured_images().float()
+    generator = torch.Generator().manual_seed(0)
+    perturbation = (torch.rand(3, 40, 48, generator=generator) * 2 - 1) * 0.08
+    inside = torch.zeros(40, 48)
+    inside[12:28, 14:34] = 1.0
+    images = (reference + perturbation * inside).clamp(0, 1)
+    same_padding = kornia_ssim(images, reference, 11).flatten(1).mean(dim=1)
+    valid = kornia_ssim(images, reference, 11, padding="valid").flatten(1).mean(dim=1)
+    torch.testing.assert_close(ssim(images, reference), valid)
+    assert (ssim(images, reference) < same_padding - 1e-3).all()
+
+
+def test_ssim_small_images_use_the_largest_window_that_fits():
+    reference = torch.rand(2, 3, 8, 9, generator=torch.Generator().manual_seed(0))
+    images = (reference + 0.1).clamp(0, 1)
+    torch.testing.assert_close(ssim(images, reference), ssim(images, reference, window_size=7))
+    assert torch.isfinite(ssim(images[:, :, :1, :1], reference[:, :, :1, :1])).all()
+    with pytest.raises(ValueError, match="odd"):
+        ssim(images, reference, window_size=4)
+
+
 def test_psnr_identical_is_infinite():
     images = torch.rand(2, 3, 8, 8)
     out = psnr(images, images.clone())

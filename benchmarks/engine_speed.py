@@ -1,0 +1,145 @@
+"""Steps and seconds to a held-out fooling rate at an SSIM floor: the paper's recipe against the defaults.
+
+Fits on the faces of one half of the identities in ``../shared/assets/faces``
+and, after every epoch, scores the perturbation on faces of the other half
+(identities never used for fitting; the held-out scoring time is not counted).
+Each configuration runs side by side in one process, on one machine, under the
+same ``--max-time``; the table gives, per configuration, the first step and
+second at which the held-out fooling rate reached ``--goal-fr`` with held-out
+mean SSIM >= ``--goal-ssim`` ("-" when never), and the held-out numbers of the
+perturbation ``fit`` returned. ``--figure`` draws the held-out fooling rate /
+SSIM points of every configuration (the stealth frontier).
+
+Configurations (``--configs``):
+
+* ``paper``: ``UAPAttack.paper(model, stealth_loss="ssim", stealth_weight=3)``, the
+  paper's recipe with the SSIM stealth loss at the weight the library used
+  before (no VGG16 weights exist offline);
+* ``target:S``: ``UAPAttack(model, target_ssim=S)``, the defaults with a stealth target;
+* ``weight:W``: ``UAPAttack(model, stealth_weight=W)``, the defaults with a fixed weight.
+
+Example (2-core CPU, about 10 minutes per configuration at --max-time 600)::
+
+    python benchmarks/engine_speed.py --models foamliu_mobilefacenet insightface_mbf \
+        --configs paper target:0.93 --max-time 600
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from krtfuap.attack import UAPAttack
+from krtfuap.datasets import FaceFolder, PairDataset, filter_pairs, read_pairs, split_identities
+from krtfuap.metrics import calibrate_threshold, pair_similarities
+from krtfuap.models import load_face_model
+from krtfuap.scoring import score_perturbation
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "assets"
+
+
+def sample(dataset: FaceFolder, count: int, seed: int) -> torch.Tensor:
+    """``count`` faces of ``dataset`` drawn without replacement, as one ``(N, 3, H, W)`` tensor."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count]
+    return torch.stack([dataset[int(i)][0] for i in order])
+
+
+def make_attack(config: str, model: torch.nn.Module, threshold: float, common: dict) -> UAPAttack:
+    if config == "paper":
+        return UAPAttack.paper(model, threshold=threshold, stealth_loss="ssim", stealth_weight=3.0, **common)
+    kind, value = config.split(":")
+    if kind == "target":
+        return UAPAttack(model, threshold=threshold, target_ssim=float(value), **common)
+    if kind == "weight":
+        return UAPAttack(model, threshold=threshold, stealth_weight=float(value), **common)
+    raise SystemExit(f"unknown config {config!r}: use paper, target:S or weight:W")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["foamliu_mobilefacenet", "insightface_mbf"])
+    parser.add_argument("--configs", nargs="+", default=["paper", "target:0.93"])
+    parser.add_argument("--max-time", type=float, default=600.0, help="seconds of fitting per configuration")
+    parser.add_argument("--fit-faces", type=int, default=600)
+    parser.add_argument("--test-faces", type=int, default=300)
+    parser.add_argument("--pairs", type=int, default=600, help="fitting-identity pairs that calibrate t")
+    parser.add_argument("--goal-fr", type=float, default=0.8)
+    parser.add_argument("--goal-ssim", type=float, default=0.93)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--json", type=Path, default=None, help="write every curve here")
+    parser.add_argument("--figure", type=Path, default=None, help="draw the held-out FR/SSIM points here")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    faces = SHARED / "faces"
+    if not faces.is_dir():
+        raise SystemExit(f"{faces} not found: this benchmark needs the shared LFW faces.")
+    fit_ids, test_ids = split_identities(FaceFolder(faces).identities, 0.5, random_state=args.seed)
+    fit_faces = sample(FaceFolder(faces, identities=fit_ids), args.fit_faces, args.seed)
+    test_faces = sample(FaceFolder(faces, identities=test_ids), args.test_faces, args.seed + 1)
+    pairs = filter_pairs(read_pairs(faces / "pairs.csv"), fit_ids)
+    random.Random(args.seed).shuffle(pairs)
+    calibration = DataLoader(PairDataset(pairs[: args.pairs], faces), batch_size=100)
+    print(f"fit: {len(fit_faces)} faces of {len(fit_ids)} identities; held-out: {len(test_faces)} faces of "
+          f"{len(test_ids)} other identities; epsilon 0.08; max_time {args.max_time:.0f} s; "
+          f"torch threads {torch.get_num_threads()}; load average at start {os.getloadavg()[0]:.2f}\n")
+    print(f"| model | t | config | steps to goal | s to goal | fit steps | fit s | returned: held-out FR | "
+          f"SSIM | PSNR | fit FR | fit SSIM | final stealth weight | load |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    curves = []
+    for name in args.models:
+        path = SHARED / "models" / "foamliu_mobilefacenet_128d.pt" if name == "foamliu_mobilefacenet" else None
+        model = load_face_model(name, path)
+        threshold, _ = calibrate_threshold(*pair_similarities(model, calibration))
+        for config in args.configs:
+            curve: list[dict] = []
+
+            def held_out(event: dict) -> None:
+                score = score_perturbation(model, test_faces, event["perturbation"], threshold, batch_size=100)
+                curve.append({"step": event["step"], "time": event["time"], **score})
+
+            attack = make_attack(config, model, threshold, dict(max_time=args.max_time, max_epochs=10_000,
+                                                                target_fooling_rate=1.0, random_state=args.seed))
+            started = time.perf_counter()
+            attack.fit(fit_faces, on_epoch=held_out)
+            wall = time.perf_counter() - started
+            final = attack.evaluate(test_faces)
+            goal = next((p for p in curve if p["fooling_rate"] >= args.goal_fr and p["ssim"] >= args.goal_ssim), None)
+            weight = getattr(attack, "stealth_weight_", float("nan"))
+            to_goal = f"{goal['step']} | {goal['time']:.0f}" if goal else "- | -"
+            print(f"| {name} | {threshold:.3f} | {config} | {to_goal} | {attack.n_iter_} | "
+                  f"{wall:.0f} | {final['fooling_rate']:.3f} | {final['ssim']:.4f} | {final['psnr']:.2f} | "
+                  f"{attack.fooling_rate_:.3f} | {attack.ssim_:.4f} | {weight:.3g} | {os.getloadavg()[0]:.2f} |",
+                  flush=True)
+            curves.append({"model": name, "threshold": threshold, "config": config, "curve": curve,
+                           "returned": final, "steps": attack.n_iter_, "seconds": wall})
+    if args.json:
+        args.json.write_text(json.dumps(curves, indent=1))
+    if args.figure:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure, axes = plt.subplots(1, len(args.models), figsize=(5 * len(args.models), 4), squeeze=False)
+        for axis, name in zip(axes[0], args.models):
+            for run in (r for r in curves if r["model"] == name):
+                axis.scatter(run["returned"]["ssim"], run["returned"]["fooling_rate"], label=run["config"])
+            axis.set(title=name, xlabel="held-out SSIM", ylabel="held-out fooling rate")
+            axis.grid(alpha=0.3)
+            axis.legend(fontsize=7)
+        figure.tight_layout()
+        figure.savefig(args.figure, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

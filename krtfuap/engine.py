@@ -1,0 +1,440 @@
+"""The fit loop every perturbation estimator runs on.
+
+An estimator (``UAPAttack`` and each baseline) contributes a :class:`Solver`:
+its learnable state, one update step on a batch and the perturbation it
+currently holds. :class:`FitLoop` owns everything else, once for all of them:
+
+* iterating over the fit data (a tensor or a re-iterable loader), on the
+  model's device and dtype, and this process's shard when fitting distributed;
+* freezing the face model (:func:`frozen`) and restoring the exact
+  ``training`` flag of every submodule and ``requires_grad`` of every
+  parameter afterwards, also on error and Ctrl-C;
+* **honest stopping**: after every epoch (and when a limit cuts one short)
+  the current perturbation is scored without gradient on the fit data (or a
+  validation set) with :mod:`krtfuap.scoring`; the stop check, the reported
+  fooling rate and the choice of the returned perturbation all use that score;
+* keeping the best perturbation seen (:func:`selection_key`);
+* the ``max_epochs`` and ``max_time`` limits, ``history``, a progress bar;
+* checkpoints written atomically after every ``checkpoint_every`` epochs, with
+  a fingerprint of what determines the result, so a resume with other
+  parameters or data is refused with the difference named.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from krtfuap._batches import ImageData, iter_image_batches
+from krtfuap._validation import check_embeddings, load_torch_file
+from krtfuap.distributed import any_rank, is_main_process, mean_over_ranks, set_epoch, shard
+from krtfuap.scoring import PerturbationScore, score_batch
+
+__all__ = ["frozen", "Solver", "FitLoop", "FitResult", "selection_key"]
+
+_CHECKPOINT_FORMAT = "krtfuap.checkpoint/2"
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode and no weight gradients for ``model``; everything restored exactly on exit.
+
+    The ``training`` flag of **every** submodule and the ``requires_grad`` of
+    every parameter are recorded and put back afterwards, also when the body
+    raises or is interrupted, so an ensemble of eval-mode members or a model
+    with a frozen backbone comes back as it went in.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+
+    Yields
+    ------
+    torch.nn.Module
+        ``model``, in eval mode with ``requires_grad=False`` on every parameter.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    grads = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    try:
+        model.eval()
+        for parameter, _ in grads:
+            parameter.requires_grad_(False)
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+        for parameter, requires_grad in grads:
+            parameter.requires_grad_(requires_grad)
+
+
+class Solver:
+    """What an estimator adds to the fit loop: its learnable state and its update rule.
+
+    Subclasses implement :meth:`step` and :meth:`perturbation`; the others
+    have working defaults for a solver without learnable state.
+
+    Attributes
+    ----------
+    learns : bool
+        ``False`` for a perturbation that is drawn, not learned (random noise):
+        the loop then only scores it once.
+    """
+
+    learns: bool = True
+
+    def step(self, images: torch.Tensor, clean_embeddings: torch.Tensor) -> dict[str, float]:
+        """Update the perturbation on one batch.
+
+        Parameters
+        ----------
+        images : torch.Tensor
+            ``(B, 3, H, W)`` clean faces in ``[0, 1]``, on the fit device.
+        clean_embeddings : torch.Tensor
+            ``(B, D)`` float32 embeddings of ``images`` (no gradient).
+
+        Returns
+        -------
+        dict of str to float
+            The batch's record for ``history_`` (e.g. losses, the batch's
+            fooling rate before the update, its SSIM).
+        """
+        raise NotImplementedError
+
+    def after_step(self, record: dict[str, float]) -> None:
+        """Called with the step's record averaged over ranks (e.g. to adapt a loss weight)."""
+
+    def perturbation(self) -> torch.Tensor:
+        """The current perturbation, ``(3, H, W)``, detached, on the fit device."""
+        raise NotImplementedError
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """Copies (on the CPU) of the learned tensors the estimator stores when this state is returned."""
+        return {"perturbation_": self.perturbation().detach().cpu().clone()}
+
+    def fitted_attributes(self) -> dict[str, Any]:
+        """Extra learned attributes the estimator sets after the fit (e.g. an adapted loss weight)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a checkpoint needs to continue the fit exactly (tensors and plain values)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+
+    def broadcast_(self) -> None:
+        """Make every rank start from rank 0's state (distributed fitting)."""
+
+
+def selection_key(score: dict[str, float], target_ssim: float | None) -> tuple[float, ...]:
+    """Order of preference of scored perturbations (larger is better).
+
+    Without a stealth target: the highest fooling rate, ties broken by the
+    lower mean similarity. With ``target_ssim``: any perturbation that meets
+    it beats any that does not; among those that meet it, the highest fooling
+    rate wins; among those that do not, the highest SSIM.
+    """
+    if target_ssim is None:
+        return (score["fooling_rate"], -score["mean_similarity"])
+    meets = score["ssim"] >= target_ssim
+    return (float(meets), score["fooling_rate"] if meets else score["ssim"], -score["mean_similarity"])
+
+
+@dataclass
+class FitResult:
+    """What :meth:`FitLoop.run` returns: the selected state and the fit's record.
+
+    Attributes
+    ----------
+    snapshot : dict of str to torch.Tensor
+        :meth:`Solver.snapshot` of the returned (best) perturbation.
+    score : dict
+        Its score on the scoring data (:meth:`krtfuap.scoring.PerturbationScore.compute`).
+    best_epoch : int
+        The epoch after which it was scored (0-based).
+    history : list of dict
+        One record per step.
+    epoch_scores : list of dict
+        One score per epoch (with ``epoch``, ``step`` and ``time``).
+    n_iter, n_epochs : int
+    stop_reason : str
+        ``"target_fooling_rate"``, ``"max_epochs"`` or ``"max_time"``.
+    elapsed : float
+        Seconds in the loop (resumed runs included).
+    """
+
+    snapshot: dict[str, torch.Tensor]
+    score: dict[str, float]
+    best_epoch: int
+    history: list[dict] = field(default_factory=list)
+    epoch_scores: list[dict] = field(default_factory=list)
+    n_iter: int = 0
+    n_epochs: int = 0
+    stop_reason: str = "max_epochs"
+    elapsed: float = 0.0
+
+
+@dataclass
+class FitLoop:
+    """The loop: batches, limits, honest scoring, best-state selection, checkpoints.
+
+    Parameters
+    ----------
+    embed : callable
+        The frozen face model as called while fitting, ``(B, 3, H, W)`` ->
+        ``(B, D)`` (with the estimator's mixed-precision and memory-format options).
+    threshold : float
+        Verification threshold of the fooling rate.
+    device, dtype
+        Where and in which floating dtype batches go.
+    batch_size : int
+        Batch size when the data is one tensor.
+    max_epochs : int
+    max_time : float or None
+        Seconds; checked after every step. Scoring counts, threshold
+        calibration and mask fitting (done before the loop) do not.
+    target_fooling_rate : float
+        Stop once the scored fooling rate reaches it (and ``target_ssim`` is met).
+    target_ssim : float or None
+        Stealth target used by :func:`selection_key` and the stop check.
+    memory_format : torch.memory_format
+    checkpoint_path : path-like or None
+    checkpoint_every : int
+    fingerprint : dict
+        JSON-like description of what determines the result; stored in
+        checkpoints and compared on resume.
+    generator : torch.Generator or None
+        The estimator's CPU generator; saved in checkpoints.
+    description : str
+        Progress bar label.
+    verbose : bool
+        Show a progress bar (rank 0 only).
+    """
+
+    embed: Callable[[torch.Tensor], torch.Tensor]
+    threshold: float
+    device: torch.device
+    dtype: torch.dtype
+    batch_size: int
+    max_epochs: int
+    max_time: float | None = None
+    target_fooling_rate: float = 1.0
+    target_ssim: float | None = None
+    memory_format: torch.memory_format = torch.preserve_format
+    checkpoint_path: str | os.PathLike | None = None
+    checkpoint_every: int = 1
+    fingerprint: dict = field(default_factory=dict)
+    generator: torch.Generator | None = None
+    description: str = "fit"
+    verbose: bool = False
+
+    # ----------------------------------------------------------------- batches
+    def _batches(self, data: ImageData, size: tuple[int, int]) -> Iterator[torch.Tensor]:
+        for images in iter_image_batches(data, self.batch_size):
+            if tuple(images.shape[-2:]) != tuple(size):
+                raise ValueError(
+                    f"All faces must share one size; got {tuple(images.shape[-2:])} after {tuple(size)}. "
+                    "Align every face to the same size (e.g. 112x112)."
+                )
+            yield images.to(self.device, self.dtype, memory_format=self.memory_format)
+
+    def _clean_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return check_embeddings(self.embed(images), len(images)).float()
+
+    # ----------------------------------------------------------------- scoring
+    def _scorer(self, data: ImageData, size: tuple[int, int]) -> Callable[[torch.Tensor], dict[str, float]]:
+        """A function scoring a perturbation on ``data``; clean embeddings of a tensor are computed once."""
+        cache: list[torch.Tensor] | None = [] if isinstance(data, torch.Tensor) else None
+
+        def score(perturbation: torch.Tensor) -> dict[str, float]:
+            meter = PerturbationScore(self.threshold)
+            for index, images in enumerate(self._batches(data, size)):
+                if cache is not None and index < len(cache):
+                    clean = cache[index]
+                else:
+                    clean = self._clean_embeddings(images)
+                    if cache is not None:
+                        cache.append(clean)
+                meter.update(score_batch(self.embed, images, perturbation, clean_embeddings=clean))
+            meter.sync(self.device)
+            return meter.compute()
+
+        return score
+
+    # ------------------------------------------------------------- checkpoints
+    def _write_checkpoint(self, solver: Solver, state: dict[str, Any]) -> None:
+        payload = {
+            "format": _CHECKPOINT_FORMAT,
+            "fingerprint": self.fingerprint,
+            "solver": solver.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "generator": self.generator.get_state() if self.generator is not None else None,
+            **state,
+        }
+        path = os.fspath(self.checkpoint_path)
+        partial = f"{path}.partial"
+        try:
+            with open(partial, "wb") as handle:
+                torch.save(payload, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(partial, path)
+        except BaseException:
+            if os.path.exists(partial):
+                os.remove(partial)
+            raise
+
+    def _read_checkpoint(self, solver: Solver) -> dict[str, Any]:
+        path = os.fspath(self.checkpoint_path)
+        fix = (
+            "Delete it (or pass resume=False) to start afresh, or fit with the parameters and data of the run "
+            "that wrote it."
+        )
+        payload = load_torch_file(path, what="checkpoint", fix=fix)
+        if not isinstance(payload, dict) or payload.get("format") != _CHECKPOINT_FORMAT:
+            raise ValueError(
+                f"Cannot resume from checkpoint {path}: it was not written by UAPAttack (or another krtfuap "
+                f"estimator) of this version. {fix}"
+            )
+        saved = payload.get("fingerprint", {})
+        differences = [
+            f"{key} (checkpoint: {saved.get(key)!r}, now: {self.fingerprint.get(key)!r})"
+            for key in sorted(set(saved) | set(self.fingerprint))
+            if saved.get(key) != self.fingerprint.get(key)
+        ]
+        if differences:
+            raise ValueError(
+                f"Cannot resume from checkpoint {path}: it was written by a fit with other settings or data; "
+                f"differs in {'; '.join(differences)}. {fix}"
+            )
+        try:
+            solver.load_state_dict(payload["solver"])
+            if self.generator is not None and payload["generator"] is not None:
+                self.generator.set_state(payload["generator"])
+            torch.set_rng_state(payload["torch_rng"])
+        except Exception as error:
+            reason = f"missing entry {error}" if isinstance(error, KeyError) else " ".join(str(error).split())[:300]
+            raise ValueError(f"Cannot resume from checkpoint {path}: {reason}. {fix}") from error
+        return payload
+
+    # -------------------------------------------------------------------- run
+    def run(
+        self,
+        X: ImageData,
+        solver: Solver,
+        size: tuple[int, int],
+        *,
+        validation: ImageData | None = None,
+        resume: bool = False,
+        on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    ) -> FitResult:
+        """Fit ``solver`` on ``X``; return the best state seen and the fit's record.
+
+        Parameters
+        ----------
+        X : torch.Tensor or iterable
+            Fit faces ``(N, 3, H, W)`` in ``[0, 1]`` or a re-iterable loader.
+        solver : Solver
+        size : (int, int)
+            ``(H, W)`` every batch must have.
+        validation : torch.Tensor or iterable, optional
+            Faces that score each epoch's perturbation instead of ``X``.
+        resume : bool
+            Continue from ``checkpoint_path`` when that file exists.
+        on_epoch : callable, optional
+            Called after every scored epoch with ``{"epoch", "step", "time",
+            "score", "perturbation"}`` (the perturbation a ``(3, H, W)`` CPU
+            copy), e.g. to log a held-out curve. Its run time is not counted
+            in ``max_time`` nor in the ``time`` fields.
+        """
+        data = shard(X)
+        scorer = self._scorer(shard(validation) if validation is not None else data, size)
+        history: list[dict] = []
+        epoch_scores: list[dict] = []
+        best: tuple[tuple[float, ...], dict[str, float], int, dict[str, torch.Tensor]] | None = None
+        n_iter, first_epoch, elapsed_before = 0, 0, 0.0
+        if resume and self.checkpoint_path is not None and os.path.isfile(self.checkpoint_path):
+            state = self._read_checkpoint(solver)
+            history, epoch_scores = state["history"], state["epoch_scores"]
+            n_iter, first_epoch, elapsed_before = state["n_iter"], state["n_epochs"], state["elapsed"]
+            best = (selection_key(state["best_score"], self.target_ssim), state["best_score"], state["best_epoch"],
+                    state["best_snapshot"])
+        else:
+            solver.broadcast_()
+        started = time.perf_counter() - elapsed_before
+        stop_reason = "max_epochs"
+        last_epoch = first_epoch - 1
+
+        def out_of_time() -> bool:
+            late = self.max_time is not None and time.perf_counter() - started > self.max_time
+            return any_rank(late, self.device)
+
+        epochs = range(first_epoch, self.max_epochs if solver.learns else 1)
+        progress = tqdm(epochs, desc=self.description, disable=not (self.verbose and is_main_process()))
+        for epoch in progress:
+            last_epoch = epoch
+            set_epoch(data, epoch)
+            if solver.learns:
+                for images in self._batches(data, size):
+                    record = solver.step(images, self._clean_embeddings(images))
+                    record, _ = mean_over_ranks(record, len(images), self.device)
+                    solver.after_step(record)
+                    record.update(step=n_iter, epoch=epoch, time=time.perf_counter() - started)
+                    history.append(record)
+                    n_iter += 1
+                    if out_of_time():
+                        stop_reason = "max_time"
+                        break
+            score = scorer(solver.perturbation())
+            epoch_scores.append({"epoch": epoch, "step": n_iter, "time": time.perf_counter() - started, **score})
+            key = selection_key(score, self.target_ssim)
+            if best is None or key > best[0]:
+                best = (key, score, epoch, solver.snapshot())
+            progress.set_postfix(fooling_rate=f"{score['fooling_rate']:.3f}", ssim=f"{score['ssim']:.3f}")
+            if on_epoch is not None:
+                paused = time.perf_counter()
+                on_epoch({"epoch": epoch, "step": n_iter, "time": paused - started, "score": score,
+                          "perturbation": solver.perturbation().detach().cpu().clone()})
+                started += time.perf_counter() - paused
+            if stop_reason != "max_time" and out_of_time():
+                stop_reason = "max_time"
+            if stop_reason == "max_time":
+                break
+            meets_stealth = self.target_ssim is None or score["ssim"] >= self.target_ssim
+            if score["fooling_rate"] >= self.target_fooling_rate and meets_stealth:
+                stop_reason = "target_fooling_rate"
+                break
+            if (
+                self.checkpoint_path is not None
+                and (epoch + 1) % self.checkpoint_every == 0
+                and epoch + 1 < self.max_epochs
+                and is_main_process()
+            ):
+                self._write_checkpoint(
+                    solver,
+                    {
+                        "n_epochs": epoch + 1, "n_iter": n_iter, "elapsed": time.perf_counter() - started,
+                        "history": history, "epoch_scores": epoch_scores,
+                        "best_score": best[1], "best_epoch": best[2], "best_snapshot": best[3],
+                    },
+                )
+        assert best is not None  # max_epochs >= 1, or a checkpoint held a scored state
+        return FitResult(
+            snapshot=best[3],
+            score=best[1],
+            best_epoch=best[2],
+            history=history,
+            epoch_scores=epoch_scores,
+            n_iter=n_iter,
+            n_epochs=last_epoch + 1,
+            stop_reason=stop_reason,
+            elapsed=time.perf_counter() - started,
+        )

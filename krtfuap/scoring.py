@@ -1,0 +1,203 @@
+"""Scoring a perturbation: the one place that measures fooling rate, similarity, SSIM and PSNR.
+
+Every caller (``evaluate`` of every estimator, the fit loop's stopping rule,
+the demo, the benchmark and the scripts in ``benchmarks/``) goes through this
+module, so all numbers share one definition:
+
+* **similarity**: ``cos(F(clip(x + v, 0, 1)), F(x))`` per face;
+* **fooling rate**: share of faces whose similarity is below the verification
+  threshold ``t`` (paper Eq. 1);
+* **SSIM**: the standard definition (Wang et al. 2004; Gaussian window 11,
+  sigma 1.5, over the valid region only, as scikit-image computes it), the mean
+  over the three channels, per face (:func:`krtfuap.metrics.ssim`);
+* **PSNR** in dB on the ``[0, 1]`` scale, per face.
+
+:func:`score_batch` is the functional core (per-face tensors);
+:class:`PerturbationScore` sums them over batches (and over ranks when fitting
+distributed) in the style of a torchmetrics metric; :func:`score_perturbation`
+runs both over a dataset.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from krtfuap._batches import ImageData, iter_image_batches
+from krtfuap._validation import check_embeddings
+from krtfuap.metrics import cosine_similarity, psnr, ssim
+
+__all__ = ["score_batch", "PerturbationScore", "score_perturbation"]
+
+#: A face model call: ``(B, 3, H, W)`` images in ``[0, 1]`` -> ``(B, D)`` embeddings.
+Embed = Callable[[torch.Tensor], torch.Tensor]
+
+
+@torch.no_grad()
+def score_batch(
+    embed: Embed | nn.Module,
+    images: torch.Tensor,
+    perturbation: torch.Tensor,
+    *,
+    clean_embeddings: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per-face scores of one batch under one perturbation.
+
+    Parameters
+    ----------
+    embed : callable or torch.nn.Module
+        The face model, ``(B, 3, H, W)`` in ``[0, 1]`` -> ``(B, D)``.
+    images : torch.Tensor
+        ``(B, 3, H, W)`` clean faces in ``[0, 1]``.
+    perturbation : torch.Tensor
+        ``(3, H, W)`` (or broadcastable), on the images' device.
+    clean_embeddings : torch.Tensor, optional
+        ``(B, D)`` embeddings of ``images`` when already known (saves a forward pass).
+
+    Returns
+    -------
+    dict of torch.Tensor
+        ``similarity``, ``ssim``, ``psnr``: each ``(B,)`` float32 on the images' device.
+    """
+    adversarial = (images + perturbation.to(images.dtype)).clamp(0.0, 1.0)
+    if clean_embeddings is None:
+        clean_embeddings = check_embeddings(embed(images), len(images))
+    perturbed = check_embeddings(embed(adversarial), len(images))
+    return {
+        "similarity": cosine_similarity(perturbed.float(), clean_embeddings.float()),
+        "ssim": ssim(adversarial.float(), images.float()),
+        "psnr": psnr(adversarial.float(), images.float()),
+    }
+
+
+class PerturbationScore:
+    """Running sums of per-face scores; :meth:`compute` gives the dataset means.
+
+    Parameters
+    ----------
+    threshold : float
+        Verification threshold ``t``: a face is fooled when its similarity is ``< t``.
+
+    Examples
+    --------
+    >>> score = PerturbationScore(threshold=0.3)
+    >>> score.update(score_batch(model, images, v))  # doctest: +SKIP
+    >>> score.compute()["fooling_rate"]  # doctest: +SKIP
+    """
+
+    _FIELDS = ("fooled", "similarity", "ssim", "psnr", "n_images")
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = float(threshold)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every batch seen."""
+        self._sums = torch.zeros(len(self._FIELDS), dtype=torch.float64)
+
+    def update(self, scores: dict[str, torch.Tensor]) -> None:
+        """Add one batch's per-face ``similarity``, ``ssim`` and ``psnr`` (as :func:`score_batch` returns)."""
+        similarity = scores["similarity"].detach().double().cpu()
+        self._sums += torch.stack(
+            [
+                (similarity < self.threshold).double().sum(),
+                similarity.sum(),
+                scores["ssim"].detach().double().cpu().sum(),
+                scores["psnr"].detach().double().cpu().sum(),
+                torch.tensor(float(len(similarity)), dtype=torch.float64),
+            ]
+        )
+
+    def sync(self, device: torch.device | str = "cpu") -> None:
+        """Sum the running totals over all ranks (no-op unless ``torch.distributed`` is initialised).
+
+        ``device`` is where the collective runs (the CUDA device for NCCL).
+        """
+        if dist.is_available() and dist.is_initialized():
+            sums = self._sums.to(device)
+            dist.all_reduce(sums)
+            self._sums = sums.cpu()
+
+    def compute(self) -> dict[str, float]:
+        """Dataset means.
+
+        Returns
+        -------
+        dict
+            ``fooling_rate`` in ``[0, 1]``, ``mean_similarity`` in ``[-1, 1]``,
+            ``ssim`` (mean per-face SSIM), ``psnr`` (mean per-face PSNR, dB) and
+            ``n_images``.
+
+        Raises
+        ------
+        ValueError
+            When no face was added.
+        """
+        fooled, similarity, ssim_sum, psnr_sum, count = self._sums.tolist()
+        if count == 0:
+            raise ValueError("No faces were scored; give at least one batch of images.")
+        return {
+            "fooling_rate": fooled / count,
+            "mean_similarity": similarity / count,
+            "ssim": ssim_sum / count,
+            "psnr": psnr_sum / count,
+            "n_images": int(count),
+        }
+
+
+@torch.no_grad()
+def score_perturbation(
+    embed: Embed | nn.Module,
+    X: ImageData,
+    perturbation: torch.Tensor,
+    threshold: float,
+    *,
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> dict[str, float]:
+    """Fooling rate, mean similarity, SSIM and PSNR of ``perturbation`` on the faces ``X``.
+
+    Parameters
+    ----------
+    embed : callable or torch.nn.Module
+        The face model, ``(B, 3, H, W)`` in ``[0, 1]`` -> ``(B, D)``, in the
+        state it should be judged in (eval mode for a network with batch norm).
+    X : torch.Tensor or iterable
+        ``(N, 3, H, W)`` faces in ``[0, 1]`` or a re-iterable loader of batches.
+    perturbation : torch.Tensor
+        ``(3, H, W)``.
+    threshold : float
+        Verification threshold on cosine similarity.
+    batch_size : int
+        Batch size when ``X`` is one tensor.
+    device, dtype : optional
+        Where and in which floating dtype the model runs; default: the device
+        and dtype of the model's first parameter (CPU float32 without one).
+
+    Returns
+    -------
+    dict
+        As :meth:`PerturbationScore.compute`.
+    """
+    if isinstance(embed, nn.Module):
+        first = next(embed.parameters(), None)
+        if device is None:
+            device = first.device if first is not None else torch.device("cpu")
+        if dtype is None and first is not None and first.is_floating_point():
+            dtype = first.dtype
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    dtype = dtype or torch.float32
+    perturbation = perturbation.to(device, dtype)
+    score = PerturbationScore(threshold)
+    for images in iter_image_batches(X, batch_size):
+        if images.shape[-2:] != perturbation.shape[-2:]:
+            raise ValueError(
+                f"X has faces of size {tuple(images.shape[-2:])} but the perturbation was fitted on "
+                f"{tuple(perturbation.shape[-2:])}; align the faces to that size first."
+            )
+        score.update(score_batch(embed, images.to(device, dtype), perturbation))
+    return score.compute()

@@ -1,0 +1,302 @@
+"""The shared fit loop (krtfuap/engine.py) and the estimator base (krtfuap/estimator.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from fakes import TinyEmbedder
+from torch import nn
+
+from krtfuap.attack import UAPAttack, adapt_stealth_weight
+from krtfuap.baselines import FGUAP, DeepFoolUAP, FrequencyUAP, RandomNoiseUAP
+from krtfuap.engine import FitLoop, Solver, frozen, selection_key
+from krtfuap.models.ensemble import EnsembleEmbedder
+
+SIZE = 32
+ESTIMATORS = [UAPAttack, RandomNoiseUAP, DeepFoolUAP, FGUAP, FrequencyUAP]
+
+
+def faces(n: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def make(cls, model=None, **params):
+    settings = dict(threshold=0.99, epsilon=0.08, max_epochs=3, batch_size=8, random_state=0)
+    if cls is UAPAttack:
+        settings["masker"] = torch.full((SIZE, SIZE), 0.5)
+    settings.update(params)
+    return cls(model or TinyEmbedder(), **settings)
+
+
+# --------------------------------------------------------------------------- frozen
+class _Mixed(nn.Module):
+    """A model whose submodules and parameters start in mixed states."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        self.head = nn.Linear(4, 4)
+        self.backbone.eval()  # eval-mode backbone inside a training-mode model
+        self.head.weight.requires_grad_(False)
+
+
+def _states(model: nn.Module):
+    return [m.training for m in model.modules()], [p.requires_grad for p in model.parameters()]
+
+
+def test_frozen_restores_every_submodule_and_parameter_exactly():
+    model = _Mixed()
+    before = _states(model)
+    with frozen(model):
+        assert not any(m.training for m in model.modules())
+        assert not any(p.requires_grad for p in model.parameters())
+    assert _states(model) == before
+
+
+def test_frozen_restores_on_error():
+    model = _Mixed()
+    before = _states(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with frozen(model):
+            raise RuntimeError("boom")
+    assert _states(model) == before
+
+
+def test_ensemble_members_keep_their_eval_mode_after_fit_and_evaluate():
+    members = [TinyEmbedder().eval(), TinyEmbedder().eval()]
+    attack = make(UAPAttack, model=members, max_epochs=1).fit(faces())
+    attack.evaluate(faces(4, seed=1))
+    assert not any(m.training for member in members for m in member.modules())
+    assert all(p.requires_grad for member in members for p in member.parameters())
+    assert isinstance(attack._embedder(), EnsembleEmbedder)
+
+
+# ------------------------------------------------------------------- selection key
+def test_selection_key_prefers_fooling_rate_then_lower_similarity():
+    a = {"fooling_rate": 0.5, "mean_similarity": 0.2, "ssim": 0.9}
+    b = {"fooling_rate": 0.5, "mean_similarity": 0.1, "ssim": 0.8}
+    c = {"fooling_rate": 0.6, "mean_similarity": 0.3, "ssim": 0.7}
+    assert sorted([a, b, c], key=lambda s: selection_key(s, None)) == [a, b, c]
+
+
+def test_selection_key_with_a_stealth_target():
+    meets_low = {"fooling_rate": 0.2, "mean_similarity": 0.5, "ssim": 0.95}
+    meets_high = {"fooling_rate": 0.4, "mean_similarity": 0.4, "ssim": 0.94}
+    misses_close = {"fooling_rate": 0.9, "mean_similarity": 0.0, "ssim": 0.92}
+    misses_far = {"fooling_rate": 1.0, "mean_similarity": -0.1, "ssim": 0.80}
+    ranked = sorted([meets_high, misses_far, meets_low, misses_close], key=lambda s: selection_key(s, 0.93))
+    assert ranked == [misses_far, misses_close, meets_low, meets_high]
+
+
+# --------------------------------------------------------------- the loop itself
+class _ScriptedSolver(Solver):
+    """Each step adds 1 to a constant perturbation; a scripted scorer scores epoch k."""
+
+    def __init__(self) -> None:
+        self.value = torch.zeros(3, SIZE, SIZE)
+
+    def step(self, images, clean_embeddings):
+        self.value = self.value + 1
+        return {"value": float(self.value[0, 0, 0])}
+
+    def perturbation(self):
+        return self.value
+
+
+def _loop(**params) -> FitLoop:
+    model = TinyEmbedder()
+    settings = dict(embed=model, threshold=0.5, device=torch.device("cpu"), dtype=torch.float32, batch_size=8,
+                    max_epochs=4, target_fooling_rate=1.0)
+    settings.update(params)
+    return FitLoop(**settings)
+
+
+def _scripted(loop: FitLoop, fooling_rates: list[float], monkeypatch) -> None:
+    scores = iter(fooling_rates)
+
+    def scorer(data, size):
+        return lambda perturbation: {"fooling_rate": next(scores), "mean_similarity": 0.0, "ssim": 1.0,
+                                     "psnr": 40.0, "n_images": 16}
+
+    monkeypatch.setattr(loop, "_scorer", scorer)
+
+
+def test_loop_returns_the_best_scored_state_and_the_earliest_tie(monkeypatch):
+    loop = _loop()
+    _scripted(loop, [0.2, 0.6, 0.6, 0.1], monkeypatch)
+    result = loop.run(faces(), _ScriptedSolver(), (SIZE, SIZE))
+    assert result.best_epoch == 1 and result.n_epochs == 4 and result.stop_reason == "max_epochs"
+    assert result.score["fooling_rate"] == 0.6
+    # Two steps per epoch: the state after epoch 1 is 4 steps in.
+    assert torch.equal(result.snapshot["perturbation_"], torch.full((3, SIZE, SIZE), 4.0))
+    assert [s["fooling_rate"] for s in result.epoch_scores] == [0.2, 0.6, 0.6, 0.1]
+
+
+def test_loop_stops_on_the_scored_fooling_rate(monkeypatch):
+    loop = _loop(target_fooling_rate=0.5)
+    _scripted(loop, [0.2, 0.6, 0.9], monkeypatch)
+    result = loop.run(faces(), _ScriptedSolver(), (SIZE, SIZE))
+    assert result.stop_reason == "target_fooling_rate" and result.n_epochs == 2 and result.n_iter == 4
+
+
+def test_loop_max_time_zero_takes_one_step_and_scores_it(monkeypatch):
+    loop = _loop(max_time=0.0)
+    _scripted(loop, [0.3], monkeypatch)
+    result = loop.run(faces(), _ScriptedSolver(), (SIZE, SIZE))
+    assert result.stop_reason == "max_time" and result.n_iter == 1 and len(result.epoch_scores) == 1
+    assert torch.equal(result.snapshot["perturbation_"], torch.ones(3, SIZE, SIZE))
+
+
+# ------------------------------------------------------------------ honest numbers
+@pytest.mark.parametrize("cls", ESTIMATORS)
+def test_reported_fooling_rate_is_that_of_the_returned_perturbation(cls):
+    X = faces(24)
+    attack = make(cls, threshold=0.995, max_epochs=3, target_fooling_rate=0.5).fit(X)
+    result = attack.evaluate(X)
+    assert attack.fooling_rate_ == result["fooling_rate"]
+    assert attack.ssim_ == pytest.approx(result["ssim"], abs=1e-6)
+    assert attack.epoch_scores_[attack.best_epoch_]["fooling_rate"] == attack.fooling_rate_
+
+
+def test_issue_case_stealth_on_fooled_faces_cannot_fake_the_stop():
+    # The old loop stopped on per-batch rates measured before each update while the stealth term
+    # kept pulling already-fooled faces back: it reported 0.875 for a perturbation fooling none.
+    X = faces(8)
+    attack = make(UAPAttack, threshold=0.999, stealth_loss="ssim", stealth_weight=50.0, skip_fooled=True,
+                  init_scale=1.0, max_epochs=5, batch_size=4).fit(X)
+    assert attack.fooling_rate_ == attack.evaluate(X)["fooling_rate"]
+    if attack.stop_reason_ == "target_fooling_rate":
+        assert attack.fooling_rate_ >= attack.target_fooling_rate
+
+
+def test_fitting_beats_its_starting_point_on_a_small_fixed_network():
+    X = faces(32)
+    start = make(UAPAttack, threshold=0.98, max_time=0.0, stealth_loss=None, init_scale=1.0).fit(X)
+    fitted = make(UAPAttack, threshold=0.98, max_epochs=15, stealth_loss=None, init_scale=1.0,
+                  target_fooling_rate=1.0, lr=0.01).fit(X)
+    assert fitted.fooling_rate_ >= start.fooling_rate_ + 0.3
+    assert fitted.evaluate(faces(32, seed=9))["mean_similarity"] < start.evaluate(faces(32, seed=9))["mean_similarity"]
+
+
+# --------------------------------------------------------------------- stealth target
+def test_adapt_stealth_weight_moves_toward_the_target():
+    assert adapt_stealth_weight(1.0, 0.90, 0.93, 0.05) == pytest.approx(math.exp(0.15))
+    assert adapt_stealth_weight(1.0, 0.96, 0.93, 0.05) == pytest.approx(math.exp(-0.15))
+    assert adapt_stealth_weight(1.0, 0.50, 0.93, 0.0) == 1.0
+    assert adapt_stealth_weight(1e4, 0.0, 0.99, 1.0) == 1e4  # clipped
+
+
+@pytest.mark.parametrize("stealth_loss", ["ssim", lambda adversarial, clean: (adversarial - clean).abs().mean()])
+def test_target_ssim_holds_on_the_fit_faces(stealth_loss):
+    # Smooth images: full-budget noise drops their SSIM far below the target, so the target binds.
+    coarse = torch.rand(24, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    X = torch.nn.functional.interpolate(coarse, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+    attack = make(UAPAttack, threshold=0.98, stealth_loss=stealth_loss, stealth_weight=0.01, target_ssim=0.9,
+                  init_scale=1.0, max_epochs=12, target_fooling_rate=1.0).fit(X)
+    assert attack.ssim_ >= 0.9
+    assert attack.evaluate(X)["ssim"] >= 0.9
+    assert attack.stealth_weight_ > 0.01  # the weight had to grow to meet the target
+    weights = [record["stealth_weight"] for record in attack.history_]
+    assert weights[0] == 0.01 and len(set(weights)) > 1
+
+
+# ----------------------------------------------------------------- fitted state
+def test_a_failed_refit_leaves_the_previous_fit_whole(monkeypatch):
+    X = faces(16)
+    attack = make(UAPAttack).fit(X)
+    before = {k: getattr(attack, k) for k in ("perturbation_", "history_", "threshold_", "n_iter_", "fooling_rate_")}
+    calls = {"n": 0}
+    from krtfuap import attack as attack_module
+
+    real_step = attack_module._KeyRegionSolver.step
+
+    def failing_step(self, images, clean):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("out of memory (simulated)")
+        return real_step(self, images, clean)
+
+    monkeypatch.setattr(attack_module._KeyRegionSolver, "step", failing_step)
+    with pytest.raises(RuntimeError, match="simulated"):
+        attack.set_params(threshold=0.5, lr=0.05).fit(X)
+    for name, value in before.items():
+        assert getattr(attack, name) is value, name
+
+
+def test_interrupt_prints_one_line_and_keeps_the_previous_fit(monkeypatch, capsys, tmp_path):
+    X = faces(16)
+    attack = make(UAPAttack, checkpoint_path=tmp_path / "fit.ckpt").fit(X)
+    previous = attack.perturbation_
+    from krtfuap import attack as attack_module
+
+    def interrupted(self, images, clean):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(attack_module._KeyRegionSolver, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        attack.fit(X)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "resume=True" in err[0] and "fit.ckpt" in err[0]
+    assert attack.perturbation_ is previous
+
+
+# ------------------------------------------------------------------ resume safety
+@pytest.mark.parametrize("change, named", [
+    (dict(lr=0.05), "lr"), (dict(epsilon=0.05), "epsilon"), (dict(random_state=1), "random_state"),
+    (dict(batch_size=4), "batch_size"), (dict(masker=torch.full((SIZE, SIZE), 0.25)), "data_digest"),
+])
+def test_resume_refuses_a_checkpoint_of_another_fit(tmp_path, change, named):
+    path = tmp_path / "fit.ckpt"
+    make(UAPAttack, checkpoint_path=path, max_epochs=2).fit(faces())
+    assert path.exists()
+    with pytest.raises(ValueError, match=rf"other settings or data; differs in .*{named}"):
+        make(UAPAttack, checkpoint_path=path, max_epochs=3, **change).fit(faces(), resume=True)
+
+
+def test_resume_refuses_other_data(tmp_path):
+    path = tmp_path / "fit.ckpt"
+    make(UAPAttack, checkpoint_path=path, max_epochs=2).fit(faces())
+    with pytest.raises(ValueError, match="data_digest"):
+        make(UAPAttack, checkpoint_path=path, max_epochs=3).fit(faces(seed=3), resume=True)
+
+
+def test_resume_may_extend_max_epochs_and_max_time(tmp_path):
+    path = tmp_path / "fit.ckpt"
+    make(UAPAttack, checkpoint_path=path, max_epochs=2, target_fooling_rate=1.0).fit(faces())
+    resumed = make(UAPAttack, checkpoint_path=path, max_epochs=4, max_time=1e6, target_fooling_rate=1.0)
+    resumed.fit(faces(), resume=True)
+    straight = make(UAPAttack, max_epochs=4, target_fooling_rate=1.0).fit(faces())
+    assert resumed.n_epochs_ == 4
+    assert torch.equal(resumed.perturbation_, straight.perturbation_)
+
+
+@pytest.mark.parametrize("cls", [DeepFoolUAP, FGUAP, FrequencyUAP])
+def test_baselines_checkpoint_and_resume_like_uapattack(cls, tmp_path):
+    path = tmp_path / "fit.ckpt"
+    never = dict(threshold=-1.0, target_fooling_rate=1.0)  # cos < -1 never happens: every epoch runs
+    make(cls, checkpoint_path=path, max_epochs=2, **never).fit(faces())
+    resumed = make(cls, checkpoint_path=path, max_epochs=3, **never).fit(faces(), resume=True)
+    straight = make(cls, max_epochs=3, **never).fit(faces())
+    assert resumed.n_iter_ == straight.n_iter_ == 6
+    assert torch.equal(resumed.perturbation_, straight.perturbation_)
+
+
+# ------------------------------------------------------------------ parameter checks
+@pytest.mark.parametrize("params, error, message", [
+    (dict(stealth_weight=float("nan")), ValueError, "stealth_weight must be a finite number"),
+    (dict(max_time=float("nan")), ValueError, "max_time .*finite"),
+    (dict(epsilon="0.08"), TypeError, "epsilon .*must be a number"),
+    (dict(max_epochs=2.5), TypeError, "max_epochs must be an int"),
+    (dict(batch_size=True), TypeError, "batch_size must be an int"),
+    (dict(target_ssim=1.0), ValueError, r"target_ssim must be in \(0, 1\)"),
+    (dict(lr=float("inf")), ValueError, "lr must be a finite number"),
+])
+def test_mistyped_or_non_finite_parameters_are_refused_before_any_work(params, error, message):
+    model = TinyEmbedder()
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    with pytest.raises(error, match=message):
+        make(UAPAttack, model=model, **params).fit(faces())
+    assert calls == []
