@@ -98,7 +98,7 @@ class UAPAttack(PerturbationEstimator):
         every ``stealth_loss``. ``None``: a fixed ``stealth_weight``.
     stealth_weight : float, optional
         ``lambda`` of the stealth loss (the starting value when ``target_ssim``
-        is set); ``None`` uses the loss's default (20 for ``"ssim"``, 0.05
+        is set); ``None`` uses the loss's default (3 for ``"ssim"``, 0.05
         for ``"vgg"`` as in the paper).
     stealth_loss : {"ssim", "vgg"}, callable or None
         ``"ssim"``: ``1 - SSIM`` (no weights needed); ``"vgg"``: the paper's
@@ -269,8 +269,8 @@ class UAPAttack(PerturbationEstimator):
 
         VGG16 ``relu2_2`` stealth loss with ``lambda = 0.05``, noise starting
         uniform over the whole budget, only not-yet-fooled faces in the
-        adversarial loss, Adam with ``lr = 0.01`` for noise and flow, batch
-        size 32, stop at fooling rate 0.8. Offline, where no VGG16 weights
+        adversarial loss, Adam with ``lr = 0.01`` for noise and flow, batches
+        of 10 faces (paper Section 4.1), stop at fooling rate 0.8. Offline, where no VGG16 weights
         exist, pass ``stealth_loss="ssim", stealth_weight=3``.
 
         Returns
@@ -280,7 +280,7 @@ class UAPAttack(PerturbationEstimator):
         """
         recipe = dict(
             stealth_loss="vgg", stealth_weight=0.05, target_ssim=None, skip_fooled=True, init_scale=1.0,
-            lr=0.01, flow_lr=None, batch_size=32, target_fooling_rate=0.8, adversarial_loss="direction",
+            lr=0.01, flow_lr=None, batch_size=10, target_fooling_rate=0.8, adversarial_loss="direction",
         )
         recipe.update(overrides)
         return cls(model, **recipe)

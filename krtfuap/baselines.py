@@ -214,6 +214,11 @@ class _FixedNoiseSolver(Solver):
     def perturbation(self) -> torch.Tensor:
         return self.noise
 
+    def broadcast_(self) -> None:
+        holder = nn.Module()
+        holder.register_buffer("noise", self.noise)
+        broadcast_module_(holder)
+
 
 class _TensorSolver(Solver):
     """A perturbation held as one tensor ``(3, H, W)``, with an optional Adam optimiser."""

@@ -8,9 +8,9 @@ the faces of the **other** identities, on every target model:
   and Tables 3-5 (ablations);
 * black-box transfer (source != target): Table 2, including ensembles of all
   source models (``model`` as a list) and input diversity;
-* time to fooling rate (Figure 6): from each fit's per-step history, the
-  optimisation time and steps until the running fooling rate on the fitting
-  faces first reaches 40 ... 80 %;
+* time to fooling rate (Figure 6): from each fit's scored epochs, the fit
+  time and steps until the fooling rate of the perturbation on the fitting
+  faces (scored without gradient after an epoch) first reaches 40 ... 80 %;
 * occlusion (Figure 4): clean verification accuracy on held-out pairs when
   uniform noise of rising strength is added only inside, or only outside, the
   key regions;
@@ -23,7 +23,6 @@ writes the tidy ``results.csv``, ``report.md`` and the figures.
 
 from __future__ import annotations
 
-import math
 import platform
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -229,31 +228,17 @@ def _differentiable(model: nn.Module) -> bool:
     return not isinstance(model, DlibResNetEmbedder)
 
 
-def _running_curve(history: Sequence[dict], steps_per_epoch: int) -> list[tuple[float, float]]:
-    """``(time, running fooling rate)`` per step: the mean batch fooling rate of the last
-    ``steps_per_epoch`` steps; ``time`` is NaN for records without one."""
-    curve, window = [], []
-    for record in history:
-        window = (window + [record["fooling_rate"]])[-steps_per_epoch:]
-        curve.append((record.get("time", math.nan), sum(window) / len(window)))
-    return curve
-
-
 def time_to_fooling_rate(
-    history: Sequence[dict], steps_per_epoch: int, levels: Sequence[float] = FOOLING_LEVELS
+    epoch_scores: Sequence[dict], levels: Sequence[float] = FOOLING_LEVELS
 ) -> dict[float, tuple[float, int] | None]:
-    """Optimisation time and steps until the running fit fooling rate first reaches each level.
-
-    The running fooling rate after step ``k`` is the mean batch fooling rate
-    of the last ``steps_per_epoch`` steps (one epoch's worth; fewer at the
-    start), i.e. an epoch-long moving window over the fitting faces.
+    """Fit time and steps until the scored fooling rate on the fitting faces first reaches each level.
 
     Parameters
     ----------
-    history : sequence of dict
-        ``history_`` of a fitted estimator (records with ``fooling_rate`` and ``time``).
-    steps_per_epoch : int
-        Batches per pass over the fitting faces.
+    epoch_scores : sequence of dict
+        ``epoch_scores_`` of a fitted estimator: after every epoch, the fooling
+        rate of the perturbation of that moment on the fitting faces, measured
+        without gradient, with the ``time`` and ``step`` it was reached at.
     levels : sequence of float
         Fooling rates in ``[0, 1]``.
 
@@ -262,14 +247,10 @@ def time_to_fooling_rate(
     dict
         ``level -> (seconds, steps)``, or ``None`` when never reached.
     """
-    reached: dict[float, tuple[float, int] | None] = {level: None for level in levels}
-    for step, (seconds, running) in enumerate(_running_curve(history, steps_per_epoch), start=1):
-        if math.isnan(seconds):
-            continue
-        for level in levels:
-            if reached[level] is None and running >= level:
-                reached[level] = (seconds, step)
-    return reached
+    return {
+        level: next(((s["time"], s["step"]) for s in epoch_scores if s["fooling_rate"] >= level), None)
+        for level in levels
+    }
 
 
 @torch.no_grad()
@@ -407,7 +388,6 @@ def run_benchmark(
         members = list(sources.values())
         calibration[ensemble_name] = _calibrate(EnsembleEmbedder(members), fit_pairs)
         sources[ensemble_name] = members
-    steps_per_epoch = math.ceil(len(data.fit_images) / batch_size)
     common = dict(
         epsilon=epsilon, target_fooling_rate=target_fooling_rate, max_epochs=max_epochs, max_time=max_time,
         batch_size=batch_size, random_state=random_state, device=device,
@@ -433,8 +413,8 @@ def run_benchmark(
         estimator.fit(data.fit_images.to(device))
         key = f"{method_name}@{source}"
         result.perturbations[key] = estimator.perturbation_
-        result.curves[key] = _running_curve(estimator.history_, steps_per_epoch)
-        reached = time_to_fooling_rate(estimator.history_, steps_per_epoch)
+        result.curves[key] = [(score["time"], score["fooling_rate"]) for score in estimator.epoch_scores_]
+        reached = time_to_fooling_rate(estimator.epoch_scores_)
         base = {
             "method": method_name, "label": METHODS[method_name].label, "table": METHODS[method_name].table,
             "source_model": source, "epsilon": epsilon,

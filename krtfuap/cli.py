@@ -118,7 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     -------
     int
         Exit status: 0 on success, 1 when the run fails with a message (bad
-        input, missing files). Invalid arguments exit with status 2 (argparse).
+        input, missing files), 130 on Ctrl-C (one line, no traceback).
+        Invalid arguments exit with status 2 (argparse).
     """
     args = build_parser().parse_args(argv)
     try:
@@ -142,6 +143,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ModuleNotFoundError, ValueError) as error:
         print(f"krtfuap {args.command}: error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"krtfuap {args.command}: interrupted.", file=sys.stderr)
+        return 130
     return 0
 
 

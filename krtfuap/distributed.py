@@ -1,4 +1,4 @@
-"""Multi-process fitting on ``torch.distributed``: the helpers :meth:`UAPAttack.fit` calls.
+"""Multi-process fitting on ``torch.distributed``: the helpers the fit loop (:mod:`krtfuap.engine`) calls.
 
 Every function here is a no-op (it returns its input) unless a default process
 group is initialised (``torch.distributed.init_process_group``, e.g. by
@@ -13,8 +13,9 @@ style of ``DistributedDataParallel``:
   over ranks (:func:`average_gradients`), so the identical Adam steps keep the
   perturbation identical on every rank;
 * the per-step records (losses, fooling rate, SSIM) are averaged over ranks,
-  weighted by batch size (:func:`mean_over_ranks`), so ``history_`` and the
-  epoch fooling rate that drives stopping are global and every rank stops at the
+  weighted by batch size (:func:`mean_over_ranks`), so ``history_`` is global;
+  the end-of-epoch score that drives stopping is summed over the ranks' shards
+  (:meth:`krtfuap.scoring.PerturbationScore.sync`), so every rank stops at the
   same step (:func:`any_rank` for ``max_time``);
 * only rank 0 writes checkpoints and saved files (:func:`is_main_process`).
 """

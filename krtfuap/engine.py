@@ -414,8 +414,7 @@ class FitLoop:
                 break
             if (
                 self.checkpoint_path is not None
-                and (epoch + 1) % self.checkpoint_every == 0
-                and epoch + 1 < self.max_epochs
+                and ((epoch + 1) % self.checkpoint_every == 0 or epoch + 1 == self.max_epochs)
                 and is_main_process()
             ):
                 self._write_checkpoint(
@@ -426,6 +425,7 @@ class FitLoop:
                         "best_score": best[1], "best_epoch": best[2], "best_snapshot": best[3],
                     },
                 )
+        progress.close()
         assert best is not None  # max_epochs >= 1, or a checkpoint held a scored state
         return FitResult(
             snapshot=best[3],

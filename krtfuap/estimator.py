@@ -21,6 +21,7 @@ import sys
 import time
 from typing import Any, Callable, Iterable
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -236,7 +237,7 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
                     max_epochs=self.max_epochs, max_time=self.max_time,
                     target_fooling_rate=self.target_fooling_rate, target_ssim=getattr(self, "target_ssim", None),
                     memory_format=memory_format, generator=generator,
-                    fingerprint=self._fingerprint(X, threshold, learned),
+                    fingerprint=self._fingerprint(X, threshold, learned) if options.get("checkpoint_path") else {},
                     description=f"{type(self).__name__} fit", verbose=self.verbose, **options,
                 )
                 result = loop.run(X, solver, size, validation=validation, resume=resume, on_epoch=on_epoch)
@@ -258,11 +259,17 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
             if key not in _NOT_FINGERPRINTED and key != "model"
         }
         digest = hashlib.sha256()
-        count = 0
-        for images in iter_image_batches(X, self.batch_size):
-            count += len(images)
-            digest.update(str(tuple(images.shape)).encode())
-            digest.update(images.detach().float().mean(dim=(1, 2, 3)).cpu().numpy().round(6).tobytes())
+        rows, shapes = [], set()
+        with torch.random.fork_rng(devices=[]):  # a shuffling loader must not move the global RNG
+            for images in iter_image_batches(X, self.batch_size):
+                shapes.add(tuple(images.shape[1:]))
+                flat = images.detach().float().flatten(1)
+                rows.append(torch.stack([flat.mean(1), flat.std(1), flat[:, :: max(1, flat.shape[1] // 64)].sum(1)], 1))
+        stats = torch.cat(rows).double().cpu().numpy().round(5)
+        count = len(stats)
+        stats = stats[np.lexsort(stats.T[::-1])]  # the order a shuffling loader yields is not part of the data
+        digest.update(str(sorted(shapes)).encode())
+        digest.update(stats.tobytes())
         for name in sorted(k for k, v in learned.items() if isinstance(v, torch.Tensor)):
             digest.update(name.encode())
             digest.update(learned[name].detach().float().cpu().numpy().round(6).tobytes())

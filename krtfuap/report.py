@@ -208,7 +208,7 @@ def _figures(result: BenchmarkResult, output: Path) -> list[tuple[Path, str]]:
         for key, curve in curves.items():
             axis.plot([t for t, _ in curve], [f for _, f in curve], label=METHODS[key.split("@")[0]].label)
         axis.set_xlabel("optimisation time (s)")
-        axis.set_ylabel("running fooling rate (fitting faces)")
+        axis.set_ylabel("scored fooling rate (fitting faces)")
         axis.legend(fontsize=5)
         made.append(_save(figure, output / "time_to_fr.png", "Running fooling rate over optimisation time"))
     rows = [r for r in result.rows if r["experiment"] == "attack"]

@@ -61,14 +61,10 @@ def test_baselines_get_the_shared_budget_and_stopping_rules(name, cls):
     assert (params["epsilon"], params["threshold"], params["max_epochs"]) == (0.08, 0.5, 1)
 
 
-def test_time_to_fooling_rate_uses_an_epoch_long_window():
-    history = [{"fooling_rate": f, "time": t} for f, t in [(0.0, 1.0), (1.0, 2.0), (0.5, 3.0), (1.0, 4.0)]]
-    reached = time_to_fooling_rate(history, steps_per_epoch=2, levels=(0.5, 0.75, 0.9))
-    assert reached == {0.5: (2.0, 2), 0.75: (3.0, 3), 0.9: None}
-
-
-def test_time_to_fooling_rate_skips_records_without_time():
-    assert time_to_fooling_rate([{"fooling_rate": 1.0}], 1, (0.5,)) == {0.5: None}
+def test_time_to_fooling_rate_reads_the_scored_epochs():
+    scores = [{"fooling_rate": f, "time": t, "step": k} for f, t, k in [(0.2, 1.0, 2), (0.6, 2.0, 4), (0.5, 3.0, 6)]]
+    reached = time_to_fooling_rate(scores, levels=(0.5, 0.6, 0.9))
+    assert reached == {0.5: (2.0, 4), 0.6: (2.0, 4), 0.9: None}
 
 
 class Sum(nn.Module):

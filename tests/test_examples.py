@@ -94,7 +94,7 @@ def _tiny_attack_file(path: Path, size: int = 112) -> UAPAttack:
     """Fit and save an attack against a tiny random model on random faces (no real assets needed)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(48, 8))
-    attack = UAPAttack(model, threshold=0.5, stealth_loss=None, max_epochs=1, random_state=0)
+    attack = UAPAttack(model, threshold=0.5, stealth_loss=None, max_epochs=1, init_scale=1.0, random_state=0)
     attack.fit(torch.rand(4, 3, size, size))
     attack.save(path)
     return attack
