@@ -88,6 +88,13 @@ def check_embeddings(embeddings: object, batch_size: int, *, name: str = "model 
     -------
     torch.Tensor
         The same tensor.
+
+    Raises
+    ------
+    TypeError
+        If it is not a tensor, or not real floating point.
+    ValueError
+        If the shape is wrong, a value is NaN/inf, or an embedding is all zeros.
     """
     if not isinstance(embeddings, torch.Tensor):
         raise TypeError(
@@ -100,9 +107,19 @@ def check_embeddings(embeddings: object, batch_size: int, *, name: str = "model 
             "the face model must map (B, 3, H, W) images to (B, D) embeddings "
             "(flatten or select the embedding output in a wrapper)."
         )
+    if not embeddings.is_floating_point():
+        raise TypeError(
+            f"{name} must be real floating point, got dtype {embeddings.dtype}; return the float embedding "
+            "the model computes (not a rounded, integer or complex one)."
+        )
     if not torch.isfinite(embeddings).all():
         raise ValueError(
             f"{name} contains NaN or inf; check the model weights and its input normalisation."
+        )
+    if (embeddings.detach().abs().amax(dim=1) == 0).any():
+        raise ValueError(
+            f"{name} has an all-zero embedding, whose cosine similarity is undefined; check the model "
+            "weights and its input normalisation (a dead model fools everything trivially)."
         )
     return embeddings
 

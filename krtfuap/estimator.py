@@ -116,7 +116,14 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
                 images = images.contiguous(memory_format=torch.channels_last)
             with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
                 embeddings = model(images)
-            return check_embeddings(embeddings, len(images)).float()
+            embeddings = check_embeddings(embeddings, len(images))
+            if images.requires_grad and torch.is_grad_enabled() and not embeddings.requires_grad:
+                raise ValueError(
+                    "The model's output does not depend differentiably on its input (it detaches, leaves "
+                    "PyTorch, e.g. through numpy, or runs under no_grad inside forward), so no perturbation "
+                    "can be learned from it. Use a differentiable PyTorch model, or RandomNoiseUAP."
+                )
+            return embeddings.float()
 
         return embed
 
@@ -470,9 +477,17 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
         except (TypeError, ValueError) as error:
             raise ValueError(f"{path} holds invalid parameters ({error}). {fix}") from error
         _check_loaded_tensors(tensors, attack.epsilon, path, fix)
+        fitted = {name: value for name, value in fitted.items() if name in _SAVED_FITTED}
+        try:
+            check_number(fitted.get("threshold_"), "threshold_", low=-1, high=1)
+            for name in ("fooling_rate_", "ssim_"):
+                check_number(fitted.get(name), name, low=-1, high=1, allow_none=True)
+            for name in ("n_iter_", "n_epochs_", "best_epoch_"):
+                check_number(fitted.get(name), name, low=-1, integer=True, allow_none=True)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path} holds invalid fitted values ({error}). {fix}") from error
         for name, value in fitted.items():
-            if name in _SAVED_FITTED:
-                setattr(attack, name, value)
+            setattr(attack, name, value)
         attack.history_ = history
         for name, tensor in tensors.items():
             setattr(attack, name, tensor)

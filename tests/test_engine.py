@@ -300,3 +300,68 @@ def test_mistyped_or_non_finite_parameters_are_refused_before_any_work(params, e
     with pytest.raises(error, match=message):
         make(UAPAttack, model=model, **params).fit(faces())
     assert calls == []
+
+
+# ---------------------------------------------------------------- model outputs
+class _Detached(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = TinyEmbedder()
+
+    def forward(self, x):
+        return self.inner(x).detach()
+
+
+class _Dead(nn.Module):
+    def forward(self, x):
+        return torch.zeros(len(x), 8) * x.sum()
+
+
+@pytest.mark.parametrize("model, error, message", [
+    (_Detached(), ValueError, "does not depend differentiably on its input"),
+    (_Dead(), ValueError, "all-zero embedding"),
+])
+def test_unusable_model_outputs_are_named_on_the_first_batch(model, error, message):
+    with pytest.raises(error, match=message):
+        make(UAPAttack, model=model).fit(faces())
+
+
+# ------------------------------------------------------------------- loading
+def _resave(path, tmp_path, *, params=None, fitted=None, tensors=None):
+    """Rewrite a saved attack with some metadata or tensors replaced."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(path, framework="pt") as handle:
+        metadata = handle.metadata()
+        stored = {name: handle.get_tensor(name) for name in handle.keys()}
+    if params:
+        metadata["params"] = json.dumps({**json.loads(metadata["params"]), **params})
+    if fitted:
+        metadata["fitted"] = json.dumps({**json.loads(metadata["fitted"]), **fitted})
+    stored.update(tensors or {})
+    out = tmp_path / "edited.safetensors"
+    save_file(stored, out, metadata=metadata)
+    return out
+
+
+@pytest.mark.parametrize("edit, message", [
+    (dict(fitted={"threshold_": "x"}), "invalid fitted values"),
+    (dict(fitted={"transform": 1}), None),  # unknown keys are ignored, never set as attributes
+    (dict(params={"epsilon": "abc"}), "invalid parameters"),
+    (dict(tensors={"perturbation_": torch.full((3, SIZE, SIZE), 5.0)}), "above its budget"),
+    (dict(tensors={"flow_": torch.zeros(5, 5)}), "damaged flow_"),
+    (dict(tensors={"mask_": torch.full((SIZE, SIZE), float("nan"))}), "damaged mask_"),
+])
+def test_load_validates_what_it_reads(tmp_path, edit, message):
+    path = tmp_path / "attack.safetensors"
+    make(UAPAttack, max_epochs=1, checkpoint_path=tmp_path / "x.ckpt").fit(faces()).save(path)
+    edited = _resave(path, tmp_path, **edit)
+    if message is None:
+        loaded = UAPAttack.load(edited)
+        assert callable(loaded.transform) and loaded.checkpoint_path is None
+        return
+    with pytest.raises(ValueError, match=message):
+        UAPAttack.load(edited)

@@ -283,3 +283,16 @@ def test_bad_batch_types_inside_loader_name_index():
 def test_one_shot_iterators_allowed_when_read_once():
     batches = (torch.rand(2, 3, 4, 4) for _ in range(2))
     assert len(list(iter_image_batches(batches, reiterable=False))) == 2
+
+
+def test_check_embeddings_refuses_integer_and_complex_outputs():
+    for bad in (torch.ones(2, 4, dtype=torch.int64), torch.ones(2, 4, dtype=torch.complex64)):
+        with pytest.raises(TypeError, match="real floating point"):
+            check_embeddings(bad, 2)
+
+
+def test_check_embeddings_refuses_an_all_zero_embedding():
+    embeddings = torch.ones(3, 4)
+    embeddings[1] = 0
+    with pytest.raises(ValueError, match="all-zero embedding"):
+        check_embeddings(embeddings, 3)
