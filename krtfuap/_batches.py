@@ -61,7 +61,7 @@ def iter_image_batches(
             f"{name} must be a torch.Tensor of shape (N, 3, H, W) in [0, 1], got a numpy array of shape "
             f"{getattr(data, 'shape', '?')}; convert with torch.from_numpy(...) (channels first, floats in [0, 1])."
         )
-    if not isinstance(data, Iterable):
+    if not isinstance(data, Iterable) or isinstance(data, (str, bytes, dict)):
         raise TypeError(
             f"{name} must be a (N, 3, H, W) tensor or an iterable of image batches "
             f"(e.g. a torch DataLoader), got {type(data).__name__}."

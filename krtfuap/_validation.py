@@ -65,7 +65,7 @@ def check_images(images: object, *, name: str = "images") -> torch.Tensor:
     if low < 0.0 or high > 1.0:
         hint = " It looks like 0-255 data: divide by 255." if high > 1.0 + 1e-6 and high <= 255 else ""
         raise ValueError(
-            f"{name} must be in [0, 1], got values in [{low:.4g}, {high:.4g}].{hint} "
+            f"{name} must be in [0, 1], got values in [{low:.9g}, {high:.9g}].{hint} "
             "If the model needs another normalisation, put it inside the model "
             "(see krtfuap.models.FaceEmbedder)."
         )

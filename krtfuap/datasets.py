@@ -20,11 +20,12 @@ from pathlib import Path, PurePath
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "MAX_IMAGE_PIXELS",
     "load_image",
     "FaceFolder",
     "split_identities",
@@ -40,14 +41,22 @@ Transform = Callable[[torch.Tensor], torch.Tensor]
 Pair = tuple[str, str, bool]
 
 
-def load_image(path: str | os.PathLike[str]) -> torch.Tensor:
+MAX_IMAGE_PIXELS = 64_000_000
+"""Largest image (width x height) :func:`load_image` decodes; larger files are refused before decoding."""
+
+
+def load_image(path: str | os.PathLike[str], *, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
     """Decode one image file to an RGB float tensor.
 
     Parameters
     ----------
     path : str or os.PathLike
-        Image file in any format PIL reads (JPEG, PNG, ...). Grey, palette and
-        RGBA images are converted to RGB (alpha is dropped).
+        Image file in any format PIL reads (JPEG, PNG, ...). Grey, palette,
+        CMYK and RGBA images are converted to RGB (alpha is dropped); 16-bit
+        images keep their full range; the EXIF orientation is applied.
+    max_pixels : int
+        Refuse images with more pixels than this (decompression bombs),
+        before decoding them.
 
     Returns
     -------
@@ -59,20 +68,36 @@ def load_image(path: str | os.PathLike[str]) -> torch.Tensor:
     FileNotFoundError
         If ``path`` does not exist.
     ValueError
-        If the file exists but cannot be decoded as an image (the message names the file).
+        If the file is too large, or exists but cannot be decoded as an image
+        (truncated, corrupt, not an image); the message names the file.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}; check the path (and the dataset root).")
     try:
         with Image.open(path) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ValueError(
+                    f"image file {path} is {width}x{height} pixels, more than the {max_pixels} allowed "
+                    "(a decompression bomb or a huge photo); downscale it, or pass a larger max_pixels "
+                    "if you trust the file."
+                )
+            image = ImageOps.exif_transpose(image)
+            if image.mode in _SIXTEEN_BIT_MODES:
+                grey = np.asarray(image, dtype=np.float64) / 65535.0
+                return torch.from_numpy(np.clip(grey, 0.0, 1.0)).float().expand(3, -1, -1).clone()
             array = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as error:
         raise ValueError(
-            f"cannot decode image file {path} ({error}); the file is corrupt or not an image: "
+            f"cannot decode image file {path} ({error}); the file is corrupt, truncated or not an image: "
             "re-export it or delete it from the dataset folder."
         ) from error
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+#: PIL modes of 16-bit (greyscale) images, which ``convert("RGB")`` would clip to white.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 def _is_image_file(path: Path) -> bool:
@@ -366,6 +391,13 @@ class PairDataset(Dataset):
             raise ValueError(
                 "pairs is empty; check the pairs file, or that filter_pairs kept any pair for those identities."
             )
+        for index, pair in enumerate(self.pairs):
+            same = pair[2] if isinstance(pair, (tuple, list)) and len(pair) == 3 else None
+            if isinstance(same, str) or not (isinstance(same, (bool, np.bool_)) or same in (0, 1)):
+                raise ValueError(
+                    f"pair {index} must be (path_a, path_b, same) with same a bool (or 0/1), got {pair!r}; "
+                    "parse CSV text with read_pairs, which turns '0'/'1' into booleans."
+                )
         self.transform = transform
 
     def __len__(self) -> int:

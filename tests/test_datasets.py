@@ -221,3 +221,58 @@ def test_real_shared_faces(shared_assets: Path) -> None:
     assert heldout_pairs and not filter_pairs(heldout_pairs, fit_ids)
     img_a, img_b, same = PairDataset(heldout_pairs, root)[0]
     assert img_a.shape == img_b.shape == (3, 112, 112) and same.dtype == torch.bool
+
+
+# ------------------------------------------------------------- decoding edge cases
+def test_sixteen_bit_grey_png_keeps_its_values(tmp_path):
+    values = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)
+    path = tmp_path / "deep.png"
+    Image.fromarray(values).save(path)
+    image = load_image(path)
+    assert image.shape == (3, 64, 64)
+    assert image.mean().item() == pytest.approx(values.mean() / 65535, abs=1e-4)
+    assert 0.0 <= image.min() and image.max() <= 1.0
+
+
+def test_cmyk_jpeg_decodes_to_rgb(tmp_path):
+    path = tmp_path / "cmyk.jpg"
+    Image.new("CMYK", (20, 10), (0, 255, 255, 0)).save(path)  # pure red in CMYK
+    image = load_image(path)
+    assert image.shape == (3, 10, 20) and image[0].mean() > 0.9 and image[1].mean() < 0.1
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    path = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when shown
+    Image.new("RGB", (40, 20), (10, 200, 30)).save(path, exif=exif)
+    assert load_image(path).shape == (3, 40, 20)
+
+
+def test_oversized_image_is_refused_before_decoding(tmp_path):
+    path = tmp_path / "big.png"
+    Image.new("RGB", (300, 200)).save(path)
+    with pytest.raises(ValueError, match=r"big\.png is 300x200 pixels, more than the 1000 allowed"):
+        load_image(path, max_pixels=1000)
+
+
+@pytest.mark.parametrize("content", [b"not an image at all", b"\xff\xd8\xff\xe0" + b"\x00" * 20])
+def test_text_or_truncated_file_named_jpg_gets_an_error_naming_it(tmp_path, content):
+    path = tmp_path / "broken.jpg"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=r"cannot decode image file .*broken\.jpg"):
+        load_image(path)
+
+
+def test_truncated_real_jpeg_is_refused(tmp_path):
+    path = tmp_path / "cut.jpg"
+    Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:400])
+    with pytest.raises(ValueError, match=r"cut\.jpg.*truncated"):
+        load_image(path)
+
+
+@pytest.mark.parametrize("same", ["0", "1", None, 2])
+def test_pair_dataset_refuses_non_boolean_same(tmp_path, same):
+    with pytest.raises(ValueError, match="same a bool"):
+        PairDataset([("a.png", "b.png", same)], tmp_path)

@@ -296,3 +296,18 @@ def test_check_embeddings_refuses_an_all_zero_embedding():
     embeddings[1] = 0
     with pytest.raises(ValueError, match="all-zero embedding"):
         check_embeddings(embeddings, 3)
+
+
+def test_values_just_outside_the_range_are_shown_exactly():
+    images = torch.full((1, 3, 4, 4), 0.5)
+    images[0, 0, 0, 0] = 1.0000001
+    with pytest.raises(ValueError, match=r"got values in \[0.5, 1.00000012\]"):
+        check_images(images)
+
+
+@pytest.mark.parametrize("data", ["faces/", b"bytes", {"image": 1}])
+def test_strings_and_dicts_are_not_taken_for_loaders(data):
+    from krtfuap._batches import iter_image_batches
+
+    with pytest.raises(TypeError, match="must be a \\(N, 3, H, W\\) tensor or an iterable of image batches"):
+        next(iter_image_batches(data))
