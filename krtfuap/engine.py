@@ -287,9 +287,14 @@ class FitLoop:
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(partial, path)
-        except BaseException:
+        except BaseException as error:
             if os.path.exists(partial):
                 os.remove(partial)
+            if isinstance(error, (OSError, RuntimeError)):  # torch.save reports a full disk as RuntimeError
+                raise OSError(
+                    f"Cannot write checkpoint {path} ({' '.join(str(error).split())[:200]}); free disk space "
+                    "or choose another checkpoint_path. The previous checkpoint, if any, is unchanged."
+                ) from error
             raise
 
     def _read_checkpoint(self, solver: Solver) -> dict[str, Any]:

@@ -222,6 +222,8 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
                 "fit(resume=True) needs a checkpoint to resume from; set checkpoint_path= to the file the "
                 "interrupted fit wrote (or call fit without resume=True)."
             )
+        if options.get("checkpoint_path") is not None:
+            _check_writable(options["checkpoint_path"], "checkpoint_path")
         fit_started = time.perf_counter()
         device, dtype = self._device(), self._dtype()
         first = next(iter_image_batches(X, self.batch_size))
@@ -498,6 +500,18 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
         check_number(self.epsilon, "epsilon", low=0, high=1, low_open=True)
         check_number(self.threshold, "threshold", low=-1, high=1, allow_none=True)
         check_number(self.batch_size, "batch_size", low=1, integer=True)
+
+
+def _check_writable(path: str | os.PathLike, name: str) -> None:
+    """Refuse, before any work, a file path that cannot be written (empty, a folder, no folder, read-only)."""
+    text = os.fspath(path)
+    if not text or text.endswith(os.sep) or os.path.isdir(text):
+        raise ValueError(f"{name}={text!r} is not a file path; pass a file such as 'fit.ckpt'.")
+    folder = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{name}={text!r}: the folder {folder} does not exist; create it first.")
+    if not os.access(folder, os.W_OK) or (os.path.exists(text) and not os.access(text, os.W_OK)):
+        raise PermissionError(f"{name}={text!r} cannot be written (no permission); choose a writable place.")
 
 
 def _check_loaded_tensors(tensors: dict[str, torch.Tensor], epsilon: float, path: str, fix: str) -> None:

@@ -158,3 +158,32 @@ def test_benchmark_command_writes_the_report(shared_assets: Path, tmp_path: Path
 def test_benchmark_reports_a_folder_without_pairs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["benchmark", "--faces", str(tmp_path), "--models", "dlib_resnet", "--quiet"]) == 1
     assert "pairs.csv" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["benchmark", "--faces", ".", "--fit-faces", "0"], "--fit-faces: must be >= 1"),
+    (["demo", "--epsilon", "nan"], "--epsilon: must be a finite number"),
+    (["demo", "--max-faces", "2.5"], "--max-faces: expected an integer"),
+])
+def test_bad_arguments_exit_2_with_one_line(arguments, message, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(arguments)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unusable_output_is_refused_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["demo", "--output", str(afile / "sub"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "is a file, not a folder" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_cuda_without_a_gpu_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["benchmark", "--faces", str(tmp_path), "--device", "cuda", "--output", str(tmp_path / "o")]) == 1
+    assert "none is available here" in capsys.readouterr().err

@@ -365,3 +365,19 @@ def test_load_validates_what_it_reads(tmp_path, edit, message):
         return
     with pytest.raises(ValueError, match=message):
         UAPAttack.load(edited)
+
+
+@pytest.mark.parametrize("where, error, message", [
+    ("", ValueError, "is not a file path"),
+    ("folder", ValueError, "is not a file path"),
+    ("missing/fit.ckpt", FileNotFoundError, "does not exist; create it first"),
+])
+def test_unwritable_checkpoint_paths_are_refused_before_any_work(tmp_path, where, error, message):
+    (tmp_path / "folder").mkdir()
+    target = "" if where == "" else tmp_path / where
+    model = TinyEmbedder()
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    with pytest.raises(error, match=message):
+        make(UAPAttack, model=model, checkpoint_path=target).fit(faces())
+    assert calls == [] and not list(tmp_path.glob("**/*.partial")) and not (tmp_path / ".partial").exists()
