@@ -4,11 +4,12 @@ Fits on the faces of one half of the identities in ``../shared/assets/faces``
 and, after every epoch, scores the perturbation on faces of the other half
 (identities never used for fitting; the held-out scoring time is not counted).
 Each configuration runs side by side in one process, on one machine, under the
-same ``--max-time``; the table gives, per configuration, the first step and
-second at which the held-out fooling rate reached ``--goal-fr`` with held-out
-mean SSIM >= ``--goal-ssim`` (for each of the ``--goal-fr`` levels; "-" when never), and the held-out numbers of the
-perturbation ``fit`` returned. ``--figure`` draws the held-out fooling rate /
-SSIM points of every configuration (the stealth frontier).
+same ``--max-time`` (and ``--max-epochs``). For each ``--goal-fr`` level the
+table gives the first step and second at which the held-out fooling rate
+reached it with held-out mean SSIM >= ``--goal-ssim`` ("-" when never), then
+the held-out numbers of the perturbation ``fit`` returned. ``--figure`` draws
+the held-out fooling rate / SSIM point of every configuration (the stealth
+frontier).
 
 Configurations (``--configs``):
 
@@ -66,7 +67,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["foamliu_mobilefacenet", "insightface_mbf"])
     parser.add_argument("--configs", nargs="+", default=["paper", "target:0.93"])
-    parser.add_argument("--max-time", type=float, default=600.0, help="seconds of fitting per configuration")
+    parser.add_argument("--max-time", type=float, default=600.0, help="seconds of fitting per configuration (0: none)")
+    parser.add_argument("--max-epochs", type=int, default=10_000, help="epochs per configuration (a step budget "
+                        "that, unlike --max-time, does not depend on the machine's load)")
     parser.add_argument("--fit-faces", type=int, default=600)
     parser.add_argument("--test-faces", type=int, default=300)
     parser.add_argument("--pairs", type=int, default=600, help="fitting-identity pairs that calibrate t")
@@ -91,6 +94,7 @@ def main() -> None:
     calibration = DataLoader(PairDataset(pairs[: args.pairs], faces), batch_size=100)
     print(f"fit: {len(fit_faces)} faces of {len(fit_ids)} identities; held-out: {len(test_faces)} faces of "
           f"{len(test_ids)} other identities; epsilon 0.08; max_time {args.max_time:.0f} s; "
+          f"max_epochs {args.max_epochs}; "
           f"torch threads {torch.get_num_threads()}; load average at start {os.getloadavg()[0]:.2f}\n")
     goals = " | ".join(f"steps / s to FR {goal:g}" for goal in args.goal_fr)
     print(f"| model | t | config | {goals} | fit steps | fit s | returned: held-out FR | "
@@ -108,8 +112,9 @@ def main() -> None:
                 score = score_perturbation(model, test_faces, event["perturbation"], threshold, batch_size=100)
                 curve.append({"step": event["step"], "time": event["time"], **score})
 
-            attack = make_attack(config, model, threshold, dict(max_time=args.max_time, max_epochs=10_000,
-                                                                target_fooling_rate=1.0, random_state=args.seed))
+            limits = dict(max_time=args.max_time or None, max_epochs=args.max_epochs, target_fooling_rate=1.0,
+                          random_state=args.seed)
+            attack = make_attack(config, model, threshold, limits)
             started = time.perf_counter()
             attack.fit(fit_faces, on_epoch=held_out)
             wall = time.perf_counter() - started

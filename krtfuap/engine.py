@@ -249,20 +249,28 @@ class FitLoop:
         with torch.no_grad():
             return check_embeddings(self.embed(images), len(images)).float()
 
-    # ----------------------------------------------------------------- scoring
-    def _scorer(self, data: ImageData, size: tuple[int, int]) -> Callable[[torch.Tensor], dict[str, float]]:
-        """A function scoring a perturbation on ``data``; clean embeddings of a tensor are computed once."""
-        cache: list[torch.Tensor] | None = [] if isinstance(data, torch.Tensor) else None
+    def _clean_batches(
+        self, data: ImageData, size: tuple[int, int], cache: list[torch.Tensor] | None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(images, clean embeddings)`` per batch; ``cache`` (for tensor data, whose batches never
+        change) keeps the embeddings of the first pass, so later passes skip the clean forward."""
+        for index, images in enumerate(self._batches(data, size)):
+            if cache is not None and index < len(cache):
+                yield images, cache[index]
+                continue
+            clean = self._clean_embeddings(images)
+            if cache is not None:
+                cache.append(clean)
+            yield images, clean
+
+    def _scorer(
+        self, data: ImageData, size: tuple[int, int], cache: list[torch.Tensor] | None
+    ) -> Callable[[torch.Tensor], dict[str, float]]:
+        """A function scoring a perturbation on ``data`` (no gradient, summed over ranks)."""
 
         def score(perturbation: torch.Tensor) -> dict[str, float]:
             meter = PerturbationScore(self.threshold)
-            for index, images in enumerate(self._batches(data, size)):
-                if cache is not None and index < len(cache):
-                    clean = cache[index]
-                else:
-                    clean = self._clean_embeddings(images)
-                    if cache is not None:
-                        cache.append(clean)
+            for images, clean in self._clean_batches(data, size, cache):
                 meter.update(score_batch(self.embed, images, perturbation, clean_embeddings=clean))
             meter.sync(self.device)
             return meter.compute()
@@ -361,7 +369,13 @@ class FitLoop:
             in ``max_time`` nor in the ``time`` fields.
         """
         data = shard(X)
-        scorer = self._scorer(shard(validation) if validation is not None else data, size)
+        # A tensor's batches are the same every epoch: its clean embeddings are computed once.
+        fit_cache = [] if isinstance(data, torch.Tensor) else None
+        if validation is None:
+            scorer = self._scorer(data, size, fit_cache)
+        else:
+            validation = shard(validation)
+            scorer = self._scorer(validation, size, [] if isinstance(validation, torch.Tensor) else None)
         history: list[dict] = []
         epoch_scores: list[dict] = []
         best: tuple[tuple[float, ...], dict[str, float], int, dict[str, torch.Tensor]] | None = None
@@ -388,8 +402,8 @@ class FitLoop:
             last_epoch = epoch
             set_epoch(data, epoch)
             if solver.learns:
-                for images in self._batches(data, size):
-                    record = solver.step(images, self._clean_embeddings(images))
+                for images, clean in self._clean_batches(data, size, fit_cache):
+                    record = solver.step(images, clean)
                     record, _ = mean_over_ranks(record, len(images), self.device)
                     solver.after_step(record)
                     record.update(step=n_iter, epoch=epoch, time=time.perf_counter() - started)

@@ -152,10 +152,10 @@ def test_sigkill_mid_fit_then_resume_matches_uninterrupted_run(tmp_path):
     resumed_counts = _finish(_start(script, checkpoint, resumed_out, "resume"))
     reference_counts = _finish(reference)
 
-    # The resumed run only did the epochs left: two forwards (clean + adversarial) per step, one
-    # adversarial forward per batch to score each epoch, and the clean forwards of the scoring data once.
+    # The resumed run only did the epochs left: per batch and epoch one adversarial forward to step
+    # and one to score the epoch, plus the clean forwards of the faces once per process (cached).
     def forwards(epochs: int) -> int:
-        return (2 + 1) * STEPS_PER_EPOCH * epochs + STEPS_PER_EPOCH
+        return STEPS_PER_EPOCH * (2 * epochs + 1)
 
     assert resumed_counts["forwards"] == forwards(MAX_EPOCHS - killed_at)
     assert reference_counts["forwards"] == forwards(MAX_EPOCHS)

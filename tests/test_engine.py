@@ -116,7 +116,7 @@ def _loop(**params) -> FitLoop:
 def _scripted(loop: FitLoop, fooling_rates: list[float], monkeypatch) -> None:
     scores = iter(fooling_rates)
 
-    def scorer(data, size):
+    def scorer(data, size, cache):
         return lambda perturbation: {"fooling_rate": next(scores), "mean_similarity": 0.0, "ssim": 1.0,
                                      "psnr": 40.0, "n_images": 16}
 
