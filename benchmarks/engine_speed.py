@@ -79,7 +79,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--json", type=Path, default=None, help="write every curve here")
     parser.add_argument("--figure", type=Path, default=None, help="draw the held-out FR/SSIM points here")
+    parser.add_argument("--plot-only", type=Path, nargs="+", default=None, metavar="JSON",
+                        help="fit nothing: draw --figure from the --json files of earlier runs")
     args = parser.parse_args()
+    if args.plot_only:
+        draw_frontier([run for path in args.plot_only for run in json.loads(path.read_text())], args.figure)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -133,21 +138,34 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(curves, indent=1))
     if args.figure:
-        import matplotlib
+        draw_frontier(curves, args.figure)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        figure, axes = plt.subplots(1, len(args.models), figsize=(5 * len(args.models), 4), squeeze=False)
-        for axis, name in zip(axes[0], args.models):
-            for run in (r for r in curves if r["model"] == name):
-                axis.scatter(run["returned"]["ssim"], run["returned"]["fooling_rate"], label=run["config"])
-            axis.set(title=name, xlabel="held-out SSIM", ylabel="held-out fooling rate")
-            axis.grid(alpha=0.3)
-            axis.legend(fontsize=7)
-        figure.tight_layout()
-        figure.savefig(args.figure, dpi=120)
+def draw_frontier(curves: list[dict], path: Path) -> None:
+    """One panel per model: the held-out fooling rate and SSIM of each configuration's returned perturbation."""
+    import matplotlib
 
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(run["model"] for run in curves))
+    figure, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    for axis, name in zip(axes[0], models):
+        runs = [run for run in curves if run["model"] == name]
+        fixed = sorted((r for r in runs if r["config"].startswith("weight:")), key=lambda r: r["returned"]["ssim"])
+        if fixed:
+            axis.plot([r["returned"]["ssim"] for r in fixed], [r["returned"]["fooling_rate"] for r in fixed],
+                      "o-", color="grey", label="fixed stealth weight")
+            for run in fixed:
+                axis.annotate(run["config"], (run["returned"]["ssim"], run["returned"]["fooling_rate"]), fontsize=7)
+        for run in runs:
+            if not run["config"].startswith("weight:"):
+                axis.scatter(run["returned"]["ssim"], run["returned"]["fooling_rate"], label=run["config"], zorder=3)
+        axis.set(title=name, xlabel="held-out SSIM", ylabel="held-out fooling rate")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
 
 if __name__ == "__main__":
     main()

@@ -76,14 +76,16 @@ class Sum(nn.Module):
 
 
 def test_occlusion_noise_goes_only_where_the_region_says():
-    a = torch.full((4, 3, 8, 8), 0.5)
+    # Faces at 0.9: noise clipped into [0, 1] lowers the sum of every half it touches.
+    a = torch.full((4, 3, 8, 8), 0.9)
     pairs = [(a, a.clone(), torch.ones(4))]
-    nowhere = torch.zeros(8, 8)
-    assert occlusion_accuracy(Sum(), pairs, 0.999, nowhere, strength=0.5) == 1.0
-    top = torch.zeros(8, 8)
+    nowhere, top, everywhere = torch.zeros(8, 8), torch.zeros(8, 8), torch.ones(8, 8)
     top[:4] = 1
-    # Noise clipped into [0, 1] on the top half only: still a positive embedding close to the clean one.
-    assert occlusion_accuracy(Sum(), pairs, -1.0, top, strength=0.5) == 1.0
+    assert occlusion_accuracy(Sum(), pairs, 0.9999, nowhere, strength=0.5) == 1.0
+    # Only the top half moves: the embedding turns away from the diagonal, the genuine pair fails.
+    assert occlusion_accuracy(Sum(), pairs, 0.9999, top, strength=0.5) == 0.0
+    # Both halves move alike (the same noise field per half, statistically): the direction barely changes.
+    assert occlusion_accuracy(Sum(), pairs, 0.99, everywhere, strength=0.5) == 1.0
 
 
 @pytest.mark.real
