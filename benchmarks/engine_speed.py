@@ -16,7 +16,8 @@ Configurations (``--configs``):
 * ``paper``: ``UAPAttack.paper(model, stealth_loss="ssim", stealth_weight=3)``, the
   paper's recipe with the SSIM stealth loss at the weight the library used
   before (no VGG16 weights exist offline);
-* ``target:S``: ``UAPAttack(model, target_ssim=S)``, the defaults with a stealth target;
+* ``target:S``: ``UAPAttack(model, target_ssim=S)``, the defaults with a stealth target
+  (``target:S:R`` also sets ``stealth_adapt_rate=R``);
 * ``weight:W``: ``UAPAttack(model, stealth_weight=W)``, the defaults with a fixed weight.
 
 Example (2-core CPU, about 10 minutes per configuration at --max-time 600)::
@@ -55,9 +56,10 @@ def sample(dataset: FaceFolder, count: int, seed: int) -> torch.Tensor:
 def make_attack(config: str, model: torch.nn.Module, threshold: float, common: dict) -> UAPAttack:
     if config == "paper":
         return UAPAttack.paper(model, threshold=threshold, stealth_loss="ssim", stealth_weight=3.0, **common)
-    kind, value = config.split(":")
+    kind, value, *rate = config.split(":")
     if kind == "target":
-        return UAPAttack(model, threshold=threshold, target_ssim=float(value), **common)
+        adapt = {"stealth_adapt_rate": float(rate[0])} if rate else {}
+        return UAPAttack(model, threshold=threshold, target_ssim=float(value), **adapt, **common)
     if kind == "weight":
         return UAPAttack(model, threshold=threshold, stealth_weight=float(value), **common)
     raise SystemExit(f"unknown config {config!r}: use paper, target:S or weight:W")
