@@ -18,7 +18,8 @@ Configurations (``--configs``):
   before (no VGG16 weights exist offline);
 * ``target:S``: ``UAPAttack(model, target_ssim=S)``, the defaults with a stealth target
   (``target:S:R`` also sets ``stealth_adapt_rate=R``);
-* ``weight:W``: ``UAPAttack(model, stealth_weight=W)``, the defaults with a fixed weight.
+* ``weight:W``: ``UAPAttack(model, stealth_weight=W)``, the defaults with a fixed weight;
+* ``paper+target:S``: the paper's recipe as in ``paper`` with ``target_ssim=S``.
 
 Example (2-core CPU, about 10 minutes per configuration at --max-time 600)::
 
@@ -56,6 +57,10 @@ def sample(dataset: FaceFolder, count: int, seed: int) -> torch.Tensor:
 def make_attack(config: str, model: torch.nn.Module, threshold: float, common: dict) -> UAPAttack:
     if config == "paper":
         return UAPAttack.paper(model, threshold=threshold, stealth_loss="ssim", stealth_weight=3.0, **common)
+    if config.startswith("paper+target:"):
+        target = float(config.split(":")[1])
+        return UAPAttack.paper(model, threshold=threshold, stealth_loss="ssim", stealth_weight=3.0,
+                               target_ssim=target, **common)
     kind, value, *rate = config.split(":")
     if kind == "target":
         adapt = {"stealth_adapt_rate": float(rate[0])} if rate else {}
