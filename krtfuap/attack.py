@@ -297,7 +297,6 @@ class UAPAttack(PerturbationEstimator):
         check_number(self.lr, "lr", low=0, low_open=True)
         check_number(self.flow_lr, "flow_lr", low=0, allow_none=True)
         check_number(self.init_scale, "init_scale", low=0)
-        check_number(self.checkpoint_every, "checkpoint_every", low=1, integer=True)
         if self.adversarial_loss not in ADVERSARIAL_LOSSES:
             raise ValueError(
                 f"adversarial_loss must be one of {sorted(ADVERSARIAL_LOSSES)}, got {self.adversarial_loss!r}."
@@ -311,9 +310,6 @@ class UAPAttack(PerturbationEstimator):
                 f"amp=True needs a CUDA GPU with bfloat16 support (compute capability >= 8.0); fitting on "
                 f"{device} instead. Set amp=False."
             )
-
-    def _fit_options(self) -> dict[str, Any]:
-        return {"checkpoint_path": self.checkpoint_path, "checkpoint_every": self.checkpoint_every}
 
     # ------------------------------------------------------------------- mask
     def _key_region_mask(self, X: ImageData, height: int, width: int) -> torch.Tensor | None:

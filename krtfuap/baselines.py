@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from krtfuap._validation import check_embeddings, check_number
-from krtfuap.distributed import average_gradients, broadcast_module_, sum_over_ranks_
+from krtfuap.distributed import average_gradients, broadcast_module_, broadcast_tensor_, sum_over_ranks_
 from krtfuap.engine import Solver
 from krtfuap.estimator import PerturbationEstimator
 from krtfuap.losses import direction_loss
@@ -203,23 +203,6 @@ def _batch_record(images: torch.Tensor, perturbation: torch.Tensor, similarity: 
         }
 
 
-class _FixedNoiseSolver(Solver):
-    """Random noise: nothing to learn, the loop only scores it."""
-
-    learns = False
-
-    def __init__(self, noise: torch.Tensor) -> None:
-        self.noise = noise
-
-    def perturbation(self) -> torch.Tensor:
-        return self.noise
-
-    def broadcast_(self) -> None:
-        holder = nn.Module()
-        holder.register_buffer("noise", self.noise)
-        broadcast_module_(holder)
-
-
 class _TensorSolver(Solver):
     """A perturbation held as one tensor ``(3, H, W)``, with an optional Adam optimiser."""
 
@@ -243,9 +226,13 @@ class _TensorSolver(Solver):
             self.optimizer.load_state_dict(state["optimizer"])
 
     def broadcast_(self) -> None:
-        holder = nn.Module()
-        holder.register_buffer("tensor", self.tensor.data)
-        broadcast_module_(holder)
+        broadcast_tensor_(self.tensor)
+
+
+class _FixedNoiseSolver(_TensorSolver):
+    """Random noise: nothing to learn, the loop only scores it."""
+
+    learns = False
 
 
 class _DeepFoolSolver(_TensorSolver):
@@ -356,17 +343,6 @@ class _FrequencySolver(Solver):
         broadcast_module_(self.module)
 
 
-class _CheckpointedBaseline(PerturbationEstimator):
-    """Baselines that learn: checkpoint options passed to the loop."""
-
-    def _fit_options(self) -> dict[str, Any]:
-        return {"checkpoint_path": self.checkpoint_path, "checkpoint_every": self.checkpoint_every}
-
-    def _check_params(self) -> None:
-        super()._check_params()
-        check_number(self.checkpoint_every, "checkpoint_every", low=1, integer=True)
-
-
 # --------------------------------------------------------------- random noise
 class RandomNoiseUAP(PerturbationEstimator):
     """Uniform random noise in ``[-epsilon, epsilon]``: the "Random" row of Table 1.
@@ -439,7 +415,7 @@ class RandomNoiseUAP(PerturbationEstimator):
 
 
 # -------------------------------------------------------------------- DeepFool
-class DeepFoolUAP(_CheckpointedBaseline):
+class DeepFoolUAP(PerturbationEstimator):
     """Universal perturbation of Moosavi-Dezfooli et al. (CVPR 2017), adapted to verification.
 
     The original algorithm visits the images one by one and, for each image
@@ -535,7 +511,7 @@ class DeepFoolUAP(_CheckpointedBaseline):
 
 
 # ---------------------------------------------------------------------- FG-UAP
-class FGUAP(_CheckpointedBaseline):
+class FGUAP(PerturbationEstimator):
     """Feature-level cosine UAP with best-epoch selection, after FG-UAP (Ye et al., CVPR 2023).
 
     FG-UAP minimises the cosine similarity between the features of clean and
@@ -619,7 +595,7 @@ class FGUAP(_CheckpointedBaseline):
 
 
 # ------------------------------------------------------------------- frequency
-class FrequencyUAP(_CheckpointedBaseline):
+class FrequencyUAP(PerturbationEstimator):
     """Low-frequency DCT universal perturbation in the spirit of FTGAP (Deng and Karam).
 
     A re-implementation from the FTGAP paper's idea, as no public code exists:

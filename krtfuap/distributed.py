@@ -38,6 +38,7 @@ __all__ = [
     "shard_indices",
     "shard",
     "set_epoch",
+    "broadcast_tensor_",
     "broadcast_module_",
     "average_gradients",
     "mean_over_ranks",
@@ -167,12 +168,17 @@ def set_epoch(data: object, epoch: int) -> None:
 
 
 @torch.no_grad()
+def broadcast_tensor_(tensor: torch.Tensor, src: int = 0) -> None:
+    """Copy rank ``src``'s ``tensor`` to every rank, in place; nothing when not distributed."""
+    if is_distributed():
+        dist.broadcast(tensor.data, src=src)
+
+
+@torch.no_grad()
 def broadcast_module_(module: nn.Module, src: int = 0) -> None:
     """Copy the parameters and buffers of rank ``src``'s ``module`` to every rank, in place."""
-    if not is_distributed():
-        return
     for tensor in [*module.parameters(), *module.buffers()]:
-        dist.broadcast(tensor.data, src=src)
+        broadcast_tensor_(tensor, src=src)
 
 
 @torch.no_grad()

@@ -33,6 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from krtfuap._batches import ImageData, iter_image_batches
+from krtfuap._files import replace_atomically
 from krtfuap._validation import check_embeddings, load_torch_file
 from krtfuap.distributed import any_rank, is_main_process, mean_over_ranks, set_epoch, shard
 from krtfuap.scoring import PerturbationScore, score_batch
@@ -288,22 +289,20 @@ class FitLoop:
             **state,
         }
         path = os.fspath(self.checkpoint_path)
-        partial = f"{path}.partial"
-        try:
+
+        def write(partial: str) -> None:
             with open(partial, "wb") as handle:
                 torch.save(payload, handle)
                 handle.flush()
                 os.fsync(handle.fileno())
-            os.replace(partial, path)
-        except BaseException as error:
-            if os.path.exists(partial):
-                os.remove(partial)
-            if isinstance(error, (OSError, RuntimeError)):  # torch.save reports a full disk as RuntimeError
-                raise OSError(
-                    f"Cannot write checkpoint {path} ({' '.join(str(error).split())[:200]}); free disk space "
-                    "or choose another checkpoint_path. The previous checkpoint, if any, is unchanged."
-                ) from error
-            raise
+
+        try:
+            replace_atomically(path, write)
+        except (OSError, RuntimeError) as error:  # torch.save reports a full disk as RuntimeError
+            raise OSError(
+                f"Cannot write checkpoint {path} ({' '.join(str(error).split())[:200]}); free disk space "
+                "or choose another checkpoint_path. The previous checkpoint, if any, is unchanged."
+            ) from error
 
     def _read_checkpoint(self, solver: Solver) -> dict[str, Any]:
         path = os.fspath(self.checkpoint_path)

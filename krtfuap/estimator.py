@@ -31,6 +31,7 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from krtfuap._batches import ImageData, iter_image_batches
+from krtfuap._files import replace_atomically
 from krtfuap._validation import check_embeddings, check_images, check_number
 from krtfuap.distributed import is_main_process
 from krtfuap.engine import FitLoop, FitResult, Solver, frozen
@@ -143,6 +144,8 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
         check_number(self.max_time, "max_time", low=0, allow_none=True, hint=" seconds or None")
         check_number(self.batch_size, "batch_size", low=1, integer=True)
         check_number(self.threshold, "threshold", low=-1, high=1, allow_none=True, hint=" (a cosine similarity)")
+        if "checkpoint_every" in self._get_param_names():
+            check_number(self.checkpoint_every, "checkpoint_every", low=1, integer=True)
 
     def _calibrated_threshold(self, pairs: Iterable | None) -> tuple[float, float | None]:
         """``(threshold, accuracy on the pairs or None)``."""
@@ -169,8 +172,11 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
         raise NotImplementedError
 
     def _fit_options(self) -> dict[str, Any]:
-        """Keyword arguments of :class:`~krtfuap.engine.FitLoop` that a subclass adds (e.g. checkpoints)."""
-        return {}
+        """Checkpoint keywords of :class:`~krtfuap.engine.FitLoop`, for estimators that take ``checkpoint_path``."""
+        return {
+            "checkpoint_path": getattr(self, "checkpoint_path", None),
+            "checkpoint_every": getattr(self, "checkpoint_every", 1),
+        }
 
     # ------------------------------------------------------------------- fit
     def fit(
@@ -402,14 +408,8 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"Cannot save to {path}: the folder {folder} does not exist; create it first.")
-        partial = f"{path}.partial"
-        try:  # write-then-rename: a failed save leaves an existing file at path untouched
-            save_file(tensors, partial, metadata=metadata)
-            os.replace(partial, path)
-        except BaseException:
-            if os.path.exists(partial):
-                os.remove(partial)
-            raise
+        # Write-then-rename: a failed save leaves an existing file at path untouched.
+        replace_atomically(path, lambda partial: save_file(tensors, partial, metadata=metadata))
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> "PerturbationEstimator":

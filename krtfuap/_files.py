@@ -1,0 +1,23 @@
+"""Writing files so that a crash never leaves a half-written one in place."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+
+def replace_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call ``write(partial)`` on ``<path>.partial``, then rename it onto ``path``.
+
+    A failure (or interrupt) anywhere removes the partial file and leaves an
+    existing file at ``path`` untouched; the exception propagates.
+    """
+    path = os.fspath(path)
+    partial = f"{path}.partial"
+    try:
+        write(partial)
+        os.replace(partial, path)
+    except BaseException:
+        if os.path.exists(partial):
+            os.remove(partial)
+        raise
