@@ -376,7 +376,7 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
             )
 
     # ----------------------------------------------------------- persistence
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike, *, compact: bool = False) -> None:
         """Write the fitted perturbation to a ``.safetensors`` file (no pickle).
 
         Tensors (``perturbation_``, ``mask_``, ``warped_mask_``, ``flow_``,
@@ -386,6 +386,15 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
         callable stealth loss are not saved. The file is written next to
         ``path`` and renamed into place, so a failed save leaves an existing
         file at ``path`` unchanged. When fitting distributed, only rank 0 writes.
+
+        Parameters
+        ----------
+        path : path-like
+            The file to write.
+        compact : bool
+            Write only ``perturbation_``, in float16 (shrunk by 0.1 % so that rounding
+            keeps it inside the budget), and no ``history_``: a file for applying the
+            perturbation (75 KB at 112x112), not for inspecting or continuing the fit.
         """
         check_is_fitted(self, "perturbation_")
         if not is_main_process():
@@ -399,9 +408,14 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
             "class": type(self).__name__,
             "params": json.dumps(params),
             "fitted": json.dumps(fitted),
-            "history": json.dumps(self.history_),
+            "history": json.dumps([] if compact else self.history_),
         }
-        tensors = {name: getattr(self, name).detach().float().contiguous() for name in _SAVED_TENSORS}
+        if compact:
+            # float16 rounds by at most 2**-11 relative: the shrink keeps |v| <= epsilon.
+            shrunk = self.perturbation_.detach().float() * (1.0 - 2.0**-10)
+            tensors = {"perturbation_": shrunk.half().contiguous()}
+        else:
+            tensors = {name: getattr(self, name).detach().float().contiguous() for name in _SAVED_TENSORS}
         path = os.fspath(path)
         if os.path.isdir(path) or path.endswith(os.sep):
             raise IsADirectoryError(f"Cannot save to {path}: it is a folder; pass a file path such as attack.safetensors.")
@@ -452,7 +466,7 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
                 f"{path} is not a krtfuap attack file it can read: the .safetensors data is truncated or corrupt "
                 f"({error}). {fix}"
             ) from error
-        if metadata.get("format") != _FORMAT or set(tensors) != set(_SAVED_TENSORS):
+        if metadata.get("format") != _FORMAT or set(tensors) not in (set(_SAVED_TENSORS), {"perturbation_"}):
             raise ValueError(
                 f"{path} is a .safetensors file but not a krtfuap attack file (format {metadata.get('format')!r}, "
                 f"tensors {sorted(tensors)}). {fix}"
@@ -492,7 +506,7 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
             setattr(attack, name, value)
         attack.history_ = history
         for name, tensor in tensors.items():
-            setattr(attack, name, tensor)
+            setattr(attack, name, tensor.float())
         return attack
 
     def _check_params_of_loaded(self) -> None:
@@ -523,6 +537,8 @@ def _check_loaded_tensors(tensors: dict[str, torch.Tensor], epsilon: float, path
     expected = {"perturbation_": (3, height, width), "noise_": (3, height, width), "mask_": (height, width),
                 "warped_mask_": (height, width), "flow_": (2, height, width)}
     for name, shape in expected.items():
+        if name not in tensors:  # a compact file holds the perturbation only
+            continue
         tensor = tensors[name]
         if not tensor.is_floating_point() or tuple(tensor.shape) != shape or not torch.isfinite(tensor).all():
             raise ValueError(
@@ -535,7 +551,7 @@ def _check_loaded_tensors(tensors: dict[str, torch.Tensor], epsilon: float, path
             f"epsilon={epsilon}. {fix}"
         )
     for name in ("mask_", "warped_mask_"):
-        if tensors[name].min() < -1e-4 or tensors[name].max() > 1 + 1e-4:  # a warp rounds by ~1e-7
+        if name in tensors and (tensors[name].min() < -1e-4 or tensors[name].max() > 1 + 1e-4):  # a warp rounds by ~1e-7
             raise ValueError(f"{path} holds a {name} outside [0, 1]. {fix}")
 
 

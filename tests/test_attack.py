@@ -119,6 +119,21 @@ def test_save_load_round_trip_exactly(fitted, tmp_path):
     assert torch.equal(loaded.transform(x), fitted.transform(x))
 
 
+def test_compact_save_keeps_the_perturbation_in_half_the_bytes_and_inside_the_budget(fitted, tmp_path):
+    full, compact = tmp_path / "full.safetensors", tmp_path / "compact.safetensors"
+    fitted.save(full)
+    fitted.save(compact, compact=True)
+    assert compact.stat().st_size < 0.3 * full.stat().st_size
+    loaded = UAPAttack.load(compact)
+    assert loaded.perturbation_.dtype == torch.float32
+    assert loaded.perturbation_.abs().max() <= fitted.epsilon
+    assert torch.allclose(loaded.perturbation_, fitted.perturbation_, atol=2e-4)
+    assert loaded.threshold_ == fitted.threshold_ and loaded.history_ == []
+    assert not hasattr(loaded, "flow_")
+    x = faces(3, seed=7)
+    assert (loaded.transform(x) - fitted.transform(x)).abs().max() <= 2e-4
+
+
 def test_load_refuses_other_files(tmp_path):
     with pytest.raises(FileNotFoundError):
         UAPAttack.load(tmp_path / "missing.safetensors")
