@@ -32,26 +32,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from _common import calibrated_threshold, held_out_split, load_model
 
 from krtfuap.attack import UAPAttack
-from krtfuap.datasets import FaceFolder, PairDataset, filter_pairs, read_pairs, split_identities
-from krtfuap.metrics import calibrate_threshold, pair_similarities
-from krtfuap.models import load_face_model
 from krtfuap.scoring import score_perturbation
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "assets"
-
-
-def sample(dataset: FaceFolder, count: int, seed: int) -> torch.Tensor:
-    """``count`` faces of ``dataset`` drawn without replacement, as one ``(N, 3, H, W)`` tensor."""
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count]
-    return torch.stack([dataset[int(i)][0] for i in order])
 
 
 def make_attack(config: str, model: torch.nn.Module, threshold: float, common: dict) -> UAPAttack:
@@ -95,17 +83,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    faces = SHARED / "faces"
-    if not faces.is_dir():
-        raise SystemExit(f"{faces} not found: this benchmark needs the shared LFW faces.")
-    fit_ids, test_ids = split_identities(FaceFolder(faces).identities, 0.5, random_state=args.seed)
-    fit_faces = sample(FaceFolder(faces, identities=fit_ids), args.fit_faces, args.seed)
-    test_faces = sample(FaceFolder(faces, identities=test_ids), args.test_faces, args.seed + 1)
-    pairs = filter_pairs(read_pairs(faces / "pairs.csv"), fit_ids)
-    random.Random(args.seed).shuffle(pairs)
-    calibration = DataLoader(PairDataset(pairs[: args.pairs], faces), batch_size=100)
-    print(f"fit: {len(fit_faces)} faces of {len(fit_ids)} identities; held-out: {len(test_faces)} faces of "
-          f"{len(test_ids)} other identities; epsilon 0.08; max_time {args.max_time:.0f} s; "
+    split = held_out_split(args.fit_faces, args.test_faces, args.pairs, args.seed)
+    fit_faces, test_faces = split.fit_faces, split.test_faces
+    print(f"fit: {len(fit_faces)} faces of {len(split.fit_identities)} identities; held-out: {len(test_faces)} "
+          f"faces of {len(split.test_identities)} other identities; epsilon 0.08; max_time {args.max_time:.0f} s; "
           f"max_epochs {args.max_epochs}; "
           f"torch threads {torch.get_num_threads()}; load average at start {os.getloadavg()[0]:.2f}\n")
     goals = " | ".join(f"steps / s to FR {goal:g}" for goal in args.goal_fr)
@@ -114,9 +95,8 @@ def main() -> None:
     print("|---|---|---|" + "---|" * len(args.goal_fr) + "---|---|---|---|---|---|---|---|---|")
     curves = []
     for name in args.models:
-        path = SHARED / "models" / "foamliu_mobilefacenet_128d.pt" if name == "foamliu_mobilefacenet" else None
-        model = load_face_model(name, path)
-        threshold, _ = calibrate_threshold(*pair_similarities(model, calibration))
+        model = load_model(name)
+        threshold = calibrated_threshold(model, split.calibration)
         for config in args.configs:
             curve: list[dict] = []
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from krtfuap._batches import ImageData
 from krtfuap._validation import check_number
+from krtfuap.augment import resolve_augment
 from krtfuap.distributed import average_gradients, broadcast_module_
 from krtfuap.diversity import RandomResizePad
 from krtfuap.engine import Solver
@@ -150,6 +151,19 @@ class UAPAttack(PerturbationEstimator):
         :mod:`krtfuap.diversity`). ``0`` turns it off; meant to help transfer.
     diversity_min_scale : float
         Smallest shrink factor of input diversity, in ``(0, 1]``.
+    augment : {"photo"}, callable or None
+        Robust fitting (expectation over transformations, see
+        :mod:`krtfuap.augment`): the adversarial batch goes through this
+        random transform before the model at every step (before input
+        diversity), so the perturbation learns to survive it. ``"photo"``:
+        :meth:`krtfuap.augment.PhotoAugment.default` (re-alignment jitter,
+        down-and-up rescaling, JPEG, 8-bit rounding). A
+        :class:`~krtfuap.augment.PhotoAugment` or
+        :class:`~krtfuap.augment.RandomTransform` draws from the fit's
+        generator (seeded by ``random_state``, saved in checkpoints); any
+        other callable ``(B, 3, H, W) -> (B, 3, H, W)`` is used as given.
+        The clean embeddings, the stealth loss and the scoring after each
+        epoch use the untransformed faces. ``None``: off.
     init_scale : float
         The noise starts uniform in ``[-init_scale * epsilon, init_scale * epsilon]``
         (paper: 1).
@@ -224,6 +238,7 @@ class UAPAttack(PerturbationEstimator):
         flow_lr: float | None = None,
         input_diversity: float = 0.0,
         diversity_min_scale: float = 0.9,
+        augment: str | Callable[[torch.Tensor], torch.Tensor] | None = None,
         init_scale: float = 0.1,
         batch_size: int = 20,
         random_state: Any = None,
@@ -255,6 +270,7 @@ class UAPAttack(PerturbationEstimator):
         self.flow_lr = flow_lr
         self.input_diversity = input_diversity
         self.diversity_min_scale = diversity_min_scale
+        self.augment = augment
         self.init_scale = init_scale
         self.batch_size = batch_size
         self.random_state = random_state
@@ -304,12 +320,17 @@ class UAPAttack(PerturbationEstimator):
         if self.target_ssim is not None and self.stealth_loss is None:
             raise ValueError("target_ssim needs a stealth loss to adapt; set stealth_loss='ssim' (or another).")
         RandomResizePad(self.input_diversity, self.diversity_min_scale)  # checks both
+        resolve_augment(self.augment, None)  # checks it
         device = self._device()
         if self.amp and not (device.type == "cuda" and torch.cuda.is_bf16_supported()):
             raise ValueError(
                 f"amp=True needs a CUDA GPU with bfloat16 support (compute capability >= 8.0); fitting on "
                 f"{device} instead. Set amp=False."
             )
+
+    def _check_params_of_loaded(self) -> None:
+        super()._check_params_of_loaded()
+        resolve_augment(self.augment, None)
 
     # ------------------------------------------------------------------- mask
     def _key_region_mask(self, X: ImageData, height: int, width: int) -> torch.Tensor | None:
@@ -362,6 +383,7 @@ class UAPAttack(PerturbationEstimator):
             adapt_rate=self.stealth_adapt_rate,
             skip_fooled=self.skip_fooled,
             diversity=RandomResizePad(self.input_diversity, self.diversity_min_scale, generator=generator),
+            augment=resolve_augment(self.augment, generator),
             lr=self.lr,
             flow_lr=self.lr if self.flow_lr is None else self.flow_lr,
         )
@@ -385,6 +407,7 @@ class _KeyRegionSolver(Solver):
         adapt_rate: float,
         skip_fooled: bool,
         diversity: RandomResizePad,
+        augment: Callable[[torch.Tensor], torch.Tensor] | None,
         lr: float,
         flow_lr: float,
     ) -> None:
@@ -398,6 +421,7 @@ class _KeyRegionSolver(Solver):
         self.adapt_rate = adapt_rate
         self.skip_fooled = skip_fooled
         self.diversity = diversity
+        self.augment = augment
         groups = [{"params": [perturbation.noise], "lr": lr}]
         if perturbation.flow_warp is not None:
             groups.append({"params": list(perturbation.flow_warp.parameters()), "lr": flow_lr})
@@ -405,7 +429,7 @@ class _KeyRegionSolver(Solver):
 
     def step(self, images: torch.Tensor, clean_embeddings: torch.Tensor) -> dict[str, float]:
         adversarial = (images + self.module().to(images.dtype)).clamp(0.0, 1.0)
-        embeddings = self.embed(self.diversity(adversarial))
+        embeddings = self.embed(self.diversity(self._augmented(adversarial)))
         similarity = cosine_similarity(embeddings.detach(), clean_embeddings)
         fooled = similarity < self.threshold
         per_face = self.adversarial_loss(embeddings, clean_embeddings)
@@ -432,6 +456,19 @@ class _KeyRegionSolver(Solver):
             "fooling_rate": fooled.float().mean().item(),
             "ssim": batch_ssim,
         }
+
+    def _augmented(self, adversarial: torch.Tensor) -> torch.Tensor:
+        """The adversarial batch as the photo pipeline of ``augment`` delivers it to the model."""
+        if self.augment is None:
+            return adversarial
+        augmented = self.augment(adversarial)
+        if not isinstance(augmented, torch.Tensor) or augmented.shape != adversarial.shape:
+            got = tuple(augmented.shape) if isinstance(augmented, torch.Tensor) else type(augmented).__name__
+            raise ValueError(
+                f"augment must return images of the shape it is given, {tuple(adversarial.shape)}, got {got}; "
+                "resize back inside the transform."
+            )
+        return augmented
 
     def after_step(self, record: dict[str, float]) -> None:
         if self.target_ssim is not None:

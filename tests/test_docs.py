@@ -11,13 +11,14 @@ import pytest
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 PAGES = (
-    "index", "install", "quickstart", "custom_model", "method", "evaluation", "benchmarks", "benchmark_report", "api",
+    "index", "install", "quickstart", "custom_model", "method", "robustness", "evaluation", "benchmarks",
+    "benchmark_report", "api",
 )
 FIGURES = ("masks.png", "perturbation.png", "faces.png")
 DOCUMENTED_MODULES = (
     "attack", "baselines", "masks", "landmarks", "flow", "perturbation", "losses", "stealth",
     "metrics", "scoring", "engine", "estimator", "models", "imagenet", "datasets", "alignment", "demo", "cli",
-    "diversity", "benchmark", "report", "models.ensemble", "models.dlib_resnet",
+    "diversity", "augment", "benchmark", "report", "models.ensemble", "models.dlib_resnet",
 )
 
 

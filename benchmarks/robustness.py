@@ -1,0 +1,172 @@
+"""Does a perturbation survive the way photos travel? Held-out fooling rate after saving and resizing.
+
+Fits ``UAPAttack`` on the faces of one half of the identities in
+``../shared/assets/faces`` (threshold calibrated on pairs of those identities),
+once without and once with robust fitting (``augment="photo"``,
+:mod:`krtfuap.augment`), under the same ``--max-time``. Then sends each
+held-out cloaked face (identities never used for fitting) through a real
+photo pipeline with Pillow and scores what comes out:
+
+* ``float``: the cloaked face as fitted, no pipeline;
+* ``PNG``: rounded to 8 bits;
+* ``JPEG q95`` / ``q85`` / ``q75``: saved as JPEG by Pillow (4:2:0) and decoded;
+* ``scale 0.75`` / ``scale 0.5``: the 8-bit face resized by Pillow to that
+  side scale and back to 112x112 (bilinear; Pillow filters when shrinking).
+
+For each pipeline ``T`` the fooling rate is the share of held-out faces with
+``cos(F(T(x + v)), F(x)) < t``: the recogniser compares the photo that
+travelled with the clean original. SSIM is that of ``T(x + v)`` against
+``T(x)``, the clean face through the same pipeline (what the cloak changes in
+the photo that arrives). The ``no cloak`` row gives the share of clean faces
+``T(x)`` that the pipeline alone pushes below the threshold.
+
+Example (2-core CPU)::
+
+    python benchmarks/robustness.py --models insightface_mbf --max-time 600 --target-ssim 0.93 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from _common import calibrated_threshold, held_out_split, load_model
+from PIL import Image
+
+from krtfuap.attack import UAPAttack
+from krtfuap.metrics import embed
+from krtfuap.scoring import PerturbationScore, score_batch
+
+Pipeline = Callable[[Image.Image], Image.Image]
+
+
+def _to_pil(image: torch.Tensor) -> Image.Image:
+    return Image.fromarray((image.permute(1, 2, 0) * 255).round().clamp(0, 255).byte().numpy())
+
+
+def _from_pil(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float() / 255
+
+
+def _jpeg(quality: int) -> Pipeline:
+    def save_and_load(image: Image.Image) -> Image.Image:
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=quality)
+        buffer.seek(0)
+        return Image.open(buffer).convert("RGB")
+
+    return save_and_load
+
+
+def _scale(factor: float) -> Pipeline:
+    def down_and_up(image: Image.Image) -> Image.Image:
+        width, height = image.size
+        small = image.resize((round(width * factor), round(height * factor)), Image.BILINEAR)
+        return small.resize((width, height), Image.BILINEAR)
+
+    return down_and_up
+
+
+#: Name -> pipeline on an 8-bit Pillow image (``None``: the float tensor itself).
+PIPELINES: dict[str, Pipeline | None] = {
+    "float": None,
+    "PNG": lambda image: image,
+    "JPEG q95": _jpeg(95),
+    "JPEG q85": _jpeg(85),
+    "JPEG q75": _jpeg(75),
+    "scale 0.75": _scale(0.75),
+    "scale 0.5": _scale(0.5),
+}
+
+
+def travel(images: torch.Tensor, pipeline: Pipeline | None) -> torch.Tensor:
+    """``(N, 3, H, W)`` faces in ``[0, 1]`` after ``pipeline`` (8-bit Pillow images in between)."""
+    if pipeline is None:
+        return images
+    return torch.stack([_from_pil(pipeline(_to_pil(image))) for image in images])
+
+
+def score_pipelines(
+    model: torch.nn.Module, faces: torch.Tensor, perturbation: torch.Tensor, threshold: float, batch_size: int = 100
+) -> dict[str, dict[str, float]]:
+    """Per pipeline: fooling rate, mean similarity, SSIM, PSNR of ``T(x + v)`` (see the module docstring)."""
+    clean_embeddings = embed(model, faces, batch_size)
+    cloaked = (faces + perturbation).clamp(0.0, 1.0)
+    scores = {}
+    for name, pipeline in PIPELINES.items():
+        meter = PerturbationScore(threshold)
+        for start in range(0, len(faces), batch_size):
+            chunk = slice(start, start + batch_size)
+            arrived_clean, arrived = travel(faces[chunk], pipeline), travel(cloaked[chunk], pipeline)
+            # score_batch scores images + perturbation against clean_embeddings: here T(x) + (T(x + v) - T(x)).
+            meter.update(score_batch(model, arrived_clean, arrived - arrived_clean,
+                                     clean_embeddings=clean_embeddings[chunk]))
+        scores[name] = meter.compute()
+    return scores
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["insightface_mbf"])
+    parser.add_argument("--augments", nargs="+", default=["none", "photo"], choices=["none", "photo"],
+                        help="fit once per value: UAPAttack(augment=None) and/or augment='photo'")
+    parser.add_argument("--max-time", type=float, default=600.0, help="seconds of fitting per fit (0: none)")
+    parser.add_argument("--max-epochs", type=int, default=10_000)
+    parser.add_argument("--fit-faces", type=int, default=600)
+    parser.add_argument("--test-faces", type=int, default=300)
+    parser.add_argument("--pairs", type=int, default=600, help="fitting-identity pairs that calibrate t")
+    parser.add_argument("--target-ssim", type=float, default=0.93, help="UAPAttack(target_ssim=...); 0: none")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--json", type=Path, default=None, help="write every score here")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    split = held_out_split(args.fit_faces, args.test_faces, args.pairs, args.seed)
+    print(f"fit: {len(split.fit_faces)} faces of {len(split.fit_identities)} identities; held-out: "
+          f"{len(split.test_faces)} faces of {len(split.test_identities)} other identities; epsilon 0.08; "
+          f"target_ssim {args.target_ssim or None}; max_time {args.max_time:.0f} s; torch threads "
+          f"{torch.get_num_threads()}; load average at start {os.getloadavg()[0]:.2f}\n")
+    names = list(PIPELINES)
+    print(f"| model | t | fit | steps | fit s | {' | '.join(f'{name}: FR / SSIM' for name in names)} |")
+    print("|---|---|---|---|---|" + "---|" * len(names))
+    runs = []
+
+    def report(model_name: str, threshold: float, label: str, steps: int | None, seconds: float | None,
+               scores: dict[str, dict[str, float]]) -> None:
+        cells = " | ".join(f"{scores[name]['fooling_rate']:.3f} / {scores[name]['ssim']:.4f}" for name in names)
+        fit = f"{steps} | {seconds:.0f}" if steps is not None else "- | -"
+        print(f"| {model_name} | {threshold:.3f} | {label} | {fit} | {cells} |", flush=True)
+        runs.append({"model": model_name, "threshold": threshold, "fit": label, "steps": steps,
+                     "seconds": seconds, "scores": scores})
+
+    for model_name in args.models:
+        model = load_model(model_name)
+        threshold = calibrated_threshold(model, split.calibration)
+        zero = torch.zeros(split.test_faces.shape[1:])
+        report(model_name, threshold, "no cloak", None, None, score_pipelines(model, split.test_faces, zero, threshold))
+        for augment in args.augments:
+            attack = UAPAttack(
+                model, threshold=threshold, target_ssim=args.target_ssim or None,
+                augment=None if augment == "none" else augment, max_time=args.max_time or None,
+                max_epochs=args.max_epochs, target_fooling_rate=1.0, random_state=args.seed,
+            )
+            started = time.perf_counter()
+            attack.fit(split.fit_faces)
+            seconds = time.perf_counter() - started
+            scores = score_pipelines(model, split.test_faces, attack.perturbation_, threshold)
+            report(model_name, threshold, f"augment={augment}", attack.n_iter_, seconds, scores)
+    if args.json:
+        args.json.write_text(json.dumps(runs, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,295 @@
+"""Robust fitting: the photo-pipeline transforms of ``krtfuap.augment`` and ``UAPAttack(augment=...)``."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from fakes import TinyEmbedder
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from krtfuap.attack import UAPAttack
+from krtfuap.augment import (
+    PhotoAugment,
+    Quantize,
+    RandomJPEG,
+    RandomRealign,
+    RandomRescale,
+    jpeg,
+    quantize,
+    rescale,
+    resolve_augment,
+    similarity_warp,
+)
+
+
+def every_transform() -> list:
+    """One of each random transform, always applied, and the preset."""
+    return [RandomJPEG(p=1.0), RandomRescale(p=1.0), RandomRealign(p=1.0), Quantize(), PhotoAugment.default()]
+
+
+def call(transform, images: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    if isinstance(transform, PhotoAugment):
+        return transform.with_generator(generator)(images)
+    return transform(images, generator)
+
+
+def synthetic_face(height: int = 112, width: int = 112, seed: int = 0) -> torch.Tensor:
+    """A photo-like ``(1, 3, H, W)`` 8-bit image: smooth shapes plus fine grain."""
+    generator = torch.Generator().manual_seed(seed)
+    smooth = F.interpolate(torch.rand(1, 3, 8, 8, generator=generator), size=(height, width), mode="bicubic")
+    image = (0.15 + 0.7 * smooth + 0.04 * torch.randn(1, 3, height, width, generator=generator)).clamp(0, 1)
+    return (image * 255).round() / 255
+
+
+def pil_jpeg(image: torch.Tensor, quality: int) -> torch.Tensor:
+    """Save ``(1, 3, H, W)`` as a JPEG with Pillow (its defaults: 4:2:0) and read it back."""
+    pixels = (image[0].permute(1, 2, 0) * 255).round().byte().numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
+    buffer.seek(0)
+    decoded = np.array(Image.open(buffer).convert("RGB"))
+    return torch.from_numpy(decoded).permute(2, 0, 1)[None].float() / 255
+
+
+# ------------------------------------------------------------------ properties
+@settings(max_examples=25, deadline=None)
+@given(
+    index=st.integers(0, 4), batch=st.integers(1, 3), height=st.integers(8, 40), width=st.integers(8, 40),
+    seed=st.integers(0, 2**16), dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_transforms_keep_shape_dtype_and_range(index, batch, height, width, seed, dtype):
+    images = torch.rand(batch, 3, height, width, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    out = call(every_transform()[index], images, seed)
+    assert out.shape == images.shape and out.dtype == dtype
+    assert out.min() >= 0 and out.max() <= 1
+
+
+@pytest.mark.parametrize("transform", every_transform(), ids=lambda t: type(t).__name__)
+def test_gradients_flow_and_are_finite(transform):
+    images = (torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 0.8 + 0.1).requires_grad_()
+    weights = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    (call(transform, images) * weights).sum().backward()
+    assert torch.isfinite(images.grad).all()
+    assert images.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("transform", [
+    RandomJPEG(p=0.0), RandomRescale(p=0.0), RandomRealign(p=0.0), Quantize(p=0.0),
+    PhotoAugment([RandomJPEG(p=0.0), RandomRescale(p=0.0), RandomRealign(p=0.0), Quantize(p=0.0)]),
+], ids=lambda t: type(t).__name__)
+def test_probability_zero_is_the_identity(transform):
+    images = torch.rand(4, 3, 24, 24)
+    assert call(transform, images) is images
+
+
+def test_neutral_parameters_are_close_to_the_identity():
+    images = torch.rand(2, 3, 30, 30)
+    assert rescale(images, 1.0) is images
+    still = similarity_warp(images, torch.zeros(2), torch.ones(2), torch.zeros(2, 2))
+    assert (still - images).abs().max() < 1e-4
+    smooth = F.interpolate(torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)), size=(112, 112),
+                           mode="bilinear")
+    assert (jpeg(smooth, 100) - smooth).abs().mean() < 1 / 255
+
+
+def test_a_one_pixel_shift_moves_the_image_by_one_pixel():
+    images = torch.rand(2, 3, 20, 20)
+    moved = similarity_warp(images, torch.zeros(2), torch.ones(2), torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    assert torch.allclose(moved[0, :, :, 1:], images[0, :, :, :-1], atol=1e-4)
+    assert torch.allclose(moved[1, :, 1:, :], images[1, :, :-1, :], atol=1e-4)
+
+
+def test_rescale_loses_detail_and_keeps_smooth_images():
+    stripes = torch.zeros(1, 3, 32, 32)
+    stripes[..., ::2] = 1.0
+    flat = torch.full((1, 3, 32, 32), 0.3)
+    for mode in ("antialias", "bilinear", "area"):
+        assert (rescale(stripes, 0.5, mode)[..., 4:-4] - 0.5).abs().max() < 1e-6  # one-pixel stripes average out
+        assert torch.allclose(rescale(flat, 0.6, mode), flat, atol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(values=st.lists(st.floats(-0.5, 1.5, allow_nan=False), min_size=1, max_size=40))
+def test_quantize_rounds_to_8_bits_with_a_straight_through_gradient(values):
+    images = torch.tensor(values, dtype=torch.float64).reshape(1, 1, 1, -1).requires_grad_()
+    out = quantize(images)
+    levels = out.detach() * 255
+    assert torch.equal(levels, levels.round())
+    assert out.min() >= 0 and out.max() <= 1
+    assert ((out - images.clamp(0, 1)).abs() <= 0.5 / 255 + 1e-12).all()
+    out.sum().backward()
+    assert torch.equal(images.grad, torch.ones_like(images))
+
+
+# ------------------------------------------------------------ random draws
+@pytest.mark.parametrize("transform", every_transform(), ids=lambda t: type(t).__name__)
+def test_a_seeded_generator_repeats_the_draws(transform):
+    images = torch.rand(4, 3, 32, 32)
+    first, again = call(transform, images, seed=5), call(transform, images, seed=5)
+    assert torch.equal(first, again)
+
+
+def test_other_seeds_draw_other_transforms():
+    images = torch.rand(4, 3, 32, 32)
+    augment = PhotoAugment([RandomRealign(p=1.0), RandomJPEG(p=1.0)])
+    assert not torch.equal(call(augment, images, seed=1), call(augment, images, seed=2))
+
+
+def test_parameters_are_drawn_per_image_or_per_call_as_documented():
+    same = torch.rand(1, 3, 32, 32).expand(4, 3, 32, 32)
+    generator = torch.Generator().manual_seed(0)
+    jpegged, warped, rescaled = (RandomJPEG(p=1.0)(same, generator), RandomRealign(p=1.0)(same, generator),
+                                 RandomRescale(p=1.0)(same, generator))
+    assert not torch.equal(jpegged[0], jpegged[1])  # quality per image
+    assert not torch.equal(warped[0], warped[1])  # angle, zoom and shift per image
+    assert all(torch.equal(rescaled[0], rescaled[i]) for i in range(4))  # factor per call
+
+
+def test_probability_is_drawn_per_image():
+    images = torch.rand(64, 3, 16, 16)
+    out = RandomRealign(p=0.5)(images, torch.Generator().manual_seed(0))
+    changed = (out != images).flatten(1).any(1)
+    assert 10 < changed.sum() < 54
+    assert torch.equal(out[~changed], images[~changed])
+
+
+# ------------------------------------------------------------ JPEG against Pillow
+@pytest.mark.parametrize("size", [(112, 112), (100, 90)])
+@pytest.mark.parametrize("quality", [50, 75, 95])
+def test_jpeg_is_close_to_a_real_pillow_save(size, quality):
+    image = synthetic_face(*size)
+    saved = pil_jpeg(image, quality)
+    coded = jpeg(image, quality)
+    assert coded.shape == image.shape
+    error, effect = (coded - saved).abs().mean(), (image - saved).abs().mean()
+    assert error < 0.3 * effect, (error, effect)
+    assert error < 3 / 255
+
+
+@pytest.mark.parametrize("quality", [75, 85])
+def test_jpeg_matches_pillow_on_a_real_cloaked_face(shared_assets, quality):
+    path = sorted((shared_assets / "faces").glob("*/*.jpg"))[0]
+    face = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)[None].float() / 255
+    assert face.shape[-2:] == (112, 112)
+    noise = (torch.rand(face.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1) * 0.03
+    cloaked = ((face + noise).clamp(0, 1) * 255).round() / 255
+    saved = pil_jpeg(cloaked, quality)
+    error, effect = (jpeg(cloaked, quality) - saved).abs().mean(), (cloaked - saved).abs().mean()
+    assert error < 0.5 * effect and error < 2 / 255, (error, effect)
+
+
+# ------------------------------------------------------------ checks
+@pytest.mark.parametrize("make, message", [
+    (lambda: RandomJPEG(p=1.5), "probability p must be a number in \\[0, 1\\]"),
+    (lambda: RandomJPEG(quality=(0, 90)), "quality must satisfy 1.0 <= low <= high <= 100.0"),
+    (lambda: RandomJPEG(quality=(90, 60)), "quality must satisfy"),
+    (lambda: RandomRescale(factor=(0.0, 1.0)), "factor must be above 0"),
+    (lambda: RandomRescale(modes=("nearest",)), "modes must be a non-empty choice of"),
+    (lambda: RandomRealign(angle=-1), "angle \\(degrees\\) must be a number in \\[0, 180.0\\]"),
+    (lambda: RandomRealign(padding_mode="wrap"), "padding_mode must be one of"),
+    (lambda: Quantize(bits=0), "bits must be an integer >= 1"),
+    (lambda: PhotoAugment([lambda x: x]), "takes RandomTransform objects"),
+    (lambda: jpeg(torch.rand(1, 3, 16, 16), 101), "quality must be in \\[1, 100\\]"),
+    (lambda: jpeg(torch.rand(1, 1, 16, 16), 80), "needs RGB images"),
+    (lambda: rescale(torch.rand(1, 3, 16, 16), 1.5), "factor must be in \\(0, 1\\]"),
+    (lambda: quantize(torch.rand(3, 16, 16)), "takes a float \\(B, C, H, W\\) tensor"),
+    (lambda: resolve_augment("jpeg", None), "augment must be None, one of \\['photo'\\] or a callable"),
+    (lambda: resolve_augment(3, None), "augment must be None, one of \\['photo'\\] or a callable"),
+])
+def test_bad_settings_are_refused_with_the_problem_named(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+# ------------------------------------------------------------ UAPAttack(augment=...)
+SIZE = 32
+
+
+def faces(n: int = 16) -> torch.Tensor:
+    return torch.rand(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)) * 0.8 + 0.1
+
+
+def attack(**params) -> UAPAttack:
+    settings = dict(threshold=-1.0, target_fooling_rate=1.0, max_epochs=2, batch_size=8, random_state=0,
+                    masker=torch.full((SIZE, SIZE), 0.5), augment="photo")
+    settings.update(params)
+    return UAPAttack(TinyEmbedder(), **settings)
+
+
+def test_fit_with_the_photo_preset_runs_changes_the_fit_and_repeats():
+    robust, again, plain = attack().fit(faces()), attack().fit(faces()), attack(augment=None).fit(faces())
+    assert torch.equal(robust.perturbation_, again.perturbation_)
+    assert not torch.equal(robust.perturbation_, plain.perturbation_)
+    assert robust.perturbation_.abs().max() <= robust.epsilon + 1e-7
+    assert robust.get_params()["augment"] == "photo"
+
+
+def test_a_transform_object_draws_from_the_fits_generator():
+    augment = PhotoAugment.default()  # no generator of its own: the fit binds its own
+    first = attack(augment=augment).fit(faces())
+    torch.rand(100)  # moving the global RNG changes nothing
+    second = attack(augment=augment).fit(faces())
+    assert torch.equal(first.perturbation_, second.perturbation_)
+    assert augment.generator is None
+
+
+def test_only_the_update_steps_see_the_transform():
+    calls = []
+
+    def spy(images: torch.Tensor) -> torch.Tensor:
+        calls.append(len(images))
+        return images.flip(-1)
+
+    fitted = attack(augment=spy).fit(faces())
+    assert len(calls) == fitted.n_iter_ == 4  # one call per step; none to score or embed the clean faces
+    # The epoch scores, and so fooling_rate_ and ssim_, are those of the untransformed faces.
+    score = fitted.evaluate(faces())
+    assert score["fooling_rate"] == fitted.fooling_rate_ and score["ssim"] == pytest.approx(fitted.ssim_)
+
+
+def test_resume_with_augment_is_bit_identical(tmp_path):
+    path = tmp_path / "fit.ckpt"
+    attack(checkpoint_path=path, max_epochs=2).fit(faces())
+    resumed = attack(checkpoint_path=path, max_epochs=3).fit(faces(), resume=True)
+    straight = attack(max_epochs=3).fit(faces())
+    assert resumed.n_iter_ == straight.n_iter_ == 6
+    assert torch.equal(resumed.perturbation_, straight.perturbation_)
+    assert torch.equal(resumed.flow_, straight.flow_)
+    untimed = [[{k: v for k, v in r.items() if k != "time"} for r in fit.history_] for fit in (resumed, straight)]
+    assert untimed[0] == untimed[1]
+
+
+def test_resume_without_the_augment_of_the_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "fit.ckpt"
+    attack(checkpoint_path=path).fit(faces())
+    with pytest.raises(ValueError, match="differs in augment \\(checkpoint: 'photo', now: None\\)"):
+        attack(checkpoint_path=path, augment=None, max_epochs=3).fit(faces(), resume=True)
+
+
+def test_save_and_load_keep_the_augment_setting(tmp_path):
+    fitted = attack().fit(faces())
+    fitted.save(tmp_path / "attack.safetensors")
+    loaded = UAPAttack.load(tmp_path / "attack.safetensors", TinyEmbedder())
+    assert loaded.augment == "photo"
+    assert torch.equal(loaded.perturbation_, fitted.perturbation_)
+
+
+@pytest.mark.parametrize("augment, message", [
+    ("jpeg", "augment must be None, one of \\['photo'\\] or a callable images -> images, got 'jpeg'"),
+    (0.5, "augment must be None, one of \\['photo'\\] or a callable images -> images, got float"),
+])
+def test_uapattack_refuses_a_bad_augment_before_fitting(augment, message):
+    with pytest.raises(ValueError, match=message):
+        attack(augment=augment).fit(faces())
+
+
+def test_an_augment_that_changes_the_size_is_refused():
+    with pytest.raises(ValueError, match="augment must return images of the shape it is given"):
+        attack(augment=lambda images: images[..., :-2, :-2]).fit(faces())
