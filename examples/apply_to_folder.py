@@ -13,11 +13,22 @@ learned, while JPEG compression would remove part of it. The output folder must
 not be the input folder, nor lie inside it or contain it, so no input file can
 be overwritten. No face model is needed: cloaking only adds the stored
 perturbation, ``clip(x + v, 0, 1)``.
+
+All or nothing on bad input: every image is decoded and its size checked
+before anything is written, so an unreadable, truncated or wrongly sized file
+anywhere in the folder stops the script with a one-line error naming it (exit
+status 1) and no output at all; fix or remove that file and run again. Each
+PNG is written next to its final name and renamed into place when complete,
+so a failed write (a full disk, Ctrl-C) never leaves a half-written image:
+the images written before it are whole, and the error says how many there are.
+Images are decoded twice (once to check, once to cloak), so memory holds one
+image at a time, however large the folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -35,11 +46,31 @@ def find_images(folder: Path) -> list[Path]:
     return sorted(path for path in folder.rglob("*") if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def check_images(images: list[Path], size: tuple[int, int]) -> None:
+    """Decode every image and check its ``(H, W)``; exit with a one-line error naming the first bad file."""
+    height, width = size
+    for path in images:
+        try:
+            image = load_image(path)
+        except (OSError, ValueError) as error:  # load_image names the file and the fix
+            sys.exit(f"{' '.join(str(error).split())} Nothing was written.")
+        if image.shape[-2:] != size:
+            sys.exit(f"{path} is {image.shape[-1]}x{image.shape[-2]} pixels but the perturbation is "
+                     f"{width}x{height}; align the faces first (krtfuap.alignment.detect_and_align). "
+                     "Nothing was written.")
+
+
 def save_png(image: torch.Tensor, path: Path) -> None:
-    """Write a ``(3, H, W)`` RGB image in ``[0, 1]`` as an 8-bit PNG."""
+    """Write a ``(3, H, W)`` RGB image in ``[0, 1]`` as an 8-bit PNG, atomically (write, then rename)."""
     array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.ascontiguousarray(array)).save(path)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        Image.fromarray(np.ascontiguousarray(array)).save(partial, format="PNG")
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def main() -> None:
@@ -65,18 +96,20 @@ def main() -> None:
         sys.exit(f"two input images under {args.input} differ only in their suffix and would both be written "
                  "to the same PNG; rename one of them.")
 
-    attack = UAPAttack.load(args.attack)
-    height, width = attack.perturbation_.shape[-2:]
-    for path in images:  # check every size before writing anything (PIL reads only the header here)
-        with Image.open(path) as image:
-            if image.size != (width, height):
-                sys.exit(f"{path} is {image.size[0]}x{image.size[1]} pixels but the perturbation is "
-                         f"{width}x{height}; align the faces first (krtfuap.alignment.detect_and_align).")
+    try:
+        attack = UAPAttack.load(args.attack)
+    except (OSError, ValueError) as error:
+        sys.exit(str(error))
+    check_images(images, tuple(attack.perturbation_.shape[-2:]))
     ssims, psnrs = [], []
     for path, output in zip(images, outputs):
         clean = load_image(path)
         cloaked = attack.transform(clean[None])
-        save_png(cloaked[0], output)
+        try:
+            save_png(cloaked[0], output)
+        except OSError as error:
+            sys.exit(f"cannot write {output} ({error}); the {len(ssims)} cloaked images written before it are "
+                     f"complete, none is half-written. Free disk space or choose another output folder.")
         ssims.append(ssim(cloaked, clean[None]))
         psnrs.append(psnr(cloaked, clean[None]))
     print(f"wrote {len(images)} cloaked images to {args.output} "

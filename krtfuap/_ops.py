@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import torch
+import itertools
+from typing import Callable
 
-__all__ = ["straight_through_clamp"]
+import torch
+from torch import nn
+
+__all__ = ["straight_through_clamp", "model_input_dtype", "call_model"]
 
 
 def straight_through_clamp(values: torch.Tensor, low: float, high: float) -> torch.Tensor:
@@ -16,3 +20,33 @@ def straight_through_clamp(values: torch.Tensor, low: float, high: float) -> tor
     one (``values - values.detach()`` is exactly zero).
     """
     return values.detach().clamp(low, high) + (values - values.detach())
+
+
+def model_input_dtype(model: nn.Module) -> torch.dtype | None:
+    """The floating dtype ``model`` takes its input in.
+
+    ``model.input_dtype`` when the model declares one (an
+    :class:`~krtfuap.models.ensemble.EnsembleEmbedder`, whose members may
+    differ, takes float32 and casts for each member); otherwise the dtype of
+    its first floating parameter or buffer; ``None`` for a model without any.
+    """
+    declared = getattr(model, "input_dtype", None)
+    if isinstance(declared, torch.dtype):
+        return declared
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    return next((tensor.dtype for tensor in tensors if tensor.is_floating_point()), None)
+
+
+def call_model(model: nn.Module | Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+    """``model(images)``, with the images cast to the model's floating dtype on the way in.
+
+    This is the model boundary: images, perturbations, losses and optimiser
+    state stay float32, and only the batch handed to the face model takes its
+    dtype, so a model converted with ``.to(torch.bfloat16)`` or ``.half()``
+    works with float32 faces and a float32 perturbation (gradients flow back
+    through the cast). A plain callable (not an ``nn.Module``) is called as is.
+    The output is returned unchanged (check it with
+    :func:`krtfuap._validation.check_embeddings`).
+    """
+    dtype = model_input_dtype(model) if isinstance(model, nn.Module) else None
+    return model(images if dtype is None else images.to(dtype))

@@ -428,7 +428,7 @@ class _KeyRegionSolver(Solver):
         self.optimizer = torch.optim.Adam(groups)
 
     def step(self, images: torch.Tensor, clean_embeddings: torch.Tensor) -> dict[str, float]:
-        adversarial = (images + self.module().to(images.dtype)).clamp(0.0, 1.0)
+        adversarial = (images + self.module()).clamp(0.0, 1.0)
         embeddings = self.embed(self.diversity(self._augmented(adversarial)))
         similarity = cosine_similarity(embeddings.detach(), clean_embeddings)
         fooled = similarity < self.threshold

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from krtfuap._ops import call_model
 from krtfuap._validation import check_embeddings, check_number
 from krtfuap.distributed import average_gradients, broadcast_module_, broadcast_tensor_, sum_over_ranks_
 from krtfuap.engine import Solver
@@ -147,7 +148,8 @@ def deepfool_steps(
     ----------
     model : torch.nn.Module
         Face model in eval mode (faces must not interact, e.g. no batch-norm
-        in training mode), ``(B, 3, H, W)`` -> ``(B, D)``.
+        in training mode), ``(B, 3, H, W)`` -> ``(B, D)``, in any floating
+        dtype (the batch is cast to it, :func:`krtfuap._ops.call_model`).
     images : torch.Tensor
         ``(B, 3, H, W)`` faces in ``[0, 1]``.
     clean : torch.Tensor
@@ -177,7 +179,7 @@ def deepfool_steps(
     for _ in range(max_inner):
         steps.requires_grad_(True)
         adversarial = (images + perturbation + steps).clamp(0.0, 1.0)
-        embeddings = check_embeddings(model(adversarial), len(images))
+        embeddings = check_embeddings(call_model(model, adversarial), len(images))
         with torch.no_grad():
             active = cosine_similarity(embeddings, clean) >= threshold
         if not active.any():

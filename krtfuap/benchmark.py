@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from krtfuap._ops import call_model
 from krtfuap.attack import UAPAttack
 from krtfuap.baselines import FGUAP, DeepFoolUAP, FrequencyUAP, RandomNoiseUAP
 from krtfuap.datasets import FaceFolder, PairDataset, filter_pairs, read_pairs, split_identities
@@ -286,7 +287,7 @@ def occlusion_accuracy(
     correct, total = 0, 0
     for images_a, images_b, same in pairs:
         noisy = (images_b + noise.to(images_b)).clamp(0, 1)
-        similarity = cosine_similarity(model(images_a), model(noisy)).cpu()
+        similarity = cosine_similarity(call_model(model, images_a).float(), call_model(model, noisy).float()).cpu()
         correct += int(((similarity >= threshold) == same.bool().cpu()).sum())
         total += len(same)
     return correct / total

@@ -8,7 +8,10 @@ The layout is the one used by ``../shared/assets/faces`` (LFW aligned to the Arc
 
 Every image leaves this module as a ``(3, H, W)`` float32 RGB tensor in ``[0, 1]``,
 decoded lazily from disk with PIL (nothing is cached in memory), so a
-:class:`torch.utils.data.DataLoader` batches them to ``(B, 3, H, W)``.
+:class:`torch.utils.data.DataLoader` batches them to ``(B, 3, H, W)``. Batching
+needs one size: :class:`FaceFolder` and :class:`PairDataset` check every image
+against theirs (the first image's, unless ``size`` is given) and name the file
+that differs, instead of leaving ``DataLoader`` to fail without one.
 """
 
 from __future__ import annotations
@@ -100,6 +103,42 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int = MAX_IMAGE_PIXE
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
+Size = tuple[int, int]
+
+
+def _check_size_parameter(size: Size | None) -> Size | None:
+    if size is None:
+        return None
+    if (
+        not isinstance(size, (tuple, list))
+        or len(size) != 2
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in size)
+    ):
+        raise TypeError(f"size must be (height, width) in pixels, two positive ints, got {size!r}; e.g. size=(112, 112).")
+    return (size[0], size[1])
+
+
+def _dataset_size(size: Size | None, first: Path) -> tuple[Size, str]:
+    """The size a dataset's images must have, and where it comes from (for error messages)."""
+    if size is not None:
+        return size, f"size={size} was given"
+    height, width = load_image(first).shape[-2:]
+    return (height, width), f"the size of its first image, {first}; pass size=(height, width) to choose another"
+
+
+def _load_sized(path: Path, size: Size, reference: str) -> torch.Tensor:
+    """:func:`load_image`, refusing an image whose ``(H, W)`` is not ``size`` (``reference`` says where it came from)."""
+    image = load_image(path)
+    height, width = image.shape[-2:]
+    if (height, width) != size:
+        raise ValueError(
+            f"image file {path} is {width}x{height} pixels (width x height) but this dataset's images are "
+            f"{size[1]}x{size[0]} ({reference}); faces batched together must share one size: align or resize "
+            f"every face to {size[1]}x{size[0]} (krtfuap.alignment.detect_and_align), or move this file out."
+        )
+    return image
+
+
 def _is_image_file(path: Path) -> bool:
     return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
 
@@ -122,12 +161,18 @@ class FaceFolder(Dataset):
         Labels still index the sorted list of *all* identities under ``root``, so two
         subsets of the same root agree on every label. ``None`` keeps all.
     transform : callable, optional
-        Applied to each ``(3, H, W)`` image tensor after decoding.
+        Applied to each ``(3, H, W)`` image tensor after decoding (and after
+        the size check).
+    size : (int, int), optional
+        ``(height, width)`` every image file must have once decoded. ``None``:
+        the size of the first image (in ``samples`` order), decoded once here.
 
     Attributes
     ----------
     root : pathlib.Path
         The dataset folder.
+    size : (int, int)
+        ``(height, width)`` of every image.
     identities : list of str
         The identities in this dataset, sorted.
     all_identities : list of str
@@ -140,16 +185,20 @@ class FaceFolder(Dataset):
     FileNotFoundError
         If ``root`` does not exist or is not a folder.
     ValueError
-        If ``root`` holds no identity folder with images, or ``identities`` names an
-        identity that is not under ``root`` or is empty.
+        If ``root`` holds no identity folder with images, ``identities`` names an
+        identity that is not under ``root`` or is empty, or ``size=None`` and the
+        first image cannot be decoded.
     TypeError
-        If ``identities`` is a single string instead of an iterable of names.
+        If ``identities`` is a single string instead of an iterable of names, or
+        ``size`` is not two positive ints.
 
     Notes
     -----
     ``dataset[i]`` returns ``(image, label)`` with ``image`` of shape ``(3, H, W)``,
-    float32 RGB in ``[0, 1]`` and ``label`` an ``int``. A corrupt file raises
-    ``ValueError`` naming the file when that item is read.
+    float32 RGB in ``[0, 1]`` and ``label`` an ``int``. A corrupt file, or an
+    image of another size than ``size``, raises ``ValueError`` naming the file
+    when that item is read (so a ``DataLoader`` never fails in its collate
+    without saying which file is wrong).
     """
 
     def __init__(
@@ -158,7 +207,9 @@ class FaceFolder(Dataset):
         *,
         identities: Iterable[str] | None = None,
         transform: Transform | None = None,
+        size: Size | None = None,
     ) -> None:
+        size = _check_size_parameter(size)
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(
@@ -201,13 +252,14 @@ class FaceFolder(Dataset):
         self.samples: list[tuple[Path, int]] = [
             (path, label_of[name]) for name in self.identities for path in files_by_identity[name]
         ]
+        self.size, self._size_source = _dataset_size(size, self.samples[0][0])
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
-        image = load_image(path)
+        image = _load_sized(path, self.size, self._size_source)
         if self.transform is not None:
             image = self.transform(image)
         return image, label
@@ -358,20 +410,34 @@ class PairDataset(Dataset):
         Folder the relative paths in ``pairs`` are relative to (the CSV's folder);
         absolute paths are used as they are.
     transform : callable, optional
-        Applied to each ``(3, H, W)`` image tensor after decoding.
+        Applied to each ``(3, H, W)`` image tensor after decoding (and after
+        the size check).
+    size : (int, int), optional
+        ``(height, width)`` every image file must have once decoded. ``None``:
+        the size of the first pair's first image, decoded once here.
+
+    Attributes
+    ----------
+    size : (int, int)
+        ``(height, width)`` of every image.
 
     Notes
     -----
     ``dataset[i]`` returns ``(img_a, img_b, same)``: two ``(3, H, W)`` float32 RGB
     tensors in ``[0, 1]`` and a 0-d bool tensor, so a ``DataLoader`` yields
-    ``(B, 3, H, W)``, ``(B, 3, H, W)`` and ``(B,)`` batches.
+    ``(B, 3, H, W)``, ``(B, 3, H, W)`` and ``(B,)`` batches. A corrupt file, or an
+    image of another size than ``size``, raises ``ValueError`` naming the file
+    when that pair is read.
 
     Raises
     ------
     FileNotFoundError
-        If ``root`` is not a folder.
+        If ``root`` is not a folder, or ``size=None`` and the first image is missing.
     ValueError
-        If ``pairs`` is empty.
+        If ``pairs`` is empty or holds a ``same`` that is not a bool, or
+        ``size=None`` and the first image cannot be decoded.
+    TypeError
+        If ``size`` is not two positive ints.
     """
 
     def __init__(
@@ -380,7 +446,9 @@ class PairDataset(Dataset):
         root: str | os.PathLike[str],
         *,
         transform: Transform | None = None,
+        size: Size | None = None,
     ) -> None:
+        size = _check_size_parameter(size)
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(
@@ -399,12 +467,13 @@ class PairDataset(Dataset):
                     "parse CSV text with read_pairs, which turns '0'/'1' into booleans."
                 )
         self.transform = transform
+        self.size, self._size_source = _dataset_size(size, self.root / self.pairs[0][0])
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def _load(self, path: str) -> torch.Tensor:
-        image = load_image(self.root / path)
+        image = _load_sized(self.root / path, self.size, self._size_source)
         return image if self.transform is None else self.transform(image)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

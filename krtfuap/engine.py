@@ -5,7 +5,9 @@ its learnable state, one update step on a batch and the perturbation it
 currently holds. :class:`FitLoop` owns everything else, once for all of them:
 
 * iterating over the fit data (a tensor or a re-iterable loader), on the
-  model's device and dtype, and this process's shard when fitting distributed;
+  model's device in float32 (the model call casts a batch to the model's own
+  dtype, :func:`krtfuap._ops.call_model`), and this process's shard when
+  fitting distributed;
 * freezing the face model (:func:`frozen`) and restoring the exact
   ``training`` flag of every submodule and ``requires_grad`` of every
   parameter afterwards, also on error and Ctrl-C;
@@ -34,6 +36,7 @@ from tqdm.auto import tqdm
 
 from krtfuap._batches import ImageData, iter_image_batches
 from krtfuap._files import replace_atomically
+from krtfuap._ops import call_model
 from krtfuap._validation import check_embeddings, load_torch_file
 from krtfuap.distributed import any_rank, is_main_process, mean_over_ranks, set_epoch, shard
 from krtfuap.scoring import PerturbationScore, score_batch
@@ -193,8 +196,9 @@ class FitLoop:
         ``(B, D)`` (with the estimator's mixed-precision and memory-format options).
     threshold : float
         Verification threshold of the fooling rate.
-    device, dtype
-        Where and in which floating dtype batches go.
+    device : torch.device
+        Where batches go, as float32: the perturbation is added in float32 and
+        ``embed`` casts to the model's dtype.
     batch_size : int
         Batch size when the data is one tensor.
     max_epochs : int
@@ -222,7 +226,6 @@ class FitLoop:
     embed: Callable[[torch.Tensor], torch.Tensor]
     threshold: float
     device: torch.device
-    dtype: torch.dtype
     batch_size: int
     max_epochs: int
     max_time: float | None = None
@@ -244,11 +247,11 @@ class FitLoop:
                     f"All faces must share one size; got {tuple(images.shape[-2:])} after {tuple(size)}. "
                     "Align every face to the same size (e.g. 112x112)."
                 )
-            yield images.to(self.device, self.dtype, memory_format=self.memory_format)
+            yield images.to(self.device, torch.float32, memory_format=self.memory_format)
 
     def _clean_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return check_embeddings(self.embed(images), len(images)).float()
+            return check_embeddings(call_model(self.embed, images), len(images)).float()
 
     def _clean_batches(
         self, data: ImageData, size: tuple[int, int], cache: list[torch.Tensor] | None

@@ -32,6 +32,7 @@ from torch import nn
 
 from krtfuap._batches import ImageData, iter_image_batches
 from krtfuap._files import replace_atomically
+from krtfuap._ops import call_model
 from krtfuap._validation import check_embeddings, check_images, check_number
 from krtfuap.distributed import is_main_process
 from krtfuap.engine import FitLoop, FitResult, Solver, frozen
@@ -103,12 +104,12 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
             return torch.device(self.device)
         return next((p.device for p in self._embedder().parameters()), torch.device("cpu"))
 
-    def _dtype(self) -> torch.dtype:
-        """Floating dtype the model computes in (its first floating parameter; float32 without one)."""
-        return next((p.dtype for p in self._embedder().parameters() if p.is_floating_point()), torch.float32)
-
     def _embed_function(self, model: nn.Module):
-        """The model call used while fitting: ``(B, 3, H, W)`` -> ``(B, D)`` float32 (options of subclasses)."""
+        """The model call used while fitting: ``(B, 3, H, W)`` float32 -> ``(B, D)`` float32 (options of subclasses).
+
+        The batch is cast to the model's own dtype on the way in (:func:`krtfuap._ops.call_model`), so a
+        bfloat16 or float16 model fits a float32 perturbation.
+        """
         amp = getattr(self, "amp", False)
         channels_last = getattr(self, "channels_last", False)
 
@@ -116,7 +117,7 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
-                embeddings = model(images)
+                embeddings = call_model(model, images)
             embeddings = check_embeddings(embeddings, len(images))
             if images.requires_grad and torch.is_grad_enabled() and not embeddings.requires_grad:
                 raise ValueError(
@@ -231,7 +232,7 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
         if options.get("checkpoint_path") is not None:
             _check_writable(options["checkpoint_path"], "checkpoint_path")
         fit_started = time.perf_counter()
-        device, dtype = self._device(), self._dtype()
+        device = self._device()
         first = next(iter_image_batches(X, self.batch_size))
         size = tuple(first.shape[-2:])
         if validation is not None:
@@ -248,7 +249,7 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
                 if memory_format is torch.channels_last:
                     model.to(memory_format=torch.channels_last)
                 loop = FitLoop(
-                    embed=embed, threshold=threshold, device=device, dtype=dtype, batch_size=self.batch_size,
+                    embed=embed, threshold=threshold, device=device, batch_size=self.batch_size,
                     max_epochs=self.max_epochs, max_time=self.max_time,
                     target_fooling_rate=self.target_fooling_rate, target_ssim=getattr(self, "target_ssim", None),
                     memory_format=memory_format, generator=generator,
@@ -371,8 +372,7 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
         model = self._embedder()
         with frozen(model):
             return score_perturbation(
-                model, X, self.perturbation_, self.threshold_, batch_size=self.batch_size,
-                device=self._device(), dtype=self._dtype(),
+                model, X, self.perturbation_, self.threshold_, batch_size=self.batch_size, device=self._device(),
             )
 
     # ----------------------------------------------------------- persistence

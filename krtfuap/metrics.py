@@ -17,6 +17,7 @@ from kornia.metrics import psnr as kornia_psnr
 from kornia.metrics import ssim as kornia_ssim
 from torch import nn
 
+from krtfuap._ops import call_model
 from krtfuap._validation import check_embeddings, check_images
 from krtfuap.imagenet import load_imagenet_state_dict
 
@@ -61,14 +62,16 @@ def embed(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> torch
     """Embeddings of ``images`` ``(N, 3, H, W)`` in ``[0, 1]``, shape ``(N, D)``, computed in batches.
 
     The images are moved to the device of the model's parameters (CPU for a
-    model without parameters); the result stays there.
+    model without parameters) and cast to its floating dtype
+    (:func:`krtfuap._ops.call_model`); the result stays there, in the dtype
+    the model returns.
     """
     check_images(images)
     device = next((p.device for p in model.parameters()), images.device)
     outputs = []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size].to(device)
-        outputs.append(check_embeddings(model(chunk), len(chunk)))
+        outputs.append(check_embeddings(call_model(model, chunk), len(chunk)))
     return torch.cat(outputs)
 
 
@@ -89,11 +92,12 @@ def pair_similarities(
     Returns
     -------
     (similarities, same) : (torch.Tensor, torch.Tensor)
-        Shapes ``(N,)`` float on the CPU and ``(N,)`` bool.
+        Shapes ``(N,)`` float32 on the CPU (computed in float32 also for a
+        bfloat16 / float16 model) and ``(N,)`` bool.
     """
     similarities, labels = [], []
     for images_a, images_b, same in pairs:
-        similarities.append(cosine_similarity(embed(model, images_a), embed(model, images_b)).cpu())
+        similarities.append(cosine_similarity(embed(model, images_a).float(), embed(model, images_b).float()).cpu())
         labels.append(torch.as_tensor(same).bool().cpu())
     if not similarities:
         raise ValueError("pairs is empty: give at least one genuine and one impostor pair.")

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from krtfuap._batches import ImageData, iter_image_batches
+from krtfuap._ops import call_model
 from krtfuap._validation import check_embeddings
 from krtfuap.metrics import cosine_similarity, psnr, ssim
 
@@ -49,7 +50,9 @@ def score_batch(
     Parameters
     ----------
     embed : callable or torch.nn.Module
-        The face model, ``(B, 3, H, W)`` in ``[0, 1]`` -> ``(B, D)``.
+        The face model, ``(B, 3, H, W)`` in ``[0, 1]`` -> ``(B, D)``; an
+        ``nn.Module`` gets the batch cast to its floating dtype
+        (:func:`krtfuap._ops.call_model`).
     images : torch.Tensor
         ``(B, 3, H, W)`` clean faces in ``[0, 1]``.
     perturbation : torch.Tensor
@@ -64,8 +67,8 @@ def score_batch(
     """
     adversarial = (images + perturbation.to(images.dtype)).clamp(0.0, 1.0)
     if clean_embeddings is None:
-        clean_embeddings = check_embeddings(embed(images), len(images))
-    perturbed = check_embeddings(embed(adversarial), len(images))
+        clean_embeddings = check_embeddings(call_model(embed, images), len(images))
+    perturbed = check_embeddings(call_model(embed, adversarial), len(images))
     return {
         "similarity": cosine_similarity(perturbed.float(), clean_embeddings.float()),
         "ssim": ssim(adversarial.float(), images.float()),
@@ -157,7 +160,6 @@ def score_perturbation(
     *,
     batch_size: int = 64,
     device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
     """Fooling rate, mean similarity, SSIM and PSNR of ``perturbation`` on the faces ``X``.
 
@@ -174,24 +176,21 @@ def score_perturbation(
         Verification threshold on cosine similarity.
     batch_size : int
         Batch size when ``X`` is one tensor.
-    device, dtype : optional
-        Where and in which floating dtype the model runs; default: the device
-        and dtype of the model's first parameter (CPU float32 without one).
+    device : torch.device or str, optional
+        Where the model runs; default: the device of the model's first
+        parameter (the CPU without one). Faces and perturbation are added in
+        float32 there; the model gets the batch in its own floating dtype
+        (:func:`krtfuap._ops.call_model`), as when fitting.
 
     Returns
     -------
     dict
         As :meth:`PerturbationScore.compute`.
     """
-    if isinstance(embed, nn.Module):
-        first = next(embed.parameters(), None)
-        if device is None:
-            device = first.device if first is not None else torch.device("cpu")
-        if dtype is None and first is not None and first.is_floating_point():
-            dtype = first.dtype
+    if device is None and isinstance(embed, nn.Module):
+        device = next((p.device for p in embed.parameters()), None)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    dtype = dtype or torch.float32
-    perturbation = perturbation.to(device, dtype)
+    perturbation = perturbation.to(device, torch.float32)
     score = PerturbationScore(threshold)
     for images in iter_image_batches(X, batch_size):
         if images.shape[-2:] != perturbation.shape[-2:]:
@@ -199,5 +198,5 @@ def score_perturbation(
                 f"X has faces of size {tuple(images.shape[-2:])} but the perturbation was fitted on "
                 f"{tuple(perturbation.shape[-2:])}; align the faces to that size first."
             )
-        score.update(score_batch(embed, images.to(device, dtype), perturbation))
+        score.update(score_batch(embed, images.to(device, torch.float32), perturbation))
     return score.compute()

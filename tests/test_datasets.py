@@ -276,3 +276,52 @@ def test_truncated_real_jpeg_is_refused(tmp_path):
 def test_pair_dataset_refuses_non_boolean_same(tmp_path, same):
     with pytest.raises(ValueError, match="same a bool"):
         PairDataset([("a.png", "b.png", same)], tmp_path)
+
+
+# ------------------------------------------------------------- one size per dataset
+@pytest.fixture
+def mixed_sizes(tmp_path: Path) -> Path:
+    """alice: two 112x112 faces; bob: one 250x250 face (an unaligned photo), read last."""
+    root = tmp_path / "faces"
+    _write_image(root / "alice" / "a1.png", 10, size=(112, 112))
+    _write_image(root / "alice" / "a2.jpg", 20, size=(112, 112))
+    _write_image(root / "bob" / "b1.png", 30, size=(250, 250))
+    return root
+
+
+def test_face_folder_names_the_image_of_another_size(mixed_sizes: Path) -> None:
+    dataset = FaceFolder(mixed_sizes)
+    assert dataset.size == (112, 112)
+    with pytest.raises(ValueError) as info:
+        list(DataLoader(dataset, batch_size=3))  # default collate would fail without naming a file
+    message = str(info.value)
+    assert str(mixed_sizes / "bob" / "b1.png") in message
+    assert "250x250 pixels" in message and "112x112" in message and str(mixed_sizes / "alice" / "a1.png") in message
+    assert "align or resize every face to 112x112" in message
+    FaceFolder(mixed_sizes, identities=["alice"])[1]  # a folder of one size batches as before
+
+
+def test_face_folder_size_parameter(mixed_sizes: Path) -> None:
+    dataset = FaceFolder(mixed_sizes, size=(250, 250))
+    assert dataset[2][0].shape == (3, 250, 250)
+    with pytest.raises(ValueError, match=r"a1\.png is 112x112 pixels .*\(size=\(250, 250\) was given"):
+        dataset[0]
+    with pytest.raises(TypeError, match=r"size must be \(height, width\).*size=\(112, 112\)"):
+        FaceFolder(mixed_sizes, size=112)
+    with pytest.raises(TypeError, match="two positive ints"):
+        FaceFolder(mixed_sizes, size=(112, 0))
+
+
+def test_face_folder_checks_the_size_before_the_transform(mixed_sizes: Path) -> None:
+    dataset = FaceFolder(mixed_sizes, identities=["alice"], transform=lambda image: image[:, :50, :60])
+    assert dataset.size == (112, 112) and dataset[0][0].shape == (3, 50, 60)
+
+
+def test_pair_dataset_names_the_image_of_another_size(mixed_sizes: Path) -> None:
+    pairs = [("alice/a1.png", "alice/a2.jpg", True), ("alice/a1.png", "bob/b1.png", False)]
+    dataset = PairDataset(pairs, mixed_sizes)
+    assert dataset.size == (112, 112)
+    next(iter(DataLoader(dataset, batch_size=1)))
+    with pytest.raises(ValueError, match=r"b1\.png is 250x250 pixels .*images are 112x112 .*a1\.png"):
+        list(DataLoader(dataset, batch_size=2))
+    assert PairDataset(pairs[1:], mixed_sizes, size=(112, 112)).size == (112, 112)

@@ -9,10 +9,12 @@ import torch
 from fakes import TinyEmbedder
 from torch import nn
 
+from krtfuap._ops import call_model
 from krtfuap.attack import UAPAttack, adapt_stealth_weight
 from krtfuap.baselines import FGUAP, DeepFoolUAP, FrequencyUAP, RandomNoiseUAP
 from krtfuap.engine import FitLoop, Solver, frozen, selection_key
 from krtfuap.models.ensemble import EnsembleEmbedder
+from krtfuap.scoring import score_perturbation
 
 SIZE = 32
 ESTIMATORS = [UAPAttack, RandomNoiseUAP, DeepFoolUAP, FGUAP, FrequencyUAP]
@@ -107,7 +109,7 @@ class _ScriptedSolver(Solver):
 
 def _loop(**params) -> FitLoop:
     model = TinyEmbedder()
-    settings = dict(embed=model, threshold=0.5, device=torch.device("cpu"), dtype=torch.float32, batch_size=8,
+    settings = dict(embed=model, threshold=0.5, device=torch.device("cpu"), batch_size=8,
                     max_epochs=4, target_fooling_rate=1.0)
     settings.update(params)
     return FitLoop(**settings)
@@ -324,6 +326,65 @@ class _Dead(nn.Module):
 def test_unusable_model_outputs_are_named_on_the_first_batch(model, error, message):
     with pytest.raises(error, match=message):
         make(UAPAttack, model=model).fit(faces())
+
+
+# ---------------------------------------------------------- low-precision models
+def _cpu_runs(dtype: torch.dtype) -> bool:
+    """Whether this torch runs a convolution, forward and backward, in ``dtype`` on the CPU."""
+    try:
+        x = torch.rand(1, 3, 8, 8, dtype=dtype, requires_grad=True)
+        nn.Conv2d(3, 2, 3).to(dtype)(x).sum().backward()
+    except RuntimeError:
+        return False
+    return True
+
+
+# float16 convolution on the CPU exists only in recent torch versions: skipped (and said so) where absent.
+LOW_PRECISION = [
+    pytest.param(dtype, id=str(dtype).removeprefix("torch."),
+                 marks=pytest.mark.skipif(not _cpu_runs(dtype), reason=f"this torch has no {dtype} CPU convolution"))
+    for dtype in (torch.bfloat16, torch.float16)
+]
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_gradients_reach_a_float32_perturbation_through_a_low_precision_model(dtype):
+    images = faces(4)
+    gradients = []
+    for model in (TinyEmbedder(), TinyEmbedder().to(dtype)):
+        perturbation = torch.zeros(3, SIZE, SIZE, requires_grad=True)
+        call_model(model, (images + perturbation).clamp(0, 1)).float().square().sum().backward()
+        gradients.append(perturbation.grad)
+    assert gradients[1].dtype == torch.float32
+    assert torch.cosine_similarity(gradients[0].flatten(), gradients[1].flatten(), dim=0) > 0.99
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("cls", ESTIMATORS)
+def test_a_low_precision_model_fits_transforms_and_evaluates(cls, dtype):
+    X = faces(8)
+    pairs = [(X[:4], torch.cat([X[:2], X[4:6]]), torch.tensor([True, True, False, False]))]
+    model = TinyEmbedder().to(dtype)
+    attack = make(cls, model=model, threshold=None, max_epochs=2).fit(X, pairs=pairs)  # calibrates too
+    assert all(p.dtype == dtype for p in model.parameters())  # the model is not converted
+    for name in ("perturbation_", "noise_", "mask_", "warped_mask_", "flow_"):
+        assert getattr(attack, name).dtype == torch.float32, name  # learned state stays float32
+    assert attack.perturbation_.abs().max() <= attack.epsilon + 1e-6
+    cloaked = attack.transform(X)
+    assert cloaked.dtype == torch.float32 and (cloaked - X).abs().max() <= attack.epsilon + 1e-6
+    result = attack.evaluate(X)
+    assert result["fooling_rate"] == attack.fooling_rate_  # evaluate and the fit score alike in low precision
+    # The same perturbation judged by the float32 twin of the model: the same numbers, to low precision.
+    reference = score_perturbation(TinyEmbedder(), X, attack.perturbation_, attack.threshold_)
+    assert 1 - result["mean_similarity"] == pytest.approx(1 - reference["mean_similarity"], rel=0.25)
+
+
+def test_an_ensemble_may_mix_precisions():
+    X = faces(8)
+    members = [TinyEmbedder().to(torch.bfloat16), TinyEmbedder()]
+    attack = make(UAPAttack, model=members, max_epochs=1).fit(X)
+    assert attack.evaluate(X)["fooling_rate"] == attack.fooling_rate_
+    assert members[0].net[0].weight.dtype == torch.bfloat16 and members[1].net[0].weight.dtype == torch.float32
 
 
 # ------------------------------------------------------------------- loading

@@ -100,6 +100,16 @@ def _tiny_attack_file(path: Path, size: int = 112) -> UAPAttack:
     return attack
 
 
+def _photo_folder(root: Path, names: tuple[str, ...] = ("alice/a.png", "alice/b.jpg", "bob/c.png")) -> Path:
+    """Random 112x112 photos at ``names`` under ``root``."""
+    generator = torch.Generator().manual_seed(1)
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        array = (torch.rand(112, 112, 3, generator=generator) * 255).to(torch.uint8).numpy()
+        Image.fromarray(array).save(root / name)
+    return root
+
+
 @pytest.mark.real
 def test_fit_on_lfw_example_runs_and_saves_a_loadable_attack(shared_assets, tiny_faces, tmp_path):
     _require_insightface()
@@ -144,12 +154,7 @@ def test_fit_and_save_says_when_the_faces_are_missing(tmp_path):
 
 def test_apply_to_folder_writes_cloaked_pngs_and_keeps_the_inputs(tmp_path):
     attack = _tiny_attack_file(tmp_path / "cloak.safetensors")
-    photos = tmp_path / "photos"
-    generator = torch.Generator().manual_seed(1)
-    for name in ("alice/a.png", "alice/b.jpg", "bob/c.png"):
-        (photos / name).parent.mkdir(parents=True, exist_ok=True)
-        array = (torch.rand(112, 112, 3, generator=generator) * 255).to(torch.uint8).numpy()
-        Image.fromarray(array).save(photos / name)
+    photos = _photo_folder(tmp_path / "photos")
     before = {path: path.read_bytes() for path in photos.rglob("*") if path.is_file()}
 
     result = _run_example("apply_to_folder.py", tmp_path / "cloak.safetensors", photos, tmp_path / "cloaked",
@@ -179,6 +184,34 @@ def test_apply_to_folder_rejects_faces_of_another_size(tmp_path):
                           tmp_path / "cloaked", cwd=tmp_path, check=False)
     assert result.returncode != 0 and "100x120 pixels" in result.stderr
     assert not (tmp_path / "cloaked").exists() or not list((tmp_path / "cloaked").rglob("*.png"))
+
+
+def test_apply_to_folder_checks_every_image_before_writing_any(tmp_path):
+    _tiny_attack_file(tmp_path / "cloak.safetensors")
+    photos = _photo_folder(tmp_path / "photos", ("alice/a.png", "alice/b.jpg", "bob/c.png", "bob/z_cut.jpg"))
+    cut = photos / "bob" / "z_cut.jpg"  # read last: the good images come first
+    cut.write_bytes(cut.read_bytes()[:1500])
+    result = _run_example("apply_to_folder.py", tmp_path / "cloak.safetensors", photos, tmp_path / "cloaked",
+                          cwd=tmp_path, check=False)
+    assert result.returncode == 1
+    error = result.stderr.strip()
+    assert "\n" not in error and str(cut) in error and "truncated" in error and "Nothing was written" in error
+    assert not (tmp_path / "cloaked").exists()
+
+
+def test_apply_to_folder_never_leaves_a_half_written_image(tmp_path):
+    _tiny_attack_file(tmp_path / "cloak.safetensors")
+    photos = _photo_folder(tmp_path / "photos")
+    blocked = tmp_path / "cloaked" / "alice" / "b.png"
+    blocked.mkdir(parents=True)  # a folder where the second PNG should go: its rename fails
+    result = _run_example("apply_to_folder.py", tmp_path / "cloak.safetensors", photos, tmp_path / "cloaked",
+                          cwd=tmp_path, check=False)
+    assert result.returncode == 1
+    assert f"cannot write {blocked}" in result.stderr and "the 1 cloaked images written before it" in result.stderr
+    files = sorted(p.relative_to(tmp_path / "cloaked").as_posix() for p in (tmp_path / "cloaked").rglob("*")
+                   if p.is_file())
+    assert files == ["alice/a.png"]  # complete, and no .partial file left behind
+    assert load_image(tmp_path / "cloaked" / "alice" / "a.png").shape == (3, 112, 112)
 
 
 @pytest.mark.real

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from krtfuap._ops import call_model
 from krtfuap._validation import check_embeddings
 
 __all__ = ["EnsembleEmbedder"]
@@ -34,7 +35,13 @@ class EnsembleEmbedder(nn.Module):
     Attributes
     ----------
     models : torch.nn.ModuleList
+    input_dtype : torch.dtype
+        float32: the ensemble takes float32 images and casts them to each
+        member's own dtype (:func:`krtfuap._ops.call_model`), so members of
+        different precisions can be mixed.
     """
+
+    input_dtype = torch.float32
 
     def __init__(self, models: Sequence[nn.Module]) -> None:
         super().__init__()
@@ -60,7 +67,10 @@ class EnsembleEmbedder(nn.Module):
         Returns
         -------
         torch.Tensor
-            ``(B, sum_k D_k)``, unit L2 norm per row.
+            ``(B, sum_k D_k)`` float32, unit L2 norm per row.
         """
-        parts = [F.normalize(check_embeddings(model(images), len(images)), dim=1) for model in self.models]
+        parts = [
+            F.normalize(check_embeddings(call_model(model, images), len(images)).float(), dim=1)
+            for model in self.models
+        ]
         return torch.cat(parts, dim=1) / math.sqrt(len(parts))
