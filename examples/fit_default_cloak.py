@@ -1,0 +1,72 @@
+"""Fit the ready cloak shipped as ``krtfuap/data/default_cloak.safetensors``, reproducibly.
+
+Usage
+-----
+python examples/fit_default_cloak.py ../shared/assets/faces --output krtfuap/data/default_cloak.safetensors
+
+KRT-FUAP against InsightFace's ArcFace MobileFaceNet (``w600k_mbf``) on the aligned
+LFW faces of one half of the identities (``split_identities(..., 0.5, random_state=0)``;
+the other half is never seen and judges the result), with robust fitting
+(``augment="photo"``: JPEG, rescaling, re-alignment jitter, 8-bit rounding) and a
+stealth target. The verification threshold is the best-accuracy threshold on LFW
+pairs of the fitting identities. The result is saved compactly (the perturbation
+only, float16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from krtfuap import UAPAttack
+from krtfuap.datasets import FaceFolder, PairDataset, filter_pairs, read_pairs, split_identities
+from krtfuap.models import load_insightface_mbf
+
+
+def stack(dataset: FaceFolder, limit: int, seed: int) -> torch.Tensor:
+    """Up to ``limit`` faces of ``dataset``, drawn reproducibly, as one ``(N, 3, 112, 112)`` tensor."""
+    indices = sorted(random.Random(seed).sample(range(len(dataset)), min(limit, len(dataset))))
+    return torch.stack([dataset[i][0] for i in indices])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("faces", type=Path, help="aligned faces <identity>/<image>.jpg with pairs.csv")
+    parser.add_argument("--output", type=Path, default=Path("default_cloak.safetensors"))
+    parser.add_argument("--fit-faces", type=int, default=1000)
+    parser.add_argument("--test-faces", type=int, default=300)
+    parser.add_argument("--pairs", type=int, default=600, help="fitting-identity pairs that calibrate the threshold")
+    parser.add_argument("--max-time", type=float, default=1800.0, help="seconds of fitting")
+    parser.add_argument("--target-ssim", type=float, default=0.93)
+    parser.add_argument("--augment", default="photo", help="'photo', or 'none' to fit without robust fitting")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    fit_ids, test_ids = split_identities(FaceFolder(args.faces).identities, 0.5, random_state=0)
+    fit_faces = stack(FaceFolder(args.faces, identities=fit_ids), args.fit_faces, seed=0)
+    test_faces = stack(FaceFolder(args.faces, identities=test_ids), args.test_faces, seed=1)
+    pairs = filter_pairs(read_pairs(args.faces / "pairs.csv"), fit_ids)
+    random.Random(0).shuffle(pairs)
+    calibration = DataLoader(PairDataset(pairs[: args.pairs], args.faces), batch_size=100)
+
+    attack = UAPAttack(
+        load_insightface_mbf(), threshold=None, epsilon=0.08, target_ssim=args.target_ssim,
+        augment=None if args.augment == "none" else args.augment,
+        target_fooling_rate=1.0, max_time=args.max_time, random_state=0, verbose=True,
+    )
+    attack.fit(fit_faces, pairs=calibration)
+    print(f"threshold {attack.threshold_:.4f}; {attack.n_iter_} steps in {attack.fit_time_:.0f} s; "
+          f"fit faces: fooling rate {attack.fooling_rate_:.3f}, SSIM {attack.ssim_:.3f}")
+    print("held-out identities:", attack.evaluate(test_faces))
+    attack.save(args.output, compact=True)
+    print(f"saved {args.output} ({args.output.stat().st_size / 1024:.0f} KB)")
+
+
+if __name__ == "__main__":
+    main()
