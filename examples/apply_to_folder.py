@@ -80,6 +80,10 @@ def main() -> None:
     parser.add_argument("output", type=Path, help="folder for the cloaked copies (created if missing)")
     parser.add_argument("--max-images", type=int, default=None, help="cloak at most this many images")
     args = parser.parse_args()
+    for name in ('max_images',):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
 
     source, target = args.input.resolve(), args.output.resolve()
     if not source.is_dir():

@@ -60,6 +60,10 @@ def main() -> None:
     parser.add_argument("--max-epochs", type=int, default=20, help="most passes over the fitting faces")
     parser.add_argument("--output", type=Path, default=None, help="also save the attack to this file")
     args = parser.parse_args()
+    for name in ('max_faces', 'max_pairs', 'max_epochs'):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
     if not (args.faces / "pairs.csv").is_file():
         sys.exit(f"no pairs.csv in {args.faces}; pass --faces DIR with aligned 112x112 faces "
                  "<identity>/<image>.jpg and a pairs.csv (the project's copy is ../shared/assets/faces).")

@@ -66,6 +66,10 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=None,
                         help="verification threshold (default: the one stored with the attack)")
     args = parser.parse_args()
+    for name in ('max_pairs',):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
     if not (args.faces / "pairs.csv").is_file():
         sys.exit(f"no pairs.csv in {args.faces}; pass --faces DIR with aligned 112x112 faces "
                  "<identity>/<image>.jpg and a pairs.csv (the project's copy is ../shared/assets/faces).")

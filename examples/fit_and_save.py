@@ -43,6 +43,10 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=INSIGHTFACE_MBF_THRESHOLD,
                         help="verification threshold on cosine similarity (default: %(default)s)")
     args = parser.parse_args()
+    for name in ('max_faces', 'max_epochs', 'max_time'):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
     if not args.faces.is_dir():
         sys.exit(f"faces folder not found: {args.faces}; pass --faces DIR with aligned 112x112 faces "
                  "laid out as <identity>/<image>.jpg (the project's copy is ../shared/assets/faces).")

@@ -45,6 +45,10 @@ def main() -> None:
     parser.add_argument("--augment", default="photo", help="'photo', or 'none' to fit without robust fitting")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
+    for name in ('fit_faces', 'test_faces', 'pairs', 'threads', 'max_time'):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
     if args.threads:
         torch.set_num_threads(args.threads)
 

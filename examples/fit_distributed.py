@@ -44,6 +44,10 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--output", type=Path, default=Path("cloak.safetensors"))
     args = parser.parse_args()
+    for name in ('max_faces', 'batch_size', 'max_epochs', 'max_time'):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
 
     launched = "RANK" in os.environ  # set by torchrun
     if launched:

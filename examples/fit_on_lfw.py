@@ -28,6 +28,10 @@ def main() -> None:
     parser.add_argument("--max-time", type=float, default=300.0, help="seconds of fitting at most")
     parser.add_argument("--output", type=Path, default=Path("cloak.safetensors"))
     args = parser.parse_args()
+    for name in ('max_faces', 'max_time'):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
 
     fit_ids, held_out_ids = split_identities(FaceFolder(args.faces).identities, 0.5, random_state=0)
     fit_set = FaceFolder(args.faces, identities=fit_ids)

@@ -281,3 +281,18 @@ def test_fit_distributed_example_runs_under_torchrun_with_two_processes(shared_a
     attack = UAPAttack.load(output)
     assert attack.n_epochs_ == 1 and attack.n_iter_ == len(attack.history_) >= 1
     assert attack.perturbation_.abs().max() <= attack.epsilon + 1e-6
+
+
+@pytest.mark.parametrize(
+    "script,arguments",
+    [
+        ("apply_to_folder.py", ["a.safetensors", "in", "out", "--max-images", "-1"]),
+        ("fit_on_lfw.py", ["faces", "--max-faces", "0"]),
+        ("fit_and_save.py", ["--max-time", "nan"]),
+    ],
+)
+def test_examples_refuse_counts_and_times_that_are_not_positive(script, arguments):
+    result = subprocess.run([sys.executable, str(REPO / "examples" / script), *arguments],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "must be positive" in result.stderr and "Traceback" not in result.stderr
