@@ -20,9 +20,22 @@ travelled with the clean original. SSIM is that of ``T(x + v)`` against
 the photo that arrives). The ``no cloak`` row gives the share of clean faces
 ``T(x)`` that the pipeline alone pushes below the threshold.
 
+``photo JPEG q85`` is the full round trip on the raw, unaligned LFW photos of
+held-out identities (``../shared/assets/photos``, ``--photos`` of them): every face
+the detector finds is cloaked in the photo (:class:`krtfuap.apps.cloak.PhotoCloak`:
+the perturbation warped back onto the photo's pixel grid), the photo is saved as
+JPEG q85, read back, detected and aligned again, and compared with the same face
+of the original photo; FR is the share of faces ``protected``, SSIM that of the
+face's box in the photo.
+
+``--attacks FILE ...`` scores saved attacks (e.g. the ready cloak and its
+counterpart fitted without ``augment``, from ``examples/fit_default_cloak.py``)
+instead of fitting; their threshold is the one calibrated here.
+
 Example (2-core CPU)::
 
     python benchmarks/robustness.py --models insightface_mbf --max-time 600 --target-ssim 0.93 --threads 2
+    python benchmarks/robustness.py --attacks cloak_photo.safetensors cloak_none.safetensors --threads 1
 """
 
 from __future__ import annotations
@@ -31,15 +44,19 @@ import argparse
 import io
 import json
 import os
+import random
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-from _common import calibrated_threshold, held_out_split, load_model
+from _common import SHARED, calibrated_threshold, held_out_split, load_model
 from PIL import Image
 
+from krtfuap.alignment import SCRFDDetector
+from krtfuap.apps.cloak import PhotoCloak, summarise
 from krtfuap.attack import UAPAttack
 from krtfuap.metrics import embed
 from krtfuap.scoring import PerturbationScore, score_batch
@@ -112,6 +129,32 @@ def score_pipelines(
     return scores
 
 
+class _FixedPerturbation:
+    """What :class:`PhotoCloak` needs of an attack: a perturbation, its budget, a model and threshold."""
+
+    def __init__(self, perturbation: torch.Tensor, epsilon: float, model: torch.nn.Module, threshold: float) -> None:
+        self.perturbation_, self.epsilon, self.model, self.threshold_ = perturbation, epsilon, model, threshold
+
+
+def held_out_photos(test_identities: list[str], count: int, seed: int) -> list[Path]:
+    """Up to ``count`` raw LFW photos of the held-out identities, drawn reproducibly."""
+    folder = SHARED / "photos"
+    photos = sorted(p for identity in test_identities for p in (folder / identity).glob("*.jpg"))
+    return sorted(random.Random(seed).sample(photos, min(count, len(photos))))
+
+
+def photo_round_trip(
+    perturbation: torch.Tensor, model: torch.nn.Module, threshold: float, photos: list[Path],
+    detector: SCRFDDetector, quality: int = 85,
+) -> dict[str, float]:
+    """Cloak whole photos, save as JPEG, re-detect and re-align; protected share and face-box SSIM."""
+    cloak = PhotoCloak(_FixedPerturbation(perturbation, 0.08, model, threshold), detector)
+    with tempfile.TemporaryDirectory() as folder:
+        rows = cloak.cloak_files(photos, folder, file_format="jpeg", quality=quality)
+    summary = summarise(rows)
+    return {"fooling_rate": summary["protection_rate"], "ssim": summary["mean_ssim_face"], "faces": summary["faces"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["insightface_mbf"])
@@ -125,6 +168,9 @@ def main() -> None:
     parser.add_argument("--target-ssim", type=float, default=0.93, help="UAPAttack(target_ssim=...); 0: none")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--photos", type=int, default=150, help="held-out raw photos for the round trip (0: none)")
+    parser.add_argument("--attacks", type=Path, nargs="+", default=None,
+                        help="score these saved attacks instead of fitting (--augments is then ignored)")
     parser.add_argument("--json", type=Path, default=None, help="write every score here")
     args = parser.parse_args()
     if args.threads:
@@ -135,7 +181,16 @@ def main() -> None:
           f"{len(split.test_faces)} faces of {len(split.test_identities)} other identities; epsilon 0.08; "
           f"target_ssim {args.target_ssim or None}; max_time {args.max_time:.0f} s; torch threads "
           f"{torch.get_num_threads()}; load average at start {os.getloadavg()[0]:.2f}\n")
-    names = list(PIPELINES)
+    names = list(PIPELINES) + (["photo JPEG q85"] if args.photos else [])
+    photos = held_out_photos(split.test_identities, args.photos, args.seed)
+    detector = SCRFDDetector()
+
+    def score(model: torch.nn.Module, perturbation: torch.Tensor, threshold: float) -> dict[str, dict[str, float]]:
+        scores = score_pipelines(model, split.test_faces, perturbation, threshold)
+        if photos:
+            scores["photo JPEG q85"] = photo_round_trip(perturbation, model, threshold, photos, detector)
+        return scores
+
     print(f"| model | t | fit | steps | fit s | {' | '.join(f'{name}: FR / SSIM' for name in names)} |")
     print("|---|---|---|---|---|" + "---|" * len(names))
     runs = []
@@ -152,8 +207,11 @@ def main() -> None:
         model = load_model(model_name)
         threshold = calibrated_threshold(model, split.calibration)
         zero = torch.zeros(split.test_faces.shape[1:])
-        report(model_name, threshold, "no cloak", None, None, score_pipelines(model, split.test_faces, zero, threshold))
-        for augment in args.augments:
+        report(model_name, threshold, "no cloak", None, None, score(model, zero, threshold))
+        for path in args.attacks or []:
+            attack = UAPAttack.load(path, model=model)
+            report(model_name, threshold, path.stem, attack.n_iter_, attack.fit_time_, score(model, attack.perturbation_, threshold))
+        for augment in [] if args.attacks else args.augments:
             attack = UAPAttack(
                 model, threshold=threshold, target_ssim=args.target_ssim or None,
                 augment=None if augment == "none" else augment, max_time=args.max_time or None,
@@ -162,7 +220,7 @@ def main() -> None:
             started = time.perf_counter()
             attack.fit(split.fit_faces)
             seconds = time.perf_counter() - started
-            scores = score_pipelines(model, split.test_faces, attack.perturbation_, threshold)
+            scores = score(model, attack.perturbation_, threshold)
             report(model_name, threshold, f"augment={augment}", attack.n_iter_, seconds, scores)
     if args.json:
         args.json.write_text(json.dumps(runs, indent=1))
