@@ -1,4 +1,4 @@
-"""Tests for the ``krtfuap`` command line (krtfuap.cli, krtfuap.demo): ``demo`` and ``benchmark``."""
+"""Tests for the ``krtfuap`` command line (krtfuap.apps.cli, krtfuap.apps.demo): ``demo`` and ``benchmark``."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from krtfuap.attack import UAPAttack
-from krtfuap.cli import main
-from krtfuap.demo import INSIGHTFACE_MBF_THRESHOLD, group_faces, split_groups
+from krtfuap.apps.cli import main
+from krtfuap.apps.demo import INSIGHTFACE_MBF_THRESHOLD, group_faces, split_groups
 
 OUTPUT_FILES = ("attack.safetensors", "results.json", "figure.png")
 

@@ -16,8 +16,8 @@ PAGES = (
 FIGURES = ("masks.png", "perturbation.png", "faces.png")
 DOCUMENTED_MODULES = (
     "attack", "baselines", "masks", "landmarks", "flow", "perturbation", "losses", "stealth",
-    "metrics", "scoring", "engine", "estimator", "models", "imagenet", "datasets", "alignment", "demo", "cli",
-    "diversity", "benchmark", "report", "models.ensemble", "models.dlib_resnet",
+    "metrics", "scoring", "engine", "estimator", "models", "imagenet", "datasets", "alignment", "diversity",
+    "models.ensemble", "models.dlib_resnet", "apps.demo", "apps.cli", "apps.benchmark", "apps.report",
 )
 
 

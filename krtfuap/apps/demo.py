@@ -13,7 +13,7 @@
    second, next to uniform random noise of the same l_inf budget;
 5. ``attack.safetensors``, ``results.json`` and ``figure.png`` in ``output_dir``.
 
-The CLI runs it as ``krtfuap demo`` (see :mod:`krtfuap.cli`).
+The CLI runs it as ``krtfuap demo`` (see :mod:`krtfuap.apps.cli`).
 """
 
 from __future__ import annotations

@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_benchmark_parser(commands: argparse._SubParsersAction) -> None:
-    from krtfuap.benchmark import METHODS, MODELS  # light: loads no model
+    from krtfuap.apps.benchmark import METHODS, MODELS  # light: loads no model
 
     bench = commands.add_parser(
         "benchmark",
@@ -152,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "benchmark":
             _run_benchmark(args, argv)
             return 0
-        from krtfuap.demo import run_demo  # imported here so that --help stays fast
+        from krtfuap.apps.demo import run_demo  # imported here so that --help stays fast
 
         run_demo(
             args.output,
@@ -205,8 +205,8 @@ def _check_paths_and_device(args: argparse.Namespace) -> None:
 def _run_benchmark(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
     import torch
 
-    from krtfuap.benchmark import load_benchmark_data, load_models, run_benchmark
-    from krtfuap.report import write_report
+    from krtfuap.apps.benchmark import load_benchmark_data, load_models, run_benchmark
+    from krtfuap.apps.report import write_report
 
     data = load_benchmark_data(
         args.faces, fit_faces=args.fit_faces, test_faces=args.test_faces, pairs=args.pairs, random_state=args.seed

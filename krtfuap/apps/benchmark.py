@@ -17,7 +17,7 @@ the faces of the **other** identities, on every target model:
 * FR / SSIM trade-off of KRT-FUAP over ``stealth_weight`` and ``epsilon``.
 
 Each verification threshold is the best-accuracy threshold of its model on the
-genuine/impostor pairs of the **fitting** identities. :func:`krtfuap.report.write_report`
+genuine/impostor pairs of the **fitting** identities. :func:`krtfuap.apps.report.write_report`
 writes the tidy ``results.csv``, ``report.md`` and the figures.
 """
 
@@ -294,7 +294,7 @@ def occlusion_accuracy(
 
 @dataclass
 class BenchmarkResult:
-    """Everything :func:`run_benchmark` measured (each row a dict, see :func:`krtfuap.report.write_report`)."""
+    """Everything :func:`run_benchmark` measured (each row a dict, see :func:`krtfuap.apps.report.write_report`)."""
 
     rows: list[dict] = field(default_factory=list)
     models: list[dict] = field(default_factory=list)
