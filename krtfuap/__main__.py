@@ -1,5 +1,5 @@
 """``python -m krtfuap``: the same command line as the ``krtfuap`` script."""
 
-from krtfuap.cli import main
+from krtfuap.apps.cli import main
 
 raise SystemExit(main())

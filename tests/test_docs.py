@@ -11,14 +11,13 @@ import pytest
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 PAGES = (
-    "index", "install", "quickstart", "custom_model", "method", "robustness", "evaluation", "benchmarks",
-    "benchmark_report", "api",
+    "index", "install", "quickstart", "custom_model", "method", "robustness", "evaluation", "benchmarks", "api",
 )
 FIGURES = ("masks.png", "perturbation.png", "faces.png")
 DOCUMENTED_MODULES = (
     "attack", "baselines", "masks", "landmarks", "flow", "perturbation", "losses", "stealth",
-    "metrics", "scoring", "engine", "estimator", "models", "imagenet", "datasets", "alignment", "demo", "cli",
-    "diversity", "augment", "benchmark", "report", "models.ensemble", "models.dlib_resnet",
+    "metrics", "scoring", "engine", "estimator", "models", "imagenet", "datasets", "alignment", "diversity",
+    "augment", "paste", "models.ensemble", "models.dlib_resnet", "apps.demo", "apps.cli", "apps.benchmark", "apps.report",
 )
 
 
@@ -51,13 +50,20 @@ def test_method_page_shows_the_committed_figures(html):
     assert sum((DOCS / "_static" / figure).stat().st_size for figure in FIGURES) < 300 * 1024
 
 
-def test_benchmark_page_includes_the_results_file(html):
-    page = unescape(re.sub(r"<[^>]+>", "", (html / "benchmarks.html").read_text(encoding="utf-8")))
-    results = (DOCS.parent / "benchmarks" / "RESULTS.md").read_text(encoding="utf-8")
-    headings = re.findall(r"^## (.+)$", results, flags=re.MULTILINE)
-    assert headings, "benchmarks/RESULTS.md has no sections"
-    for heading in headings:
-        assert heading.replace("`", "") in page
+def test_benchmark_page_includes_the_results_and_the_report(html):
+    """One page shows everything in benchmarks/: the scripts' RESULTS.md and the `krtfuap benchmark` report."""
+    raw = (html / "benchmarks.html").read_text(encoding="utf-8")
+    page = unescape(re.sub(r"<[^>]+>", "", raw))
+    for included in ("RESULTS.md", "report/report.md"):
+        text = (DOCS.parent / "benchmarks" / included).read_text(encoding="utf-8")
+        headings = re.findall(r"^## (.+)$", text, flags=re.MULTILINE)
+        assert headings, f"benchmarks/{included} has no sections"
+        for heading in headings:
+            assert heading.replace("`", "") in page, (included, heading)
+    figures = re.findall(r"!\[[^]]*\]\(([^)]+\.png)\)", (DOCS.parent / "benchmarks" / "report" / "report.md").read_text())
+    assert figures, "the report shows no figure"
+    for figure in figures:
+        assert f"_images/{figure}" in raw and (html / "_images" / figure).is_file(), figure
 
 
 def test_api_page_documents_every_public_name(html):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
 
 import pytest
 import torch
@@ -160,6 +162,13 @@ def test_calibrate_threshold_needs_both_classes(same):
 def test_calibrate_threshold_length_mismatch():
     with pytest.raises(ValueError, match=r"similarities \(3,\) and same \(2,\) differ in length"):
         calibrate_threshold(torch.rand(3), torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("function", [calibrate_threshold, tar_at_far])
+def test_threshold_search_refuses_non_finite_similarities(function, bad):
+    with pytest.raises(ValueError, match="similarities must be finite"):
+        function(torch.tensor([0.1, bad, 0.9]), torch.tensor([0, 1, 1]))
 
 
 # Similarities drawn from a small grid (many ties) or as free floats.
@@ -462,6 +471,16 @@ def alexnet_home(tmp_path_factory):
     return home, state
 
 
+needs_lpips = pytest.mark.skipif(importlib.util.find_spec("lpips") is None, reason='needs pip install "krtfuap[lpips]"')
+
+
+def test_lpips_without_the_package_says_which_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lpips", None)  # as if not installed
+    with pytest.raises(ImportError, match=r'pip install "krtfuap\[lpips\]"'):
+        LPIPSMetric(download=False)
+
+
+@needs_lpips
 def test_lpips_missing_weights(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(FileNotFoundError) as info:
@@ -470,6 +489,7 @@ def test_lpips_missing_weights(tmp_path, monkeypatch):
     assert str(tmp_path / "hub" / "checkpoints") in str(info.value)
 
 
+@needs_lpips
 def test_lpips_missing_explicit_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.pth does not exist"):
         LPIPSMetric(weights=tmp_path / "missing.pth", download=False)
@@ -480,6 +500,7 @@ def test_lpips_unknown_net():
         LPIPSMetric("squeeze", download=False)
 
 
+@needs_lpips
 def test_lpips_with_cached_random_alexnet(alexnet_home, monkeypatch):
     home, state = alexnet_home
     monkeypatch.setenv("TORCH_HOME", str(home))

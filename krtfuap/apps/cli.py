@@ -1,5 +1,14 @@
 """Command line: ``krtfuap demo`` and ``krtfuap benchmark`` (also ``python -m krtfuap ...``).
 
+Importing this module and building the parser loads neither torch nor any
+model: each subcommand imports what it needs when it runs, so ``krtfuap
+--help`` answers at once.
+
+Each subcommand is one function ``_add_<name>_parser(commands)`` that adds its
+parser and sets ``run`` (a function ``(args, argv) -> None`` doing the work) as
+the parser's default; :data:`SUBCOMMANDS` lists them in the order ``--help``
+shows them. A new subcommand is one more such function and one more entry.
+
 Examples
 --------
 krtfuap demo --output krtfuap-demo
@@ -10,10 +19,11 @@ krtfuap benchmark --faces ../shared/assets/faces --models-dir ../shared/assets/m
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
-__all__ = ["build_parser", "main"]
+__all__ = ["SUBCOMMANDS", "build_parser", "main"]
 
 
 def _number(text: str, kind: type, low: float, *, open_low: bool = False, high: float | None = None):
@@ -46,12 +56,77 @@ def _non_negative(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``krtfuap`` argument parser with its ``demo`` subcommand."""
+    """The ``krtfuap`` argument parser, one subparser per entry of :data:`SUBCOMMANDS`."""
     parser = argparse.ArgumentParser(
         prog="krtfuap",
         description="Universal adversarial perturbations against face recognition (KRT-FUAP).",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_parser in SUBCOMMANDS:
+        add_parser(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``krtfuap`` command line.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        Arguments without the program name; default ``sys.argv[1:]``.
+
+    Returns
+    -------
+    int
+        Exit status: 0 on success, 1 when the run fails (one line on stderr;
+        ``--debug`` shows the traceback; a missing package names the ``apps``
+        extra), 130 on Ctrl-C (one line, no traceback).
+        Invalid arguments exit with status 2 (argparse).
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        _check_paths_and_device(args)
+        args.run(args, argv)
+    except KeyboardInterrupt:
+        print(f"krtfuap {args.command}: interrupted.", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if getattr(args, "debug", False):
+            raise
+        if isinstance(error, ImportError) and "krtfuap[" not in str(error):
+            detail = f"{error}; install the applications' dependencies with: pip install \"krtfuap[apps]\""
+        elif isinstance(error, (OSError, ImportError, ValueError, TypeError)):
+            detail = str(error)
+        else:
+            detail = f"{type(error).__name__}: {error} (--debug shows the traceback)"
+        print(f"krtfuap {args.command}: error: {detail}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _check_paths_and_device(args: argparse.Namespace) -> None:
+    """Refuse, before any work, an unusable output folder, a missing faces folder or an absent GPU."""
+    output = os.path.abspath(os.fspath(args.output))
+    existing = output
+    while not os.path.exists(existing):  # the nearest part of the path that exists decides
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"--output {args.output}: {existing} is a file, not a folder; choose another --output.")
+    if not os.access(existing, os.W_OK):
+        raise ValueError(f"--output {args.output}: the folder {existing} is not writable; choose another --output.")
+    faces = getattr(args, "faces", None)
+    if faces is not None and not os.path.isdir(faces):
+        raise ValueError(f"faces folder not found: {faces}; pass a folder of <identity>/<image> faces to --faces.")
+    if getattr(args, "device", None) and str(args.device).startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device} asked for a GPU, but none is available here; use --device cpu.")
+
+
+# ---------------------------------------------------------------------- demo
+def _add_demo_parser(commands: argparse._SubParsersAction) -> None:
     demo = commands.add_parser(
         "demo",
         help="fit KRT-FUAP against InsightFace w600k_mbf offline and compare it with random noise",
@@ -87,12 +162,29 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="random seed of split, noise and fit (default: %(default)s)")
     demo.add_argument("--quiet", action="store_true", help="print nothing but errors")
     demo.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    _add_benchmark_parser(commands)
-    return parser
+    demo.set_defaults(run=_run_demo)
 
 
+def _run_demo(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
+    from krtfuap.apps.demo import run_demo
+
+    run_demo(
+        args.output,
+        faces=args.faces,
+        epsilon=args.epsilon,
+        stealth_weight=args.stealth_weight,
+        target_fooling_rate=args.target,
+        max_epochs=args.max_epochs,
+        max_time=args.max_time,
+        max_faces=args.max_faces,
+        random_state=args.seed,
+        verbose=not args.quiet,
+    )
+
+
+# ----------------------------------------------------------------- benchmark
 def _add_benchmark_parser(commands: argparse._SubParsersAction) -> None:
-    from krtfuap.benchmark import METHODS, MODELS  # light: loads no model
+    from krtfuap.apps._benchmark_methods import METHODS, MODELS  # names only: imports no torch
 
     bench = commands.add_parser(
         "benchmark",
@@ -128,85 +220,14 @@ def _add_benchmark_parser(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     bench.add_argument("--quiet", action="store_true", help="no progress bars")
     bench.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``krtfuap`` command line.
-
-    Parameters
-    ----------
-    argv : sequence of str, optional
-        Arguments without the program name; default ``sys.argv[1:]``.
-
-    Returns
-    -------
-    int
-        Exit status: 0 on success, 1 when the run fails (one line on stderr;
-        ``--debug`` shows the traceback), 130 on Ctrl-C (one line, no traceback).
-        Invalid arguments exit with status 2 (argparse).
-    """
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        _check_paths_and_device(args)
-        if args.command == "benchmark":
-            _run_benchmark(args, argv)
-            return 0
-        from krtfuap.demo import run_demo  # imported here so that --help stays fast
-
-        run_demo(
-            args.output,
-            faces=args.faces,
-            epsilon=args.epsilon,
-            stealth_weight=args.stealth_weight,
-            target_fooling_rate=args.target,
-            max_epochs=args.max_epochs,
-            max_time=args.max_time,
-            max_faces=args.max_faces,
-            random_state=args.seed,
-            verbose=not args.quiet,
-        )
-    except KeyboardInterrupt:
-        print(f"krtfuap {args.command}: interrupted.", file=sys.stderr)
-        return 130
-    except Exception as error:
-        if args.debug:
-            raise
-        if isinstance(error, (OSError, ModuleNotFoundError, ValueError, TypeError)):
-            detail = str(error)
-        else:
-            detail = f"{type(error).__name__}: {error} (--debug shows the traceback)"
-        print(f"krtfuap {args.command}: error: {detail}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _check_paths_and_device(args: argparse.Namespace) -> None:
-    """Refuse, before any work, an unusable output folder, a missing faces folder or an absent GPU."""
-    import os
-
-    output = os.path.abspath(os.fspath(args.output))
-    existing = output
-    while not os.path.exists(existing):  # the nearest part of the path that exists decides
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise ValueError(f"--output {args.output}: {existing} is a file, not a folder; choose another --output.")
-    if not os.access(existing, os.W_OK):
-        raise ValueError(f"--output {args.output}: the folder {existing} is not writable; choose another --output.")
-    if args.faces is not None and not os.path.isdir(args.faces):
-        raise ValueError(f"faces folder not found: {args.faces}; pass a folder of <identity>/<image> faces to --faces.")
-    if getattr(args, "device", None) and str(args.device).startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device} asked for a GPU, but none is available here; use --device cpu.")
+    bench.set_defaults(run=_run_benchmark)
 
 
 def _run_benchmark(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
     import torch
 
-    from krtfuap.benchmark import load_benchmark_data, load_models, run_benchmark
-    from krtfuap.report import write_report
+    from krtfuap.apps.benchmark import load_benchmark_data, load_models, run_benchmark
+    from krtfuap.apps.report import write_report
 
     data = load_benchmark_data(
         args.faces, fit_faces=args.fit_faces, test_faces=args.test_faces, pairs=args.pairs, random_state=args.seed
@@ -223,3 +244,7 @@ def _run_benchmark(args: argparse.Namespace, argv: Sequence[str] | None) -> None
     report = write_report(result, args.output, command=command)
     if not args.quiet:
         print(f"wrote {report} and results.csv, figures in {report.parent}")
+
+
+SUBCOMMANDS = (_add_demo_parser, _add_benchmark_parser)
+"""The functions that add each subcommand's parser to the ``krtfuap`` parser, in ``--help`` order."""

@@ -1,4 +1,4 @@
-"""Write a :class:`~krtfuap.benchmark.BenchmarkResult` as a tidy CSV, a Markdown report and figures.
+"""Write a :class:`~krtfuap.apps.benchmark.BenchmarkResult` as a tidy CSV, a Markdown report and figures.
 
 ``results.csv`` holds one row per measurement (an ``experiment`` column tells
 ``attack``, ``time_to_fr``, ``occlusion`` and ``sweep`` rows apart; every row
@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from krtfuap.benchmark import FOOLING_LEVELS, METHODS, BenchmarkResult
+from krtfuap.apps.benchmark import FOOLING_LEVELS, METHODS, BenchmarkResult
 
 __all__ = ["CSV_COLUMNS", "write_report"]
 

@@ -17,18 +17,17 @@ the faces of the **other** identities, on every target model:
 * FR / SSIM trade-off of KRT-FUAP over ``stealth_weight`` and ``epsilon``.
 
 Each verification threshold is the best-accuracy threshold of its model on the
-genuine/impostor pairs of the **fitting** identities. :func:`krtfuap.report.write_report`
+genuine/impostor pairs of the **fitting** identities. :func:`krtfuap.apps.report.write_report`
 writes the tidy ``results.csv``, ``report.md`` and the figures.
 """
 
 from __future__ import annotations
 
 import platform
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -36,8 +35,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from krtfuap._ops import call_model
-from krtfuap.attack import UAPAttack
-from krtfuap.baselines import FGUAP, DeepFoolUAP, FrequencyUAP, RandomNoiseUAP
+from krtfuap.apps import _benchmark_methods
 from krtfuap.datasets import FaceFolder, PairDataset, filter_pairs, read_pairs, split_identities
 from krtfuap.masks import KeyRegionMasker
 from krtfuap.metrics import calibrate_threshold, cosine_similarity, embed, pair_similarities, tar_at_far
@@ -60,64 +58,15 @@ __all__ = [
     "run_benchmark",
 ]
 
+# Defined in a module that imports no torch, so that `krtfuap benchmark --help` lists them at once.
+Method = _benchmark_methods.Method
+METHODS = _benchmark_methods.METHODS
+"""Method names accepted by :func:`run_benchmark`: name -> :class:`Method`."""
+MODELS = _benchmark_methods.MODELS
+"""Model names accepted by :func:`load_models`; ``dlib_resnet`` is a black-box target only."""
+
 FOOLING_LEVELS = (0.4, 0.5, 0.6, 0.7, 0.8)
 """Fooling rates at which :func:`time_to_fooling_rate` reports time and steps (Figure 6)."""
-
-
-@dataclass(frozen=True)
-class Method:
-    """A named way to build a UAP estimator.
-
-    Attributes
-    ----------
-    label : str
-        Name in tables.
-    table : str
-        Which experiment of the paper it belongs to.
-    build : callable
-        ``build(model, **common) -> estimator`` with ``fit``/``evaluate``;
-        ``common`` holds ``threshold, epsilon, target_fooling_rate, max_epochs,
-        max_time, batch_size, random_state, device, stealth_weight``.
-    stealth : bool
-        Whether the method has a stealth term (uses ``stealth_weight``).
-    """
-
-    label: str
-    table: str
-    build: Callable[..., UAPAttack]
-    stealth: bool = False
-
-
-def _krt(**switches: Any) -> Callable[..., UAPAttack]:
-    def build(model, *, stealth_weight=None, **common):
-        return UAPAttack(model, stealth_loss="ssim", stealth_weight=stealth_weight, **switches, **common)
-
-    return build
-
-
-def _baseline(cls: type) -> Callable[..., UAPAttack]:
-    def build(model, *, stealth_weight=None, **common):  # baselines have no stealth term
-        return cls(model, **common)
-
-    return build
-
-
-METHODS: dict[str, Method] = {
-    "krt-fuap": Method("KRT-FUAP", "Table 1", _krt(), stealth=True),
-    "random-noise": Method("Random noise", "Table 1", _baseline(RandomNoiseUAP)),
-    "uap": Method("UAP (DeepFool)", "Table 1", _baseline(DeepFoolUAP)),
-    "fg-uap": Method("FG-UAP", "Table 1", _baseline(FGUAP)),
-    "frequency-uap": Method("Frequency UAP (re-impl.)", "Table 1", _baseline(FrequencyUAP)),
-    "no-key-regions": Method("KRT-FUAP, global (no mask)", "Table 3", _krt(use_key_regions=False), stealth=True),
-    "fixed-key-regions": Method("KRT-FUAP, fixed regions (no flow)", "Table 4", _krt(learn_flow=False), stealth=True),
-    "cosine-loss": Method("KRT-FUAP, cosine loss", "Table 5", _krt(adversarial_loss="cosine"), stealth=True),
-    "euclidean-loss": Method("KRT-FUAP, Euclidean loss", "Table 5", _krt(adversarial_loss="euclidean"), stealth=True),
-    "krt-fuap-di": Method("KRT-FUAP + input diversity", "Table 2", _krt(input_diversity=0.5), stealth=True),
-}
-"""Method names accepted by :func:`run_benchmark`."""
-
-MODELS = ("foamliu_mobilefacenet", "insightface_mbf", "dlib_resnet")
-"""Model names accepted by :func:`load_models`; ``dlib_resnet`` is a black-box target only."""
 
 
 @dataclass
@@ -295,7 +244,7 @@ def occlusion_accuracy(
 
 @dataclass
 class BenchmarkResult:
-    """Everything :func:`run_benchmark` measured (each row a dict, see :func:`krtfuap.report.write_report`)."""
+    """Everything :func:`run_benchmark` measured (each row a dict, see :func:`krtfuap.apps.report.write_report`)."""
 
     rows: list[dict] = field(default_factory=list)
     models: list[dict] = field(default_factory=list)

