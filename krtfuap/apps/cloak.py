@@ -411,11 +411,16 @@ def _progress(plan: list, enabled: bool):
 
 
 def write_report(rows: Sequence[FaceReport], folder: str | os.PathLike[str]) -> tuple[Path, Path]:
-    """Write ``cloak-report.csv`` and ``cloak-report.json`` (one entry per face) into ``folder``."""
+    """Write ``cloak-report.csv`` and ``cloak-report.json`` (one entry per face) into ``folder``.
+
+    Returns the two paths. In the JSON file a value that is not measured (NaN, or an infinite
+    PSNR of an unchanged crop) is ``null``.
+    """
     folder = Path(folder)
     records = [asdict(row) for row in rows]
     json_path, csv_path = folder / "cloak-report.json", folder / "cloak-report.csv"
-    json_path.write_text(json.dumps(records, indent=1, allow_nan=True) + "\n")
+    finite = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()} for r in records]
+    json_path.write_text(json.dumps(finite, indent=1, allow_nan=False) + "\n")  # NaN / inf -> null: strict JSON
     with csv_path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(FaceReport.__dataclass_fields__))
         writer.writeheader()

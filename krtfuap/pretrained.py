@@ -1,0 +1,65 @@
+"""The ready cloak shipped with the package: a universal perturbation fitted once, for everyone.
+
+``krtfuap/data/default_cloak.safetensors`` is a compact :class:`~krtfuap.UAPAttack`
+file (the perturbation only, float16) written by ``examples/fit_default_cloak.py``:
+KRT-FUAP fitted against InsightFace's ArcFace MobileFaceNet (``w600k_mbf``) on the
+aligned LFW faces of half the LFW identities in ``../shared/assets/faces``, with
+robust fitting (``augment="photo"``) and a stealth target. Its provenance,
+measured strength and license terms are in the docs ("Cloak your photos").
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from torch import nn
+
+from krtfuap.attack import UAPAttack
+
+__all__ = ["DEFAULT_CLOAK_FILE", "default_cloak_path", "default_cloak"]
+
+DEFAULT_CLOAK_FILE = "default_cloak.safetensors"
+
+
+def default_cloak_path() -> Path:
+    """Path of the shipped ready cloak file.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the installed package lacks it (a broken install: reinstall krtfuap).
+    """
+    path = Path(str(resources.files("krtfuap") / "data" / DEFAULT_CLOAK_FILE))
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"the ready cloak {path} is missing from this krtfuap install; reinstall krtfuap "
+            "(pip install --force-reinstall krtfuap), or fit your own with examples/fit_default_cloak.py."
+        )
+    return path
+
+
+def default_cloak(model: nn.Module | str | None = "insightface_mbf") -> UAPAttack:
+    """Load the ready cloak.
+
+    Parameters
+    ----------
+    model : torch.nn.Module, str or None
+        The face model attached for :meth:`~krtfuap.UAPAttack.evaluate` and photo
+        verification: by default ``"insightface_mbf"``, the model it was fitted
+        against (loaded with :func:`krtfuap.models.load_face_model`); another
+        module to judge it with; or ``None`` to apply it only
+        (:meth:`~krtfuap.UAPAttack.transform`, :class:`krtfuap.apps.cloak.PhotoCloak`).
+
+    Returns
+    -------
+    UAPAttack
+        Fitted: ``perturbation_`` ``(3, 112, 112)`` in ``[-epsilon, epsilon]``, ``epsilon``
+        and ``threshold_`` (the verification threshold of ``w600k_mbf`` calibrated on
+        LFW pairs of the fitting identities).
+    """
+    if isinstance(model, str):
+        from krtfuap.models import load_face_model
+
+        model = load_face_model(model)
+    return UAPAttack.load(default_cloak_path(), model=model)
