@@ -23,8 +23,17 @@ import torch
 from torch.utils.data import DataLoader
 
 from krtfuap import UAPAttack
+from krtfuap.augment import PhotoAugment, Quantize, RandomJPEG, RandomRealign, RandomRescale
 from krtfuap.datasets import FaceFolder, PairDataset, filter_pairs, read_pairs, split_identities
 from krtfuap.models import load_insightface_mbf
+
+
+AUGMENTS = {
+    "none": lambda: None,
+    "photo": lambda: "photo",
+    "resample": lambda: PhotoAugment([RandomRealign(p=1.0), RandomRescale(factor=(0.5, 1.0), p=1.0),
+                                      RandomJPEG(quality=(70.0, 95.0), p=0.5), Quantize()]),
+}
 
 
 def stack(dataset: FaceFolder, limit: int, seed: int) -> torch.Tensor:
@@ -42,7 +51,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=600, help="fitting-identity pairs that calibrate the threshold")
     parser.add_argument("--max-time", type=float, default=1800.0, help="seconds of fitting")
     parser.add_argument("--target-ssim", type=float, default=0.93)
-    parser.add_argument("--augment", default="photo", help="'photo', or 'none' to fit without robust fitting")
+    parser.add_argument("--augment", default="photo", choices=("photo", "resample", "none"),
+                        help="'photo' (the preset), 'resample' (every step re-aligned and rescaled), 'none'")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     for name in ('fit_faces', 'test_faces', 'pairs', 'threads', 'max_time'):
@@ -61,7 +71,7 @@ def main() -> None:
 
     attack = UAPAttack(
         load_insightface_mbf(), threshold=None, epsilon=0.08, target_ssim=args.target_ssim,
-        augment=None if args.augment == "none" else args.augment,
+        augment=AUGMENTS[args.augment](),
         target_fooling_rate=1.0, max_time=args.max_time, random_state=0, verbose=True,
     )
     attack.fit(fit_faces, pairs=calibration)
