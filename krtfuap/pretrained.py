@@ -20,6 +20,7 @@ from krtfuap.attack import UAPAttack
 __all__ = ["DEFAULT_CLOAK_FILE", "default_cloak_path", "default_cloak"]
 
 DEFAULT_CLOAK_FILE = "default_cloak.safetensors"
+"""File name of the ready cloak inside the package folder ``krtfuap/data``."""
 
 
 def default_cloak_path() -> Path:

@@ -146,3 +146,21 @@ def test_bad_setups_are_refused(detector, noise_attack, tmp_path, photos) -> Non
     with pytest.raises(ValueError, match="file_format"):
         cloak.cloak_files([photos["gdp.jpg"]], tmp_path / "out", file_format="gif")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.real
+def test_raw_lfw_photos_are_cloaked_and_verified_with_the_real_model(shared_assets, tmp_path, detector) -> None:
+    """Unaligned LFW photos: every photo has a face, each is re-detected and judged by w600k_mbf."""
+    from krtfuap.models import INSIGHTFACE_MBF_THRESHOLD, load_insightface_mbf
+
+    photos = sorted((shared_assets / "photos").rglob("*.jpg"))[:4]
+    model = load_insightface_mbf()
+    attack = RandomNoiseUAP(model, threshold=INSIGHTFACE_MBF_THRESHOLD, random_state=0).fit(torch.rand(2, 3, 112, 112))
+    rows = PhotoCloak(attack, detector).cloak_files(photos, tmp_path / "out", quality=85)
+    assert {Path(row.photo) for row in rows} == set(photos) and all(row.status == "cloaked" for row in rows)
+    for row in rows:
+        assert row.redetected and -1 <= row.similarity <= 1
+        assert row.threshold == INSIGHTFACE_MBF_THRESHOLD and row.protected == (row.similarity < row.threshold)
+        assert 0.5 < row.ssim_face < 1 and 0.5 < row.ssim_photo < 1
+        with Image.open(row.output) as written, Image.open(row.photo) as original:
+            assert written.size == original.size and written.format == "JPEG"
