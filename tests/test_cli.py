@@ -17,6 +17,7 @@ from PIL import Image
 from krtfuap.apps.cli import main
 from krtfuap.attack import UAPAttack
 from krtfuap.models import INSIGHTFACE_MBF_THRESHOLD
+from krtfuap.pretrained import default_cloak_path
 
 @pytest.fixture(scope="module")
 def mbf_attack(tmp_path_factory) -> Path:
@@ -30,7 +31,7 @@ def mbf_attack(tmp_path_factory) -> Path:
     return path
 
 
-def _check_demo(folder: Path) -> dict:
+def _check_demo(folder: Path, threshold: float) -> dict:
     """The demo's files exist and agree with each other; returns results.json."""
     results = json.loads((folder / "results.json").read_text())
     with Image.open(folder / "figure.png") as figure:
@@ -44,13 +45,22 @@ def _check_demo(folder: Path) -> dict:
         assert len(rows) == summary["faces"]
         assert all(-1 <= row["similarity"] <= 1 and row["protected"] == (row["similarity"] < row["threshold"])
                    for row in rows if row["redetected"])
-    assert results["threshold"] == pytest.approx(INSIGHTFACE_MBF_THRESHOLD)
+    assert results["threshold"] == pytest.approx(threshold)
     return results
+
+
+def test_demo_with_the_ready_cloak(tmp_path: Path) -> None:
+    """The README's main job: the shipped cloak on the sample photos, verified after JPEG and re-detection."""
+    assert main(["demo", "--output", str(tmp_path), "--quiet"]) == 0
+    results = _check_demo(tmp_path, UAPAttack.load(default_cloak_path()).threshold_)
+    assert results["cloak"] == "krtfuap.pretrained.default_cloak()" and results["quality"] == 85
+    # The cloak moves faces further from themselves than noise of the same budget does.
+    assert results["summary"]["cloak"]["mean_similarity"] < results["summary"]["noise"]["mean_similarity"]
 
 
 def test_demo_with_a_saved_attack(mbf_attack: Path, tmp_path: Path) -> None:
     assert main(["demo", "--output", str(tmp_path), "--attack", str(mbf_attack), "--quality", "90", "--quiet"]) == 0
-    results = _check_demo(tmp_path)
+    results = _check_demo(tmp_path, INSIGHTFACE_MBF_THRESHOLD)
     assert results["quality"] == 90
 
 

@@ -11,13 +11,13 @@ import pytest
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 PAGES = (
-    "index", "install", "quickstart", "custom_model", "method", "robustness", "evaluation", "benchmarks", "api",
+    "index", "install", "quickstart", "custom_model", "method", "robustness", "cloak", "evaluation", "benchmarks", "api",
 )
 FIGURES = ("masks.png", "perturbation.png", "faces.png")
 DOCUMENTED_MODULES = (
     "attack", "baselines", "masks", "landmarks", "flow", "perturbation", "losses", "stealth",
     "metrics", "scoring", "engine", "estimator", "models", "imagenet", "datasets", "alignment", "diversity",
-    "augment", "paste", "models.ensemble", "models.dlib_resnet", "apps.demo", "apps.cli", "apps.benchmark", "apps.report",
+    "augment", "paste", "pretrained", "models.ensemble", "models.dlib_resnet", "apps.demo", "apps.cloak", "apps.cli", "apps.benchmark", "apps.report",
 )
 
 

@@ -270,8 +270,9 @@ def _add_fit_parser(commands: argparse._SubParsersAction) -> None:
     fit.add_argument("--max-faces", type=_positive_int, default=1000, help="faces to fit on (default: %(default)s)")
     fit.add_argument("--max-time", type=_non_negative, default=600.0, help="seconds of fitting (default: %(default)s)")
     fit.add_argument("--target-ssim", type=_open_probability, default=0.93, help="stealth target (default: %(default)s)")
-    fit.add_argument("--augment", choices=("photo", "none"), default="photo",
-                     help="robust fitting through JPEG, rescaling and re-alignment (default: %(default)s)")
+    fit.add_argument("--augment", choices=("photo", "none"), default="none",
+                     help="photo: fit through JPEG, rescaling and re-alignment (measured no more robust here; "
+                     "default: %(default)s)")
     fit.add_argument("--epsilon", type=_epsilon, default=0.08, help="l_inf budget (default: %(default)s)")
     fit.add_argument("--checkpoint", default=None, help="checkpoint file, written after every epoch")
     fit.add_argument("--resume", action="store_true", help="continue from --checkpoint")

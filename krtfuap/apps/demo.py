@@ -51,12 +51,17 @@ def _per_face_table(cloak_rows: list[FaceReport], noise_rows: list[FaceReport]) 
             lines.append(f"{Path(row.photo).name:<12} {'-':>4} | {row.status}: {row.message}")
             continue
         other = noise_by_key.get((Path(row.photo).name, row.face))
-        noise_cells = f"{other.similarity:17.3f}  {_yes(other.protected):>9}" if other else "-"
+        noise_cells = f"{_similarity(other)}  {_yes(other.protected):>9}" if other else "-"
         lines.append(
-            f"{Path(row.photo).name:<12} {row.face:>4} | {row.similarity:17.3f}  {_yes(row.protected):>9}  "
+            f"{Path(row.photo).name:<12} {row.face:>4} | {_similarity(row)}  {_yes(row.protected):>9}  "
             f"{row.ssim_face:9.3f} | {noise_cells}"
         )
     return "\n".join(lines)
+
+
+def _similarity(row: FaceReport) -> str:
+    """The similarity, or why there is none (the face was not found again: protected, nothing to match)."""
+    return f"{row.similarity:17.3f}" if row.redetected else f"{'not found again':>17}"
 
 
 def _yes(flag: bool | None) -> str:
