@@ -273,11 +273,7 @@ class PhotoCloak:
             face is not found again), ``threshold``, ``protected`` (similarity below it, or not
             found), ``ssim_face``/``psnr_face`` over the face's box, ``ssim_photo``/``psnr_photo``.
         """
-        if self.model is None or self.threshold is None:
-            raise ValueError(
-                "verification needs a face model and its threshold: pass model= and threshold= to PhotoCloak, "
-                "or an attack that has both (loaded attacks have no model: UAPAttack.load(path, model=...))."
-            )
+        self._check_judge()
         if original.shape != cloaked.shape:
             raise ValueError(f"original {original.shape} and cloaked {cloaked.shape} photos differ in size.")
         clean_photo, cloaked_photo = _to_tensor(original)[None], _to_tensor(cloaked)[None]
@@ -296,6 +292,13 @@ class PhotoCloak:
             result.update(photo_scores)
             results.append(result)
         return results
+
+    def _check_judge(self) -> None:
+        if self.model is None or self.threshold is None:
+            raise ValueError(
+                "verification needs a face model and its threshold: pass model= and threshold= to PhotoCloak, "
+                "or an attack that has both (loaded attacks have no model: UAPAttack.load(path, model=...))."
+            )
 
     # ------------------------------------------------------------------ files
     def cloak_files(
@@ -336,8 +339,8 @@ class PhotoCloak:
             raise ValueError(f"file_format must be 'png' or 'jpeg' (or None to follow the input), got {file_format!r}.")
         if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
             raise ValueError(f"quality must be an integer JPEG quality in 1-100, got {quality!r}.")
-        if verify and (self.model is None or self.threshold is None):
-            self.verify(np.zeros((1, 1, 3), np.uint8), np.zeros((1, 1, 3), np.uint8), [])  # raises the clear error
+        if verify:
+            self._check_judge()
         plan = plan_outputs(inputs, output, file_format)
         Path(output).mkdir(parents=True, exist_ok=True)
         rows: list[FaceReport] = []
