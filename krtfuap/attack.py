@@ -141,6 +141,10 @@ class UAPAttack(PerturbationEstimator):
         Hard stop on the loop's wall time in seconds (threshold calibration
         and mask fitting not counted), checked after every step; the
         perturbation is then scored once more.
+    max_steps : int, optional
+        Stop after this many update steps in all (the epoch in progress is scored).
+        Unlike ``max_time`` it does not depend on the machine, so a fit limited by
+        it repeats exactly on the CPU.
     lr : float
         Adam learning rate of the noise (paper: 0.01).
     flow_lr : float, optional
@@ -234,6 +238,7 @@ class UAPAttack(PerturbationEstimator):
         target_fooling_rate: float = 0.8,
         max_epochs: int = 50,
         max_time: float | None = None,
+        max_steps: int | None = None,
         lr: float = 0.01,
         flow_lr: float | None = None,
         input_diversity: float = 0.0,
@@ -266,6 +271,7 @@ class UAPAttack(PerturbationEstimator):
         self.target_fooling_rate = target_fooling_rate
         self.max_epochs = max_epochs
         self.max_time = max_time
+        self.max_steps = max_steps
         self.lr = lr
         self.flow_lr = flow_lr
         self.input_diversity = input_diversity
@@ -309,6 +315,7 @@ class UAPAttack(PerturbationEstimator):
         check_number(self.target_ssim, "target_ssim", low=0, high=1, low_open=True, high_open=True, allow_none=True)
         check_number(self.stealth_weight, "stealth_weight", low=0, allow_none=True)
         check_number(self.stealth_adapt_rate, "stealth_adapt_rate", low=0)
+        check_number(self.max_steps, "max_steps", low=1, integer=True, allow_none=True)
         check_number(self.flow_bound, "flow_bound", low=0)
         check_number(self.lr, "lr", low=0, low_open=True)
         check_number(self.flow_lr, "flow_lr", low=0, allow_none=True)

@@ -169,7 +169,7 @@ class FitResult:
         One score per epoch (with ``epoch``, ``step`` and ``time``).
     n_iter, n_epochs : int
     stop_reason : str
-        ``"target_fooling_rate"``, ``"max_epochs"`` or ``"max_time"``.
+        ``"target_fooling_rate"``, ``"max_epochs"``, ``"max_time"`` or ``"max_steps"``.
     elapsed : float
         Seconds in the loop (resumed runs included).
     """
@@ -205,6 +205,9 @@ class FitLoop:
     max_time : float or None
         Seconds; checked after every step. Scoring counts, threshold
         calibration and mask fitting (done before the loop) do not.
+    max_steps : int or None
+        Update steps in all; checked after every step. Unlike ``max_time`` it does
+        not depend on the machine, so a fit limited by it repeats exactly.
     target_fooling_rate : float
         Stop once the scored fooling rate reaches it (and ``target_ssim`` is met).
     target_ssim : float or None
@@ -229,6 +232,7 @@ class FitLoop:
     batch_size: int
     max_epochs: int
     max_time: float | None = None
+    max_steps: int | None = None
     target_fooling_rate: float = 1.0
     target_ssim: float | None = None
     memory_format: torch.memory_format = torch.preserve_format
@@ -411,6 +415,9 @@ class FitLoop:
                     record.update(step=n_iter, epoch=epoch, time=time.perf_counter() - started)
                     history.append(record)
                     n_iter += 1
+                    if self.max_steps is not None and n_iter >= self.max_steps:
+                        stop_reason = "max_steps"
+                        break
                     if out_of_time():
                         stop_reason = "max_time"
                         break
@@ -425,9 +432,9 @@ class FitLoop:
                 on_epoch({"epoch": epoch, "step": n_iter, "time": paused - started, "score": score,
                           "perturbation": solver.perturbation().detach().cpu().clone()})
                 started += time.perf_counter() - paused
-            if stop_reason != "max_time" and out_of_time():
+            if stop_reason == "max_epochs" and out_of_time():
                 stop_reason = "max_time"
-            if stop_reason == "max_time":
+            if stop_reason in ("max_time", "max_steps"):
                 break
             meets_stealth = self.target_ssim is None or score["ssim"] >= self.target_ssim
             if score["fooling_rate"] >= self.target_fooling_rate and meets_stealth:

@@ -48,7 +48,7 @@ _SAVED_FITTED = ("threshold_", "n_iter_", "n_epochs_", "fooling_rate_", "ssim_",
 #: Parameters that never travel in a saved file (they have side effects on the machine that loads it).
 _NOT_SAVED = ("checkpoint_path", "device")
 #: Parameters that may change between an interrupted fit and its resumption.
-_NOT_FINGERPRINTED = ("max_epochs", "max_time", "target_fooling_rate", "checkpoint_path", "checkpoint_every",
+_NOT_FINGERPRINTED = ("max_epochs", "max_time", "max_steps", "target_fooling_rate", "checkpoint_path", "checkpoint_every",
                       "verbose", "device")
 
 
@@ -173,10 +173,11 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
         raise NotImplementedError
 
     def _fit_options(self) -> dict[str, Any]:
-        """Checkpoint keywords of :class:`~krtfuap.engine.FitLoop`, for estimators that take ``checkpoint_path``."""
+        """Keywords of :class:`~krtfuap.engine.FitLoop` that only some estimators take (checkpoints, ``max_steps``)."""
         return {
             "checkpoint_path": getattr(self, "checkpoint_path", None),
             "checkpoint_every": getattr(self, "checkpoint_every", 1),
+            "max_steps": getattr(self, "max_steps", None),
         }
 
     # ------------------------------------------------------------------- fit

@@ -343,3 +343,15 @@ def test_resume_refuses_foreign_or_malicious_checkpoints(tmp_path):
     torch.save({"format": "other"}, path)
     with pytest.raises(ValueError, match="not written by UAPAttack"):
         quick_attack(checkpoint_path=path).fit(faces(), resume=True)
+
+
+def test_max_steps_stops_mid_epoch_scores_that_state_and_repeats_exactly():
+    x = faces(16)
+    first = quick_attack(max_epochs=5, max_steps=3, target_fooling_rate=1.0).fit(x)  # 2 steps per epoch
+    again = quick_attack(max_epochs=5, max_steps=3, target_fooling_rate=1.0).fit(x)
+    assert first.n_iter_ == 3 and first.n_epochs_ == 2 and first.stop_reason_ == "max_steps"
+    assert len(first.epoch_scores_) == 2  # the cut epoch is scored too
+    assert torch.equal(first.perturbation_, again.perturbation_)
+    assert first.fooling_rate_ == first.evaluate(x)["fooling_rate"]
+    with pytest.raises(ValueError, match="max_steps"):
+        quick_attack(max_steps=0).fit(x)
