@@ -35,7 +35,10 @@ __all__ = [
     "SCRFDDetector",
     "estimate_similarity",
     "align_face",
+    "detect_faces",
     "detect_and_align",
+    "photo_to_tensor",
+    "tensor_to_photo",
     "sample_photos",
 ]
 
@@ -334,11 +337,31 @@ def align_face(image: np.ndarray, keypoints: np.ndarray, size: int = 112) -> np.
 PhotoLike = str | os.PathLike[str] | np.ndarray
 
 
+def tensor_to_photo(image: torch.Tensor) -> np.ndarray:
+    """``(3, H, W)`` RGB floats in ``[0, 1]`` -> ``(H, W, 3)`` uint8 RGB (rounded, clipped)."""
+    return image.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+
+
+def photo_to_tensor(photos: np.ndarray) -> torch.Tensor:
+    """``(H, W, 3)`` or ``(N, H, W, 3)`` uint8 RGB -> ``(3, H, W)`` or ``(N, 3, H, W)`` float32 in ``[0, 1]``."""
+    return torch.from_numpy(photos).movedim(-1, -3).float().div_(255.0).contiguous()
+
+
+def detect_faces(
+    image: np.ndarray, detector: SCRFDDetector, min_score: float = 0.5, min_size: float = 20.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:meth:`SCRFDDetector.detect`, keeping faces scored at least ``min_score`` whose box is at least
+    ``min_size`` pixels wide and high; same outputs (boxes, scores, keypoints), best first."""
+    boxes, scores, keypoints = detector.detect(image)
+    sides = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+    keep = (scores >= min_score) & (sides >= min_size)
+    return boxes[keep], scores[keep], keypoints[keep]
+
+
 def _read_photo(photo: PhotoLike, index: int) -> np.ndarray:
     if isinstance(photo, np.ndarray):
         return _check_rgb_uint8(photo, name=f"photo {index}")
-    tensor = load_image(photo)
-    return tensor.mul(255.0).round_().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+    return tensor_to_photo(load_image(photo))
 
 
 def detect_and_align(
@@ -392,9 +415,7 @@ def detect_and_align(
     sources: list[int] = []
     for index, photo in enumerate(photos):
         image = _read_photo(photo, index)
-        boxes, scores, keypoints = detector.detect(image)
-        sides = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
-        for face_kps in keypoints[(scores >= min_score) & (sides >= min_size)]:
+        for face_kps in detect_faces(image, detector, min_score, min_size)[2]:
             faces.append(align_face(image, face_kps))
             sources.append(index)
     if not faces:
@@ -402,7 +423,7 @@ def detect_and_align(
             f"no face found in any of the {len(photos)} photo(s) (min_score={min_score}, min_size={min_size} px); "
             "pass photos with clearly visible, roughly frontal faces, or lower min_score / min_size."
         )
-    batch = torch.from_numpy(np.stack(faces)).permute(0, 3, 1, 2).float().div_(255.0).contiguous()
+    batch = photo_to_tensor(np.stack(faces))
     if return_sources:
         return batch, torch.tensor(sources, dtype=torch.int64)
     return batch

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from krtfuap.alignment import SCRFDDetector, align_face
+from krtfuap.alignment import SCRFDDetector, align_face, detect_faces, photo_to_tensor, tensor_to_photo
 from krtfuap.datasets import _is_image_file, load_image
 from krtfuap.metrics import cosine_similarity, embed, psnr, ssim
 from krtfuap.paste import paste_perturbation
@@ -91,7 +91,7 @@ def read_photo(path: str | os.PathLike[str]) -> tuple[np.ndarray, bytes | None]:
     tensor = load_image(path)
     with Image.open(path) as image:
         icc_profile = image.info.get("icc_profile") if image.mode in ("RGB", "RGBA") else None
-    return _to_uint8(tensor), icc_profile
+    return tensor_to_photo(tensor), icc_profile
 
 
 def write_photo(path: Path, image: np.ndarray, *, file_format: str, quality: int, icc_profile: bytes | None) -> None:
@@ -104,16 +104,8 @@ def write_photo(path: Path, image: np.ndarray, *, file_format: str, quality: int
     Image.fromarray(image).save(path, format=pil_format, **options)
 
 
-def _to_uint8(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
-
-
-def _to_tensor(image: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(image).permute(2, 0, 1).float().div_(255.0)
-
-
 def _image_files_under(folder: Path) -> list[Path]:
-    return sorted(path for path in folder.rglob("*") if path.is_file() and _is_image_file(path))
+    return sorted(path for path in folder.rglob("*") if _is_image_file(path))
 
 
 def plan_outputs(
@@ -223,10 +215,8 @@ class PhotoCloak:
     # ------------------------------------------------------------------ one photo
     def detect(self, image: np.ndarray) -> list[DetectedFace]:
         """Faces of ``image`` (``(H, W, 3)`` uint8 RGB) passing ``min_score`` and ``min_size``, best first."""
-        boxes, scores, keypoints = self.detector.detect(image)
-        sides = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
-        keep = (scores >= self.min_score) & (sides >= self.min_size)
-        return [DetectedFace(box, float(score), kps) for box, score, kps in zip(boxes[keep], scores[keep], keypoints[keep])]
+        boxes, scores, keypoints = detect_faces(image, self.detector, self.min_score, self.min_size)
+        return [DetectedFace(box, float(score), kps) for box, score, kps in zip(boxes, scores, keypoints)]
 
     def cloak(self, image: np.ndarray) -> tuple[np.ndarray, list[DetectedFace]]:
         """Cloak every face of one photo.
@@ -248,13 +238,13 @@ class PhotoCloak:
         if not faces:
             return image.copy(), faces
         pasted = paste_perturbation(
-            _to_tensor(image),
+            photo_to_tensor(image),
             self.attack.perturbation_.float().cpu(),
             [face.keypoints for face in faces],
             epsilon=float(self.attack.epsilon),
             feather=self.feather,
         )
-        return _to_uint8(pasted), faces
+        return tensor_to_photo(pasted), faces
 
     def verify(self, original: np.ndarray, cloaked: np.ndarray, faces: Sequence[DetectedFace]) -> list[dict]:
         """Judge cloaked faces as a recogniser would: detect and align again, compare with the originals.
@@ -276,7 +266,7 @@ class PhotoCloak:
         self._check_judge()
         if original.shape != cloaked.shape:
             raise ValueError(f"original {original.shape} and cloaked {cloaked.shape} photos differ in size.")
-        clean_photo, cloaked_photo = _to_tensor(original)[None], _to_tensor(cloaked)[None]
+        clean_photo, cloaked_photo = photo_to_tensor(original)[None], photo_to_tensor(cloaked)[None]
         photo_scores = {"ssim_photo": ssim(cloaked_photo, clean_photo).item(), "psnr_photo": _psnr(cloaked_photo, clean_photo)}
         found_again = self.detect(cloaked)
         results = []
@@ -285,7 +275,7 @@ class PhotoCloak:
             result = {"redetected": match is not None, "similarity": math.nan, "threshold": self.threshold}
             if match is not None:
                 pair = np.stack([align_face(original, face.keypoints), align_face(cloaked, match.keypoints)])
-                embeddings = embed(self.model, torch.from_numpy(pair).permute(0, 3, 1, 2).float().div(255.0))
+                embeddings = embed(self.model, photo_to_tensor(pair))
                 result["similarity"] = cosine_similarity(embeddings[:1].cpu(), embeddings[1:].cpu()).item()
             result["protected"] = match is None or result["similarity"] < self.threshold
             result.update(_box_scores(clean_photo, cloaked_photo, face.box))

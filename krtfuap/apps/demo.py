@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from krtfuap.alignment import SCRFDDetector, align_face, sample_photos
+from krtfuap.alignment import SCRFDDetector, detect_and_align, sample_photos
 from krtfuap.apps.cloak import FaceReport, PhotoCloak, read_photo, summarise
 from krtfuap.baselines import RandomNoiseUAP
 from krtfuap.pretrained import default_cloak
@@ -167,11 +167,7 @@ def run_demo(
 
     mark = time.perf_counter()
     cloak = PhotoCloak(cloak_attack, detector)
-    crops = []
-    for photo in photos:
-        image, _ = read_photo(photo)
-        crops += [align_face(image, face.keypoints) for face in cloak.detect(image)]
-    faces = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float().div_(255.0)
+    faces = detect_and_align(photos, detector, cloak.min_score, cloak.min_size)
     noise = PhotoCloak(_noise_like(cloak_attack, faces), detector)
     timings["prepare"] = time.perf_counter() - mark
 
