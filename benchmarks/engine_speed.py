@@ -19,7 +19,9 @@ Configurations (``--configs``):
 * ``target:S``: ``UAPAttack(model, target_ssim=S)``, the defaults with a stealth target
   (``target:S:R`` also sets ``stealth_adapt_rate=R``);
 * ``weight:W``: ``UAPAttack(model, stealth_weight=W)``, the defaults with a fixed weight;
-* ``paper+target:S``: the paper's recipe as in ``paper`` with ``target_ssim=S``.
+* ``paper+target:S``: the paper's recipe as in ``paper`` with ``target_ssim=S``;
+* any of these followed by ``,keyword=value`` pairs sets more keywords of
+  ``UAPAttack``, e.g. ``target:0.93,use_key_regions=True,budget=None``.
 
 Example (2-core CPU, about 10 minutes per configuration at --max-time 600)::
 
@@ -42,7 +44,22 @@ from krtfuap.attack import UAPAttack
 from krtfuap.scoring import score_perturbation
 
 
+def parse_value(text: str) -> object:
+    """A keyword value written in a configuration: a number, True/False/None or a word."""
+    if text in ("True", "False", "None"):
+        return {"True": True, "False": False, "None": None}[text]
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            return text
+
+
 def make_attack(config: str, model: torch.nn.Module, threshold: float, common: dict) -> UAPAttack:
+    config, *extras = config.split(",")
+    common = {**common, **{key: parse_value(value) for key, value in (extra.split("=", 1) for extra in extras)}}
     if config == "paper":
         return UAPAttack.paper(model, threshold=threshold, stealth_loss="ssim", stealth_weight=3.0, **common)
     if config.startswith("paper+target:"):

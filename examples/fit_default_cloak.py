@@ -4,7 +4,8 @@ Usage
 -----
 python examples/fit_default_cloak.py ../shared/assets/faces --output krtfuap/data/default_cloak.safetensors --threads 1
 
-KRT-FUAP (``UAPAttack`` with its defaults and ``target_ssim=0.93``) against InsightFace's
+KRT-FUAP (``UAPAttack`` with ``use_key_regions=True``, otherwise the defaults of the version that
+made it, and ``target_ssim=0.93``) against InsightFace's
 ArcFace MobileFaceNet (``w600k_mbf``) on 1000 aligned LFW faces of one half of the
 identities (``split_identities(..., 0.5, random_state=0)``; the other half is never seen
 and judges the result), 1235 steps of 10 faces (12 passes and 35 steps; the perturbation
@@ -76,7 +77,7 @@ def main() -> None:
     calibration = DataLoader(PairDataset(pairs[: args.pairs], args.faces), batch_size=100)
 
     attack = UAPAttack(
-        load_insightface_mbf(), threshold=None, epsilon=0.08, target_ssim=args.target_ssim,
+        load_insightface_mbf(), threshold=None, epsilon=0.08, target_ssim=args.target_ssim, use_key_regions=True,
         augment=AUGMENTS[args.augment](),
         target_fooling_rate=1.0, max_epochs=50, max_steps=args.max_steps, max_time=args.max_time, random_state=0,
         verbose=True,

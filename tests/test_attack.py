@@ -40,7 +40,8 @@ def faces(n: int = 16, seed: int = 0) -> torch.Tensor:
 
 
 def quick_attack(model=None, **params) -> UAPAttack:
-    defaults = dict(threshold=0.9, stealth_loss="ssim", max_epochs=2, batch_size=8, random_state=0)
+    # The KRT-FUAP mechanism under test: key regions on (the library's default is a global perturbation).
+    defaults = dict(threshold=0.9, stealth_loss="ssim", use_key_regions=True, max_epochs=2, batch_size=8, random_state=0)
     defaults.update(params)
     return UAPAttack(model or TinyEmbedder(), **defaults)
 
@@ -163,6 +164,16 @@ def test_model_is_left_untouched():
     assert all(p.requires_grad for p in model.parameters())
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_default_is_a_global_perturbation_and_the_paper_recipe_uses_key_regions():
+    x = faces()
+    default = UAPAttack(TinyEmbedder(), threshold=0.9, max_epochs=1, batch_size=8, random_state=0).fit(x)
+    assert torch.equal(default.mask_, torch.ones(SIZE, SIZE)) and torch.equal(default.flow_, torch.zeros(2, SIZE, SIZE))
+    paper = UAPAttack.paper(TinyEmbedder(), threshold=0.9, stealth_loss="ssim", stealth_weight=3, max_epochs=1,
+                            batch_size=8, random_state=0, lr=0.2).fit(x)
+    assert paper.use_key_regions and paper.learn_flow
+    assert 0 < paper.mask_.mean() < 1 and paper.flow_.abs().sum() > 0
 
 
 def test_ablation_switches_change_the_mechanism():

@@ -218,7 +218,7 @@ def faces(n: int = 16) -> torch.Tensor:
 
 def attack(**params) -> UAPAttack:
     settings = dict(threshold=-1.0, target_fooling_rate=1.0, max_epochs=2, batch_size=8, random_state=0,
-                    masker=torch.full((SIZE, SIZE), 0.5), augment="photo")
+                    masker=torch.full((SIZE, SIZE), 0.5), use_key_regions=True, augment="photo")
     settings.update(params)
     return UAPAttack(TinyEmbedder(), **settings)
 

@@ -655,7 +655,8 @@ ROWS = [
     (fit_params, params(stealth_weight=-1.0), ValueError, r"stealth_weight must be >= 0, got -1"),
     (fit_params, params(checkpoint_every=0), ValueError, r"checkpoint_every must be >= 1, got 0"),
     (fit_params, params(adversarial_loss="l2"), ValueError, r"adversarial_loss must be one of \['cosine', 'direction', 'euclidean'\], got 'l2'"),
-    (fit_params, params(masker=torch.ones(8, 8)), ValueError, r"mask has shape \(8, 8\) but the images are 16x16.*same size"),
+    (fit_params, params(masker=torch.ones(8, 8), use_key_regions=True), ValueError, r"mask has shape \(8, 8\) but the images are 16x16.*same size"),
+    (fit_params, params(masker=torch.ones(16, 16)), ValueError, r"masker is set but use_key_regions=False.*use_key_regions=True"),
     (fit_params, params(max_time=-1), ValueError, r"max_time must be >= 0 seconds or None"),
     # --- UAPAttack.fit(resume=True): bad checkpoints (must be refused, never executed)
     (fit_resume, _as_checkpoint(evil_pickle), ValueError, r"Refused to load checkpoint .*could run code" + CKPT_FIX),

@@ -174,7 +174,7 @@ def _faces() -> torch.Tensor:
 
 def _attack(checkpoint: Path, model: nn.Module | None = None, **params) -> UAPAttack:
     settings = dict(
-        threshold=-1.0, stealth_loss="ssim", max_epochs=3, batch_size=4, random_state=0,
+        threshold=-1.0, stealth_loss="ssim", use_key_regions=True, max_epochs=3, batch_size=4, random_state=0,
         checkpoint_path=checkpoint, checkpoint_every=1,
     )
     settings.update(params)

@@ -113,6 +113,11 @@ def test_fit_command_fits_and_saves(tmp_path: Path) -> None:
                  "--threshold", "0.3", "--quiet"]) == 0
     attack = UAPAttack.load(output)
     assert attack.threshold_ == 0.3 and attack.n_iter_ >= 1 and attack.perturbation_.abs().max() <= 0.08
+    assert not attack.use_key_regions and torch.equal(attack.mask_, torch.ones(112, 112))
+    assert main(["fit", str(root), "--output", str(output), "--max-time", "0.01", "--key-regions",
+                 "--threshold", "0.3", "--quiet"]) == 0
+    keyed = UAPAttack.load(output)
+    assert keyed.use_key_regions and 0 < keyed.mask_.mean() < 1
 
 
 def test_fit_command_refuses_a_folder_as_output(tmp_path: Path, capsys) -> None:

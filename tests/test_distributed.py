@@ -34,7 +34,8 @@ def faces(n: int = 24) -> torch.Tensor:
 def make_attack(batch_size: int, **params) -> UAPAttack:
     # threshold 0.995 and small initial noise make a part of each batch fooled mid-fit, so skip_fooled matters.
     defaults = dict(
-        threshold=0.995, stealth_loss="ssim", skip_fooled=True, init_scale=0.1, target_fooling_rate=0.75, max_epochs=8,
+        threshold=0.995, stealth_loss="ssim", use_key_regions=True, skip_fooled=True, init_scale=0.1,
+        target_fooling_rate=0.75, max_epochs=8,
         batch_size=batch_size, random_state=0,
     )
     return UAPAttack(TinyEmbedder(), **{**defaults, **params})

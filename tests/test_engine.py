@@ -27,7 +27,7 @@ def faces(n: int = 16, seed: int = 0) -> torch.Tensor:
 def make(cls, model=None, **params):
     settings = dict(threshold=0.99, epsilon=0.08, max_epochs=3, batch_size=8, random_state=0)
     if cls is UAPAttack:
-        settings["masker"] = torch.full((SIZE, SIZE), 0.5)
+        settings.update(masker=torch.full((SIZE, SIZE), 0.5), use_key_regions=True)
     settings.update(params)
     return cls(model or TinyEmbedder(), **settings)
 
