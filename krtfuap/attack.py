@@ -68,7 +68,7 @@ def adapt_stealth_weight(weight: float, measured_ssim: float, target_ssim: float
 
 
 class UAPAttack(PerturbationEstimator):
-    """KRT-FUAP: a universal perturbation focused on facial key regions.
+    """KRT-FUAP: a universal perturbation under a stealth target, optionally focused on facial key regions.
 
     The defaults are the recipe measured fastest on real models and real
     faces (``docs/method.rst``, "Where the library departs from the paper");
