@@ -32,7 +32,7 @@ from krtfuap.metrics import cosine_similarity, ssim
 from krtfuap.perturbation import MaskedPerturbation
 from krtfuap.stealth import StealthLossLike, resolve_stealth_loss
 
-__all__ = ["UAPAttack", "adapt_stealth_weight"]
+__all__ = ["UAPAttack", "adapt_stealth_weight", "cosine_decay"]
 
 #: Bounds of an adapted stealth weight.
 _WEIGHT_RANGE = (1e-3, 1e4)
@@ -65,6 +65,29 @@ def adapt_stealth_weight(weight: float, measured_ssim: float, target_ssim: float
     """
     updated = weight * math.exp(rate * (target_ssim - measured_ssim) / 0.01)
     return min(max(updated, _WEIGHT_RANGE[0]), _WEIGHT_RANGE[1])
+
+
+def cosine_decay(step: int, total: int, final: float = 0.1) -> float:
+    """Learning-rate factor after ``step`` update steps of a cosine decay over ``total`` steps.
+
+    ``final + (1 - final) * (1 + cos(pi * min(step, total) / total)) / 2``: 1
+    at step 0, ``final`` from step ``total`` on.
+
+    Parameters
+    ----------
+    step : int
+        Update steps done, ``>= 0``.
+    total : int
+        Length of the decay, ``>= 1``.
+    final : float
+        Factor at the end, in ``[0, 1]``.
+
+    Returns
+    -------
+    float
+    """
+    progress = min(step, total) / total
+    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class UAPAttack(PerturbationEstimator):
@@ -156,6 +179,11 @@ class UAPAttack(PerturbationEstimator):
         Adam learning rate of the noise (paper: 0.01).
     flow_lr : float, optional
         Adam learning rate of the flow field; ``None`` uses ``lr``.
+    lr_decay_steps : int, optional
+        Cosine-decay both learning rates to a tenth over this many update
+        steps, then hold them there (:func:`cosine_decay`); ``None`` keeps
+        them constant (paper). Measured in ``benchmarks/RESULTS.md``,
+        section 0c.
     input_diversity : float
         Probability per step of feeding the model a randomly shrunk and
         zero-padded copy of the adversarial batch (Xie et al. 2019, see
@@ -248,6 +276,7 @@ class UAPAttack(PerturbationEstimator):
         max_steps: int | None = None,
         lr: float = 0.01,
         flow_lr: float | None = None,
+        lr_decay_steps: int | None = None,
         input_diversity: float = 0.0,
         diversity_min_scale: float = 0.9,
         augment: str | Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -281,6 +310,7 @@ class UAPAttack(PerturbationEstimator):
         self.max_steps = max_steps
         self.lr = lr
         self.flow_lr = flow_lr
+        self.lr_decay_steps = lr_decay_steps
         self.input_diversity = input_diversity
         self.diversity_min_scale = diversity_min_scale
         self.augment = augment
@@ -327,6 +357,7 @@ class UAPAttack(PerturbationEstimator):
         check_number(self.flow_bound, "flow_bound", low=0)
         check_number(self.lr, "lr", low=0, low_open=True)
         check_number(self.flow_lr, "flow_lr", low=0, allow_none=True)
+        check_number(self.lr_decay_steps, "lr_decay_steps", low=1, integer=True, allow_none=True)
         check_number(self.init_scale, "init_scale", low=0)
         if self.adversarial_loss not in ADVERSARIAL_LOSSES:
             raise ValueError(
@@ -406,6 +437,7 @@ class UAPAttack(PerturbationEstimator):
             augment=resolve_augment(self.augment, generator),
             lr=self.lr,
             flow_lr=self.lr if self.flow_lr is None else self.flow_lr,
+            lr_decay_steps=self.lr_decay_steps,
         )
         learned = {"mask_": mask if mask is not None else torch.ones(height, width)}
         return solver, learned
@@ -430,6 +462,7 @@ class _KeyRegionSolver(Solver):
         augment: Callable[[torch.Tensor], torch.Tensor] | None,
         lr: float,
         flow_lr: float,
+        lr_decay_steps: int | None = None,
     ) -> None:
         self.module = perturbation
         self.embed = embed
@@ -446,6 +479,9 @@ class _KeyRegionSolver(Solver):
         if perturbation.flow_warp is not None:
             groups.append({"params": list(perturbation.flow_warp.parameters()), "lr": flow_lr})
         self.optimizer = torch.optim.Adam(groups)
+        self.base_lrs = [group["lr"] for group in groups]
+        self.lr_decay_steps = lr_decay_steps
+        self.steps_done = 0
 
     def step(self, images: torch.Tensor, clean_embeddings: torch.Tensor) -> dict[str, float]:
         adversarial = (images + self.module()).clamp(0.0, 1.0)
@@ -491,6 +527,11 @@ class _KeyRegionSolver(Solver):
         return augmented
 
     def after_step(self, record: dict[str, float]) -> None:
+        self.steps_done += 1
+        if self.lr_decay_steps is not None:
+            factor = cosine_decay(self.steps_done, self.lr_decay_steps)
+            for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
+                group["lr"] = base_lr * factor
         if self.target_ssim is not None:
             self.stealth_weight = adapt_stealth_weight(
                 self.stealth_weight, record["ssim"], self.target_ssim + _SSIM_MARGIN, self.adapt_rate
@@ -519,12 +560,14 @@ class _KeyRegionSolver(Solver):
             "perturbation": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "stealth_weight": self.stealth_weight,
+            "steps_done": self.steps_done,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state["perturbation"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.stealth_weight = float(state["stealth_weight"])
+        self.steps_done = int(state["steps_done"])
 
     def broadcast_(self) -> None:
         broadcast_module_(self.module)

@@ -366,3 +366,33 @@ def test_max_steps_stops_mid_epoch_scores_that_state_and_repeats_exactly():
     assert first.fooling_rate_ == first.evaluate(x)["fooling_rate"]
     with pytest.raises(ValueError, match="max_steps"):
         quick_attack(max_steps=0).fit(x)
+
+
+def test_cosine_decay_runs_from_one_to_its_final_factor_and_holds():
+    from krtfuap.attack import cosine_decay
+
+    assert cosine_decay(0, 10) == 1.0
+    assert cosine_decay(5, 10) == pytest.approx(0.55)
+    assert cosine_decay(10, 10) == pytest.approx(0.1) and cosine_decay(99, 10) == pytest.approx(0.1)
+    factors = [cosine_decay(step, 10) for step in range(12)]
+    assert all(a >= b for a, b in zip(factors, factors[1:]))
+
+
+def test_lr_decay_steps_lowers_both_learning_rates_and_survives_a_resume(tmp_path):
+    from krtfuap.attack import cosine_decay
+
+    x = faces()
+    attack = quick_attack(lr=0.05, flow_lr=0.02, lr_decay_steps=3, max_epochs=3, target_fooling_rate=1.0).fit(x)
+    assert attack.n_iter_ == 6  # 16 faces, batches of 8
+    constant = quick_attack(lr=0.05, flow_lr=0.02, max_epochs=3, target_fooling_rate=1.0).fit(x)
+    assert not torch.equal(attack.perturbation_, constant.perturbation_)
+    path = tmp_path / "fit.ckpt"
+    settings = dict(lr=0.05, flow_lr=0.02, lr_decay_steps=3, target_fooling_rate=1.0, checkpoint_path=path)
+    quick_attack(max_epochs=1, **settings).fit(x)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    lrs = [group["lr"] for group in state["solver"]["optimizer"]["param_groups"]]
+    assert lrs == pytest.approx([0.05 * cosine_decay(2, 3), 0.02 * cosine_decay(2, 3)])
+    resumed = quick_attack(max_epochs=3, **settings).fit(x, resume=True)
+    assert torch.equal(resumed.perturbation_, attack.perturbation_)
+    with pytest.raises(ValueError, match="lr_decay_steps"):
+        quick_attack(lr_decay_steps=0).fit(x)
