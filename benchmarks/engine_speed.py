@@ -21,7 +21,7 @@ Configurations (``--configs``):
 * ``weight:W``: ``UAPAttack(model, stealth_weight=W)``, the defaults with a fixed weight;
 * ``paper+target:S``: the paper's recipe as in ``paper`` with ``target_ssim=S``;
 * any of these followed by ``,keyword=value`` pairs sets more keywords of
-  ``UAPAttack``, e.g. ``target:0.93,use_key_regions=True,budget=None``.
+  ``UAPAttack``, e.g. ``target:0.93,use_key_regions=True,lr_decay_steps=600``.
 
 Example (2-core CPU, about 10 minutes per configuration at --max-time 600)::
 

@@ -481,7 +481,6 @@ class _KeyRegionSolver(Solver):
         self.optimizer = torch.optim.Adam(groups)
         self.base_lrs = [group["lr"] for group in groups]
         self.lr_decay_steps = lr_decay_steps
-        self.steps_done = 0
 
     def step(self, images: torch.Tensor, clean_embeddings: torch.Tensor) -> dict[str, float]:
         adversarial = (images + self.module()).clamp(0.0, 1.0)
@@ -527,9 +526,8 @@ class _KeyRegionSolver(Solver):
         return augmented
 
     def after_step(self, record: dict[str, float]) -> None:
-        self.steps_done += 1
         if self.lr_decay_steps is not None:
-            factor = cosine_decay(self.steps_done, self.lr_decay_steps)
+            factor = cosine_decay(int(record["step"]) + 1, self.lr_decay_steps)
             for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
                 group["lr"] = base_lr * factor
         if self.target_ssim is not None:
@@ -560,14 +558,12 @@ class _KeyRegionSolver(Solver):
             "perturbation": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "stealth_weight": self.stealth_weight,
-            "steps_done": self.steps_done,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state["perturbation"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.stealth_weight = float(state["stealth_weight"])
-        self.steps_done = int(state["steps_done"])
 
     def broadcast_(self) -> None:
         broadcast_module_(self.module)

@@ -112,7 +112,11 @@ class Solver:
         raise NotImplementedError
 
     def after_step(self, record: dict[str, float]) -> None:
-        """Called with the step's record averaged over ranks (e.g. to adapt a loss weight)."""
+        """Called with the step's record averaged over ranks (e.g. to adapt a loss weight).
+
+        ``record["step"]`` is the 0-based index of this update in the whole fit
+        (a resumed fit counts on from its checkpoint).
+        """
 
     def perturbation(self) -> torch.Tensor:
         """The current perturbation, ``(3, H, W)``, detached, on the fit device."""
@@ -411,8 +415,9 @@ class FitLoop:
                 for images, clean in self._clean_batches(data, size, fit_cache):
                     record = solver.step(images, clean)
                     record, _ = mean_over_ranks(record, len(images), self.device)
+                    record["step"] = n_iter
                     solver.after_step(record)
-                    record.update(step=n_iter, epoch=epoch, time=time.perf_counter() - started)
+                    record.update(epoch=epoch, time=time.perf_counter() - started)
                     history.append(record)
                     n_iter += 1
                     if self.max_steps is not None and n_iter >= self.max_steps:
