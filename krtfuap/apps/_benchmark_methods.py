@@ -69,7 +69,8 @@ class Method:
 
 
 def _krt(label: str, table: str, **switches: Any) -> Method:
-    return Method(label, table, "krtfuap.attack.UAPAttack", switches, stealth=True)
+    """A KRT-FUAP row: ``UAPAttack`` with the paper's key regions unless ``switches`` say otherwise."""
+    return Method(label, table, "krtfuap.attack.UAPAttack", {"use_key_regions": True, **switches}, stealth=True)
 
 
 def _baseline(label: str, name: str) -> Method:
@@ -78,16 +79,16 @@ def _baseline(label: str, name: str) -> Method:
 
 # Documented where they are used: krtfuap.apps.benchmark.METHODS and MODELS.
 METHODS: dict[str, Method] = {
-    "krt-fuap": _krt("KRT-FUAP", "Table 1", use_key_regions=True),
+    "krt-fuap": _krt("KRT-FUAP", "Table 1"),
     "random-noise": _baseline("Random noise", "RandomNoiseUAP"),
     "uap": _baseline("UAP (DeepFool)", "DeepFoolUAP"),
     "fg-uap": _baseline("FG-UAP", "FGUAP"),
     "frequency-uap": _baseline("Frequency UAP (re-impl.)", "FrequencyUAP"),
     "no-key-regions": _krt("KRT-FUAP, global (no mask)", "Table 3", use_key_regions=False),
-    "fixed-key-regions": _krt("KRT-FUAP, fixed regions (no flow)", "Table 4", use_key_regions=True, learn_flow=False),
-    "cosine-loss": _krt("KRT-FUAP, cosine loss", "Table 5", use_key_regions=True, adversarial_loss="cosine"),
-    "euclidean-loss": _krt("KRT-FUAP, Euclidean loss", "Table 5", use_key_regions=True, adversarial_loss="euclidean"),
-    "krt-fuap-di": _krt("KRT-FUAP + input diversity", "Table 2", use_key_regions=True, input_diversity=0.5),
+    "fixed-key-regions": _krt("KRT-FUAP, fixed regions (no flow)", "Table 4", learn_flow=False),
+    "cosine-loss": _krt("KRT-FUAP, cosine loss", "Table 5", adversarial_loss="cosine"),
+    "euclidean-loss": _krt("KRT-FUAP, Euclidean loss", "Table 5", adversarial_loss="euclidean"),
+    "krt-fuap-di": _krt("KRT-FUAP + input diversity", "Table 2", input_diversity=0.5),
 }
 
 MODELS = ("foamliu_mobilefacenet", "insightface_mbf", "dlib_resnet")
