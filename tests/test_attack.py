@@ -384,7 +384,7 @@ def test_lr_decay_steps_lowers_both_learning_rates_and_survives_a_resume(tmp_pat
     x = faces()
     attack = quick_attack(lr=0.05, flow_lr=0.02, lr_decay_steps=3, max_epochs=3, target_fooling_rate=1.0).fit(x)
     assert attack.n_iter_ == 6  # 16 faces, batches of 8
-    constant = quick_attack(lr=0.05, flow_lr=0.02, max_epochs=3, target_fooling_rate=1.0).fit(x)
+    constant = quick_attack(lr=0.05, flow_lr=0.02, lr_decay_steps=None, max_epochs=3, target_fooling_rate=1.0).fit(x)
     assert not torch.equal(attack.perturbation_, constant.perturbation_)
     path = tmp_path / "fit.ckpt"
     settings = dict(lr=0.05, flow_lr=0.02, lr_decay_steps=3, target_fooling_rate=1.0, checkpoint_path=path)
@@ -396,3 +396,21 @@ def test_lr_decay_steps_lowers_both_learning_rates_and_survives_a_resume(tmp_pat
     assert torch.equal(resumed.perturbation_, attack.perturbation_)
     with pytest.raises(ValueError, match="lr_decay_steps"):
         quick_attack(lr_decay_steps=0).fit(x)
+
+
+def test_the_default_decays_the_learning_rate_over_600_steps_and_the_paper_keeps_it_constant(tmp_path):
+    from krtfuap.attack import cosine_decay
+
+    x = faces()
+    common = dict(threshold=0.9, max_epochs=1, batch_size=8, random_state=0, target_fooling_rate=1.0)
+    UAPAttack(TinyEmbedder(), checkpoint_path=tmp_path / "default.ckpt", **common).fit(x)
+    UAPAttack.paper(TinyEmbedder(), stealth_loss="ssim", stealth_weight=3, checkpoint_path=tmp_path / "paper.ckpt",
+                    **common).fit(x)
+
+    def learning_rates(name):
+        state = torch.load(tmp_path / name, map_location="cpu", weights_only=True)
+        return [group["lr"] for group in state["solver"]["optimizer"]["param_groups"]]
+
+    assert learning_rates("default.ckpt") == pytest.approx([0.01 * cosine_decay(2, 600)], rel=1e-12)
+    assert learning_rates("default.ckpt")[0] < 0.01
+    assert learning_rates("paper.ckpt") == [0.01, 0.01]  # noise and flow, never decayed

@@ -69,8 +69,9 @@ class Method:
 
 
 def _krt(label: str, table: str, **switches: Any) -> Method:
-    """A KRT-FUAP row: ``UAPAttack`` with the paper's key regions unless ``switches`` say otherwise."""
-    return Method(label, table, "krtfuap.attack.UAPAttack", {"use_key_regions": True, **switches}, stealth=True)
+    """A KRT-FUAP row: ``UAPAttack`` with the paper's key regions and constant learning rate unless ``switches`` say otherwise."""
+    options = {"use_key_regions": True, "lr_decay_steps": None, **switches}
+    return Method(label, table, "krtfuap.attack.UAPAttack", options, stealth=True)
 
 
 def _baseline(label: str, name: str) -> Method:
