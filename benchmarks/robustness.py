@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import random
 import tempfile
@@ -55,10 +56,11 @@ import torch
 from _common import SHARED, calibrated_threshold, held_out_split, load_model
 from PIL import Image
 
-from krtfuap.alignment import SCRFDDetector
+from krtfuap.alignment import SCRFDDetector, detect_faces
 from krtfuap.apps.cloak import PhotoCloak, summarise
 from krtfuap.attack import UAPAttack
 from krtfuap.metrics import embed
+from krtfuap.paste import face_to_photo_matrix
 from krtfuap.scoring import PerturbationScore, score_batch
 
 Pipeline = Callable[[Image.Image], Image.Image]
@@ -143,6 +145,16 @@ def held_out_photos(test_identities: list[str], count: int, seed: int) -> list[P
     return sorted(random.Random(seed).sample(photos, min(count, len(photos))))
 
 
+def face_scales(photos: list[Path], detector: SCRFDDetector) -> np.ndarray:
+    """Per face found in ``photos``: photo pixels per aligned-template pixel (below 1: smaller than the template)."""
+    scales = []
+    for path in photos:
+        image = np.asarray(Image.open(path).convert("RGB"))
+        for keypoints in detect_faces(image, detector)[2]:
+            scales.append(math.sqrt(abs(np.linalg.det(face_to_photo_matrix(keypoints)[:, :2]))))
+    return np.asarray(scales)
+
+
 def photo_round_trip(
     perturbation: torch.Tensor, model: torch.nn.Module, threshold: float, photos: list[Path],
     detector: SCRFDDetector, quality: int = 85,
@@ -184,6 +196,11 @@ def main() -> None:
     names = list(PIPELINES) + (["photo JPEG q85"] if args.photos else [])
     photos = held_out_photos(split.test_identities, args.photos, args.seed)
     detector = SCRFDDetector()
+    if photos:
+        scales = face_scales(photos, detector)
+        quartiles = " / ".join(f"{q:.2f}" for q in np.percentile(scales, [25, 50, 75]))
+        print(f"photos: {len(photos)}, {len(scales)} faces; photo pixels per template pixel, quartiles "
+              f"{quartiles} (the paste shrinks the perturbation by this, re-alignment enlarges it back)\n")
 
     def score(model: torch.nn.Module, perturbation: torch.Tensor, threshold: float) -> dict[str, dict[str, float]]:
         scores = score_pipelines(model, split.test_faces, perturbation, threshold)

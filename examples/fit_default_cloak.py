@@ -4,18 +4,19 @@ Usage
 -----
 python examples/fit_default_cloak.py ../shared/assets/faces --output krtfuap/data/default_cloak.safetensors --threads 1
 
-KRT-FUAP (``UAPAttack`` with ``use_key_regions=True``, otherwise the defaults of the version that
-made it, and ``target_ssim=0.93``) against InsightFace's
-ArcFace MobileFaceNet (``w600k_mbf``) on 1000 aligned LFW faces of one half of the
-identities (``split_identities(..., 0.5, random_state=0)``; the other half is never seen
-and judges the result), 1235 steps of 10 faces (12 passes and 35 steps; the perturbation
-returned is the best scored one that keeps SSIM >= 0.93 on the fitting faces, which here
-is the state after the last step). The verification threshold is the best-accuracy
-threshold on 600 LFW pairs of the fitting identities. On the CPU the result is bit-for-bit
-repeatable (seeded; a step limit, not a time limit). ``--augment photo`` / ``resample`` fit
-through random photo transforms instead (:mod:`krtfuap.augment`); measured, neither made
-the cloak survive more (``benchmarks/RESULTS.md``, section 7), so the shipped cloak uses
-none. The result is saved compactly (the perturbation only, float16).
+``UAPAttack`` with the defaults of the version that made it (a global perturbation), its
+learning rates cosine-decayed over the whole fit (``lr_decay_steps=--max-steps``) and
+``target_ssim=0.93``, against InsightFace's ArcFace MobileFaceNet (``w600k_mbf``) on 1000
+aligned LFW faces of one half of the identities (``split_identities(..., 0.5, random_state=0)``;
+the other half is never seen and judges the result), 1200 steps of 10 faces (12 passes; the
+perturbation returned is the best scored one that keeps SSIM >= 0.93 on the fitting faces). The
+verification threshold is the best-accuracy threshold on 600 LFW pairs of the fitting identities.
+On the CPU the result is bit-for-bit repeatable (seeded; a step limit, not a time limit).
+``--key-regions --lr-decay-steps 0 --max-steps 1235`` are the settings of the cloak shipped
+before (the paper's key regions, constant learning rates). ``--augment photo`` / ``resample`` / ``realign`` fit
+through random photo transforms instead (:mod:`krtfuap.augment`); measured, none made the cloak
+survive more (``benchmarks/RESULTS.md``, section 7), so the shipped cloak uses none. The result is
+saved compactly (the perturbation only, float16).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ AUGMENTS = {
     "photo": lambda: "photo",
     "resample": lambda: PhotoAugment([RandomRealign(p=1.0), RandomRescale(factor=(0.5, 1.0), p=1.0),
                                       RandomJPEG(quality=(70.0, 95.0), p=0.5), Quantize()]),
+    "realign": lambda: PhotoAugment([RandomRealign(p=1.0), RandomRealign(p=1.0),
+                                     RandomJPEG(quality=(75.0, 95.0), p=0.5), Quantize()]),
 }
 
 
@@ -54,12 +57,17 @@ def main() -> None:
     parser.add_argument("--fit-faces", type=int, default=1000)
     parser.add_argument("--test-faces", type=int, default=300)
     parser.add_argument("--pairs", type=int, default=600, help="fitting-identity pairs that calibrate the threshold")
-    parser.add_argument("--max-steps", type=int, default=1235, help="update steps in all (100 per pass over the faces)")
+    parser.add_argument("--max-steps", type=int, default=1200, help="update steps in all (100 per pass over the faces)")
     parser.add_argument("--max-time", type=float, default=None, help="seconds of fitting (a time limit makes the "
                         "result depend on the machine's speed; the shipped cloak used --max-steps)")
     parser.add_argument("--target-ssim", type=float, default=0.93)
-    parser.add_argument("--augment", default="none", choices=("photo", "resample", "none"),
-                        help="'photo' (the preset), 'resample' (every step re-aligned and rescaled), 'none'")
+    parser.add_argument("--augment", default="none", choices=tuple(AUGMENTS),
+                        help="'photo' (the preset), 'resample' (every step re-aligned and rescaled), 'realign' "
+                        "(every step re-aligned twice: sub-pixel shifts, small turns and zooms), 'none'")
+    parser.add_argument("--key-regions", action="store_true", help="shape the noise by the paper's key regions "
+                        "and learned flow (as the cloak shipped before)")
+    parser.add_argument("--lr-decay-steps", type=int, default=None, help="steps of the cosine learning-rate decay "
+                        "(default: --max-steps, the whole fit; 0: constant rates)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     for name in ('fit_faces', 'test_faces', 'pairs', 'max_steps', 'threads', 'max_time'):
@@ -69,6 +77,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    decay_steps = args.max_steps if args.lr_decay_steps is None else (args.lr_decay_steps or None)
+    if decay_steps is not None and decay_steps < 0:
+        parser.error(f"--lr-decay-steps must be positive, or 0 for constant rates, got {args.lr_decay_steps}")
     fit_ids, test_ids = split_identities(FaceFolder(args.faces).identities, 0.5, random_state=0)
     fit_faces = stack(FaceFolder(args.faces, identities=fit_ids), args.fit_faces, seed=0)
     test_faces = stack(FaceFolder(args.faces, identities=test_ids), args.test_faces, seed=1)
@@ -77,7 +88,8 @@ def main() -> None:
     calibration = DataLoader(PairDataset(pairs[: args.pairs], args.faces), batch_size=100)
 
     attack = UAPAttack(
-        load_insightface_mbf(), threshold=None, epsilon=0.08, target_ssim=args.target_ssim, use_key_regions=True,
+        load_insightface_mbf(), threshold=None, epsilon=0.08, target_ssim=args.target_ssim, use_key_regions=args.key_regions,
+        lr_decay_steps=decay_steps,
         augment=AUGMENTS[args.augment](),
         target_fooling_rate=1.0, max_epochs=50, max_steps=args.max_steps, max_time=args.max_time, random_state=0,
         verbose=True,

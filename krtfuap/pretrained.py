@@ -2,10 +2,11 @@
 
 ``krtfuap/data/default_cloak.safetensors`` is a compact :class:`~krtfuap.UAPAttack`
 file (the perturbation only, float16) written by ``examples/fit_default_cloak.py``:
-KRT-FUAP fitted against InsightFace's ArcFace MobileFaceNet (``w600k_mbf``) on the
-aligned LFW faces of half the LFW identities in ``../shared/assets/faces``, with
-robust fitting (``augment="photo"``) and a stealth target. Its provenance,
-measured strength and license terms are in the docs ("Cloak your photos").
+:class:`~krtfuap.UAPAttack` with its defaults (a global perturbation) and a stealth
+target (``target_ssim=0.93``), fitted against InsightFace's ArcFace MobileFaceNet
+(``w600k_mbf``) on aligned LFW faces of half the LFW identities in
+``../shared/assets/faces``, without robust fitting (measured, it did not help). Its
+provenance, measured strength and license terms are in the docs ("Cloak your photos").
 """
 
 from __future__ import annotations

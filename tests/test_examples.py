@@ -289,6 +289,8 @@ def test_fit_distributed_example_runs_under_torchrun_with_two_processes(shared_a
         ("apply_to_folder.py", ["a.safetensors", "in", "out", "--max-images", "-1"]),
         ("fit_on_lfw.py", ["faces", "--max-faces", "0"]),
         ("fit_and_save.py", ["--max-time", "nan"]),
+        ("fit_default_cloak.py", ["faces", "--max-steps", "0"]),
+        ("fit_default_cloak.py", ["faces", "--lr-decay-steps", "-1"]),
     ],
 )
 def test_examples_refuse_counts_and_times_that_are_not_positive(script, arguments):
