@@ -88,8 +88,8 @@ def main() -> None:
     calibration = DataLoader(PairDataset(pairs[: args.pairs], args.faces), batch_size=100)
 
     attack = UAPAttack(
-        load_insightface_mbf(), threshold=None, epsilon=0.08, target_ssim=args.target_ssim, use_key_regions=args.key_regions,
-        lr_decay_steps=decay_steps,
+        load_insightface_mbf(), threshold=None, epsilon=0.08, target_ssim=args.target_ssim,
+        use_key_regions=args.key_regions, lr_decay_steps=decay_steps,
         augment=AUGMENTS[args.augment](),
         target_fooling_rate=1.0, max_epochs=50, max_steps=args.max_steps, max_time=args.max_time, random_state=0,
         verbose=True,

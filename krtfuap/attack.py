@@ -343,7 +343,8 @@ class UAPAttack(PerturbationEstimator):
         recipe = dict(
             stealth_loss="vgg", stealth_weight=0.05, target_ssim=None, use_key_regions=True, learn_flow=True,
             skip_fooled=True, init_scale=1.0,
-            lr=0.01, flow_lr=None, lr_decay_steps=None, batch_size=10, target_fooling_rate=0.8, adversarial_loss="direction",
+            lr=0.01, flow_lr=None, lr_decay_steps=None, batch_size=10, target_fooling_rate=0.8,
+            adversarial_loss="direction",
         )
         recipe.update(overrides)
         return cls(model, **recipe)

@@ -69,7 +69,7 @@ class Method:
 
 
 def _krt(label: str, table: str, **switches: Any) -> Method:
-    """A KRT-FUAP row: ``UAPAttack`` with the paper's key regions and constant learning rate unless ``switches`` say otherwise."""
+    """A KRT-FUAP row: ``UAPAttack`` with the paper's key regions and constant rates, unless ``switches`` differ."""
     options = {"use_key_regions": True, "lr_decay_steps": None, **switches}
     return Method(label, table, "krtfuap.attack.UAPAttack", options, stealth=True)
 
