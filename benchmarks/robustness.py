@@ -26,7 +26,9 @@ the detector finds is cloaked in the photo (:class:`krtfuap.apps.cloak.PhotoCloa
 the perturbation warped back onto the photo's pixel grid), the photo is saved as
 JPEG q85, read back, detected and aligned again, and compared with the same face
 of the original photo; FR is the share of faces ``protected``, SSIM that of the
-face's box in the photo.
+face's box in the photo. Before the table the script prints how large those faces
+are in their photos (photo pixels per template pixel; below 1 the paste shrinks the
+perturbation and re-alignment enlarges it back).
 
 ``--attacks FILE ...`` scores saved attacks (e.g. the ready cloak and its
 counterpart fitted without ``augment``, from ``examples/fit_default_cloak.py``)
