@@ -59,7 +59,7 @@ from _common import SHARED, calibrated_threshold, held_out_split, load_model
 from PIL import Image
 
 from krtfuap.alignment import SCRFDDetector, detect_faces
-from krtfuap.apps.cloak import PhotoCloak, summarise
+from krtfuap.apps.cloak import PhotoCloak, read_photo, summarise
 from krtfuap.attack import UAPAttack
 from krtfuap.metrics import embed
 from krtfuap.paste import face_to_photo_matrix
@@ -148,10 +148,14 @@ def held_out_photos(test_identities: list[str], count: int, seed: int) -> list[P
 
 
 def face_scales(photos: list[Path], detector: SCRFDDetector) -> np.ndarray:
-    """Per face found in ``photos``: photo pixels per aligned-template pixel (below 1: smaller than the template)."""
+    """Per face found in ``photos``: photo pixels per aligned-template pixel (below 1: smaller than the template).
+
+    Decoded and detected as :class:`PhotoCloak` does (``read_photo``, ``detect_faces`` with its defaults),
+    so these are the faces the photo round trip cloaks.
+    """
     scales = []
     for path in photos:
-        image = np.asarray(Image.open(path).convert("RGB"))
+        image, _ = read_photo(path)
         for keypoints in detect_faces(image, detector)[2]:
             scales.append(math.sqrt(abs(np.linalg.det(face_to_photo_matrix(keypoints)[:, :2]))))
     return np.asarray(scales)
