@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 from sklearn.base import clone
@@ -32,13 +32,15 @@ from krtfuap.metrics import cosine_similarity, ssim
 from krtfuap.perturbation import MaskedPerturbation
 from krtfuap.stealth import StealthLossLike, resolve_stealth_loss
 
-__all__ = ["UAPAttack", "adapt_stealth_weight", "cosine_decay"]
+__all__ = ["UAPAttack", "AUTO_DECAY_STEPS", "adapt_stealth_weight", "cosine_decay", "decay_progress"]
 
 #: Bounds of an adapted stealth weight.
 _WEIGHT_RANGE = (1e-3, 1e4)
 #: The adaptation aims this far above ``target_ssim``, so that the batch-to-batch swing of the
 #: measured SSIM leaves most end-of-epoch states at or above the target.
 _SSIM_MARGIN = 0.0025
+#: Length of ``lr_decay_steps="auto"`` for a fit limited by neither ``max_steps`` nor ``max_time``.
+AUTO_DECAY_STEPS = 600
 
 
 def adapt_stealth_weight(weight: float, measured_ssim: float, target_ssim: float, rate: float) -> float:
@@ -67,18 +69,16 @@ def adapt_stealth_weight(weight: float, measured_ssim: float, target_ssim: float
     return min(max(updated, _WEIGHT_RANGE[0]), _WEIGHT_RANGE[1])
 
 
-def cosine_decay(step: int, total: int, final: float = 0.1) -> float:
-    """Learning-rate factor after ``step`` update steps of a cosine decay over ``total`` steps.
+def cosine_decay(progress: float, final: float = 0.1) -> float:
+    """Learning-rate factor of a cosine decay ``progress`` of the way through it.
 
-    ``final + (1 - final) * (1 + cos(pi * min(step, total) / total)) / 2``: 1
-    at step 0, ``final`` from step ``total`` on.
+    ``final + (1 - final) * (1 + cos(pi * min(progress, 1))) / 2``: 1 at the
+    start, ``final`` from the end (``progress >= 1``) on.
 
     Parameters
     ----------
-    step : int
-        Update steps done, ``>= 0``.
-    total : int
-        Length of the decay, ``>= 1``.
+    progress : float
+        Fraction of the decay done, ``>= 0`` (e.g. steps done / decay steps).
     final : float
         Factor at the end, in ``[0, 1]``.
 
@@ -86,8 +86,51 @@ def cosine_decay(step: int, total: int, final: float = 0.1) -> float:
     -------
     float
     """
-    progress = min(step, total) / total
+    progress = min(max(progress, 0.0), 1.0)
     return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def decay_progress(
+    steps_done: int,
+    elapsed: float,
+    decay_steps: int | Literal["auto"] | None,
+    *,
+    max_steps: int | None = None,
+    max_time: float | None = None,
+) -> float | None:
+    """How far a fit is through its learning-rate decay, as a fraction (``>= 1``: decayed).
+
+    Parameters
+    ----------
+    steps_done : int
+        Update steps done, ``>= 0``.
+    elapsed : float
+        Seconds of the fit's loop so far (as ``max_time`` counts them).
+    decay_steps : int, "auto" or None
+        An int decays over that many steps. ``"auto"`` decays over the fit's
+        own budget: ``steps_done / max_steps`` and ``elapsed / max_time``,
+        whichever limit is nearer (so a fit limited by time ends decayed on a
+        fast machine and on a slow one alike); with neither limit set, over
+        :data:`AUTO_DECAY_STEPS` steps. ``None``: no decay.
+    max_steps : int, optional
+    max_time : float, optional
+        The fit's limits.
+
+    Returns
+    -------
+    float or None
+        ``None`` when there is no decay.
+    """
+    if decay_steps is None:
+        return None
+    if decay_steps != "auto":
+        return steps_done / decay_steps
+    fractions = []
+    if max_steps is not None:
+        fractions.append(steps_done / max_steps)
+    if max_time is not None:
+        fractions.append(elapsed / max_time if max_time > 0 else math.inf)
+    return max(fractions) if fractions else steps_done / AUTO_DECAY_STEPS
 
 
 class UAPAttack(PerturbationEstimator):
@@ -179,12 +222,18 @@ class UAPAttack(PerturbationEstimator):
         Adam learning rate of the noise (paper: 0.01).
     flow_lr : float, optional
         Adam learning rate of the flow field; ``None`` uses ``lr``.
-    lr_decay_steps : int, optional
+    lr_decay_steps : int, "auto" or None
         Cosine-decay both learning rates to a tenth over this many update
-        steps, then hold them there (:func:`cosine_decay`); ``None`` keeps
-        them constant (paper). With the default 600, a 600-step fit ended at
-        a higher held-out fooling rate than with constant rates on both real
-        models measured (``benchmarks/RESULTS.md``, sections 0c and 0d).
+        steps, then hold them there (:func:`cosine_decay`). ``"auto"`` (the
+        default) decays them over the fit's own budget: to a tenth at
+        ``max_steps`` or at ``max_time``, whichever comes first, or over 600
+        steps when neither is set (:func:`decay_progress`); by ``max_time``
+        the rates follow the clock, so such a fit does not repeat exactly
+        (as with any time limit). ``None`` keeps them constant (paper).
+        In 600 s on one CPU core, decaying over the whole fit ended at a
+        higher held-out fooling rate than a fixed 600-step decay or constant
+        rates on both real models measured (``benchmarks/RESULTS.md``,
+        sections 0d and 0e).
     input_diversity : float
         Probability per step of feeding the model a randomly shrunk and
         zero-padded copy of the adversarial batch (Xie et al. 2019, see
@@ -277,7 +326,7 @@ class UAPAttack(PerturbationEstimator):
         max_steps: int | None = None,
         lr: float = 0.01,
         flow_lr: float | None = None,
-        lr_decay_steps: int | None = 600,
+        lr_decay_steps: int | Literal["auto"] | None = "auto",
         input_diversity: float = 0.0,
         diversity_min_scale: float = 0.9,
         augment: str | Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -359,7 +408,13 @@ class UAPAttack(PerturbationEstimator):
         check_number(self.flow_bound, "flow_bound", low=0)
         check_number(self.lr, "lr", low=0, low_open=True)
         check_number(self.flow_lr, "flow_lr", low=0, allow_none=True)
-        check_number(self.lr_decay_steps, "lr_decay_steps", low=1, integer=True, allow_none=True)
+        if isinstance(self.lr_decay_steps, str) and self.lr_decay_steps != "auto":
+            raise ValueError(
+                f'lr_decay_steps must be a number of steps, "auto" (over the fit\'s max_steps / max_time) or None '
+                f"(constant rates), got {self.lr_decay_steps!r}."
+            )
+        if self.lr_decay_steps != "auto":
+            check_number(self.lr_decay_steps, "lr_decay_steps", low=1, integer=True, allow_none=True)
         check_number(self.init_scale, "init_scale", low=0)
         if self.adversarial_loss not in ADVERSARIAL_LOSSES:
             raise ValueError(
@@ -408,6 +463,11 @@ class UAPAttack(PerturbationEstimator):
             raise ValueError("The key-region mask must hold values in [0, 1].")
         return mask
 
+    def _lr_progress(self, steps_done: int, elapsed: float) -> float | None:
+        """Fraction of the learning-rate decay done (:func:`decay_progress` with this fit's limits)."""
+        return decay_progress(steps_done, elapsed, self.lr_decay_steps, max_steps=self.max_steps,
+                              max_time=self.max_time)
+
     def _make_solver(self, X, size, device, generator, embed, threshold):
         height, width = size
         mask = self._key_region_mask(X, height, width)
@@ -439,7 +499,7 @@ class UAPAttack(PerturbationEstimator):
             augment=resolve_augment(self.augment, generator),
             lr=self.lr,
             flow_lr=self.lr if self.flow_lr is None else self.flow_lr,
-            lr_decay_steps=self.lr_decay_steps,
+            lr_progress=self._lr_progress,
         )
         learned = {"mask_": mask if mask is not None else torch.ones(height, width)}
         return solver, learned
@@ -464,7 +524,7 @@ class _KeyRegionSolver(Solver):
         augment: Callable[[torch.Tensor], torch.Tensor] | None,
         lr: float,
         flow_lr: float,
-        lr_decay_steps: int | None = None,
+        lr_progress: Callable[[int, float], float | None] | None = None,
     ) -> None:
         self.module = perturbation
         self.embed = embed
@@ -482,7 +542,7 @@ class _KeyRegionSolver(Solver):
             groups.append({"params": list(perturbation.flow_warp.parameters()), "lr": flow_lr})
         self.optimizer = torch.optim.Adam(groups)
         self.base_lrs = [group["lr"] for group in groups]
-        self.lr_decay_steps = lr_decay_steps
+        self.lr_progress = lr_progress
 
     def step(self, images: torch.Tensor, clean_embeddings: torch.Tensor) -> dict[str, float]:
         adversarial = (images + self.module()).clamp(0.0, 1.0)
@@ -528,8 +588,9 @@ class _KeyRegionSolver(Solver):
         return augmented
 
     def after_step(self, record: dict[str, float]) -> None:
-        if self.lr_decay_steps is not None:
-            factor = cosine_decay(int(record["step"]) + 1, self.lr_decay_steps)
+        progress = None if self.lr_progress is None else self.lr_progress(int(record["step"]) + 1, record["time"])
+        if progress is not None:
+            factor = cosine_decay(progress)
             for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
                 group["lr"] = base_lr * factor
         if self.target_ssim is not None:

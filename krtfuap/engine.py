@@ -115,7 +115,8 @@ class Solver:
         """Called with the step's record averaged over ranks (e.g. to adapt a loss weight).
 
         ``record["step"]`` is the 0-based index of this update in the whole fit
-        (a resumed fit counts on from its checkpoint).
+        (a resumed fit counts on from its checkpoint), ``record["time"]`` the
+        seconds of the loop so far, as ``max_time`` counts them.
         """
 
     def perturbation(self) -> torch.Tensor:
@@ -414,10 +415,12 @@ class FitLoop:
             if solver.learns:
                 for images, clean in self._clean_batches(data, size, fit_cache):
                     record = solver.step(images, clean)
+                    # The time is averaged over ranks with the rest, so a schedule reading it agrees on every rank.
+                    record["time"] = time.perf_counter() - started
                     record, _ = mean_over_ranks(record, len(images), self.device)
                     record["step"] = n_iter
                     solver.after_step(record)
-                    record.update(epoch=epoch, time=time.perf_counter() - started)
+                    record["epoch"] = epoch
                     history.append(record)
                     n_iter += 1
                     if self.max_steps is not None and n_iter >= self.max_steps:

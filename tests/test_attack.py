@@ -371,11 +371,25 @@ def test_max_steps_stops_mid_epoch_scores_that_state_and_repeats_exactly():
 def test_cosine_decay_runs_from_one_to_its_final_factor_and_holds():
     from krtfuap.attack import cosine_decay
 
-    assert cosine_decay(0, 10) == 1.0
-    assert cosine_decay(5, 10) == pytest.approx(0.55)
-    assert cosine_decay(10, 10) == pytest.approx(0.1) and cosine_decay(99, 10) == pytest.approx(0.1)
-    factors = [cosine_decay(step, 10) for step in range(12)]
+    assert cosine_decay(0.0) == 1.0
+    assert cosine_decay(0.5) == pytest.approx(0.55)
+    assert cosine_decay(1.0) == pytest.approx(0.1) and cosine_decay(9.9) == pytest.approx(0.1)
+    assert cosine_decay(1.0, final=0.0) == pytest.approx(0.0)
+    factors = [cosine_decay(step / 10) for step in range(12)]
     assert all(a >= b for a, b in zip(factors, factors[1:]))
+
+
+def test_decay_progress_follows_the_nearer_limit_of_the_fit():
+    from krtfuap.attack import AUTO_DECAY_STEPS, decay_progress
+
+    assert decay_progress(30, 5.0, None, max_steps=100) is None
+    assert decay_progress(30, 5.0, 60, max_steps=100, max_time=10.0) == 0.5  # a number of steps ignores the limits
+    assert decay_progress(30, 5.0, "auto", max_steps=100) == 0.3
+    assert decay_progress(30, 5.0, "auto", max_time=20.0) == 0.25
+    assert decay_progress(30, 5.0, "auto", max_steps=100, max_time=10.0) == 0.5  # time runs out first
+    assert decay_progress(30, 5.0, "auto", max_steps=40, max_time=10.0) == 0.75  # steps run out first
+    assert decay_progress(30, 5.0, "auto") == 30 / AUTO_DECAY_STEPS
+    assert decay_progress(1, 0.1, "auto", max_time=0.0) == math.inf  # no time at all: decayed at once
 
 
 def test_lr_decay_steps_lowers_both_learning_rates_and_survives_a_resume(tmp_path):
@@ -391,26 +405,34 @@ def test_lr_decay_steps_lowers_both_learning_rates_and_survives_a_resume(tmp_pat
     quick_attack(max_epochs=1, **settings).fit(x)
     state = torch.load(path, map_location="cpu", weights_only=True)
     lrs = [group["lr"] for group in state["solver"]["optimizer"]["param_groups"]]
-    assert lrs == pytest.approx([0.05 * cosine_decay(2, 3), 0.02 * cosine_decay(2, 3)])
+    assert lrs == pytest.approx([0.05 * cosine_decay(2 / 3), 0.02 * cosine_decay(2 / 3)])
     resumed = quick_attack(max_epochs=3, **settings).fit(x, resume=True)
     assert torch.equal(resumed.perturbation_, attack.perturbation_)
     with pytest.raises(ValueError, match="lr_decay_steps"):
         quick_attack(lr_decay_steps=0).fit(x)
 
 
-def test_the_default_decays_the_learning_rate_over_600_steps_and_the_paper_keeps_it_constant(tmp_path):
-    from krtfuap.attack import cosine_decay
+def test_the_default_decays_the_learning_rate_over_the_fits_budget_and_the_paper_keeps_it_constant(tmp_path):
+    from krtfuap.attack import AUTO_DECAY_STEPS, cosine_decay
 
     x = faces()
     common = dict(threshold=0.9, max_epochs=1, batch_size=8, random_state=0, target_fooling_rate=1.0)
-    UAPAttack(TinyEmbedder(), checkpoint_path=tmp_path / "default.ckpt", **common).fit(x)
-    UAPAttack.paper(TinyEmbedder(), stealth_loss="ssim", stealth_weight=3, checkpoint_path=tmp_path / "paper.ckpt",
-                    **common).fit(x)
 
-    def learning_rates(name):
-        state = torch.load(tmp_path / name, map_location="cpu", weights_only=True)
+    def learning_rates(**settings):
+        path = tmp_path / "fit.ckpt"
+        path.unlink(missing_ok=True)
+        UAPAttack(TinyEmbedder(), checkpoint_path=path, **common, **settings).fit(x)
+        state = torch.load(path, map_location="cpu", weights_only=True)
         return [group["lr"] for group in state["solver"]["optimizer"]["param_groups"]]
 
-    assert learning_rates("default.ckpt") == pytest.approx([0.01 * cosine_decay(2, 600)], rel=1e-12)
-    assert learning_rates("default.ckpt")[0] < 0.01
-    assert learning_rates("paper.ckpt") == [0.01, 0.01]  # noise and flow, never decayed
+    # Two steps done (16 faces, batches of 8) of a decay over the default's 600 steps, ...
+    assert learning_rates() == pytest.approx([0.01 * cosine_decay(2 / AUTO_DECAY_STEPS)], rel=1e-12)
+    assert learning_rates()[0] < 0.01
+    # ... over max_steps when it is set, and by the share of max_time used when that is nearer.
+    assert learning_rates(max_steps=4) == pytest.approx([0.01 * cosine_decay(2 / 4)], rel=1e-12)
+    assert learning_rates(max_steps=4, max_time=1e9) == pytest.approx([0.01 * cosine_decay(2 / 4)], rel=1e-12)
+    assert 0.01 * cosine_decay(2 / AUTO_DECAY_STEPS) < learning_rates(max_time=1e9)[0] <= 0.01
+    path = tmp_path / "paper.ckpt"
+    UAPAttack.paper(TinyEmbedder(), stealth_loss="ssim", stealth_weight=3, checkpoint_path=path, **common).fit(x)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    assert [group["lr"] for group in state["solver"]["optimizer"]["param_groups"]] == [0.01, 0.01]  # never decayed

@@ -266,10 +266,12 @@ def test_resume_refuses_other_data(tmp_path):
 
 def test_resume_may_extend_max_epochs_and_max_time(tmp_path):
     path = tmp_path / "fit.ckpt"
-    make(UAPAttack, checkpoint_path=path, max_epochs=2, target_fooling_rate=1.0).fit(faces())
-    resumed = make(UAPAttack, checkpoint_path=path, max_epochs=4, max_time=1e6, target_fooling_rate=1.0)
+    # A decay of fixed length: "auto" would follow max_time, and so the clock.
+    steps = dict(lr_decay_steps=600, target_fooling_rate=1.0)
+    make(UAPAttack, checkpoint_path=path, max_epochs=2, **steps).fit(faces())
+    resumed = make(UAPAttack, checkpoint_path=path, max_epochs=4, max_time=1e6, **steps)
     resumed.fit(faces(), resume=True)
-    straight = make(UAPAttack, max_epochs=4, target_fooling_rate=1.0).fit(faces())
+    straight = make(UAPAttack, max_epochs=4, **steps).fit(faces())
     assert resumed.n_epochs_ == 4
     assert torch.equal(resumed.perturbation_, straight.perturbation_)
 
