@@ -524,7 +524,7 @@ class _KeyRegionSolver(Solver):
         augment: Callable[[torch.Tensor], torch.Tensor] | None,
         lr: float,
         flow_lr: float,
-        lr_progress: Callable[[int, float], float | None] | None = None,
+        lr_progress: Callable[[int, float], float | None],
     ) -> None:
         self.module = perturbation
         self.embed = embed
@@ -588,7 +588,7 @@ class _KeyRegionSolver(Solver):
         return augmented
 
     def after_step(self, record: dict[str, float]) -> None:
-        progress = None if self.lr_progress is None else self.lr_progress(int(record["step"]) + 1, record["time"])
+        progress = self.lr_progress(int(record["step"]) + 1, record["time"])
         if progress is not None:
             factor = cosine_decay(progress)
             for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
