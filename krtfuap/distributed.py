@@ -8,7 +8,9 @@ style of ``DistributedDataParallel``:
 * every rank starts from the same perturbation (:func:`broadcast_module_`);
 * every rank reads its own shard of the data (:func:`shard`); shards interleave,
   so with ``W`` ranks of batch size ``b`` the global step ``k`` sees exactly the
-  faces one process with batch size ``W * b`` sees at step ``k``;
+  faces one process with batch size ``W * b`` sees at step ``k`` (with
+  ``shuffle=False``; with ``shuffle=True`` each rank visits its own shard in a
+  new order every epoch);
 * after ``backward`` the gradients of the shared noise and flow are averaged
   over ranks (:func:`average_gradients`), so the identical Adam steps keep the
   perturbation identical on every rank;

@@ -225,6 +225,9 @@ class FitLoop:
         checkpoints and compared on resume.
     generator : torch.Generator or None
         The estimator's CPU generator; saved in checkpoints.
+    shuffle : bool
+        Visit the faces of tensor data in a new order every epoch, drawn from
+        ``generator`` (a loader keeps its own order: ``DataLoader(shuffle=True)``).
     description : str
         Progress bar label.
     verbose : bool
@@ -245,6 +248,7 @@ class FitLoop:
     checkpoint_every: int = 1
     fingerprint: dict = field(default_factory=dict)
     generator: torch.Generator | None = None
+    shuffle: bool = False
     description: str = "fit"
     verbose: bool = False
 
@@ -275,6 +279,18 @@ class FitLoop:
             if cache is not None:
                 cache.append(clean)
             yield images, clean
+
+    def _shuffled_clean_batches(
+        self, data: torch.Tensor, size: tuple[int, int], cache: list[torch.Tensor]
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(images, clean embeddings)`` of tensor ``data`` in a new random order; fills ``cache`` first."""
+        if len(cache) != -(-len(data) // self.batch_size):
+            cache[:] = [self._clean_embeddings(images) for images in self._batches(data, size)]
+        clean = torch.cat(cache)
+        order = torch.randperm(len(data), generator=self.generator)
+        for index in order.split(self.batch_size):
+            images = data[index.to(data.device)].to(self.device, torch.float32, memory_format=self.memory_format)
+            yield images, clean[index.to(clean.device)]
 
     def _scorer(
         self, data: ImageData, size: tuple[int, int], cache: list[torch.Tensor] | None
@@ -413,7 +429,11 @@ class FitLoop:
             last_epoch = epoch
             set_epoch(data, epoch)
             if solver.learns:
-                for images, clean in self._clean_batches(data, size, fit_cache):
+                if self.shuffle and fit_cache is not None:
+                    batches = self._shuffled_clean_batches(data, size, fit_cache)
+                else:
+                    batches = self._clean_batches(data, size, fit_cache)
+                for images, clean in batches:
                     record = solver.step(images, clean)
                     # The time is averaged over ranks with the rest, so a schedule reading it agrees on every rank.
                     record["time"] = time.perf_counter() - started

@@ -173,11 +173,13 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
         raise NotImplementedError
 
     def _fit_options(self) -> dict[str, Any]:
-        """Keywords of :class:`~krtfuap.engine.FitLoop` that only some estimators take (checkpoints, ``max_steps``)."""
+        """Keywords of :class:`~krtfuap.engine.FitLoop` that only some estimators take (checkpoints, ``max_steps``,
+        ``shuffle``)."""
         return {
             "checkpoint_path": getattr(self, "checkpoint_path", None),
             "checkpoint_every": getattr(self, "checkpoint_every", 1),
             "max_steps": getattr(self, "max_steps", None),
+            "shuffle": getattr(self, "shuffle", False),
         }
 
     # ------------------------------------------------------------------- fit

@@ -173,6 +173,7 @@ def test_default_is_a_global_perturbation_and_the_paper_recipe_uses_key_regions(
     paper = UAPAttack.paper(TinyEmbedder(), threshold=0.9, stealth_loss="ssim", stealth_weight=3, max_epochs=1,
                             batch_size=8, random_state=0, lr=0.2).fit(x)
     assert paper.use_key_regions and paper.learn_flow
+    assert default.shuffle and not paper.shuffle
     assert 0 < paper.mask_.mean() < 1 and paper.flow_.abs().sum() > 0
 
 

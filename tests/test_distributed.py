@@ -35,7 +35,7 @@ def make_attack(batch_size: int, **params) -> UAPAttack:
     # threshold 0.995 and small initial noise make a part of each batch fooled mid-fit, so skip_fooled matters.
     defaults = dict(
         threshold=0.995, stealth_loss="ssim", use_key_regions=True, skip_fooled=True, init_scale=0.1,
-        target_fooling_rate=0.75, max_epochs=8,
+        target_fooling_rate=0.75, max_epochs=8, shuffle=False,  # shuffled shards cannot match one process's order
         batch_size=batch_size, random_state=0,
     )
     return UAPAttack(TinyEmbedder(), **{**defaults, **params})
@@ -63,8 +63,11 @@ def _worker(rank: int, folder: str) -> None:
         by_tensor = make_attack(batch, random_state=rank, checkpoint_path=root / f"checkpoint-{rank}.pt").fit(faces())
         loader = DataLoader(TensorDataset(faces()), batch_size=batch)
         by_loader = make_attack(batch).fit(loader)
+        # Each rank shuffles its own shard, here from another seed on each rank.
+        shuffled = make_attack(batch, shuffle=True, random_state=rank, max_epochs=3, target_fooling_rate=1.0).fit(faces())
         by_tensor.save(root / f"attack-{rank}.safetensors")
-        torch.save({"tensor": summary(by_tensor), "loader": summary(by_loader)}, root / f"result-{rank}.pt")
+        torch.save({"tensor": summary(by_tensor), "loader": summary(by_loader), "shuffled": summary(shuffled)},
+                   root / f"result-{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -102,6 +105,14 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(distributed_resu
     for rank_result in results:
         assert_same_fit(rank_result[data], single_process)
     torch.testing.assert_close(results[0][data]["perturbation"], results[1][data]["perturbation"], atol=0, rtol=0)
+
+
+def test_ranks_that_shuffle_their_shards_still_hold_one_perturbation(distributed_results):
+    _, results = distributed_results
+    first, second = (result["shuffled"] for result in results)
+    assert first["n_iter"] == second["n_iter"] == 3 * (24 // GLOBAL_BATCH)
+    torch.testing.assert_close(first["perturbation"], second["perturbation"], atol=0, rtol=0)
+    assert first["history"][0]["loss"] == second["history"][0]["loss"]  # records are averaged over the ranks
 
 
 def test_only_rank_zero_writes_files(distributed_results):

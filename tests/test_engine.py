@@ -125,6 +125,53 @@ def _scripted(loop: FitLoop, fooling_rates: list[float], monkeypatch) -> None:
     monkeypatch.setattr(loop, "_scorer", scorer)
 
 
+class _RecordingSolver(Solver):
+    """Learns nothing; keeps every batch and clean embedding it is given."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def step(self, images, clean_embeddings):
+        self.batches.append((images.clone(), clean_embeddings.clone()))
+        return {}
+
+    def perturbation(self):
+        return torch.zeros(3, SIZE, SIZE)
+
+
+def _epochs_seen(shuffle: bool, n_faces: int = 10, batch_size: int = 4, epochs: int = 3):
+    data = faces(n_faces)
+    loop = _loop(batch_size=batch_size, max_epochs=epochs, shuffle=shuffle,
+                 generator=torch.Generator().manual_seed(0))
+    solver = _RecordingSolver()
+    loop.run(data, solver, (SIZE, SIZE))
+    per_epoch = -(-n_faces // batch_size)
+    assert len(solver.batches) == per_epoch * epochs
+    orders = []
+    for epoch in range(epochs):
+        batches = solver.batches[epoch * per_epoch:(epoch + 1) * per_epoch]
+        assert [len(images) for images, _ in batches] == [4, 4, 2]
+        images = torch.cat([images for images, _ in batches])
+        clean = torch.cat([clean for _, clean in batches])
+        # Which face each row is: its index in data (every face exactly once).
+        order = [int((data == face).flatten(1).all(1).nonzero()) for face in images]
+        assert sorted(order) == list(range(n_faces))
+        with torch.no_grad():
+            assert torch.allclose(clean, loop.embed(images), atol=1e-6)  # each face keeps its own embedding
+        orders.append(order)
+    return orders
+
+
+def test_shuffled_epochs_visit_every_face_once_in_a_new_order_with_its_own_clean_embedding():
+    orders = _epochs_seen(shuffle=True)
+    assert len({tuple(order) for order in orders}) == len(orders)
+    assert _epochs_seen(shuffle=True) == orders  # the generator decides the order
+
+
+def test_without_shuffle_every_epoch_keeps_the_data_order():
+    assert _epochs_seen(shuffle=False) == [list(range(10))] * 3
+
+
 def test_loop_returns_the_best_scored_state_and_the_earliest_tie(monkeypatch):
     loop = _loop()
     _scripted(loop, [0.2, 0.6, 0.6, 0.1], monkeypatch)
@@ -296,6 +343,7 @@ def test_baselines_checkpoint_and_resume_like_uapattack(cls, tmp_path):
     (dict(batch_size=True), TypeError, "batch_size must be an int"),
     (dict(target_ssim=1.0), ValueError, r"target_ssim must be in \(0, 1\)"),
     (dict(lr=float("inf")), ValueError, "lr must be a finite number"),
+    (dict(shuffle="yes"), TypeError, "shuffle must be True or False"),
 ])
 def test_mistyped_or_non_finite_parameters_are_refused_before_any_work(params, error, message):
     model = TinyEmbedder()
