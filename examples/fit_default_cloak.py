@@ -4,7 +4,8 @@ Usage
 -----
 python examples/fit_default_cloak.py ../shared/assets/faces --output krtfuap/data/default_cloak.safetensors --threads 1
 
-``UAPAttack`` with the defaults of the version that made it (a global perturbation), its
+``UAPAttack`` with the defaults of the version that made it (a global perturbation, the faces in a
+fixed order: ``shuffle=False``), its
 learning rates cosine-decayed over the whole fit (``lr_decay_steps=--max-steps``) and
 ``target_ssim=0.93``, against InsightFace's ArcFace MobileFaceNet (``w600k_mbf``) on 1000
 aligned LFW faces of one half of the identities (``split_identities(..., 0.5, random_state=0)``;
@@ -90,6 +91,7 @@ def main() -> None:
     attack = UAPAttack(
         load_insightface_mbf(), threshold=None, epsilon=0.08, target_ssim=args.target_ssim,
         use_key_regions=args.key_regions, lr_decay_steps=decay_steps,
+        shuffle=False,  # the shipped cloak was fitted before shuffling became the default: keep it reproducible
         augment=AUGMENTS[args.augment](),
         target_fooling_rate=1.0, max_epochs=50, max_steps=args.max_steps, max_time=args.max_time, random_state=0,
         verbose=True,

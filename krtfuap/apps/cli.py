@@ -316,7 +316,10 @@ def _run_fit(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
         device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
         checkpoint_path=args.checkpoint, verbose=not args.quiet,
     )
-    attack.fit(DataLoader(Subset(faces, indices), batch_size=attack.batch_size, shuffle=False), pairs=pairs,
+    # A new order of the faces every epoch, as UAPAttack(shuffle=True) does for a tensor; the loader draws it
+    # from torch's global generator, which checkpoints save and --resume restores.
+    torch.manual_seed(args.seed)
+    attack.fit(DataLoader(Subset(faces, indices), batch_size=attack.batch_size, shuffle=attack.shuffle), pairs=pairs,
                resume=args.resume)
     attack.save(args.output)
     if not args.quiet:
