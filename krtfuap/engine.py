@@ -260,7 +260,11 @@ class FitLoop:
                     f"All faces must share one size; got {tuple(images.shape[-2:])} after {tuple(size)}. "
                     "Align every face to the same size (e.g. 112x112)."
                 )
-            yield images.to(self.device, torch.float32, memory_format=self.memory_format)
+            yield self._to_device(images)
+
+    def _to_device(self, images: torch.Tensor) -> torch.Tensor:
+        """A batch as the solver gets it: float32 on ``device``, in ``memory_format``."""
+        return images.to(self.device, torch.float32, memory_format=self.memory_format)
 
     def _clean_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -284,13 +288,13 @@ class FitLoop:
         self, data: torch.Tensor, size: tuple[int, int], cache: list[torch.Tensor]
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``(images, clean embeddings)`` of tensor ``data`` in a new random order; fills ``cache`` first."""
-        if len(cache) != -(-len(data) // self.batch_size):
-            cache[:] = [self._clean_embeddings(images) for images in self._batches(data, size)]
+        if len(cache) < -(-len(data) // self.batch_size):
+            for _ in self._clean_batches(data, size, cache):  # one pass in order computes what is missing
+                pass
         clean = torch.cat(cache)
         order = torch.randperm(len(data), generator=self.generator)
         for index in order.split(self.batch_size):
-            images = data[index.to(data.device)].to(self.device, torch.float32, memory_format=self.memory_format)
-            yield images, clean[index.to(clean.device)]
+            yield self._to_device(data[index.to(data.device)]), clean[index.to(clean.device)]
 
     def _scorer(
         self, data: ImageData, size: tuple[int, int], cache: list[torch.Tensor] | None

@@ -20,14 +20,16 @@ def attack(model: nn.Module | None = None, **params) -> UAPAttack:
     return UAPAttack(model or TinyEmbedder(), **{**defaults, **params})
 
 
-def test_channels_last_gives_the_same_fit_on_cpu():
-    plain = attack().fit(faces())
-    fast = attack(channels_last=True)
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_channels_last_gives_the_same_fit_on_cpu(shuffle):
+    plain = attack(shuffle=shuffle).fit(faces())
+    fast = attack(channels_last=True, shuffle=shuffle)
     fast.fit(faces())
     assert fast.model.net[0].weight.is_contiguous(memory_format=torch.channels_last)
     # Convolutions in another memory format round differently, and Adam amplifies rounding over
-    # the steps: agree to 2e-4 (epsilon is 0.08; measured: 1.1e-4 at most).
-    torch.testing.assert_close(fast.perturbation_, plain.perturbation_, atol=2e-4, rtol=0)
+    # the steps, by how much depends on the path: agree to 1e-4 in the data's order and to 2e-4
+    # shuffled (epsilon is 0.08; measured: 1.1e-4 at most shuffled).
+    torch.testing.assert_close(fast.perturbation_, plain.perturbation_, atol=2e-4 if shuffle else 1e-4, rtol=0)
     assert fast.perturbation_.is_contiguous()
     assert [r["fooling_rate"] for r in fast.history_] == [r["fooling_rate"] for r in plain.history_]
 
