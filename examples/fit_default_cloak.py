@@ -38,6 +38,7 @@ from krtfuap.models import load_insightface_mbf
 AUGMENTS = {
     "none": lambda: None,
     "photo": lambda: "photo",
+    "round_trip": lambda: "round_trip",
     "resample": lambda: PhotoAugment([RandomRealign(p=1.0), RandomRescale(factor=(0.5, 1.0), p=1.0),
                                       RandomJPEG(quality=(70.0, 95.0), p=0.5), Quantize()]),
     "realign": lambda: PhotoAugment([RandomRealign(p=1.0), RandomRealign(p=1.0),
@@ -65,6 +66,7 @@ def main() -> None:
     parser.add_argument("--augment", default="none", choices=tuple(AUGMENTS),
                         help="'photo' (the preset), 'resample' (every step re-aligned and rescaled), 'realign' "
                         "(every step re-aligned twice: sub-pixel shifts, small turns and zooms), 'none'")
+    parser.add_argument("--lowpass-size", type=int, default=None, help="band-limit the perturbation to this grid")
     parser.add_argument("--key-regions", action="store_true", help="shape the noise by the paper's key regions "
                         "and learned flow (as the cloak shipped before)")
     parser.add_argument("--lr-decay-steps", type=int, default=None, help="steps of the cosine learning-rate decay "
@@ -90,7 +92,7 @@ def main() -> None:
 
     attack = UAPAttack(
         load_insightface_mbf(), threshold=None, epsilon=0.08, target_ssim=args.target_ssim,
-        use_key_regions=args.key_regions, lr_decay_steps=decay_steps,
+        use_key_regions=args.key_regions, lr_decay_steps=decay_steps, lowpass_size=args.lowpass_size,
         shuffle=False,  # the shipped cloak was fitted before shuffling became the default: keep it reproducible
         augment=AUGMENTS[args.augment](),
         target_fooling_rate=1.0, max_epochs=50, max_steps=args.max_steps, max_time=args.max_time, random_state=0,

@@ -256,6 +256,12 @@ class UAPAttack(PerturbationEstimator):
     init_scale : float
         The noise starts uniform in ``[-init_scale * epsilon, init_scale * epsilon]``
         (paper: 1).
+    lowpass_size : int, optional
+        Band-limit the perturbation to a grid of this side (area-averaged down,
+        enlarged back bilinearly at every step, :func:`krtfuap.perturbation.lowpass`),
+        so it holds only the detail a face that much smaller than the template
+        carries in a photo: it survives pasting into photos and re-alignment
+        better (``benchmarks/RESULTS.md`` 7c-7d). ``None``: full resolution (paper).
     batch_size : int
         Batch size when ``X`` is given as one tensor (per process when fitting
         distributed: the global batch is ``batch_size * world_size``).
@@ -338,6 +344,7 @@ class UAPAttack(PerturbationEstimator):
         diversity_min_scale: float = 0.9,
         augment: str | Callable[[torch.Tensor], torch.Tensor] | None = None,
         init_scale: float = 1.0,
+        lowpass_size: int | None = None,
         batch_size: int = 10,
         shuffle: bool = True,
         random_state: Any = None,
@@ -373,6 +380,7 @@ class UAPAttack(PerturbationEstimator):
         self.diversity_min_scale = diversity_min_scale
         self.augment = augment
         self.init_scale = init_scale
+        self.lowpass_size = lowpass_size
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.random_state = random_state
@@ -401,7 +409,7 @@ class UAPAttack(PerturbationEstimator):
         """
         recipe = dict(
             stealth_loss="vgg", stealth_weight=0.05, target_ssim=None, use_key_regions=True, learn_flow=True,
-            skip_fooled=True, init_scale=1.0,
+            skip_fooled=True, init_scale=1.0, lowpass_size=None,
             lr=0.01, flow_lr=None, lr_decay_steps=None, batch_size=10, shuffle=False, target_fooling_rate=0.8,
             adversarial_loss="direction",
         )
@@ -426,6 +434,7 @@ class UAPAttack(PerturbationEstimator):
         if self.lr_decay_steps != "auto":
             check_number(self.lr_decay_steps, "lr_decay_steps", low=1, integer=True, allow_none=True)
         check_number(self.init_scale, "init_scale", low=0)
+        check_number(self.lowpass_size, "lowpass_size", low=1, integer=True, allow_none=True)
         if not isinstance(self.shuffle, bool):
             raise TypeError(f"shuffle must be True or False, got {self.shuffle!r}.")
         if self.adversarial_loss not in ADVERSARIAL_LOSSES:
@@ -493,6 +502,7 @@ class UAPAttack(PerturbationEstimator):
             flow_bound=self.flow_bound,
             flow_unit=self.flow_unit,
             init_scale=self.init_scale,
+            lowpass_size=self.lowpass_size,
             generator=generator,
             height=height,
             width=width,

@@ -12,14 +12,15 @@ The module has three layers:
 
 * functions that apply one transform with given parameters, differentiable in
   the images: :func:`jpeg`, :func:`rescale`, :func:`similarity_warp`,
-  :func:`quantize`;
+  :func:`quantize`, :func:`photo_round_trip`;
 * random transforms that draw those parameters and apply each to an image with
   probability ``p`` (:class:`RandomJPEG`, :class:`RandomRescale`,
-  :class:`RandomRealign`, :class:`Quantize`); called as
-  ``transform(images, generator=None)``;
+  :class:`RandomRealign`, :class:`Quantize`, :class:`RandomPhotoRoundTrip`);
+  called as ``transform(images, generator=None)``;
 * :class:`PhotoAugment`, a sequence of random transforms sharing one
-  ``torch.Generator``, with the preset :meth:`PhotoAugment.default`
-  (``UAPAttack(augment="photo")``).
+  ``torch.Generator``, with the presets :meth:`PhotoAugment.default`
+  (``UAPAttack(augment="photo")``) and :meth:`PhotoAugment.round_trip`
+  (``UAPAttack(augment="round_trip")``).
 
 Images are ``(B, C, H, W)`` floats in ``[0, 1]`` (``C = 3`` for JPEG); every
 output has the input's shape, device and dtype and stays in ``[0, 1]``. Random
@@ -42,11 +43,13 @@ __all__ = [
     "rescale",
     "similarity_warp",
     "quantize",
+    "photo_round_trip",
     "RandomTransform",
     "RandomJPEG",
     "RandomRescale",
     "RandomRealign",
     "Quantize",
+    "RandomPhotoRoundTrip",
     "PhotoAugment",
     "AUGMENT_PRESETS",
     "RESCALE_MODES",
@@ -259,6 +262,79 @@ def quantize(images: torch.Tensor, bits: int = 8) -> torch.Tensor:
     return _StraightThroughRound.apply(images, 2 ** _check_bits(bits) - 1)
 
 
+def _similarity_matrices(
+    angle: torch.Tensor, scale: float, shift: torch.Tensor, source: tuple[int, int], target: tuple[int, int]
+) -> torch.Tensor:
+    """``(B, 3, 3)`` float64 similarities: turn by ``angle`` ``(B,)`` degrees and scale by ``scale`` about the
+    centre of a ``source`` ``(height, width)`` grid, put it on the centre of a ``target`` grid and shift by
+    ``shift`` ``(B, 2)`` target pixels ``(x, y)``."""
+    radians = torch.deg2rad(angle.double())
+    cos, sin = torch.cos(radians) * scale, torch.sin(radians) * scale
+    (source_y, source_x), (target_y, target_x) = ((s - 1) / 2 for s in source), ((t - 1) / 2 for t in target)
+    matrix = torch.zeros(len(angle), 3, 3, dtype=torch.float64)
+    matrix[:, 0, 0], matrix[:, 0, 1], matrix[:, 1, 0], matrix[:, 1, 1], matrix[:, 2, 2] = cos, -sin, sin, cos, 1.0
+    matrix[:, 0, 2] = target_x + shift[:, 0].double() - cos * source_x + sin * source_y
+    matrix[:, 1, 2] = target_y + shift[:, 1].double() - sin * source_x - cos * source_y
+    return matrix
+
+
+def photo_round_trip(
+    images: torch.Tensor,
+    scale: float,
+    quality: float | torch.Tensor | None = None,
+    paste_jitter: torch.Tensor | None = None,
+    realign_jitter: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """An aligned face pasted into a photo at ``scale``, saved, then detected and aligned again.
+
+    The path a cloak takes from :class:`krtfuap.apps.cloak.PhotoCloak` to a
+    recogniser, on the aligned face itself: the face is sampled bilinearly onto
+    the photo's coarser grid (as the paste warps the perturbation and as the
+    photo holds the face), rounded to 8 bits and, with ``quality``, JPEG-coded
+    at that size (chroma subsampling and 8x8 blocks then cover more of the
+    face than at the template's size), rounded again and sampled back onto the
+    template with keypoints that are a little off. Differentiable in the
+    images (straight-through rounding, kornia's JPEG).
+
+    Parameters
+    ----------
+    images : torch.Tensor
+        ``(B, 3, H, W)`` aligned faces in ``[0, 1]``.
+    scale : float
+        Photo pixels per template pixel, in ``(0, 1]`` (faces smaller than the
+        template; the photo grid has ``round(H * scale) x round(W * scale)``
+        pixels, at least 8 a side).
+    quality : float or torch.Tensor, optional
+        JPEG quality in ``[1, 100]``, one or ``(B,)``; ``None``: a lossless save.
+    paste_jitter, realign_jitter : torch.Tensor, optional
+        ``(B, 3)``: rotation (degrees) and ``(x, y)`` shift (photo pixels) of the
+        face on the photo grid, and of the re-detected alignment against the
+        true one. ``None``: zeros.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B, 3, H, W)`` in ``[0, 1]``, same device and dtype.
+    """
+    _check_images(images, "photo_round_trip")
+    if not 0.0 < scale <= 1.0:
+        raise ValueError(f"photo_round_trip scale must be in (0, 1] (photo pixels per template pixel), got {scale}.")
+    count, (height, width) = len(images), images.shape[-2:]
+    small = (max(8, round(height * scale)), max(8, round(width * scale)))
+    zeros = torch.zeros(count, 3, dtype=torch.float64)
+    paste = zeros if paste_jitter is None else paste_jitter.double().reshape(count, 3)
+    realign = zeros if realign_jitter is None else realign_jitter.double().reshape(count, 3)
+    to_photo = _similarity_matrices(paste[:, 0], small[1] / width, paste[:, 1:], (height, width), small)
+    detected = _similarity_matrices(realign[:, 0], 1.0, realign[:, 1:], small, small)
+    to_face = torch.linalg.inv(detected @ to_photo)
+    work = images.to(_compute_dtype(images))
+    options = dict(mode="bilinear", padding_mode="border", align_corners=True)
+    photo = quantize(warp_affine(work, to_photo[:, :2].to(work), small, **options))
+    if quality is not None:
+        photo = quantize(jpeg(photo, quality))
+    return warp_affine(photo, to_face[:, :2].to(work), (height, width), **options).clamp(0.0, 1.0).to(images.dtype)
+
+
 # ---------------------------------------------------------- random transforms
 class RandomTransform:
     """Base of the random transforms: apply :meth:`apply` to each image with probability ``p``.
@@ -435,6 +511,60 @@ class Quantize(RandomTransform):
         return f"bits={self.bits}, p={self.p}"
 
 
+class RandomPhotoRoundTrip(RandomTransform):
+    """:func:`photo_round_trip` at a face scale drawn **per call**, JPEG quality and jitters **per image**.
+
+    Parameters
+    ----------
+    scale : (float, float)
+        Range of photo pixels per template pixel, within ``(0, 1]`` (150 held-out LFW
+        photos: quartiles 0.64 / 0.68 / 0.71).
+    quality : (float, float)
+        Range of the JPEG quality, within ``[1, 100]``.
+    jpeg_p : float
+        Chance per call that the photo is saved as JPEG (else losslessly).
+    angle : float
+        Rotations of the paste and of the re-alignment, uniform in ``[-angle, angle]`` degrees.
+    shift : float
+        Their x and y shifts, uniform in ``[-shift, shift]`` photo pixels, ``shift`` in ``[0, 16]``.
+    p : float
+        Chance per image of the round trip.
+    """
+
+    def __init__(
+        self,
+        scale: tuple[float, float] = (0.55, 0.85),
+        quality: tuple[float, float] = (75.0, 95.0),
+        jpeg_p: float = 1.0,
+        angle: float = 1.5,
+        shift: float = 0.75,
+        p: float = 1.0,
+    ) -> None:
+        super().__init__(p)
+        self.scale = _check_range(scale, "RandomPhotoRoundTrip scale", 0.0, 1.0)
+        if self.scale[0] == 0.0:
+            raise ValueError("RandomPhotoRoundTrip scale must be above 0; use e.g. (0.55, 0.85).")
+        self.quality = _check_range(quality, "RandomPhotoRoundTrip quality", 1.0, 100.0)
+        self.jpeg_p = _check_bound(jpeg_p, "RandomPhotoRoundTrip jpeg_p", 1.0)
+        self.angle = _check_bound(angle, "RandomPhotoRoundTrip angle (degrees)", 180.0)
+        self.shift = _check_bound(shift, "RandomPhotoRoundTrip shift (pixels)", 16.0)
+
+    def _jitter(self, count: int, generator: torch.Generator | None) -> torch.Tensor:
+        angle = _uniform(count, -self.angle, self.angle, generator)[:, None]
+        return torch.cat([angle, _uniform(2 * count, -self.shift, self.shift, generator).reshape(count, 2)], dim=1)
+
+    def apply(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        count = len(images)
+        scale = _uniform(1, *self.scale, generator).item()
+        saved_as_jpeg = torch.rand((), generator=generator).item() < self.jpeg_p
+        quality = _uniform(count, *self.quality, generator) if saved_as_jpeg else None
+        return photo_round_trip(images, scale, quality, self._jitter(count, generator), self._jitter(count, generator))
+
+    def _settings(self) -> str:
+        return (f"scale={self.scale}, quality={self.quality}, jpeg_p={self.jpeg_p}, angle={self.angle}, "
+                f"shift={self.shift}, p={self.p}")
+
+
 class PhotoAugment:
     """Apply random transforms in sequence, all drawing from one generator.
 
@@ -459,8 +589,8 @@ class PhotoAugment:
         wrong = [type(t).__name__ for t in transforms if not isinstance(t, RandomTransform)]
         if wrong:
             raise ValueError(
-                f"PhotoAugment takes RandomTransform objects (RandomJPEG, RandomRescale, RandomRealign, Quantize), "
-                f"got {wrong}; wrap other functions in a RandomTransform subclass."
+                "PhotoAugment takes RandomTransform objects (RandomJPEG, RandomRescale, RandomRealign, Quantize, "
+                f"RandomPhotoRoundTrip), got {wrong}; wrap other functions in a RandomTransform subclass."
             )
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"PhotoAugment generator must be a torch.Generator or None, got {type(generator).__name__}.")
@@ -478,6 +608,16 @@ class PhotoAugment:
         """
         return cls([RandomRealign(p=0.5), RandomRescale(p=0.5), RandomJPEG(p=0.5), Quantize(p=1.0)], generator)
 
+    @classmethod
+    def round_trip(cls, generator: torch.Generator | None = None) -> "PhotoAugment":
+        """The ``"round_trip"`` preset: every face pasted into a photo, saved and aligned again.
+
+        :class:`RandomPhotoRoundTrip` with its defaults (face scale 0.55-0.85, JPEG
+        quality 75-95, paste and re-alignment jitter up to 1.5 degrees and 0.75
+        photo pixels) on every face at every step.
+        """
+        return cls([RandomPhotoRoundTrip()], generator)
+
     def with_generator(self, generator: torch.Generator | None) -> "PhotoAugment":
         """The same transforms drawing from ``generator`` (``self`` is left unchanged)."""
         return type(self)(self.transforms, generator)
@@ -493,7 +633,10 @@ class PhotoAugment:
 
 
 #: Named presets of ``UAPAttack(augment=...)``.
-AUGMENT_PRESETS: dict[str, Callable[[torch.Generator | None], PhotoAugment]] = {"photo": PhotoAugment.default}
+AUGMENT_PRESETS: dict[str, Callable[[torch.Generator | None], PhotoAugment]] = {
+    "photo": PhotoAugment.default,
+    "round_trip": PhotoAugment.round_trip,
+}
 
 
 def resolve_augment(

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from krtfuap._ops import straight_through_clamp
 from krtfuap.flow import FlowUnit, FlowWarp
 
-__all__ = ["rescale_mask", "masked_perturbation", "MaskedPerturbation"]
+__all__ = ["rescale_mask", "masked_perturbation", "lowpass", "MaskedPerturbation"]
 
 
 def rescale_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -52,10 +53,38 @@ def masked_perturbation(noise: torch.Tensor, mask: torch.Tensor, epsilon: float)
     return straight_through_clamp(rescale_mask(mask) * noise, -epsilon, epsilon)
 
 
+def lowpass(perturbation: torch.Tensor, size: int) -> torch.Tensor:
+    """Keep only the detail a ``size x size`` grid can hold: average down to it, enlarge back bilinearly.
+
+    A face smaller than the aligned template in a photo (a cloak pasted at
+    ``size / H`` of its size, then aligned again) carries little more than this.
+    Both steps average neighbouring values, so the result stays within the
+    input's l_inf ball.
+
+    Parameters
+    ----------
+    perturbation : torch.Tensor
+        Shape ``(C, H, W)``.
+    size : int
+        Side of the coarse grid, ``>= 1``; ``size >= max(H, W)`` returns the input.
+
+    Returns
+    -------
+    torch.Tensor
+        Shape ``(C, H, W)``, same dtype and device, differentiable.
+    """
+    height, width = perturbation.shape[-2:]
+    if size >= max(height, width):
+        return perturbation
+    coarse = F.interpolate(perturbation[None], size=(min(size, height), min(size, width)), mode="area")
+    return F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)[0]
+
+
 class MaskedPerturbation(nn.Module):
     """Learnable noise shaped by a (optionally flow-warped) key-region mask.
 
-    ``v = clip(rescale(Flow(M0)) * n, -epsilon, epsilon)`` (paper Eq. 7).
+    ``v = clip(rescale(Flow(M0)) * n, -epsilon, epsilon)`` (paper Eq. 7), then,
+    with ``lowpass_size``, :func:`lowpass` of it.
 
     Parameters
     ----------
@@ -76,6 +105,10 @@ class MaskedPerturbation(nn.Module):
         Source of randomness for the initial noise.
     height, width : int, optional
         Image size; only needed when ``mask`` is ``None``.
+    lowpass_size : int, optional
+        Band-limit ``v`` to a grid of this side (:func:`lowpass`), so that it
+        survives being pasted into a photo at a smaller size; ``None``: full
+        resolution (paper).
 
     Attributes
     ----------
@@ -98,6 +131,7 @@ class MaskedPerturbation(nn.Module):
         generator: torch.Generator | None = None,
         height: int | None = None,
         width: int | None = None,
+        lowpass_size: int | None = None,
     ) -> None:
         super().__init__()
         if not epsilon > 0:
@@ -109,7 +143,10 @@ class MaskedPerturbation(nn.Module):
         if mask.ndim != 2:
             raise ValueError(f"mask must have shape (H, W), got {tuple(mask.shape)}.")
         height, width = mask.shape
+        if lowpass_size is not None and (isinstance(lowpass_size, bool) or not isinstance(lowpass_size, int) or lowpass_size < 1):
+            raise ValueError(f"lowpass_size must be a whole number of pixels >= 1 or None, got {lowpass_size!r}.")
         self.epsilon = float(epsilon)
+        self.lowpass_size = lowpass_size
         self.register_buffer("base_mask", mask.detach().float().clone())
         noise = (torch.rand(3, height, width, generator=generator) * 2 - 1) * (init_scale * self.epsilon)
         self.noise = nn.Parameter(noise)
@@ -123,7 +160,8 @@ class MaskedPerturbation(nn.Module):
 
     def forward(self) -> torch.Tensor:
         """The perturbation ``v``, shape ``(3, H, W)`` in ``[-epsilon, epsilon]``."""
-        return masked_perturbation(self.noise, self.warped_mask(), self.epsilon)
+        perturbation = masked_perturbation(self.noise, self.warped_mask(), self.epsilon)
+        return perturbation if self.lowpass_size is None else lowpass(perturbation, self.lowpass_size)
 
     @torch.no_grad()
     def project_(self) -> None:

@@ -198,6 +198,19 @@ def test_ablation_switches_change_the_mechanism():
         assert attack.fit(x).evaluate(x)["mean_similarity"] < noise - 0.01, kind
 
 
+def test_lowpass_size_band_limits_the_fitted_perturbation():
+    x = faces()
+    full = quick_attack(use_key_regions=False, lr=0.05).fit(x).perturbation_
+    coarse = quick_attack(use_key_regions=False, lr=0.05, lowpass_size=8).fit(x).perturbation_
+
+    def fine_detail(v: torch.Tensor) -> float:  # what differs from the 2x2 block means
+        blocks = torch.nn.functional.avg_pool2d(v[None], 2)[0].repeat_interleave(2, 1).repeat_interleave(2, 2)
+        return (v - blocks).abs().mean().item()
+
+    assert fine_detail(coarse) < 0.25 * fine_detail(full)
+    assert coarse.abs().max() <= 0.08 + 1e-6 and coarse.abs().mean() > 0.01
+
+
 def test_masker_options():
     x = faces()
     mask = torch.zeros(SIZE, SIZE)
@@ -279,6 +292,8 @@ def test_bad_model_output_gets_a_clear_error():
         ({"checkpoint_every": 0}, "checkpoint_every"),
         ({"adversarial_loss": "hinge"}, "adversarial_loss must be one of"),
         ({"stealth_loss": "blur"}, "stealth_loss must be"),
+        ({"lowpass_size": 0}, "lowpass_size"),
+        ({"lowpass_size": -3}, "lowpass_size"),
     ],
 )
 def test_bad_parameters_get_a_clear_error(params, message):

@@ -18,9 +18,11 @@ from krtfuap.augment import (
     PhotoAugment,
     Quantize,
     RandomJPEG,
+    RandomPhotoRoundTrip,
     RandomRealign,
     RandomRescale,
     jpeg,
+    photo_round_trip,
     quantize,
     rescale,
     resolve_augment,
@@ -29,8 +31,9 @@ from krtfuap.augment import (
 
 
 def every_transform() -> list:
-    """One of each random transform, always applied, and the preset."""
-    return [RandomJPEG(p=1.0), RandomRescale(p=1.0), RandomRealign(p=1.0), Quantize(), PhotoAugment.default()]
+    """One of each random transform, always applied, and the presets."""
+    return [RandomJPEG(p=1.0), RandomRescale(p=1.0), RandomRealign(p=1.0), Quantize(), PhotoAugment.default(),
+            RandomPhotoRoundTrip(), PhotoAugment.round_trip()]
 
 
 def call(transform, images: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -61,7 +64,7 @@ def pil_jpeg(image: torch.Tensor, quality: int) -> torch.Tensor:
 # ------------------------------------------------------------------ properties
 @settings(max_examples=25, deadline=None)
 @given(
-    index=st.integers(0, 4), batch=st.integers(1, 3), height=st.integers(8, 40), width=st.integers(8, 40),
+    index=st.integers(0, 6), batch=st.integers(1, 3), height=st.integers(8, 40), width=st.integers(8, 40),
     seed=st.integers(0, 2**16), dtype=st.sampled_from([torch.float32, torch.float64]),
 )
 def test_transforms_keep_shape_dtype_and_range(index, batch, height, width, seed, dtype):
@@ -113,6 +116,34 @@ def test_rescale_loses_detail_and_keeps_smooth_images():
     for mode in ("antialias", "bilinear", "area"):
         assert (rescale(stripes, 0.5, mode)[..., 4:-4] - 0.5).abs().max() < 1e-6  # one-pixel stripes average out
         assert torch.allclose(rescale(flat, 0.6, mode), flat, atol=1e-6)
+
+
+def test_the_photo_round_trip_keeps_smooth_faces_loses_fine_detail_and_is_exact_at_full_size():
+    face = synthetic_face()
+    assert (photo_round_trip(face, 1.0) - face).abs().max() < 1e-4  # already 8-bit: nothing to round
+    stripes = torch.zeros(1, 3, 112, 112)
+    stripes[..., ::2] = 1.0
+    smooth = F.interpolate(torch.rand(1, 3, 6, 6, generator=torch.Generator().manual_seed(3)), size=(112, 112),
+                           mode="bilinear", align_corners=False)
+    assert (photo_round_trip(stripes, 0.5)[..., 8:-8, 8:-8] - 0.5).abs().max() < 0.01
+    assert (photo_round_trip(smooth, 0.6, quality=90) - smooth)[..., 4:-4, 4:-4].abs().mean() < 3 / 255
+
+
+def test_the_photo_round_trip_codes_the_jpeg_at_the_photos_size_as_pillow_does():
+    face = synthetic_face()
+    small = F.interpolate(face, size=(67, 67), mode="bilinear", align_corners=True)
+    by_pillow = F.interpolate(pil_jpeg((small * 255).round() / 255, 80), size=(112, 112), mode="bilinear",
+                              align_corners=True)
+    ours = photo_round_trip(face, 0.6, quality=80)  # 112 * 0.6 -> a 67-pixel face
+    lossless = photo_round_trip(face, 0.6)
+    assert (ours - by_pillow).abs().mean() < 0.6 * (lossless - by_pillow).abs().mean()
+
+
+def test_the_photo_round_trip_realigns_with_the_jitter_given():
+    ramp = torch.linspace(0.2, 0.8, 112).expand(1, 3, 112, 112).contiguous()
+    off = photo_round_trip(ramp, 0.5, realign_jitter=torch.tensor([[0.0, 1.0, 0.0]]))
+    # keypoints found 1 photo pixel to the right: the aligned face moves 2 template pixels to the left
+    assert torch.allclose(off[..., 10:-10, 10:-10], ramp[..., 10:-10, 12:-8], atol=2 / 255)
 
 
 @settings(max_examples=40, deadline=None)
@@ -195,13 +226,17 @@ def test_jpeg_matches_pillow_on_a_real_cloaked_face(shared_assets, quality):
     (lambda: RandomRealign(angle=-1), "angle \\(degrees\\) must be a number in \\[0, 180.0\\]"),
     (lambda: RandomRealign(padding_mode="wrap"), "padding_mode must be one of"),
     (lambda: Quantize(bits=0), "bits must be an integer >= 1"),
+    (lambda: RandomPhotoRoundTrip(scale=(0.0, 0.8)), "scale must be above 0"),
+    (lambda: RandomPhotoRoundTrip(scale=(0.5, 1.2)), "scale must satisfy"),
+    (lambda: RandomPhotoRoundTrip(jpeg_p=2.0), "jpeg_p must be a number in \\[0, 1.0\\]"),
+    (lambda: photo_round_trip(torch.rand(1, 3, 16, 16), 1.5), "scale must be in \\(0, 1\\]"),
     (lambda: PhotoAugment([lambda x: x]), "takes RandomTransform objects"),
     (lambda: jpeg(torch.rand(1, 3, 16, 16), 101), "quality must be in \\[1, 100\\]"),
     (lambda: jpeg(torch.rand(1, 1, 16, 16), 80), "needs RGB images"),
     (lambda: rescale(torch.rand(1, 3, 16, 16), 1.5), "factor must be in \\(0, 1\\]"),
     (lambda: quantize(torch.rand(3, 16, 16)), "takes a float \\(B, C, H, W\\) tensor"),
-    (lambda: resolve_augment("jpeg", None), "augment must be None, one of \\['photo'\\] or a callable"),
-    (lambda: resolve_augment(3, None), "augment must be None, one of \\['photo'\\] or a callable"),
+    (lambda: resolve_augment("jpeg", None), "augment must be None, one of \\['photo', 'round_trip'\\] or a callable"),
+    (lambda: resolve_augment(3, None), "augment must be None, one of \\['photo', 'round_trip'\\] or a callable"),
 ])
 def test_bad_settings_are_refused_with_the_problem_named(make, message):
     with pytest.raises(ValueError, match=message):
@@ -282,8 +317,8 @@ def test_save_and_load_keep_the_augment_setting(tmp_path):
 
 
 @pytest.mark.parametrize("augment, message", [
-    ("jpeg", "augment must be None, one of \\['photo'\\] or a callable images -> images, got 'jpeg'"),
-    (0.5, "augment must be None, one of \\['photo'\\] or a callable images -> images, got float"),
+    ("jpeg", "augment must be None, one of \\['photo', 'round_trip'\\] or a callable images -> images, got 'jpeg'"),
+    (0.5, "augment must be None, one of \\['photo', 'round_trip'\\] or a callable images -> images, got float"),
 ])
 def test_uapattack_refuses_a_bad_augment_before_fitting(augment, message):
     with pytest.raises(ValueError, match=message):

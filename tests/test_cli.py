@@ -118,6 +118,10 @@ def test_fit_command_fits_and_saves(tmp_path: Path) -> None:
                  "--threshold", "0.3", "--quiet"]) == 0
     keyed = UAPAttack.load(output)
     assert keyed.use_key_regions and 0 < keyed.mask_.mean() < 1
+    assert main(["fit", str(root), "--output", str(output), "--max-time", "0.01", "--augment", "round_trip",
+                 "--lowpass-size", "56", "--threshold", "0.3", "--quiet"]) == 0
+    for_photos = UAPAttack.load(output)
+    assert for_photos.augment == "round_trip" and for_photos.lowpass_size == 56
 
 
 def test_fit_command_refuses_a_folder_as_output(tmp_path: Path, capsys) -> None:

@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from krtfuap.perturbation import MaskedPerturbation, masked_perturbation, rescale_mask
+from krtfuap.perturbation import MaskedPerturbation, lowpass, masked_perturbation, rescale_mask
 
 
 @settings(max_examples=50, deadline=None)
@@ -81,3 +81,32 @@ def test_global_perturbation_needs_a_size():
 def test_bad_epsilon_is_rejected():
     with pytest.raises(ValueError, match="epsilon"):
         MaskedPerturbation(torch.ones(3, 3), epsilon=0.0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(epsilon=st.floats(1e-3, 0.5), size=st.integers(1, 40), seed=st.integers(0, 2**16))
+def test_lowpassed_module_stays_in_budget(epsilon, size, seed):
+    generator = torch.Generator().manual_seed(seed)
+    module = MaskedPerturbation(None, epsilon=epsilon, height=24, width=32, lowpass_size=size, generator=generator)
+    with torch.no_grad():
+        module.noise.mul_(1 + 30 * torch.rand(module.noise.shape, generator=generator))
+    perturbation = module()
+    assert perturbation.shape == (3, 24, 32)
+    assert perturbation.abs().max() <= epsilon * (1 + 1e-6)
+
+
+def test_lowpass_removes_detail_finer_than_its_grid_and_keeps_coarse_shapes():
+    checkerboard = 0.08 * (torch.arange(112)[:, None] + torch.arange(112)[None, :]).remainder(2).mul(2).sub(1).float()
+    assert lowpass(checkerboard.expand(3, 112, 112), 56).abs().max() < 1e-6  # 2x2 cells average out
+    ramp = torch.linspace(-0.08, 0.08, 112).expand(3, 112, 112)
+    assert (lowpass(ramp, 56) - ramp).abs().max() < 0.003
+    assert torch.equal(lowpass(ramp, 112), ramp)
+
+
+def test_lowpassed_noise_gets_a_gradient_and_bad_sizes_are_refused():
+    module = MaskedPerturbation(None, height=16, width=16, lowpass_size=4, learn_flow=False)
+    module().sum().backward()
+    assert module.noise.grad is not None and module.noise.grad.abs().sum() > 0
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="lowpass_size"):
+            MaskedPerturbation(None, height=16, width=16, lowpass_size=bad)

@@ -270,9 +270,11 @@ def _add_fit_parser(commands: argparse._SubParsersAction) -> None:
     fit.add_argument("--max-faces", type=_positive_int, default=1000, help="faces to fit on (default: %(default)s)")
     fit.add_argument("--max-time", type=_non_negative, default=600.0, help="seconds of fitting (default: %(default)s)")
     fit.add_argument("--target-ssim", type=_open_probability, default=0.93, help="stealth target (default: %(default)s)")
-    fit.add_argument("--augment", choices=("photo", "none"), default="none",
-                     help="photo: fit through JPEG, rescaling and re-alignment (measured no more robust here; "
-                     "default: %(default)s)")
+    fit.add_argument("--augment", choices=("round_trip", "photo", "none"), default="none",
+                     help="round_trip: fit through pasting into a photo, JPEG and re-alignment (for cloaking photos); "
+                     "photo: through random JPEG, rescaling and re-alignment (default: %(default)s)")
+    fit.add_argument("--lowpass-size", type=_positive_int, default=None, metavar="N",
+                     help="band-limit the perturbation to an N x N grid (e.g. 72: survives photos better)")
     fit.add_argument("--epsilon", type=_epsilon, default=0.08, help="l_inf budget (default: %(default)s)")
     fit.add_argument("--key-regions", action="store_true",
                      help="shape the perturbation by the paper's key-region mask and flow (default: a global "
@@ -312,7 +314,7 @@ def _run_fit(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
     attack = UAPAttack(
         load_face_model(args.model, args.weights), threshold=threshold, epsilon=args.epsilon,
         target_ssim=args.target_ssim, augment=None if args.augment == "none" else args.augment,
-        use_key_regions=args.key_regions, target_fooling_rate=1.0, max_time=args.max_time or None, random_state=args.seed,
+        lowpass_size=args.lowpass_size, use_key_regions=args.key_regions, target_fooling_rate=1.0, max_time=args.max_time or None, random_state=args.seed,
         device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
         checkpoint_path=args.checkpoint, verbose=not args.quiet,
     )
