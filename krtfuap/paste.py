@@ -4,11 +4,10 @@ Alignment (:func:`krtfuap.alignment.align_face`) warps a photo onto the 112x112
 ArcFace template with a similarity transform ``A`` (photo pixels -> face pixels).
 A universal perturbation lives on that template. To cloak the photo itself, the
 perturbation (not the face) is warped the other way, with ``A``'s inverse, onto
-the photo's pixel grid (bilinear, kornia). The cloak keeps its full strength over
-the whole aligned square (its outer ring carries much of the effect) and ends
-without a seam: its edge values are continued outward and fade linearly to 0 over
-``feather`` aligned-face pixels outside the square. Only the photo rectangle that
-square and its feathered ring cover is touched.
+the photo's pixel grid (bilinear, kornia), weighted by a feathered window that
+is 1 inside the aligned square and falls linearly to 0 over its last ``feather``
+pixels, so the cloak ends without a seam. Only the photo rectangle the aligned
+square covers is touched.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from kornia.geometry.transform import warp_affine
 
 from krtfuap.alignment import ARCFACE_TEMPLATE_112, estimate_similarity
@@ -48,11 +46,6 @@ def face_to_photo_matrix(keypoints: np.ndarray, size: int = 112) -> np.ndarray:
     return np.linalg.inv(photo_to_face)[:2]
 
 
-def _check_feather(feather: float) -> None:
-    if feather < 0 or not math.isfinite(feather):
-        raise ValueError(f"feather must be a finite number of pixels >= 0, got {feather}.")
-
-
 def feather_window(size: int, feather: float, *, device: torch.device | None = None) -> torch.Tensor:
     """A square weight that is 1 inside and falls linearly to 0 at the border.
 
@@ -68,7 +61,8 @@ def feather_window(size: int, feather: float, *, device: torch.device | None = N
     torch.Tensor
         Shape ``(1, size, size)``, float32 in ``[0, 1]``.
     """
-    _check_feather(feather)
+    if feather < 0 or not math.isfinite(feather):
+        raise ValueError(f"feather must be a finite number of pixels >= 0, got {feather}.")
     position = torch.arange(size, dtype=torch.float32, device=device)
     distance = torch.minimum(position, size - 1 - position) + 1.0  # 1 at the outermost pixel
     ramp = (distance / feather).clamp(max=1.0) if feather > 0 else torch.ones_like(distance)
@@ -110,15 +104,13 @@ def paste_perturbation(
         The l_inf budget; where the faces' areas overlap, the summed perturbation is
         clipped back into ``[-epsilon, epsilon]``.
     feather : float
-        Width in aligned-face pixels of the ring outside the aligned square over
-        which the perturbation's edge fades out (0: a hard edge at the square).
+        Width in aligned-face pixels of the border over which the perturbation fades out.
 
     Returns
     -------
     torch.Tensor
         ``(3, H, W)`` in ``[0, 1]``, same dtype and device as ``photo``: the photo
-        plus the perturbation over each face's aligned square (at full strength)
-        and its feathered ring, unchanged elsewhere.
+        plus the perturbation over each face's aligned square, unchanged elsewhere.
     """
     if photo.ndim != 3 or photo.shape[0] != 3:
         raise ValueError(f"photo must have shape (3, H, W) (RGB), got {tuple(photo.shape)}.")
@@ -126,15 +118,12 @@ def paste_perturbation(
         raise ValueError(f"perturbation must have shape (3, S, S), got {tuple(perturbation.shape)}.")
     size = perturbation.shape[-1]
     height, width = photo.shape[-2:]
-    _check_feather(feather)
-    ring = math.ceil(feather)
-    extended = F.pad(perturbation.to(device=photo.device, dtype=torch.float32)[None], (ring,) * 4, mode="replicate")
-    weighted = extended * feather_window(size + 2 * ring, feather, device=photo.device)
-    from_extended = np.array([[1.0, 0.0, -ring], [0.0, 1.0, -ring], [0.0, 0.0, 1.0]])  # extended -> square pixels
+    window = feather_window(size, feather, device=photo.device)
+    weighted = (perturbation.to(device=photo.device, dtype=torch.float32) * window)[None]
     delta = torch.zeros(3, height, width, dtype=torch.float32, device=photo.device)
     for face_keypoints in keypoints:
-        matrix = face_to_photo_matrix(face_keypoints, size) @ from_extended
-        box = _footprint(matrix, size + 2 * ring, height, width)
+        matrix = face_to_photo_matrix(face_keypoints, size)
+        box = _footprint(matrix, size, height, width)
         if box is None:
             continue
         top, left, bottom, right = box
