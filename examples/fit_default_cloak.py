@@ -16,7 +16,9 @@ On the CPU the result is bit-for-bit repeatable (seeded; a step limit, not a tim
 ``--key-regions --lr-decay-steps 0 --max-steps 1235`` are the settings of the cloak shipped
 before (the paper's key regions, constant learning rates). ``--augment photo`` / ``resample`` / ``realign`` fit
 through random photo transforms instead (:mod:`krtfuap.augment`); measured, none made the cloak
-survive more (``benchmarks/RESULTS.md``, section 7), so the shipped cloak uses none. The result is
+survive more (``benchmarks/RESULTS.md``, section 7). ``--augment round_trip --lowpass-size 72`` fits
+through the photo's own round trip with a band-limited perturbation: three times the protection after
+it, but with visible colour blotches (section 7d), so the shipped cloak uses none. The result is
 saved compactly (the perturbation only, float16).
 """
 
@@ -64,7 +66,8 @@ def main() -> None:
                         "result depend on the machine's speed; the shipped cloak used --max-steps)")
     parser.add_argument("--target-ssim", type=float, default=0.93)
     parser.add_argument("--augment", default="none", choices=tuple(AUGMENTS),
-                        help="'photo' (the preset), 'resample' (every step re-aligned and rescaled), 'realign' "
+                        help="'round_trip' (pasted, JPEG at the photo's size, re-aligned), 'photo' (the preset), "
+                        "'resample' (every step re-aligned and rescaled), 'realign' "
                         "(every step re-aligned twice: sub-pixel shifts, small turns and zooms), 'none'")
     parser.add_argument("--lowpass-size", type=int, default=None, help="band-limit the perturbation to this grid")
     parser.add_argument("--key-regions", action="store_true", help="shape the noise by the paper's key regions "

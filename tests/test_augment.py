@@ -266,6 +266,15 @@ def test_fit_with_the_photo_preset_runs_changes_the_fit_and_repeats():
     assert robust.get_params()["augment"] == "photo"
 
 
+def test_fit_with_the_round_trip_preset_and_a_lowpass_repeats_and_keeps_the_budget():
+    robust = attack(augment="round_trip", lowpass_size=16).fit(faces())
+    again = attack(augment="round_trip", lowpass_size=16).fit(faces())
+    assert torch.equal(robust.perturbation_, again.perturbation_)
+    assert not torch.equal(robust.perturbation_, attack(lowpass_size=16).fit(faces()).perturbation_)
+    assert robust.perturbation_.abs().max() <= robust.epsilon + 1e-7
+    assert robust.get_params()["augment"] == "round_trip"
+
+
 def test_a_transform_object_draws_from_the_fits_generator():
     augment = PhotoAugment.default()  # no generator of its own: the fit binds its own
     first = attack(augment=augment).fit(faces())
