@@ -240,13 +240,16 @@ class UAPAttack(PerturbationEstimator):
         :mod:`krtfuap.diversity`). ``0`` turns it off; meant to help transfer.
     diversity_min_scale : float
         Smallest shrink factor of input diversity, in ``(0, 1]``.
-    augment : {"photo"}, callable or None
+    augment : {"photo", "round_trip"}, callable or None
         Robust fitting (expectation over transformations, see
         :mod:`krtfuap.augment`): the adversarial batch goes through this
         random transform before the model at every step (before input
         diversity), so the perturbation learns to survive it. ``"photo"``:
         :meth:`krtfuap.augment.PhotoAugment.default` (re-alignment jitter,
-        down-and-up rescaling, JPEG, 8-bit rounding). A
+        down-and-up rescaling, JPEG, 8-bit rounding). ``"round_trip"``:
+        :meth:`krtfuap.augment.PhotoAugment.round_trip` (pasted into a photo
+        at 0.55-0.85 of the template's size, 8-bit, JPEG at that size,
+        aligned again; pair it with ``lowpass_size``). A
         :class:`~krtfuap.augment.PhotoAugment` or
         :class:`~krtfuap.augment.RandomTransform` draws from the fit's
         generator (seeded by ``random_state``, saved in checkpoints); any

@@ -314,7 +314,8 @@ def _run_fit(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
     attack = UAPAttack(
         load_face_model(args.model, args.weights), threshold=threshold, epsilon=args.epsilon,
         target_ssim=args.target_ssim, augment=None if args.augment == "none" else args.augment,
-        lowpass_size=args.lowpass_size, use_key_regions=args.key_regions, target_fooling_rate=1.0, max_time=args.max_time or None, random_state=args.seed,
+        lowpass_size=args.lowpass_size, use_key_regions=args.key_regions, target_fooling_rate=1.0,
+        max_time=args.max_time or None, random_state=args.seed,
         device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
         checkpoint_path=args.checkpoint, verbose=not args.quiet,
     )
