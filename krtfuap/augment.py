@@ -265,17 +265,18 @@ def quantize(images: torch.Tensor, bits: int = 8) -> torch.Tensor:
 def _similarity_matrices(
     angle: torch.Tensor, scale: float, shift: torch.Tensor, source: tuple[int, int], target: tuple[int, int]
 ) -> torch.Tensor:
-    """``(B, 3, 3)`` float64 similarities: turn by ``angle`` ``(B,)`` degrees and scale by ``scale`` about the
-    centre of a ``source`` ``(height, width)`` grid, put it on the centre of a ``target`` grid and shift by
-    ``shift`` ``(B, 2)`` target pixels ``(x, y)``."""
-    radians = torch.deg2rad(angle.double())
-    cos, sin = torch.cos(radians) * scale, torch.sin(radians) * scale
-    (source_y, source_x), (target_y, target_x) = ((s - 1) / 2 for s in source), ((t - 1) / 2 for t in target)
-    matrix = torch.zeros(len(angle), 3, 3, dtype=torch.float64)
-    matrix[:, 0, 0], matrix[:, 0, 1], matrix[:, 1, 0], matrix[:, 1, 1], matrix[:, 2, 2] = cos, -sin, sin, cos, 1.0
-    matrix[:, 0, 2] = target_x + shift[:, 0].double() - cos * source_x + sin * source_y
-    matrix[:, 1, 2] = target_y + shift[:, 1].double() - sin * source_x - cos * source_y
-    return matrix
+    """``(B, 3, 3)`` float64 similarities: turn by ``angle`` ``(B,)`` degrees (clockwise on screen) and scale by
+    ``scale`` about the centre of a ``source`` ``(height, width)`` grid, put it on the centre of a ``target`` grid
+    and shift by ``shift`` ``(B, 2)`` target pixels ``(x, y)``."""
+    count = len(angle)
+    source_centre = torch.tensor([(source[1] - 1) / 2, (source[0] - 1) / 2], dtype=torch.float64)
+    target_centre = torch.tensor([(target[1] - 1) / 2, (target[0] - 1) / 2], dtype=torch.float64)
+    rotation = get_rotation_matrix2d(
+        source_centre.expand(count, 2), -angle.double(), torch.full((count, 2), scale, dtype=torch.float64)
+    )
+    translation = rotation[..., 2] + target_centre - source_centre + shift.double()
+    bottom = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64).expand(count, 1, 3)
+    return torch.cat([torch.cat([rotation[..., :2], translation[..., None]], dim=-1), bottom], dim=1)
 
 
 def photo_round_trip(

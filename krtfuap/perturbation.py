@@ -143,7 +143,8 @@ class MaskedPerturbation(nn.Module):
         if mask.ndim != 2:
             raise ValueError(f"mask must have shape (H, W), got {tuple(mask.shape)}.")
         height, width = mask.shape
-        if lowpass_size is not None and (isinstance(lowpass_size, bool) or not isinstance(lowpass_size, int) or lowpass_size < 1):
+        whole = isinstance(lowpass_size, int) and not isinstance(lowpass_size, bool)
+        if lowpass_size is not None and not (whole and lowpass_size >= 1):
             raise ValueError(f"lowpass_size must be a whole number of pixels >= 1 or None, got {lowpass_size!r}.")
         self.epsilon = float(epsilon)
         self.lowpass_size = lowpass_size
