@@ -30,6 +30,13 @@ face's box in the photo. Before the table the script prints how large those face
 are in their photos (photo pixels per template pixel; below 1 the paste shrinks the
 perturbation and re-alignment enlarges it back).
 
+``--refine-steps N`` adds ``photo JPEG q85 refined N``: the same round trip with the
+perturbation refined on each face of each photo first (``PhotoCloak(refine_steps=N)``,
+:func:`krtfuap.refine.refine_on_photo`, against the attack's model; on the ``no cloak``
+row it starts from zero, a per-photo attack without any universal perturbation).
+``--judges NAME ...`` adds, per judge, the refined photos judged by that other
+recogniser (threshold calibrated the same way): a black-box check of the refinement.
+
 ``--attacks FILE ...`` scores saved attacks (e.g. the ready cloak and its
 counterpart fitted without ``augment``, from ``examples/fit_default_cloak.py``)
 instead of fitting; their threshold is the one calibrated here.
@@ -38,6 +45,8 @@ Example (2-core CPU)::
 
     python benchmarks/robustness.py --models insightface_mbf --max-time 600 --target-ssim 0.93 --threads 2
     python benchmarks/robustness.py --attacks cloak_photo.safetensors cloak_none.safetensors --threads 1
+    python benchmarks/robustness.py --attacks ../krtfuap/data/default_cloak.safetensors --refine-steps 30 \
+        --judges foamliu_mobilefacenet --threads 2
 """
 
 from __future__ import annotations
@@ -50,6 +59,7 @@ import os
 import random
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -163,13 +173,31 @@ def face_scales(photos: list[Path], detector: SCRFDDetector) -> np.ndarray:
 
 def photo_round_trip(
     perturbation: torch.Tensor, model: torch.nn.Module, threshold: float, photos: list[Path],
-    detector: SCRFDDetector, quality: int = 85,
-) -> dict[str, float]:
-    """Cloak whole photos, save as JPEG, re-detect and re-align; protected share and face-box SSIM."""
-    cloak = PhotoCloak(_FixedPerturbation(perturbation, 0.08, model, threshold), detector)
+    detector: SCRFDDetector, quality: int = 85, refine_steps: int = 0,
+    judges: dict[str, tuple[torch.nn.Module, float]] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Cloak whole photos, save as JPEG, re-detect and re-align; protected share and face-box SSIM.
+
+    Returns one score under ``"model"`` (the attack's own) and one per judge, all on the same written photos.
+    """
+    cloak = PhotoCloak(_FixedPerturbation(perturbation, 0.08, model, threshold), detector, refine_steps=refine_steps)
+    scores = {}
     with tempfile.TemporaryDirectory() as folder:
         rows = cloak.cloak_files(photos, folder, file_format="jpeg", quality=quality)
-    summary = summarise(rows)
+        scores["model"] = _photo_scores(summarise(rows))
+        for name, (judge, judge_threshold) in (judges or {}).items():
+            referee = PhotoCloak(cloak.attack, detector, model=judge, threshold=judge_threshold, refine_steps=0)
+            judged = []
+            for row in (row for row in rows if row.status == "cloaked" and row.face == 0):
+                original, written = read_photo(row.photo)[0], read_photo(row.output)[0]
+                faces = referee.detect(original)
+                judged += [replace(row, face=index, **check)
+                           for index, check in enumerate(referee.verify(original, written, faces))]
+            scores[name] = _photo_scores(summarise(judged))
+    return scores
+
+
+def _photo_scores(summary: dict[str, float]) -> dict[str, float]:
     return {"fooling_rate": summary["protection_rate"], "ssim": summary["mean_ssim_face"], "faces": summary["faces"]}
 
 
@@ -189,6 +217,9 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=150, help="held-out raw photos for the round trip (0: none)")
     parser.add_argument("--attacks", type=Path, nargs="+", default=None,
                         help="score these saved attacks instead of fitting (--augments is then ignored)")
+    parser.add_argument("--refine-steps", type=int, default=0,
+                        help="add the photo round trip with PhotoCloak(refine_steps=N) (0: not)")
+    parser.add_argument("--judges", nargs="+", default=[], help="other models that judge the refined photos")
     parser.add_argument("--json", type=Path, default=None, help="write every score here")
     args = parser.parse_args()
     if args.threads:
@@ -199,7 +230,10 @@ def main() -> None:
           f"{len(split.test_faces)} faces of {len(split.test_identities)} other identities; epsilon 0.08; "
           f"target_ssim {args.target_ssim or None}; max_time {args.max_time:.0f} s; torch threads "
           f"{torch.get_num_threads()}; load average at start {os.getloadavg()[0]:.2f}\n")
+    refined = f"photo JPEG q85 refined {args.refine_steps}"
     names = list(PIPELINES) + (["photo JPEG q85"] if args.photos else [])
+    if args.photos and args.refine_steps:
+        names += [refined] + [f"{refined}, judged by {judge}" for judge in args.judges]
     photos = held_out_photos(split.test_identities, args.photos, args.seed)
     detector = SCRFDDetector()
     if photos:
@@ -208,10 +242,21 @@ def main() -> None:
         print(f"photos: {len(photos)}, {len(scales)} faces; photo pixels per template pixel, quartiles "
               f"{quartiles} (the paste shrinks the perturbation by this, re-alignment enlarges it back)\n")
 
+    judges = {}
+    for judge in args.judges if args.refine_steps else []:
+        judge_model = load_model(judge)
+        judges[judge] = (judge_model, calibrated_threshold(judge_model, split.calibration))
+        print(f"judge {judge}: threshold {judges[judge][1]:.4f}")
+
     def score(model: torch.nn.Module, perturbation: torch.Tensor, threshold: float) -> dict[str, dict[str, float]]:
         scores = score_pipelines(model, split.test_faces, perturbation, threshold)
         if photos:
-            scores["photo JPEG q85"] = photo_round_trip(perturbation, model, threshold, photos, detector)
+            scores["photo JPEG q85"] = photo_round_trip(perturbation, model, threshold, photos, detector)["model"]
+        if photos and args.refine_steps:
+            found = photo_round_trip(perturbation, model, threshold, photos, detector, refine_steps=args.refine_steps,
+                                     judges=judges)
+            scores[refined] = found.pop("model")
+            scores.update({f"{refined}, judged by {name}": value for name, value in found.items()})
         return scores
 
     print(f"| model | t | fit | steps | fit s | {' | '.join(f'{name}: FR / SSIM' for name in names)} |")

@@ -36,7 +36,7 @@ def _check_demo(folder: Path, threshold: float) -> dict:
     results = json.loads((folder / "results.json").read_text())
     with Image.open(folder / "figure.png") as figure:
         assert figure.width > 400 and figure.height > 400
-    for method in ("cloak", "noise"):
+    for method in ("cloak", "universal", "noise"):
         assert sorted(p.name for p in (folder / method).iterdir()) == ["gdp.jpg", "players.jpg", "yaoming.jpg"]
         summary = results["summary"][method]
         assert summary["faces"] >= 20 and summary["errors"] == 0
@@ -54,14 +54,19 @@ def test_demo_with_the_ready_cloak(tmp_path: Path) -> None:
     assert main(["demo", "--output", str(tmp_path), "--quiet"]) == 0
     results = _check_demo(tmp_path, UAPAttack.load(default_cloak_path()).threshold_)
     assert results["cloak"] == "krtfuap.pretrained.default_cloak()" and results["quality"] == 85
-    # The cloak moves faces further from themselves than noise of the same budget does.
-    assert results["summary"]["cloak"]["mean_similarity"] < results["summary"]["noise"]["mean_similarity"]
+    assert results["refine_steps"] == 30
+    # The universal cloak moves faces further from themselves than noise of the same budget does, and
+    # refining it on each face moves them further still.
+    summary = results["summary"]
+    assert summary["cloak"]["mean_similarity"] < summary["universal"]["mean_similarity"]
+    assert summary["universal"]["mean_similarity"] < summary["noise"]["mean_similarity"]
 
 
 def test_demo_with_a_saved_attack(mbf_attack: Path, tmp_path: Path) -> None:
-    assert main(["demo", "--output", str(tmp_path), "--attack", str(mbf_attack), "--quality", "90", "--quiet"]) == 0
+    assert main(["demo", "--output", str(tmp_path), "--attack", str(mbf_attack), "--quality", "90",
+                 "--refine-steps", "2", "--quiet"]) == 0
     results = _check_demo(tmp_path, INSIGHTFACE_MBF_THRESHOLD)
-    assert results["quality"] == 90
+    assert results["quality"] == 90 and results["refine_steps"] == 2
 
 
 def test_cloak_command_writes_photos_and_a_report(mbf_attack: Path, tmp_path: Path, capsys) -> None:
@@ -96,7 +101,11 @@ def test_cloak_command_refuses_unsafe_or_unverifiable_runs(mbf_attack: Path, tmp
     (folder / "a.jpg").write_bytes(sample_photos()[-1].read_bytes())
     assert main(["cloak", str(folder), "--output", str(folder / "out"), "--quiet"]) == 1
     assert "inside the input folder" in capsys.readouterr().err
-    assert main(["cloak", str(folder), "--output", str(tmp_path / "o"), "--attack", str(mbf_attack), "--quiet"]) == 1
+    assert main(["cloak", str(folder), "--output", str(tmp_path / "o"), "--attack-model", "foamliu_mobilefacenet",
+                 "--quiet"]) == 1
+    assert "fitted against insightface_mbf" in capsys.readouterr().err
+    assert main(["cloak", str(folder), "--output", str(tmp_path / "o"), "--attack", str(mbf_attack),
+                 "--verify-threshold", "0.3", "--quiet"]) == 1
     assert "--verify-model" in capsys.readouterr().err
     assert not (folder / "out").exists() and not (tmp_path / "o").exists()
 

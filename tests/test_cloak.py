@@ -164,3 +164,31 @@ def test_raw_lfw_photos_are_cloaked_and_verified_with_the_real_model(shared_asse
         assert 0.5 < row.ssim_face < 1 and 0.5 < row.ssim_photo < 1
         with Image.open(row.output) as written, Image.open(row.photo) as original:
             assert written.size == original.size and written.format == "JPEG"
+
+
+def test_refining_on_each_face_protects_photos_that_the_universal_cloak_alone_does_not(tmp_path, detector, photos):
+    """The ready cloak on unseen sample photos, saved as JPEG q85 and re-detected, judged by w600k_mbf:
+    pasted as it is it protects few faces; refined on each face it protects nearly all at face SSIM ~0.93."""
+    from krtfuap.pretrained import default_cloak
+
+    attack = default_cloak()
+    chosen = [photos["gdp.jpg"], photos["yaoming.jpg"]]
+    summaries = {}
+    for steps in (0, 30):
+        rows = PhotoCloak(attack, detector, refine_steps=steps).cloak_files(
+            chosen, tmp_path / str(steps), file_format="jpeg", quality=85)
+        summaries[steps] = summarise(rows)
+    assert summaries[0]["faces"] == summaries[30]["faces"] >= 5
+    assert summaries[0]["protection_rate"] <= 0.5
+    assert summaries[30]["protection_rate"] >= 0.8 and summaries[30]["mean_similarity"] < 0.1
+    assert summaries[30]["mean_ssim_face"] > 0.92
+
+
+def test_refining_needs_the_attacks_model(detector) -> None:
+    from krtfuap.pretrained import default_cloak
+
+    with pytest.raises(ValueError, match="refine_steps=0"):
+        PhotoCloak(default_cloak(model=None), detector)
+    with pytest.raises(ValueError, match="refine_steps must be"):
+        PhotoCloak(default_cloak(model=None), detector, refine_steps=-1)
+    PhotoCloak(default_cloak(model=None), detector, refine_steps=0)  # pasting alone needs no model

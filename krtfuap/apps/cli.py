@@ -52,6 +52,10 @@ def _positive_int(text: str) -> int:
     return _number(text, int, 1)
 
 
+def _non_negative_int(text: str) -> int:
+    return _number(text, int, 0)
+
+
 def _non_negative(text: str) -> float:
     return _number(text, float, 0.0)
 
@@ -161,6 +165,8 @@ def _add_demo_parser(commands: argparse._SubParsersAction) -> None:
     demo.add_argument("--quality", type=_quality, default=85, help="JPEG quality 1-100 (default: %(default)s)")
     demo.add_argument("--attack", default=None, help="a saved attack to show instead of the ready cloak "
                       "(fitted against insightface_mbf, e.g. by krtfuap fit)")
+    demo.add_argument("--refine-steps", type=_non_negative_int, default=30, metavar="N",
+                      help="steps refining the cloak on each face (default: %(default)s; 0: the universal cloak only)")
     demo.add_argument("--quiet", action="store_true", help="print nothing but errors")
     demo.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     demo.set_defaults(run=_run_demo)
@@ -175,7 +181,7 @@ def _run_demo(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
         from krtfuap.models import load_insightface_mbf
 
         attack = UAPAttack.load(args.attack, model=load_insightface_mbf())
-    run_demo(args.output, quality=args.quality, attack=attack, verbose=not args.quiet)
+    run_demo(args.output, quality=args.quality, attack=attack, refine_steps=args.refine_steps, verbose=not args.quiet)
 
 
 # --------------------------------------------------------------------- cloak
@@ -185,20 +191,29 @@ def _add_cloak_parser(commands: argparse._SubParsersAction) -> None:
         help="cloak the faces in photos (files or folders) and check each one as a recogniser would",
         description=(
             "Detect every face in the photos, add the cloak over each face (warped back onto the photo's pixel "
-            "grid), write the photos under --output (folders keep their structure; originals are never "
-            "touched), then read each one back, detect and align again and report per face whether the model "
+            "grid) and refine it there for that face (--refine-steps), write the photos under --output (folders "
+            "keep their structure; originals are never touched), then read each one back, detect and align again and report per face whether the model "
             "still matches it (cloak-report.csv / .json). Exit status 1 when a photo could not be read."
         ),
     )
     cloak.add_argument("inputs", nargs="+", metavar="INPUT", help="photos, or folders walked recursively")
     cloak.add_argument("--output", required=True, help="folder for the cloaked photos and the report")
     cloak.add_argument("--attack", default=None, help="a saved attack (default: the ready cloak)")
+    cloak.add_argument("--attack-model", default="insightface_mbf", metavar="NAME",
+                       help="face model a saved --attack was fitted against: refines it and, by default, judges "
+                       "(default: %(default)s, as krtfuap fit)")
+    cloak.add_argument("--attack-weights", default=None, metavar="PATH", help="weights file of --attack-model")
+    cloak.add_argument("--refine-steps", type=_non_negative_int, default=30, metavar="N",
+                       help="gradient steps adapting the cloak to each face through a simulated JPEG save "
+                       "(default: %(default)s, about 1 s per face on 2 CPU cores; 0: paste the universal cloak)")
+    cloak.add_argument("--target-ssim", type=_open_probability, default=0.945,
+                       help="face SSIM the refinement keeps in its simulated save (default: %(default)s)")
     cloak.add_argument("--format", choices=("png", "jpeg"), default=None,
                        help="written format (default: JPEG for JPEG inputs, PNG otherwise)")
     cloak.add_argument("--quality", type=_quality, default=95, help="JPEG quality 1-100 (default: %(default)s)")
     cloak.add_argument("--verify-model", default=None, metavar="NAME",
                        help="face model that judges: insightface_mbf, foamliu_mobilefacenet, iresnet18/34/50/100 "
-                       "(default: the attack's, insightface_mbf for the ready cloak)")
+                       "(default: --attack-model, with the attack's threshold)")
     cloak.add_argument("--verify-weights", default=None, metavar="PATH", help="weights file of --verify-model")
     cloak.add_argument("--verify-threshold", type=_similarity, default=None, metavar="T",
                        help="cosine threshold of --verify-model (default: the attack's own threshold)")
@@ -218,19 +233,22 @@ def _run_cloak(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
     plan_outputs(args.inputs, args.output, args.format)  # refuse an unsafe plan before loading any model
     if args.verify_model is None and (args.verify_weights or args.verify_threshold is not None):
         raise ValueError("--verify-weights and --verify-threshold need --verify-model NAME.")
+    if args.attack is None and args.attack_model != "insightface_mbf":
+        raise ValueError("the ready cloak was fitted against insightface_mbf; --attack-model names the model of a "
+                         "saved --attack.")
     model = None
     if args.verify_model is not None and not args.no_verify:
-        model = load_face_model(args.verify_model, args.verify_weights)
         if args.verify_threshold is None:
             raise ValueError(f"--verify-model {args.verify_model} needs --verify-threshold T (its cosine threshold).")
+        model = load_face_model(args.verify_model, args.verify_weights)
+    needs_attack_model = args.refine_steps > 0 or (model is None and not args.no_verify)
+    attack_model = load_face_model(args.attack_model, args.attack_weights) if needs_attack_model else None
     if args.attack is None:
-        attack = default_cloak(model=None if args.no_verify or model is not None else "insightface_mbf")
+        attack = default_cloak(model=attack_model)
     else:
-        attack = UAPAttack.load(args.attack)
-        if model is None and not args.no_verify:
-            raise ValueError("a saved --attack holds no model: pass --verify-model NAME --verify-threshold T "
-                             "(or --no-verify).")
-    cloak = PhotoCloak(attack, min_score=args.min_score, model=model, threshold=args.verify_threshold)
+        attack = UAPAttack.load(args.attack, model=attack_model)
+    cloak = PhotoCloak(attack, min_score=args.min_score, model=model, threshold=args.verify_threshold,
+                       refine_steps=args.refine_steps, target_ssim=args.target_ssim)
     rows = cloak.cloak_files(args.inputs, args.output, file_format=args.format, quality=args.quality,
                              verify=not args.no_verify, progress=not args.quiet)
     csv_path, _ = write_report(rows, args.output)

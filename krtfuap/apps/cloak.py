@@ -5,7 +5,9 @@ files and folders (:meth:`PhotoCloak.cloak_files`, behind ``krtfuap cloak``):
 
 1. SCRFD finds each face and its five keypoints (:mod:`krtfuap.alignment`);
 2. the fitted perturbation, defined on the aligned 112x112 face, is warped back
-   onto the photo's pixel grid over each face (:func:`krtfuap.paste.paste_perturbation`);
+   onto the photo's pixel grid over each face (:func:`krtfuap.paste.paste_perturbation`)
+   and, by default, refined there for that face in a few gradient steps through a
+   simulated JPEG save and re-alignment (:func:`krtfuap.refine.refine_on_photo`);
 3. the photo is rounded to 8 bits and written (PNG or JPEG at a given quality);
 4. verification re-reads the written file, detects and aligns the faces again as
    a recogniser would, and compares each cloaked face with the same face of the
@@ -37,6 +39,7 @@ from krtfuap.alignment import SCRFDDetector, align_face, detect_faces, photo_to_
 from krtfuap.datasets import _is_image_file, load_image
 from krtfuap.metrics import cosine_similarity, embed, psnr, ssim
 from krtfuap.paste import paste_perturbation
+from krtfuap.refine import refine_on_photo
 
 __all__ = ["DetectedFace", "FaceReport", "PhotoCloak", "plan_outputs", "read_photo", "write_photo"]
 
@@ -181,6 +184,15 @@ class PhotoCloak:
     threshold : float, optional
         Its verification threshold on cosine similarity; by default the attack's
         ``threshold_`` (pass one when ``model`` is another recogniser).
+    refine_steps : int
+        Gradient steps that adapt the perturbation to each face of each photo
+        against the attack's own model (:func:`krtfuap.refine.refine_on_photo`; about
+        40 ms per face and step on two CPU cores); 0: paste the universal
+        perturbation as it is (instant, but little of it survives a JPEG save).
+    target_ssim : float
+        The face-box SSIM the refinement keeps above in its simulated save, in ``(0, 1]``.
+    random_state : int, optional
+        Seed of the refinement's random JPEG qualities and jitter (None: unseeded).
     """
 
     def __init__(
@@ -193,6 +205,9 @@ class PhotoCloak:
         feather: float = 6.0,
         model: torch.nn.Module | None = None,
         threshold: float | None = None,
+        refine_steps: int = 30,
+        target_ssim: float = 0.945,
+        random_state: int | None = 0,
     ) -> None:
         perturbation = getattr(attack, "perturbation_", None)
         if not isinstance(perturbation, torch.Tensor) or perturbation.ndim != 3 or perturbation.shape[0] != 3:
@@ -204,6 +219,13 @@ class PhotoCloak:
             raise ValueError(f"min_score must be in [0, 1], got {min_score}.")
         if model is not None and threshold is None:
             raise ValueError("a verification model needs its threshold: pass threshold= (cosine similarity).")
+        if isinstance(refine_steps, bool) or not isinstance(refine_steps, int) or refine_steps < 0:
+            raise ValueError(f"refine_steps must be an integer >= 0 (0: no refinement), got {refine_steps!r}.")
+        if refine_steps and getattr(attack, "model", None) is None:
+            raise ValueError(
+                "refining the cloak on each photo needs the attack's face model: load it with one "
+                "(UAPAttack.load(path, model=...)) or pass refine_steps=0 to paste the perturbation as it is."
+            )
         self.attack = attack
         self.detector = detector if detector is not None else SCRFDDetector(score_threshold=min_score)
         self.min_score = float(min_score)
@@ -211,6 +233,9 @@ class PhotoCloak:
         self.feather = float(feather)
         self.model = model if model is not None else getattr(attack, "model", None)
         self.threshold = float(threshold) if threshold is not None else getattr(attack, "threshold_", None)
+        self.refine_steps = refine_steps
+        self.target_ssim = float(target_ssim)
+        self.random_state = random_state
 
     # ------------------------------------------------------------------ one photo
     def detect(self, image: np.ndarray) -> list[DetectedFace]:
@@ -230,21 +255,29 @@ class PhotoCloak:
         -------
         cloaked : numpy.ndarray
             ``(H, W, 3)`` uint8 RGB; equal to ``image`` outside the faces' aligned squares
-            (and everywhere when no face is found).
+            (and everywhere when no face is found). With ``refine_steps`` the result
+            depends on ``random_state`` and on the photo, not on other photos cloaked before.
         faces : list of DetectedFace
             The faces cloaked.
         """
         faces = self.detect(image)
         if not faces:
             return image.copy(), faces
-        pasted = paste_perturbation(
-            photo_to_tensor(image),
-            self.attack.perturbation_.float().cpu(),
-            [face.keypoints for face in faces],
-            epsilon=float(self.attack.epsilon),
-            feather=self.feather,
+        perturbation = self.attack.perturbation_.float()
+        keypoints, epsilon = [face.keypoints for face in faces], float(self.attack.epsilon)
+        if not self.refine_steps:
+            pasted = paste_perturbation(photo_to_tensor(image), perturbation.cpu(), keypoints, epsilon=epsilon,
+                                        feather=self.feather)
+            return tensor_to_photo(pasted), faces
+        model = self.attack.model
+        device = next(model.parameters(), perturbation).device
+        generator = None if self.random_state is None else torch.Generator().manual_seed(self.random_state)
+        refined = refine_on_photo(
+            photo_to_tensor(image).to(device), perturbation.to(device), keypoints, model, epsilon=epsilon,
+            boxes=[face.box for face in faces], feather=self.feather, steps=self.refine_steps,
+            target_ssim=self.target_ssim, generator=generator,
         )
-        return tensor_to_photo(pasted), faces
+        return tensor_to_photo(refined.cpu()), faces
 
     def verify(self, original: np.ndarray, cloaked: np.ndarray, faces: Sequence[DetectedFace]) -> list[dict]:
         """Judge cloaked faces as a recogniser would: detect and align again, compare with the originals.

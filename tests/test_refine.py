@@ -1,0 +1,142 @@
+"""Per-photo refinement (krtfuap/refine.py): the plain paste at zero steps, change only on faces, within budget."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from fakes import TinyEmbedder
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from krtfuap.alignment import ARCFACE_TEMPLATE_112, align_face, photo_to_tensor, tensor_to_photo
+from krtfuap.metrics import cosine_similarity
+from krtfuap.paste import face_to_photo_matrix, paste_perturbation
+from krtfuap.refine import refine_on_photo
+
+
+def _keypoints(scale: float, x: float, y: float) -> np.ndarray:
+    """Five keypoints of a face ``scale`` times the template's size with its template origin at ``(x, y)``."""
+    return ARCFACE_TEMPLATE_112 * scale + np.array([x, y])
+
+
+def _photo(height: int = 160, width: int = 200, seed: int = 0) -> torch.Tensor:
+    """A smooth random photo ``(3, H, W)`` in [0, 1] (blocks of colour, as JPEG sees faces)."""
+    coarse = torch.rand(1, 3, height // 8, width // 8, generator=torch.Generator().manual_seed(seed))
+    return torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)[0]
+
+
+def _inside(keypoints: list[np.ndarray], height: int, width: int) -> np.ndarray:
+    """Photo pixels within one pixel of some face's aligned square."""
+    mask = np.zeros((height, width), dtype=bool)
+    for points in keypoints:
+        corners = np.array([[0, 0, 1], [111, 0, 1], [0, 111, 1], [111, 111, 1]]) @ face_to_photo_matrix(points).T
+        (x1, y1), (x2, y2) = np.floor(corners.min(0)).astype(int) - 1, np.ceil(corners.max(0)).astype(int) + 2
+        mask[max(y1, 0) : y2, max(x1, 0) : x2] = True
+    return mask
+
+
+def test_zero_steps_is_the_plain_paste() -> None:
+    photo = _photo()
+    perturbation = (torch.rand(3, 112, 112, generator=torch.Generator().manual_seed(1)) * 2 - 1) * 0.08
+    faces = [_keypoints(0.7, 10, 20), _keypoints(0.5, 120, 70)]
+    pasted = paste_perturbation(photo, perturbation, faces, epsilon=0.08)
+    refined = refine_on_photo(photo, perturbation, faces, TinyEmbedder(), epsilon=0.08, steps=0)
+    assert torch.allclose(refined, pasted, atol=1e-5)
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    epsilon=st.floats(0.01, 0.1),
+    scale=st.floats(0.35, 0.9),
+    x=st.floats(-20.0, 120.0),
+    y=st.floats(-20.0, 80.0),
+    seed=st.integers(0, 2**16),
+)
+def test_the_change_stays_on_the_face_and_within_budget(epsilon: float, scale: float, x: float, y: float,
+                                                        seed: int) -> None:
+    photo = _photo(seed=seed)
+    faces = [_keypoints(scale, x, y)]
+    start = (torch.rand(3, 112, 112, generator=torch.Generator().manual_seed(seed)) * 2 - 1) * epsilon
+    refined = refine_on_photo(photo, start, faces, TinyEmbedder(), epsilon=epsilon, steps=2, lr=0.05,
+                              generator=torch.Generator().manual_seed(seed))
+    change = (refined - photo).abs().amax(dim=0).numpy()
+    assert refined.min() >= 0 and refined.max() <= 1
+    assert change.max() <= epsilon + 1e-6
+    assert change[~_inside(faces, *photo.shape[-2:])].max(initial=0.0) == 0.0
+
+
+def test_refining_moves_the_face_away_after_a_real_jpeg_save() -> None:
+    """From no perturbation at all, the refined photo's face (saved by Pillow as JPEG, aligned again) is
+    far further from the clean face, for the model it was refined against, than with noise of the same budget."""
+    model = TinyEmbedder()
+    photo = _photo(seed=3)
+    faces = [_keypoints(0.8, 40, 30)]
+    zero = torch.zeros(3, 112, 112)
+
+    def similarity(cloaked: torch.Tensor) -> float:
+        buffer = io.BytesIO()
+        Image.fromarray(tensor_to_photo(cloaked)).save(buffer, format="JPEG", quality=85)
+        saved = np.asarray(Image.open(buffer).convert("RGB"))
+        pair = np.stack([align_face(tensor_to_photo(photo), faces[0]), align_face(saved, faces[0])])
+        with torch.no_grad():
+            embeddings = model(photo_to_tensor(pair))
+        return cosine_similarity(embeddings[:1], embeddings[1:]).item()
+
+    refined = refine_on_photo(photo, zero, faces, model, epsilon=0.08, steps=20, lr=0.01, target_ssim=0.5,
+                              generator=torch.Generator().manual_seed(0))
+    noise = (torch.rand(3, 112, 112, generator=torch.Generator().manual_seed(0)) * 2 - 1) * 0.08
+    noisy = paste_perturbation(photo, noise, faces, epsilon=0.08)
+    assert similarity(refined) < 0.99  # the tiny model pools over the whole face: hard to move
+    assert 1 - similarity(refined) > 100 * (1 - similarity(noisy))
+
+
+def test_a_higher_ssim_target_changes_the_face_less() -> None:
+    photo, faces, zero = _photo(seed=4), [_keypoints(0.8, 40, 30)], torch.zeros(3, 112, 112)
+    changes = []
+    for target in (0.5, 0.999):
+        refined = refine_on_photo(photo, zero, faces, TinyEmbedder(), epsilon=0.08, steps=15, lr=0.01,
+                                  target_ssim=target, generator=torch.Generator().manual_seed(0))
+        changes.append((refined - photo).abs().mean().item())
+    assert changes[1] < 0.5 * changes[0]
+
+
+def test_reproducible_and_the_model_is_left_as_it_was() -> None:
+    model = TinyEmbedder().train()
+    photo, faces, start = _photo(seed=5), [_keypoints(0.6, 50, 40)], torch.full((3, 112, 112), 0.02)
+    runs = [refine_on_photo(photo, start, faces, model, epsilon=0.08, steps=3,
+                            generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+    assert model.training and all(parameter.requires_grad for parameter in model.parameters())
+
+
+def test_float64_photos_and_faces_outside_the_photo() -> None:
+    photo = _photo().double()
+    faces = [_keypoints(0.5, 400, 400), _keypoints(0.6, 30, 30)]  # the first lies wholly outside
+    refined = refine_on_photo(photo, torch.zeros(3, 112, 112), faces, TinyEmbedder(), epsilon=0.05, steps=2)
+    assert refined.dtype == torch.float64 and refined.shape == photo.shape
+    assert (refined - photo).abs().max() <= 0.05 + 1e-9
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"epsilon": 0.0}, "epsilon must be in"),
+        ({"steps": -1}, "steps must be an integer"),
+        ({"steps": 2.5}, "steps must be an integer"),
+        ({"target_ssim": 1.5}, "target_ssim must be in"),
+        ({"stealth_weight": -1.0}, "stealth_weight must be"),
+        ({"quality": (90.0, 80.0)}, "quality must be a range"),
+        ({"jitter": (-1.0, 0.0)}, "jitter"),
+        ({"boxes": []}, "one box per face"),
+    ],
+)
+def test_bad_arguments_are_named(options: dict, message: str) -> None:
+    arguments = {"epsilon": 0.08, **options}
+    with pytest.raises(ValueError, match=message):
+        refine_on_photo(_photo(), torch.zeros(3, 112, 112), [_keypoints(0.6, 30, 30)], TinyEmbedder(), **arguments)
+    with pytest.raises(ValueError, match=r"shape \(3, H, W\)"):
+        refine_on_photo(torch.rand(1, 3, 8, 8), torch.zeros(3, 112, 112), [], TinyEmbedder(), epsilon=0.08)
