@@ -253,8 +253,8 @@ def main() -> None:
         if photos:
             scores["photo JPEG q85"] = photo_round_trip(perturbation, model, threshold, photos, detector)["model"]
         if photos and args.refine_steps:
-            found = photo_round_trip(perturbation, model, threshold, photos, detector, refine_steps=args.refine_steps,
-                                     judges=judges)
+            found = photo_round_trip(perturbation, model, threshold, photos, detector,
+                                     refine_steps=args.refine_steps, judges=judges)
             scores[refined] = found.pop("model")
             scores.update({f"{refined}, judged by {name}": value for name, value in found.items()})
         return scores

@@ -29,10 +29,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from kornia.geometry.transform import get_rotation_matrix2d, warp_affine
+from kornia.geometry.transform import warp_affine
 from torch import nn
 
-from krtfuap.augment import jpeg, quantize
+from krtfuap.augment import _similarity_matrices, jpeg, quantize
 from krtfuap.engine import frozen
 from krtfuap.losses import direction_loss
 from krtfuap.metrics import ssim
@@ -59,11 +59,13 @@ class _FaceRegion:
 
 
 def _region(
-    photo: torch.Tensor, perturbation: torch.Tensor, keypoints: np.ndarray, box: np.ndarray | None
+    keypoints: np.ndarray, box: np.ndarray | None, size: int, height: int, width: int
 ) -> tuple[slice, slice, np.ndarray, tuple[int, int, int, int]] | None:
-    """The rectangle to work on (rows, cols), its face-to-region matrix and the face box in region pixels."""
-    size = perturbation.shape[-1]
-    height, width = photo.shape[-2:]
+    """The rectangle to work on (rows, cols), its face-to-region matrix and the face box in region pixels.
+
+    The rectangle covers the face's aligned square and its box, clipped to the photo, with its top-left
+    corner on the JPEG block grid; None if the square lies outside the photo.
+    """
     matrix = face_to_photo_matrix(keypoints, size)
     footprint = _footprint(matrix, size, height, width)
     if footprint is None:
@@ -72,7 +74,8 @@ def _region(
     box_edges = footprint
     if box is not None:
         x1, y1, x2, y2 = (float(value) for value in box)
-        box_edges = (max(math.floor(y1), 0), max(math.floor(x1), 0), min(math.ceil(y2), height), min(math.ceil(x2), width))
+        box_edges = (max(math.floor(y1), 0), max(math.floor(x1), 0),
+                     min(math.ceil(y2), height), min(math.ceil(x2), width))
         top, left = min(top, box_edges[0]), min(left, box_edges[1])
         bottom, right = max(bottom, box_edges[2]), max(right, box_edges[3])
     top, left = top // _MACROBLOCK * _MACROBLOCK, left // _MACROBLOCK * _MACROBLOCK
@@ -89,7 +92,7 @@ def _prepare(
 ) -> _FaceRegion | None:
     size = perturbation.shape[-1]
     window = feather_window(size, feather, device=photo.device)
-    found = _region(photo, perturbation, keypoints, box)
+    found = _region(keypoints, box, size, *photo.shape[-2:])
     if found is None:
         return None
     rows, cols, shifted, (box_top, box_left, box_bottom, box_right) = found
@@ -106,18 +109,11 @@ def _prepare(
     return _FaceRegion(rows, cols, clean, start, warped_window, to_face, box_slices, reference)
 
 
-def _realign_jitter(count: int, size: int, shift: float, degrees: float, generator: torch.Generator | None,
-                    device: torch.device) -> torch.Tensor:
-    """``(count, 3, 3)`` small similarities of the aligned face: turn about its centre, shift by pixels."""
-    def draw(largest: float) -> torch.Tensor:
-        return (torch.rand(count, generator=generator, dtype=torch.float64) * 2 - 1) * largest
-
-    centre = torch.full((count, 2), (size - 1) / 2, dtype=torch.float64)
-    rotation = get_rotation_matrix2d(centre, draw(degrees), torch.ones(count, 2, dtype=torch.float64))
-    rotation[..., 0, 2] += draw(shift)
-    rotation[..., 1, 2] += draw(shift)
-    bottom = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64).expand(count, 1, 3)
-    return torch.cat([rotation, bottom], dim=1).to(device=device, dtype=torch.float32)
+def _realign_jitter(size: int, shift: float, degrees: float, generator: torch.Generator | None) -> torch.Tensor:
+    """A ``(1, 3, 3)`` small similarity of the aligned face: a turn about its centre and a shift, drawn uniformly."""
+    counterclockwise = (torch.rand(1, generator=generator, dtype=torch.float64) * 2 - 1) * degrees
+    offset = (torch.rand(1, 2, generator=generator, dtype=torch.float64) * 2 - 1) * shift
+    return _similarity_matrices(-counterclockwise, 1.0, offset, (size, size), (size, size))
 
 
 def refine_on_photo(
@@ -226,7 +222,7 @@ def _through_the_save(
     saved = quantize((region.clean + _perturb(region, change, epsilon)).clamp(0.0, 1.0)[None])
     drawn_quality = quality[0] + (quality[1] - quality[0]) * torch.rand(1, generator=generator)
     decoded = quantize(jpeg(saved, drawn_quality.to(device)))
-    realign = _realign_jitter(1, size, *jitter, generator, device) @ region.to_face
+    realign = _realign_jitter(size, *jitter, generator).to(device=device, dtype=torch.float32) @ region.to_face
     rows, cols = region.box
     box_ssim = ssim(decoded[..., rows, cols], region.clean[None, :, rows, cols])
     return warp_affine(decoded, realign[:, :2], (size, size), **_WARP), box_ssim

@@ -191,4 +191,6 @@ def test_refining_needs_the_attacks_model(detector) -> None:
         PhotoCloak(default_cloak(model=None), detector)
     with pytest.raises(ValueError, match="refine_steps must be"):
         PhotoCloak(default_cloak(model=None), detector, refine_steps=-1)
+    with pytest.raises(ValueError, match="target_ssim must be"):
+        PhotoCloak(default_cloak(model=None), detector, refine_steps=0, target_ssim=0.0)
     PhotoCloak(default_cloak(model=None), detector, refine_steps=0)  # pasting alone needs no model

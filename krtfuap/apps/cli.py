@@ -166,7 +166,8 @@ def _add_demo_parser(commands: argparse._SubParsersAction) -> None:
     demo.add_argument("--attack", default=None, help="a saved attack to show instead of the ready cloak "
                       "(fitted against insightface_mbf, e.g. by krtfuap fit)")
     demo.add_argument("--refine-steps", type=_non_negative_int, default=30, metavar="N",
-                      help="steps refining the cloak on each face (default: %(default)s; 0: the universal cloak only)")
+                      help="steps refining the cloak on each face (default: %(default)s; 0: the universal "
+                      "cloak only)")
     demo.add_argument("--quiet", action="store_true", help="print nothing but errors")
     demo.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     demo.set_defaults(run=_run_demo)
@@ -192,8 +193,9 @@ def _add_cloak_parser(commands: argparse._SubParsersAction) -> None:
         description=(
             "Detect every face in the photos, add the cloak over each face (warped back onto the photo's pixel "
             "grid) and refine it there for that face (--refine-steps), write the photos under --output (folders "
-            "keep their structure; originals are never touched), then read each one back, detect and align again and report per face whether the model "
-            "still matches it (cloak-report.csv / .json). Exit status 1 when a photo could not be read."
+            "keep their structure; originals are never touched), then read each one back, detect and align "
+            "again and report per face whether the model still matches it (cloak-report.csv / .json). Exit "
+            "status 1 when a photo could not be read."
         ),
     )
     cloak.add_argument("inputs", nargs="+", metavar="INPUT", help="photos, or folders walked recursively")

@@ -162,7 +162,7 @@ def plan_outputs(
 
 
 class PhotoCloak:
-    """Apply a fitted universal perturbation to the faces of real photos, and check the result.
+    """Apply a fitted universal perturbation to the faces of real photos, refined on each face, and check it.
 
     Parameters
     ----------
@@ -221,6 +221,8 @@ class PhotoCloak:
             raise ValueError("a verification model needs its threshold: pass threshold= (cosine similarity).")
         if isinstance(refine_steps, bool) or not isinstance(refine_steps, int) or refine_steps < 0:
             raise ValueError(f"refine_steps must be an integer >= 0 (0: no refinement), got {refine_steps!r}.")
+        if not 0.0 < target_ssim <= 1.0:
+            raise ValueError(f"target_ssim must be in (0, 1], got {target_ssim}.")
         if refine_steps and getattr(attack, "model", None) is None:
             raise ValueError(
                 "refining the cloak on each photo needs the attack's face model: load it with one "
