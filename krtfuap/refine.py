@@ -32,6 +32,7 @@ import torch
 from kornia.geometry.transform import warp_affine
 from torch import nn
 
+from krtfuap._validation import check_images
 from krtfuap.augment import _similarity_matrices, jpeg, quantize
 from krtfuap.engine import frozen
 from krtfuap.losses import direction_loss
@@ -234,8 +235,11 @@ def _check_arguments(
 ) -> None:
     if photo.ndim != 3 or photo.shape[0] != 3:
         raise ValueError(f"photo must have shape (3, H, W) (RGB), got {tuple(photo.shape)}.")
+    check_images(photo[None], name="photo")
     if perturbation.ndim != 3 or perturbation.shape[0] != 3 or perturbation.shape[1] != perturbation.shape[2]:
         raise ValueError(f"perturbation must have shape (3, S, S), got {tuple(perturbation.shape)}.")
+    if not torch.isfinite(perturbation).all():
+        raise ValueError("perturbation contains NaN or inf values; pass a fitted attack's perturbation_.")
     if not 0.0 < epsilon <= 1.0:
         raise ValueError(f"epsilon must be in (0, 1] (images in [0, 1]), got {epsilon}.")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:

@@ -140,3 +140,11 @@ def test_bad_arguments_are_named(options: dict, message: str) -> None:
         refine_on_photo(_photo(), torch.zeros(3, 112, 112), [_keypoints(0.6, 30, 30)], TinyEmbedder(), **arguments)
     with pytest.raises(ValueError, match=r"shape \(3, H, W\)"):
         refine_on_photo(torch.rand(1, 3, 8, 8), torch.zeros(3, 112, 112), [], TinyEmbedder(), epsilon=0.08)
+    with pytest.raises(ValueError, match="divide by 255"):
+        refine_on_photo(_photo() * 255, torch.zeros(3, 112, 112), [], TinyEmbedder(), epsilon=0.08)
+    nan = _photo()
+    nan[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        refine_on_photo(nan, torch.zeros(3, 112, 112), [], TinyEmbedder(), epsilon=0.08)
+    with pytest.raises(ValueError, match="perturbation contains NaN"):
+        refine_on_photo(_photo(), torch.full((3, 112, 112), float("nan")), [], TinyEmbedder(), epsilon=0.08)
