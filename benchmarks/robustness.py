@@ -30,10 +30,11 @@ face's box in the photo. Before the table the script prints how large those face
 are in their photos (photo pixels per template pixel; below 1 the paste shrinks the
 perturbation and re-alignment enlarges it back).
 
-``--refine-steps N`` adds ``photo JPEG q85 refined N``: the same round trip with the
-perturbation refined on each face of each photo first (``PhotoCloak(refine_steps=N)``,
-:func:`krtfuap.refine.refine_on_photo`, against the attack's model; on the ``no cloak``
-row it starts from zero, a per-photo attack without any universal perturbation).
+``--refine-steps N`` adds ``photo JPEG q85 refined N``: the same round trip with a
+perturbation made for each face of each photo first (``PhotoCloak(refine_steps=N)``,
+:func:`krtfuap.refine.refine_on_photo`, against the attack's model), from zero (the
+default) or, with ``--refine-from cloak``, from the scored perturbation (on the ``no
+cloak`` row that is zero too); ``--refine-luminance`` learns one change for R, G and B.
 ``--judges NAME ...`` adds, per judge, the refined photos judged by that other
 recogniser (threshold calibrated the same way): a black-box check of the refinement.
 
@@ -46,7 +47,7 @@ Example (2-core CPU)::
     python benchmarks/robustness.py --models insightface_mbf --max-time 600 --target-ssim 0.93 --threads 2
     python benchmarks/robustness.py --attacks cloak_photo.safetensors cloak_none.safetensors --threads 1
     python benchmarks/robustness.py --attacks ../krtfuap/data/default_cloak.safetensors --refine-steps 30 \
-        --judges foamliu_mobilefacenet --threads 2
+        --refine-from cloak --judges foamliu_mobilefacenet --threads 2
 """
 
 from __future__ import annotations
@@ -173,14 +174,15 @@ def face_scales(photos: list[Path], detector: SCRFDDetector) -> np.ndarray:
 
 def photo_round_trip(
     perturbation: torch.Tensor, model: torch.nn.Module, threshold: float, photos: list[Path],
-    detector: SCRFDDetector, quality: int = 85, refine_steps: int = 0,
-    judges: dict[str, tuple[torch.nn.Module, float]] | None = None,
+    detector: SCRFDDetector, quality: int = 85, refine_steps: int = 0, refine_from: str = "zero",
+    refine_colour: bool = True, judges: dict[str, tuple[torch.nn.Module, float]] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Cloak whole photos, save as JPEG, re-detect and re-align; protected share and face-box SSIM.
 
     Returns one score under ``"model"`` (the attack's own) and one per judge, all on the same written photos.
     """
-    cloak = PhotoCloak(_FixedPerturbation(perturbation, 0.08, model, threshold), detector, refine_steps=refine_steps)
+    cloak = PhotoCloak(_FixedPerturbation(perturbation, 0.08, model, threshold), detector, refine_steps=refine_steps,
+                       refine_from=refine_from, refine_colour=refine_colour)
     scores = {}
     with tempfile.TemporaryDirectory() as folder:
         rows = cloak.cloak_files(photos, folder, file_format="jpeg", quality=quality)
@@ -219,6 +221,9 @@ def main() -> None:
                         help="score these saved attacks instead of fitting (--augments is then ignored)")
     parser.add_argument("--refine-steps", type=int, default=0,
                         help="add the photo round trip with PhotoCloak(refine_steps=N) (0: not)")
+    parser.add_argument("--refine-from", choices=("zero", "cloak"), default="zero",
+                        help="PhotoCloak(refine_from=...): start from zero or from the scored perturbation")
+    parser.add_argument("--refine-luminance", action="store_true", help="PhotoCloak(refine_colour=False)")
     parser.add_argument("--judges", nargs="+", default=[], help="other models that judge the refined photos")
     parser.add_argument("--json", type=Path, default=None, help="write every score here")
     args = parser.parse_args()
@@ -254,7 +259,8 @@ def main() -> None:
             scores["photo JPEG q85"] = photo_round_trip(perturbation, model, threshold, photos, detector)["model"]
         if photos and args.refine_steps:
             found = photo_round_trip(perturbation, model, threshold, photos, detector,
-                                     refine_steps=args.refine_steps, judges=judges)
+                                     refine_steps=args.refine_steps, refine_from=args.refine_from,
+                                     refine_colour=not args.refine_luminance, judges=judges)
             scores[refined] = found.pop("model")
             scores.update({f"{refined}, judged by {name}": value for name, value in found.items()})
         return scores

@@ -16,7 +16,9 @@ The loss per face is the paper's direction loss between the embedding of that
 result and the clean face's, plus ``stealth_weight`` times how far the SSIM of
 the face's box (after the simulated JPEG, against the clean photo) falls below
 ``target_ssim``. The change stays inside each face's aligned square, within
-``[-epsilon, epsilon]``. Unlike the universal perturbation, the result is made
+``[-epsilon, epsilon]``. With ``colour=False`` the learnt change is one
+luminance change shared by R, G and B: it reads as fine grain rather than
+coloured texture, and protects a little less (measured in ``docs/cloak.rst``). Unlike the universal perturbation, the result is made
 for this photo and judged by the model it was refined against (a white-box
 setting): a recogniser of another family sees a weaker cloak.
 """
@@ -132,6 +134,7 @@ def refine_on_photo(
     stealth_weight: float = 40.0,
     quality: tuple[float, float] = (75.0, 95.0),
     jitter: tuple[float, float] = (1.0, 1.5),
+    colour: bool = True,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Paste a perturbation onto each face of a photo and refine it there, as the module docstring says.
@@ -168,6 +171,9 @@ def refine_on_photo(
         Range of the JPEG quality drawn at every step, within ``[1, 100]``.
     jitter : (float, float)
         Largest re-alignment shift (aligned-face pixels) and turn (degrees) drawn at every step.
+    colour : bool
+        Learn a change per channel; False: one change shared by R, G and B (added to
+        the starting perturbation, which keeps its own colour).
     generator : torch.Generator, optional
         CPU generator for those draws (reproducible results).
 
@@ -188,7 +194,9 @@ def refine_on_photo(
             region for index, points in enumerate(keypoints)
             if (region := _prepare(work, start, points, None if boxes is None else boxes[index], model, feather))
         ]
-        changes = [torch.zeros_like(region.clean, requires_grad=True) for region in regions]
+        channels = 3 if colour else 1
+        changes = [torch.zeros(channels, *region.clean.shape[-2:], device=work.device, requires_grad=True)
+                   for region in regions]
         if steps and regions:
             references = torch.cat([region.reference for region in regions])
             optimizer = torch.optim.Adam(changes, lr=lr)
@@ -210,7 +218,8 @@ def refine_on_photo(
 
 
 def _perturb(region: _FaceRegion, change: torch.Tensor, epsilon: float) -> torch.Tensor:
-    """The face's change on its region: the pasted start plus the feathered learnt change, within the budget."""
+    """The face's change on its region: the pasted start plus the feathered learnt change ``(1 or 3, h, w)``,
+    within the budget."""
     return (region.start + region.window * change).clamp(-epsilon, epsilon)
 
 

@@ -166,9 +166,9 @@ def test_raw_lfw_photos_are_cloaked_and_verified_with_the_real_model(shared_asse
             assert written.size == original.size and written.format == "JPEG"
 
 
-def test_refining_on_each_face_protects_photos_that_the_universal_cloak_alone_does_not(tmp_path, detector, photos):
-    """The ready cloak on unseen sample photos, saved as JPEG q85 and re-detected, judged by w600k_mbf:
-    pasted as it is it protects few faces; refined on each face it protects nearly all at face SSIM ~0.93."""
+def test_refining_on_each_face_protects_photos_that_the_universal_cloak_does_not(tmp_path, detector, photos):
+    """Unseen sample photos, saved as JPEG q85 and re-detected, judged by w600k_mbf: the ready cloak pasted
+    as it is protects few faces; a perturbation refined on each face protects most at face SSIM ~0.93."""
     from krtfuap.pretrained import default_cloak
 
     attack = default_cloak()
@@ -180,7 +180,7 @@ def test_refining_on_each_face_protects_photos_that_the_universal_cloak_alone_do
         summaries[steps] = summarise(rows)
     assert summaries[0]["faces"] == summaries[30]["faces"] >= 5
     assert summaries[0]["protection_rate"] <= 0.5
-    assert summaries[30]["protection_rate"] >= 0.8 and summaries[30]["mean_similarity"] < 0.1
+    assert summaries[30]["protection_rate"] >= 0.8 and summaries[30]["mean_similarity"] < attack.threshold_
     assert summaries[30]["mean_ssim_face"] > 0.92
 
 
@@ -191,6 +191,8 @@ def test_refining_needs_the_attacks_model(detector) -> None:
         PhotoCloak(default_cloak(model=None), detector)
     with pytest.raises(ValueError, match="refine_steps must be"):
         PhotoCloak(default_cloak(model=None), detector, refine_steps=-1)
+    with pytest.raises(ValueError, match="refine_from must be"):
+        PhotoCloak(default_cloak(model=None), detector, refine_steps=0, refine_from="noise")
     with pytest.raises(ValueError, match="target_ssim must be"):
         PhotoCloak(default_cloak(model=None), detector, refine_steps=0, target_ssim=0.0)
     PhotoCloak(default_cloak(model=None), detector, refine_steps=0)  # pasting alone needs no model

@@ -94,6 +94,14 @@ def test_refining_moves_the_face_away_after_a_real_jpeg_save() -> None:
     assert 1 - similarity(refined) > 100 * (1 - similarity(noisy))
 
 
+def test_without_colour_one_luminance_change() -> None:
+    photo, faces, zero = _photo(seed=6) * 0.8 + 0.1, [_keypoints(0.7, 40, 30)], torch.zeros(3, 112, 112)
+    grey = refine_on_photo(photo, zero, faces, TinyEmbedder(), epsilon=0.08, steps=3, lr=0.02, colour=False) - photo
+    coloured = refine_on_photo(photo, zero, faces, TinyEmbedder(), epsilon=0.08, steps=3, lr=0.02) - photo
+    assert grey.abs().max() > 0.01 and (grey - grey[:1]).abs().max() < 1e-6  # photo kept off 0 and 1: no clipping
+    assert (coloured - coloured[:1]).abs().max() > 0.01
+
+
 def test_a_higher_ssim_target_changes_the_face_less() -> None:
     photo, faces, zero = _photo(seed=4), [_keypoints(0.8, 40, 30)], torch.zeros(3, 112, 112)
     changes = []

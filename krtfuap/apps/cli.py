@@ -191,9 +191,10 @@ def _add_cloak_parser(commands: argparse._SubParsersAction) -> None:
         "cloak",
         help="cloak the faces in photos (files or folders) and check each one as a recogniser would",
         description=(
-            "Detect every face in the photos, add the cloak over each face (warped back onto the photo's pixel "
-            "grid) and refine it there for that face (--refine-steps), write the photos under --output (folders "
-            "keep their structure; originals are never touched), then read each one back, detect and align "
+            "Detect every face in the photos, make a cloak for each face in a few gradient steps through a "
+            "simulated JPEG save (--refine-steps; 0: paste the universal cloak, warped back onto the photo's "
+            "pixel grid), write the photos under --output (folders keep their structure; originals are never "
+            "touched), then read each one back, detect and align "
             "again and report per face whether the model still matches it (cloak-report.csv / .json). Exit "
             "status 1 when a photo could not be read."
         ),
@@ -207,7 +208,11 @@ def _add_cloak_parser(commands: argparse._SubParsersAction) -> None:
     cloak.add_argument("--attack-weights", default=None, metavar="PATH", help="weights file of --attack-model")
     cloak.add_argument("--refine-steps", type=_non_negative_int, default=30, metavar="N",
                        help="gradient steps adapting the cloak to each face through a simulated JPEG save "
-                       "(default: %(default)s, about 1 s per face on 2 CPU cores; 0: paste the universal cloak)")
+                       "(default: %(default)s, 1-2 s per face on 2 CPU cores; 0: paste the universal cloak)")
+    cloak.add_argument("--refine-from", choices=("zero", "cloak"), default="zero",
+                       help="start the refinement from zero (default) or from the attack's universal perturbation")
+    cloak.add_argument("--refine-luminance", action="store_true",
+                       help="refine one luminance change for R, G and B (fine grain, less visible, a little weaker)")
     cloak.add_argument("--target-ssim", type=_open_probability, default=0.945,
                        help="face SSIM the refinement keeps in its simulated save (default: %(default)s)")
     cloak.add_argument("--format", choices=("png", "jpeg"), default=None,
@@ -250,7 +255,8 @@ def _run_cloak(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
     else:
         attack = UAPAttack.load(args.attack, model=attack_model)
     cloak = PhotoCloak(attack, min_score=args.min_score, model=model, threshold=args.verify_threshold,
-                       refine_steps=args.refine_steps, target_ssim=args.target_ssim)
+                       refine_steps=args.refine_steps, refine_from=args.refine_from,
+                       refine_colour=not args.refine_luminance, target_ssim=args.target_ssim)
     rows = cloak.cloak_files(args.inputs, args.output, file_format=args.format, quality=args.quality,
                              verify=not args.no_verify, progress=not args.quiet)
     csv_path, _ = write_report(rows, args.output)

