@@ -20,7 +20,7 @@ from kornia.geometry.transform import warp_affine
 
 from krtfuap.alignment import ARCFACE_TEMPLATE_112, estimate_similarity
 
-__all__ = ["face_to_photo_matrix", "feather_window", "paste_perturbation"]
+__all__ = ["box_pixels", "face_to_photo_matrix", "feather_window", "paste_perturbation"]
 
 
 def face_to_photo_matrix(keypoints: np.ndarray, size: int = 112) -> np.ndarray:
@@ -67,6 +67,13 @@ def feather_window(size: int, feather: float, *, device: torch.device | None = N
     distance = torch.minimum(position, size - 1 - position) + 1.0  # 1 at the outermost pixel
     ramp = (distance / feather).clamp(max=1.0) if feather > 0 else torch.ones_like(distance)
     return torch.minimum(ramp[:, None], ramp[None, :])[None]
+
+
+def box_pixels(box: np.ndarray, height: int, width: int) -> tuple[int, int, int, int]:
+    """A detector box ``(x1, y1, x2, y2)`` as whole photo pixels ``(top, left, bottom, right)``, clipped to
+    an ``height x width`` photo (the rows ``top:bottom`` and columns ``left:right`` it touches; may be empty)."""
+    x1, y1, x2, y2 = (float(value) for value in box)
+    return (max(math.floor(y1), 0), max(math.floor(x1), 0), min(math.ceil(y2), height), min(math.ceil(x2), width))
 
 
 def _footprint(matrix: np.ndarray, size: int, height: int, width: int) -> tuple[int, int, int, int] | None:

@@ -18,14 +18,13 @@ the face's box (after the simulated JPEG, against the clean photo) falls below
 ``target_ssim``. The change stays inside each face's aligned square, within
 ``[-epsilon, epsilon]``. With ``colour=False`` the learnt change is one
 luminance change shared by R, G and B: it reads as fine grain rather than
-coloured texture, and protects a little less (measured in ``docs/cloak.rst``). Unlike the universal perturbation, the result is made
-for this photo and judged by the model it was refined against (a white-box
+coloured texture, and protects a little less (measured in ``docs/cloak.rst``).
+Unlike the universal perturbation, the result is made for this photo and judged by the model it was refined against (a white-box
 setting): a recogniser of another family sees a weaker cloak.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -39,7 +38,7 @@ from krtfuap.augment import _similarity_matrices, jpeg, quantize
 from krtfuap.engine import frozen
 from krtfuap.losses import direction_loss
 from krtfuap.metrics import ssim
-from krtfuap.paste import _footprint, face_to_photo_matrix, feather_window
+from krtfuap.paste import _footprint, box_pixels, face_to_photo_matrix, feather_window
 
 __all__ = ["refine_on_photo"]
 
@@ -76,9 +75,7 @@ def _region(
     top, left, bottom, right = footprint
     box_edges = footprint
     if box is not None:
-        x1, y1, x2, y2 = (float(value) for value in box)
-        box_edges = (max(math.floor(y1), 0), max(math.floor(x1), 0),
-                     min(math.ceil(y2), height), min(math.ceil(x2), width))
+        box_edges = box_pixels(box, height, width)
         top, left = min(top, box_edges[0]), min(left, box_edges[1])
         bottom, right = max(bottom, box_edges[2]), max(right, box_edges[3])
     top, left = top // _MACROBLOCK * _MACROBLOCK, left // _MACROBLOCK * _MACROBLOCK

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from krtfuap.alignment import ARCFACE_TEMPLATE_112, align_face
-from krtfuap.paste import face_to_photo_matrix, feather_window, paste_perturbation
+from krtfuap.paste import box_pixels, face_to_photo_matrix, feather_window, paste_perturbation
 
 
 def _keypoints(scale: float, angle: float, shift: tuple[float, float]) -> np.ndarray:
@@ -102,3 +102,10 @@ def test_bad_shapes_are_refused() -> None:
         paste_perturbation(torch.rand(3, 10, 10), torch.zeros(3, 112, 100), [], epsilon=0.08)
     with pytest.raises(ValueError, match="keypoints must have shape"):
         face_to_photo_matrix(np.zeros((4, 2)))
+
+
+def test_box_pixels_covers_the_touched_pixels_and_stays_in_the_photo() -> None:
+    assert box_pixels(np.array([10.2, 5.7, 30.5, 40.0]), 100, 120) == (5, 10, 40, 31)
+    assert box_pixels(np.array([-3.0, -1.5, 130.2, 99.9]), 100, 120) == (0, 0, 100, 120)
+    top, left, bottom, right = box_pixels(np.array([200.0, 200.0, 220.0, 230.0]), 100, 120)
+    assert bottom <= top or right <= left  # wholly outside: an empty rectangle

@@ -39,7 +39,7 @@ from PIL import Image
 from krtfuap.alignment import SCRFDDetector, align_face, detect_faces, photo_to_tensor, tensor_to_photo
 from krtfuap.datasets import _is_image_file, load_image
 from krtfuap.metrics import cosine_similarity, embed, psnr, ssim
-from krtfuap.paste import paste_perturbation
+from krtfuap.paste import box_pixels, paste_perturbation
 from krtfuap.refine import refine_on_photo
 
 __all__ = ["DetectedFace", "FaceReport", "PhotoCloak", "plan_outputs", "read_photo", "write_photo"]
@@ -436,12 +436,10 @@ def _psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
 
 def _box_scores(clean: torch.Tensor, cloaked: torch.Tensor, box: np.ndarray) -> dict[str, float]:
     """SSIM and PSNR over the face's box (clipped to the photo), ``(1, 3, H, W)`` photos in ``[0, 1]``."""
-    height, width = clean.shape[-2:]
-    x1, y1 = max(int(math.floor(box[0])), 0), max(int(math.floor(box[1])), 0)
-    x2, y2 = min(int(math.ceil(box[2])), width), min(int(math.ceil(box[3])), height)
-    if x2 - x1 < 2 or y2 - y1 < 2:
+    top, left, bottom, right = box_pixels(box, *clean.shape[-2:])
+    if bottom - top < 2 or right - left < 2:
         return {"ssim_face": math.nan, "psnr_face": math.nan}
-    a, b = cloaked[..., y1:y2, x1:x2], clean[..., y1:y2, x1:x2]
+    a, b = cloaked[..., top:bottom, left:right], clean[..., top:bottom, left:right]
     return {"ssim_face": ssim(a, b).item(), "psnr_face": _psnr(a, b)}
 
 
