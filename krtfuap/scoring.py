@@ -41,10 +41,7 @@ Embed = Callable[[torch.Tensor], torch.Tensor]
 
 @torch.no_grad()
 def score_adversarial(
-    embed: Embed | nn.Module,
-    images: torch.Tensor,
-    adversarial: torch.Tensor,
-    *,
+    embed: Embed | nn.Module, images: torch.Tensor, adversarial: torch.Tensor, *,
     clean_embeddings: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-face scores of adversarial faces against their clean originals.
