@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from krtfuap.attack import UAPAttack
 from krtfuap.baselines import FGUAP, DeepFoolUAP, FrequencyUAP
 from krtfuap.datasets import FaceFolder, PairDataset, filter_pairs, read_pairs, split_identities
+from krtfuap.estimator import PerturbationEstimator
 from krtfuap.metrics import calibrate_threshold, pair_similarities, tar_at_far
 from krtfuap.models import load_face_model
 from krtfuap.scoring import score_perturbation
@@ -42,6 +43,16 @@ def stealth_spec(name: str):
     if name == "squeezenet":
         return SqueezeNetStealthLoss(SHARED / "models" / "squeezenet1_0_imagenet_deepcompression.pth")
     return None if name == "none" else name
+
+
+def fit_and_score(attack: PerturbationEstimator, fit_images: torch.Tensor, test_images: torch.Tensor, row_start: str) -> str:
+    """Fit ``attack``, score it on the held-out faces; the table row that ``row_start`` (model and method columns) begins."""
+    started = time.perf_counter()
+    attack.fit(fit_images)
+    elapsed = time.perf_counter() - started
+    result = attack.evaluate(test_images)
+    return (f"{row_start} | {result['fooling_rate']:.3f} | {result['ssim']:.4f} | {result['psnr']:.2f} | "
+            f"{attack.fooling_rate_:.3f} | {attack.n_iter_} | {elapsed:.1f} |")
 
 
 def main() -> None:
@@ -94,13 +105,8 @@ def main() -> None:
                     model, threshold=threshold, epsilon=args.epsilon, target_fooling_rate=args.target,
                     max_epochs=args.max_epochs, batch_size=args.batch_size, random_state=args.seed, device=args.device,
                 )
-                started = time.perf_counter()
-                attack.fit(fit_images)
-                elapsed = time.perf_counter() - started
-                result = attack.evaluate(test_images)
-                print(f"{head} | {baseline.__name__} | - | - | - | - | - | - | {result['fooling_rate']:.3f} | "
-                      f"{result['ssim']:.4f} | {result['psnr']:.2f} | {attack.fooling_rate_:.3f} | {attack.n_iter_} | "
-                      f"{elapsed:.1f} |", flush=True)
+                print(fit_and_score(attack, fit_images, test_images, f"{head} | {baseline.__name__} | - | - | - | - | - | -"),
+                      flush=True)
         grid = itertools.product(args.stealth, args.weights, args.flow_unit, args.skip_fooled, args.init_scale, args.lr)
         for stealth, weight, unit, skip, init, lr in grid:
             attack = UAPAttack(
@@ -109,13 +115,8 @@ def main() -> None:
                 target_fooling_rate=args.target, max_epochs=args.max_epochs, batch_size=args.batch_size,
                 random_state=args.seed, device=args.device,
             )
-            started = time.perf_counter()
-            attack.fit(fit_images)
-            elapsed = time.perf_counter() - started
-            result = attack.evaluate(test_images)
-            print(f"{head} | KRT-FUAP | {stealth} | {weight} | {unit} | {skip} | {init} | {lr} | {result['fooling_rate']:.3f} | "
-                  f"{result['ssim']:.4f} | {result['psnr']:.2f} | {attack.fooling_rate_:.3f} | {attack.n_iter_} | "
-                  f"{elapsed:.1f} |", flush=True)
+            settings = f"{stealth} | {weight} | {unit} | {skip} | {init} | {lr}"
+            print(fit_and_score(attack, fit_images, test_images, f"{head} | KRT-FUAP | {settings}"), flush=True)
 
 
 if __name__ == "__main__":

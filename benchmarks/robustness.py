@@ -74,7 +74,7 @@ from krtfuap.apps.cloak import PhotoCloak, read_photo, summarise
 from krtfuap.attack import UAPAttack
 from krtfuap.metrics import embed
 from krtfuap.paste import face_to_photo_matrix
-from krtfuap.scoring import PerturbationScore, score_batch
+from krtfuap.scoring import PerturbationScore, score_adversarial
 
 Pipeline = Callable[[Image.Image], Image.Image]
 
@@ -137,9 +137,8 @@ def score_pipelines(
         for start in range(0, len(faces), batch_size):
             chunk = slice(start, start + batch_size)
             arrived_clean, arrived = travel(faces[chunk], pipeline), travel(cloaked[chunk], pipeline)
-            # score_batch scores images + perturbation against clean_embeddings: here T(x) + (T(x + v) - T(x)).
-            meter.update(score_batch(model, arrived_clean, arrived - arrived_clean,
-                                     clean_embeddings=clean_embeddings[chunk]))
+            # Similarity of T(x + v) with the clean original F(x); SSIM and PSNR against T(x).
+            meter.update(score_adversarial(model, arrived_clean, arrived, clean_embeddings=clean_embeddings[chunk]))
         scores[name] = meter.compute()
     return scores
 

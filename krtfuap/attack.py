@@ -28,7 +28,7 @@ from krtfuap.estimator import PerturbationEstimator
 from krtfuap.flow import FlowUnit
 from krtfuap.losses import ADVERSARIAL_LOSSES, DirectionLoss
 from krtfuap.masks import KeyRegionMasker
-from krtfuap.metrics import cosine_similarity, ssim
+from krtfuap.metrics import cosine_similarity, fooled_by_similarity, ssim
 from krtfuap.perturbation import MaskedPerturbation
 from krtfuap.stealth import StealthLossLike, resolve_stealth_loss
 
@@ -573,7 +573,7 @@ class _KeyRegionSolver(Solver):
         adversarial = (images + self.module()).clamp(0.0, 1.0)
         embeddings = self.embed(self.diversity(self._augmented(adversarial)))
         similarity = cosine_similarity(embeddings.detach(), clean_embeddings)
-        fooled = similarity < self.threshold
+        fooled = fooled_by_similarity(similarity, self.threshold)
         per_face = self.adversarial_loss(embeddings, clean_embeddings)
         if self.skip_fooled:
             per_face = per_face * (~fooled).to(per_face.dtype)

@@ -43,7 +43,7 @@ from krtfuap.distributed import average_gradients, broadcast_module_, broadcast_
 from krtfuap.engine import Solver
 from krtfuap.estimator import PerturbationEstimator
 from krtfuap.losses import direction_loss
-from krtfuap.metrics import cosine_similarity, ssim
+from krtfuap.metrics import cosine_similarity, fooled_by_similarity, ssim
 
 __all__ = [
     "RandomNoiseUAP",
@@ -199,7 +199,7 @@ def _batch_record(images: torch.Tensor, perturbation: torch.Tensor, similarity: 
     with torch.no_grad():
         adversarial = (images + perturbation.detach()).clamp(0.0, 1.0)
         return {
-            "fooling_rate": (similarity.detach() < threshold).float().mean().item(),
+            "fooling_rate": fooled_by_similarity(similarity.detach(), threshold).float().mean().item(),
             "mean_similarity": similarity.detach().mean().item(),
             "ssim": ssim(adversarial.float(), images.float()).mean().item(),
         }

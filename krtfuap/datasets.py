@@ -17,6 +17,7 @@ that differs, instead of leaving ``DataLoader`` to fail without one.
 from __future__ import annotations
 
 import csv
+import io
 import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path, PurePath
@@ -29,6 +30,7 @@ from torch.utils.data import Dataset
 __all__ = [
     "IMAGE_SUFFIXES",
     "MAX_IMAGE_PIXELS",
+    "is_image_file",
     "load_image",
     "FaceFolder",
     "split_identities",
@@ -126,8 +128,17 @@ def _dataset_size(size: Size | None, first: Path) -> tuple[Size, str]:
     return (height, width), f"the size of its first image, {first}; pass size=(height, width) to choose another"
 
 
-def _load_sized(path: Path, size: Size, reference: str) -> torch.Tensor:
-    """:func:`load_image`, refusing an image whose ``(H, W)`` is not ``size`` (``reference`` says where it came from)."""
+def _existing_folder(root: str | os.PathLike[str], what: str, fix: str) -> Path:
+    """``root`` as a Path; a FileNotFoundError naming ``what`` it should be and the ``fix`` if it is not a folder."""
+    folder = Path(root)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{what} not found: {folder}; {fix}")
+    return folder
+
+
+def _load_sized(path: Path, size: Size, reference: str, transform: Transform | None) -> torch.Tensor:
+    """:func:`load_image`, refusing an image whose ``(H, W)`` is not ``size`` (``reference`` says where it came
+    from), then ``transform``."""
     image = load_image(path)
     height, width = image.shape[-2:]
     if (height, width) != size:
@@ -136,15 +147,16 @@ def _load_sized(path: Path, size: Size, reference: str) -> torch.Tensor:
             f"{size[1]}x{size[0]} ({reference}); faces batched together must share one size: align or resize "
             f"every face to {size[1]}x{size[0]} (krtfuap.alignment.detect_and_align), or move this file out."
         )
-    return image
+    return image if transform is None else transform(image)
 
 
-def _is_image_file(path: Path) -> bool:
+def is_image_file(path: Path) -> bool:
+    """Whether ``path`` is a file that counts as an image: a suffix of :data:`IMAGE_SUFFIXES`, not hidden."""
     return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if _is_image_file(p))
+    return sorted(p for p in folder.iterdir() if is_image_file(p))
 
 
 class FaceFolder(Dataset):
@@ -210,12 +222,9 @@ class FaceFolder(Dataset):
         size: Size | None = None,
     ) -> None:
         size = _check_size_parameter(size)
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise FileNotFoundError(
-                f"face folder not found: {self.root}; pass the folder that holds one "
-                "sub-folder of aligned face images per identity."
-            )
+        self.root = _existing_folder(
+            root, "face folder", "pass the folder that holds one sub-folder of aligned face images per identity."
+        )
         files_by_identity: dict[str, list[Path]] = {}
         for folder in sorted(self.root.iterdir()):
             if folder.is_dir() and not folder.name.startswith("."):
@@ -259,10 +268,7 @@ class FaceFolder(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
-        image = _load_sized(path, self.size, self._size_source)
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, label
+        return _load_sized(path, self.size, self._size_source, self.transform), label
 
     def __repr__(self) -> str:
         return (
@@ -343,13 +349,14 @@ def read_pairs(path: str | os.PathLike[str]) -> list[Pair]:
     FileNotFoundError
         If the file does not exist.
     ValueError
-        If a column is missing, a ``same`` value is not boolean, or there are no rows
-        (the message names the file and line).
+        If the file is not UTF-8 text (a byte-order mark is fine), holds a NUL byte,
+        a column is missing, a ``same`` value is not boolean, or there are no rows
+        (the message names the file and the byte or line).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pairs file not found: {path}; pass the CSV with columns path_a,path_b,same.")
-    with path.open(newline="", encoding="utf-8") as handle:
+    with io.StringIO(_utf8_text(path), newline="") as handle:
         reader = csv.DictReader(handle)
         missing = {"path_a", "path_b", "same"} - set(reader.fieldnames or [])
         if missing:
@@ -368,6 +375,29 @@ def read_pairs(path: str | os.PathLike[str]) -> list[Pair]:
     if not pairs:
         raise ValueError(f"{path} has a header but no pairs; add rows path_a,path_b,same.")
     return pairs
+
+
+def _utf8_text(path: Path) -> str:
+    """The text of a UTF-8 file (a leading byte-order mark dropped); a ValueError naming the first bad byte."""
+    data = path.read_bytes()
+
+    def where(offset: int) -> str:
+        line = data.count(b"\n", 0, offset) + 1
+        return f"byte offset {offset} (line {line})"
+
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        raise ValueError(
+            f"{path} holds a NUL byte at {where(nul)}, so it is not a text CSV (a UTF-16 export, or a binary "
+            "file?); save it as UTF-8 CSV."
+        )
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{path} is not UTF-8: byte {data[error.start:error.start + 1]!r} at {where(error.start)} does not "
+            "decode (the file is probably latin-1 or Windows-1252); save it as UTF-8."
+        ) from error
 
 
 def _identity_of(path: str) -> str:
@@ -449,11 +479,7 @@ class PairDataset(Dataset):
         size: Size | None = None,
     ) -> None:
         size = _check_size_parameter(size)
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise FileNotFoundError(
-                f"pairs root folder not found: {self.root}; pass the folder the pair paths are relative to."
-            )
+        self.root = _existing_folder(root, "pairs root folder", "pass the folder the pair paths are relative to.")
         self.pairs = list(pairs)
         if not self.pairs:
             raise ValueError(
@@ -473,8 +499,7 @@ class PairDataset(Dataset):
         return len(self.pairs)
 
     def _load(self, path: str) -> torch.Tensor:
-        image = _load_sized(self.root / path, self.size, self._size_source)
-        return image if self.transform is None else self.transform(image)
+        return _load_sized(self.root / path, self.size, self._size_source, self.transform)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         path_a, path_b, same = self.pairs[index]

@@ -233,7 +233,37 @@ class TemplateLandmarks:
         return "TemplateLandmarks()"
 
 
-class DlibLandmarks:
+class _DetectingLandmarks:
+    """What the backends that detect a face share: their call, the aligned-box fallback and the no-face error.
+
+    A subclass sets ``fallback_box``, a ``_no_face_hint`` and implements ``_landmarks``.
+    """
+
+    fallback_box: bool
+    _no_face_hint: str
+
+    def __call__(self, images: torch.Tensor) -> np.ndarray:
+        """68 landmarks per image: ``(B, 3, H, W)`` float RGB in ``[0, 1]`` -> ``(B, 68, 2)`` float ``(x, y)`` pixels.
+
+        Raises
+        ------
+        NoFaceFoundError
+            If no face was found in some images and the fallback box does not apply
+            (``fallback_box=False``, or the landmark model still found none inside it).
+        """
+        images = check_images(images)
+        fallback = _scaled_template_box(images.shape[2], images.shape[3]) if self.fallback_box else None
+        landmarks, missing = self._landmarks(images, fallback)
+        if missing:
+            raise NoFaceFoundError(missing, type(self).__name__, f"{self._no_face_hint} {_ALIGNED_HINT}")
+        return landmarks
+
+    def _landmarks(self, images: torch.Tensor, fallback: Box | None) -> tuple[np.ndarray, list[int]]:
+        """``(B, 68, 2)`` landmarks (unset rows where a face is missing) and the indices of the images without a face."""
+        raise NotImplementedError
+
+
+class DlibLandmarks(_DetectingLandmarks):
     """dlib face detector + 68-point iBUG shape predictor.
 
     Aligned face crops are tight: dlib's HOG detector, trained on looser
@@ -355,37 +385,14 @@ class DlibLandmarks:
             out[k] = [(shape.part(i).x, shape.part(i).y) for i in range(N_LANDMARKS)]
         return out
 
-    def __call__(self, images: torch.Tensor) -> np.ndarray:
-        """68 landmarks per image.
+    _no_face_hint = "Try upsample=1 or 2, or fallback_box=True for aligned face crops."
 
-        Parameters
-        ----------
-        images : torch.Tensor
-            ``(B, 3, H, W)`` float RGB in ``[0, 1]``.
-
-        Returns
-        -------
-        np.ndarray
-            Shape ``(B, 68, 2)``, float ``(x, y)`` pixel coordinates.
-
-        Raises
-        ------
-        NoFaceFoundError
-            If ``fallback_box=False`` and the detector found no face in some images.
-        """
-        images = check_images(images)
+    def _landmarks(self, images: torch.Tensor, fallback: Box | None) -> tuple[np.ndarray, list[int]]:
         boxes = self.detect(images)
         missing = [k for k, box in enumerate(boxes) if box is None]
-        if missing:
-            if not self.fallback_box:
-                raise NoFaceFoundError(
-                    missing,
-                    "DlibLandmarks",
-                    "Try upsample=1 or 2, or fallback_box=True for aligned face crops. " + _ALIGNED_HINT,
-                )
-            fallback = _scaled_template_box(images.shape[2], images.shape[3])
-            boxes = [fallback if box is None else box for box in boxes]
-        return self.predict(images, boxes)
+        if missing and fallback is None:
+            return np.empty((len(images), N_LANDMARKS, 2), dtype=np.float64), missing
+        return self.predict(images, [fallback if box is None else box for box in boxes]), []
 
     def __repr__(self) -> str:
         return (
@@ -416,7 +423,7 @@ def _fan_weights_from(folder: Path) -> Iterator[None]:
         face_alignment.api.load_file_from_url = original
 
 
-class FaceAlignmentLandmarks:
+class FaceAlignmentLandmarks(_DetectingLandmarks):
     """FAN 2D landmarks from the ``face_alignment`` package (S3FD face detector).
 
     face-alignment downloads its weights on first use, which fails offline.
@@ -498,26 +505,9 @@ class FaceAlignmentLandmarks:
                 fix=f"Download them again from {', '.join(weights.values())} into {folder}.",
             ) from error
 
-    def __call__(self, images: torch.Tensor) -> np.ndarray:
-        """68 landmarks per image.
+    _no_face_hint = "Try fallback_box=True for aligned face crops."
 
-        Parameters
-        ----------
-        images : torch.Tensor
-            ``(B, 3, H, W)`` float RGB in ``[0, 1]``.
-
-        Returns
-        -------
-        np.ndarray
-            Shape ``(B, 68, 2)``, float ``(x, y)`` pixel coordinates.
-
-        Raises
-        ------
-        NoFaceFoundError
-            If no face was found in some images and no fallback box applies.
-        """
-        images = check_images(images)
-        fallback = _scaled_template_box(images.shape[2], images.shape[3]) if self.fallback_box else None
+    def _landmarks(self, images: torch.Tensor, fallback: Box | None) -> tuple[np.ndarray, list[int]]:
         out = np.empty((images.shape[0], N_LANDMARKS, 2), dtype=np.float64)
         missing: list[int] = []
         for k, image in enumerate(_to_uint8_hwc(images)):
@@ -535,11 +525,7 @@ class FaceAlignmentLandmarks:
                 missing.append(k)
                 continue
             out[k] = np.asarray(predicted[0], dtype=np.float64)[:, :2]
-        if missing:
-            raise NoFaceFoundError(
-                missing, "FaceAlignmentLandmarks", "Try fallback_box=True for aligned face crops. " + _ALIGNED_HINT
-            )
-        return out
+        return out, missing
 
     def __repr__(self) -> str:
         return (

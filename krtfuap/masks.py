@@ -136,19 +136,9 @@ def key_region_mask(
 ) -> torch.Tensor:
     """Key-region mask of one face: the union of its regions' convex hulls (Eq. 2).
 
-    Parameters
-    ----------
-    landmarks : np.ndarray or torch.Tensor
-        Shape ``(68, 2)``, ``(x, y)`` pixel coordinates in iBUG 300-W order.
-    image_size : int or (int, int)
-        ``(H, W)`` of the image (an int means square).
-    regions : sequence of str
-        Regions to include; see :func:`key_region_masks`.
-
-    Returns
-    -------
-    torch.Tensor
-        Float tensor of shape ``(H, W)`` with values in ``{0, 1}``.
+    :func:`key_region_masks` for one face: ``landmarks`` of shape ``(68, 2)`` give
+    a float ``(H, W)`` mask with values in ``{0, 1}``; ``image_size`` and
+    ``regions`` as there.
     """
     if isinstance(landmarks, torch.Tensor):
         landmarks = landmarks.detach().cpu().numpy()

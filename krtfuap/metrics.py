@@ -1,7 +1,8 @@
 """Attack and image-quality metrics.
 
-* fooling rate: share of faces whose cosine similarity between ``F(x + v)`` and
-  ``F(x)`` falls below the verification threshold ``t`` (paper Eq. 1);
+* the fooling criterion, decided in one place (:func:`fooled_by_similarity`,
+  :func:`is_fooled`): a face is fooled when ``cos(F(x + v), F(x)) < t``, the
+  verification threshold (paper Eq. 1); the fooling rate is the share fooled;
 * threshold calibration on genuine / impostor pairs (best accuracy, TAR at FAR);
 * SSIM (standard definition, valid region; kornia) and PSNR; LPIPS with the optional
   ``lpips`` package (``pip install "krtfuap[lpips]"``).
@@ -9,6 +10,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Iterable
 
@@ -26,6 +28,8 @@ from krtfuap.imagenet import load_imagenet_state_dict
 
 __all__ = [
     "cosine_similarity",
+    "fooled_by_similarity",
+    "is_fooled",
     "fooling_rate",
     "embed",
     "pair_similarities",
@@ -42,6 +46,73 @@ def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(a, b, dim=1)
 
 
+def fooled_by_similarity(similarity: torch.Tensor | float, threshold: float) -> torch.Tensor:
+    """The fooling criterion: which faces no longer match their clean selves (paper Eq. 1).
+
+    Every part of the library that decides "fooled" calls this function (or
+    :func:`is_fooled`, which computes the similarity first), so the fit loop,
+    scoring, the baselines and the photo cloak share one definition.
+
+    Parameters
+    ----------
+    similarity : torch.Tensor or float
+        ``cos(F(x + v), F(x))`` per face, any shape (usually ``(B,)``), in ``[-1, 1]``.
+    threshold : float
+        Verification threshold ``t`` on cosine similarity: same person when ``>= t``.
+
+    Returns
+    -------
+    torch.Tensor
+        Bool, the shape of ``similarity``, on its device: True where ``similarity < t``
+        (strictly; a similarity equal to ``t`` still matches, and NaN is never fooled).
+        The comparison is made in float64, so a float32, float16 or bfloat16 similarity
+        is judged against the threshold exactly as given, not against a rounded copy.
+
+    Raises
+    ------
+    ValueError
+        If ``threshold`` is NaN (it would fool no face).
+    """
+    threshold = float(threshold)
+    if math.isnan(threshold):
+        raise ValueError("threshold is NaN; give the verification threshold as a number, e.g. threshold=0.3.")
+    return torch.as_tensor(similarity, dtype=torch.float64) < threshold
+
+
+def is_fooled(adversarial: torch.Tensor, clean: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Which faces a perturbation fools, from their embeddings: ``cos(F(x + v), F(x)) < t``.
+
+    Parameters
+    ----------
+    adversarial, clean : torch.Tensor
+        Embeddings ``F(x + v)`` and ``F(x)``, both ``(B, D)``; the similarity is computed
+        in float32 (float64 embeddings stay float64).
+    threshold : float
+        Verification threshold ``t`` on cosine similarity.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B,)`` bool on the embeddings' device, as :func:`fooled_by_similarity`.
+
+    Raises
+    ------
+    ValueError
+        If the two embeddings are not of one ``(B, D)`` shape.
+    """
+    if adversarial.ndim != 2 or adversarial.shape != clean.shape:
+        raise ValueError(
+            f"adversarial {tuple(adversarial.shape)} and clean {tuple(clean.shape)} embeddings must both be "
+            "(B, D), one row per face in the same order."
+        )
+    similarity = cosine_similarity(_at_least_float32(adversarial), _at_least_float32(clean))
+    return fooled_by_similarity(similarity, threshold)
+
+
+def _at_least_float32(embeddings: torch.Tensor) -> torch.Tensor:
+    return embeddings if embeddings.dtype == torch.float64 else embeddings.float()
+
+
 def fooling_rate(adversarial: torch.Tensor, clean: torch.Tensor, threshold: float) -> float:
     """Share of faces whose perturbed embedding no longer matches the clean one.
 
@@ -55,9 +126,9 @@ def fooling_rate(adversarial: torch.Tensor, clean: torch.Tensor, threshold: floa
     Returns
     -------
     float
-        In ``[0, 1]``: the share with ``cos(F(x + v), F(x)) < t``.
+        In ``[0, 1]``: the share :func:`is_fooled` marks, ``cos(F(x + v), F(x)) < t``.
     """
-    return (cosine_similarity(adversarial, clean) < threshold).float().mean().item()
+    return is_fooled(adversarial, clean, threshold).float().mean().item()
 
 
 @torch.no_grad()

@@ -6,16 +6,18 @@ module, so all numbers share one definition:
 
 * **similarity**: ``cos(F(clip(x + v, 0, 1)), F(x))`` per face;
 * **fooling rate**: share of faces whose similarity is below the verification
-  threshold ``t`` (paper Eq. 1);
+  threshold ``t`` (paper Eq. 1), as :func:`krtfuap.metrics.fooled_by_similarity`
+  decides it;
 * **SSIM**: the standard definition (Wang et al. 2004; Gaussian window 11,
   sigma 1.5, over the valid region only, as scikit-image computes it), the mean
   over the three channels, per face (:func:`krtfuap.metrics.ssim`);
 * **PSNR** in dB on the ``[0, 1]`` scale, per face.
 
-:func:`score_batch` is the functional core (per-face tensors);
-:class:`PerturbationScore` sums them over batches (and over ranks when fitting
-distributed) in the style of a torchmetrics metric; :func:`score_perturbation`
-runs both over a dataset.
+:func:`score_adversarial` is the functional core (per-face tensors of adversarial
+faces against their clean originals, however they were made); :func:`score_batch`
+scores one universal perturbation with it; :class:`PerturbationScore` sums them
+over batches (and over ranks when fitting distributed) in the style of a
+torchmetrics metric; :func:`score_perturbation` runs both over a dataset.
 """
 
 from __future__ import annotations
@@ -29,23 +31,23 @@ from torch import nn
 from krtfuap._batches import ImageData, iter_image_batches
 from krtfuap._ops import call_model
 from krtfuap._validation import check_embeddings
-from krtfuap.metrics import cosine_similarity, psnr, ssim
+from krtfuap.metrics import cosine_similarity, fooled_by_similarity, psnr, ssim
 
-__all__ = ["score_batch", "PerturbationScore", "score_perturbation"]
+__all__ = ["score_adversarial", "score_batch", "PerturbationScore", "score_perturbation"]
 
 #: A face model call: ``(B, 3, H, W)`` images in ``[0, 1]`` -> ``(B, D)`` embeddings.
 Embed = Callable[[torch.Tensor], torch.Tensor]
 
 
 @torch.no_grad()
-def score_batch(
-    embed: Embed | nn.Module,
-    images: torch.Tensor,
-    perturbation: torch.Tensor,
-    *,
+def score_adversarial(
+    embed: Embed | nn.Module, images: torch.Tensor, adversarial: torch.Tensor, *,
     clean_embeddings: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Per-face scores of one batch under one perturbation.
+    """Per-face scores of adversarial faces against their clean originals.
+
+    Use it when each face has its own change (a photo pipeline, a per-face
+    refinement); :func:`score_batch` covers one universal perturbation.
 
     Parameters
     ----------
@@ -55,17 +57,23 @@ def score_batch(
         (:func:`krtfuap._ops.call_model`).
     images : torch.Tensor
         ``(B, 3, H, W)`` clean faces in ``[0, 1]``.
-    perturbation : torch.Tensor
-        ``(3, H, W)`` (or broadcastable), on the images' device.
+    adversarial : torch.Tensor
+        ``(B, 3, H, W)`` the same faces changed, in ``[0, 1]``, on the images' device.
     clean_embeddings : torch.Tensor, optional
-        ``(B, D)`` embeddings of ``images`` when already known (saves a forward pass).
+        ``(B, D)`` embeddings the similarity is measured against, when already
+        known (saves a forward pass); default: those of ``images``.
 
     Returns
     -------
     dict of torch.Tensor
-        ``similarity``, ``ssim``, ``psnr``: each ``(B,)`` float32 on the images' device.
+        ``similarity`` (``cos(F(adversarial), clean embedding)``), ``ssim``, ``psnr``
+        (of ``adversarial`` against ``images``): each ``(B,)`` float32 on the images' device.
     """
-    adversarial = (images + perturbation.to(images.dtype)).clamp(0.0, 1.0)
+    if adversarial.shape != images.shape:
+        raise ValueError(
+            f"adversarial {tuple(adversarial.shape)} and images {tuple(images.shape)} must have one shape: "
+            "each adversarial face is scored against its own clean face."
+        )
     if clean_embeddings is None:
         clean_embeddings = check_embeddings(call_model(embed, images), len(images))
     perturbed = check_embeddings(call_model(embed, adversarial), len(images))
@@ -76,13 +84,36 @@ def score_batch(
     }
 
 
+@torch.no_grad()
+def score_batch(
+    embed: Embed | nn.Module,
+    images: torch.Tensor,
+    perturbation: torch.Tensor,
+    *,
+    clean_embeddings: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per-face scores of one batch under one universal perturbation.
+
+    :func:`score_adversarial` of the faces ``clip(images + perturbation, 0, 1)``;
+    ``embed``, ``images``, ``clean_embeddings`` and the result are as there.
+
+    Parameters
+    ----------
+    perturbation : torch.Tensor
+        ``(3, H, W)`` (or broadcastable), on the images' device.
+    """
+    adversarial = (images + perturbation.to(images.dtype)).clamp(0.0, 1.0)
+    return score_adversarial(embed, images, adversarial, clean_embeddings=clean_embeddings)
+
+
 class PerturbationScore:
     """Running sums of per-face scores; :meth:`compute` gives the dataset means.
 
     Parameters
     ----------
     threshold : float
-        Verification threshold ``t``: a face is fooled when its similarity is ``< t``.
+        Verification threshold ``t``: a face is fooled when its similarity is ``< t``
+        (:func:`krtfuap.metrics.fooled_by_similarity`).
 
     Examples
     --------
@@ -102,11 +133,11 @@ class PerturbationScore:
         self._sums = torch.zeros(len(self._FIELDS), dtype=torch.float64)
 
     def update(self, scores: dict[str, torch.Tensor]) -> None:
-        """Add one batch's per-face ``similarity``, ``ssim`` and ``psnr`` (as :func:`score_batch` returns)."""
+        """Add one batch's per-face ``similarity``, ``ssim`` and ``psnr`` (as :func:`score_adversarial` returns)."""
         similarity = scores["similarity"].detach().double().cpu()
         self._sums += torch.stack(
             [
-                (similarity < self.threshold).double().sum(),
+                fooled_by_similarity(similarity, self.threshold).double().sum(),
                 similarity.sum(),
                 scores["ssim"].detach().double().cpu().sum(),
                 scores["psnr"].detach().double().cpu().sum(),

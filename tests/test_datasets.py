@@ -202,6 +202,39 @@ def test_read_pairs_errors(tmp_path: Path) -> None:
         read_pairs(_write_pairs(tmp_path / "c.csv", []))
 
 
+PAIRS_TEXT = "path_a,path_b,same\nJosé/José_0001.png,Zoë/Zoë_0002.png,0\nbob/1.png,bob/2.png,1\n"
+PAIRS = [("José/José_0001.png", "Zoë/Zoë_0002.png", False), ("bob/1.png", "bob/2.png", True)]
+
+
+def test_read_pairs_accepts_a_utf8_byte_order_mark(tmp_path: Path) -> None:
+    path = tmp_path / "pairs.csv"
+    path.write_bytes(PAIRS_TEXT.encode("utf-8-sig"))  # as Excel's "CSV UTF-8" saves it
+    assert read_pairs(path) == PAIRS
+    path.write_bytes(PAIRS_TEXT.replace("\n", "\r\n").encode("utf-8-sig"))
+    assert read_pairs(path) == PAIRS
+
+
+def test_read_pairs_refuses_latin1_naming_the_byte_and_the_fix(tmp_path: Path) -> None:
+    path = tmp_path / "pairs.csv"
+    path.write_bytes(PAIRS_TEXT.encode("latin-1"))
+    offset = PAIRS_TEXT.index("é")  # the header is ASCII, so characters and bytes line up until the first é
+    with pytest.raises(ValueError) as error:
+        read_pairs(path)
+    message = str(error.value)
+    assert str(path) in message and "not UTF-8" in message and "save it as UTF-8" in message
+    assert f"b'\\xe9' at byte offset {offset} (line 2)" in message
+
+
+def test_read_pairs_refuses_nul_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "pairs.csv"
+    path.write_bytes(b"path_a,path_b,same\nbob/1.png\x00,bob/2.png,1\n")
+    with pytest.raises(ValueError, match=r"pairs.csv holds a NUL byte at byte offset 28 \(line 2\).*save it as UTF-8"):
+        read_pairs(path)
+    path.write_bytes(PAIRS_TEXT.encode("utf-16"))  # Windows' "Unicode text": a BOM, then a NUL after every ASCII byte
+    with pytest.raises(ValueError, match=r"NUL byte at byte offset 3 \(line 1\).*UTF-16"):
+        read_pairs(path)
+
+
 @pytest.mark.real
 def test_real_shared_faces(shared_assets: Path) -> None:
     root = shared_assets / "faces"

@@ -19,7 +19,9 @@ from krtfuap.metrics import (
     calibrate_threshold,
     cosine_similarity,
     embed,
+    fooled_by_similarity,
     fooling_rate,
+    is_fooled,
     pair_similarities,
     psnr,
     ssim,
@@ -82,6 +84,71 @@ def test_fooling_rate_matches_definition_and_ignores_scale(seed, threshold, scal
     assert fooling_rate(adversarial * scale, clean, threshold) == pytest.approx(
         fooling_rate(adversarial, clean, threshold)
     )
+
+
+def test_fooled_by_similarity_below_at_and_above_the_threshold():
+    threshold = 0.3
+    just_below, just_above = math.nextafter(threshold, -2.0), math.nextafter(threshold, 2.0)
+    similarity = torch.tensor([just_below, threshold, just_above, -1.0, 1.0, math.nan], dtype=torch.float64)
+    fooled = fooled_by_similarity(similarity, threshold)
+    assert fooled.dtype == torch.bool and fooled.shape == (6,)
+    assert fooled.tolist() == [True, False, False, True, False, False]  # equal still matches; NaN is never fooled
+
+
+def test_fooled_by_similarity_keeps_the_shape_and_takes_a_plain_float():
+    similarity = torch.tensor([[0.1, 0.5], [0.7, -0.2]])
+    assert fooled_by_similarity(similarity, 0.4).tolist() == [[True, False], [False, True]]
+    assert fooled_by_similarity(0.1, 0.4).shape == () and bool(fooled_by_similarity(0.1, 0.4))
+    assert not bool(fooled_by_similarity(0.4, 0.4))
+    with pytest.raises(ValueError, match="threshold is NaN"):
+        fooled_by_similarity(similarity, math.nan)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_fooled_by_similarity_judges_low_precision_against_the_exact_threshold(dtype):
+    """Comparing in the similarity's own dtype would round the threshold onto the similarity and
+    call the face matched; the criterion compares the exact values."""
+    similarity = torch.tensor([0.3], dtype=dtype)
+    value = similarity.double().item()
+    threshold = value + torch.finfo(dtype).eps * value / 4  # above the similarity, below half its spacing
+    assert not bool(similarity < threshold)  # what a naive comparison in ``dtype`` says
+    assert fooled_by_similarity(similarity, threshold).tolist() == [True]
+    assert fooled_by_similarity(similarity, value).tolist() == [False]
+
+
+def test_is_fooled_decides_per_face_from_embeddings():
+    clean = torch.tensor([[1.0, 0.0]] * 5)
+    adversarial = torch.tensor([[2.0, 0.0], [4.0, 3.0], [0.0, 1.0], [-1.0, 0.0], [7.0, 24.0]])  # cos 1, .8, 0, -1, .28
+    fooled = is_fooled(adversarial, clean, 0.5)
+    assert fooled.dtype == torch.bool and fooled.shape == (5,)
+    assert fooled.tolist() == [False, False, True, True, True]
+    assert is_fooled(adversarial, clean, 0.8).tolist() == [False, False, True, True, True]  # cos == t matches
+    assert is_fooled(adversarial, clean, 0.81).tolist() == [False, True, True, True, True]
+    assert is_fooled(clean, adversarial, 0.5).tolist() == fooled.tolist()  # the similarity is symmetric
+
+
+@pytest.mark.parametrize(
+    "adversarial, clean",
+    [(torch.ones(3, 4), torch.ones(2, 4)), (torch.ones(3, 4), torch.ones(3, 5)), (torch.ones(4), torch.ones(4)),
+     (torch.ones(1, 4), torch.ones(3, 4))],
+)
+def test_is_fooled_refuses_embeddings_of_other_shapes(adversarial, clean):
+    with pytest.raises(ValueError, match=r"must both be \(B, D\)"):
+        is_fooled(adversarial, clean, 0.5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), threshold=st.floats(-1.0, 1.0))
+def test_is_fooled_and_fooling_rate_agree_with_the_similarity_criterion(seed, threshold):
+    generator = torch.Generator().manual_seed(seed)
+    clean = torch.randn(20, 6, generator=generator)
+    adversarial = clean + torch.randn(20, 6, generator=generator)
+    fooled = is_fooled(adversarial, clean, threshold)
+    assert torch.equal(fooled, fooled_by_similarity(cosine_similarity(adversarial, clean), threshold))
+    assert fooling_rate(adversarial, clean, threshold) == fooled.float().mean().item()
+    # A threshold exactly at a face's similarity leaves that face matched.
+    at_face = cosine_similarity(adversarial, clean)[0].item()
+    assert not is_fooled(adversarial, clean, at_face)[0]
 
 
 # --------------------------------------------------------------------------- calibrate_threshold

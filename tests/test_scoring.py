@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from fakes import TinyEmbedder
 from torch.utils.data import DataLoader, TensorDataset
 
-from krtfuap.metrics import psnr, ssim
-from krtfuap.scoring import PerturbationScore, score_batch, score_perturbation
+from krtfuap.metrics import fooling_rate, is_fooled, psnr, ssim
+from krtfuap.scoring import PerturbationScore, score_adversarial, score_batch, score_perturbation
 
 SIZE = 24
 
@@ -139,3 +139,39 @@ def test_adversarial_images_are_clipped(model):
     scores = score_batch(model, images, huge)
     torch.testing.assert_close(scores["ssim"], ssim(ones, images))
     torch.testing.assert_close(scores["psnr"], psnr(ones, images))
+
+
+def test_score_adversarial_scores_each_face_against_its_own_original(model):
+    images = faces(6)
+    changed = (images + torch.stack([perturbation(seed=k) for k in range(6)])).clamp(0, 1)  # one change per face
+    scores = score_adversarial(model, images, changed)
+    with torch.no_grad():
+        expected = F.cosine_similarity(model(changed), model(images), dim=1)
+    torch.testing.assert_close(scores["similarity"], expected)
+    torch.testing.assert_close(scores["ssim"], ssim(changed, images))
+    torch.testing.assert_close(scores["psnr"], psnr(changed, images))
+    # One universal perturbation scored either way gives the same numbers.
+    v = perturbation()
+    for key, value in score_batch(model, images, v).items():
+        torch.testing.assert_close(score_adversarial(model, images, (images + v).clamp(0, 1))[key], value)
+    with pytest.raises(ValueError, match="must have one shape"):
+        score_adversarial(model, images, changed[:3])
+
+
+@pytest.mark.parametrize("at_face", [0, 3])
+def test_scoring_and_metrics_share_the_fooling_criterion(model, at_face):
+    """PerturbationScore, metrics.fooling_rate and is_fooled count the same faces, also when the
+    threshold equals a face's float32 similarity exactly (that face still matches everywhere)."""
+    images, v = faces(12), perturbation()
+    adversarial = (images + v).clamp(0, 1)
+    with torch.no_grad():
+        clean_embeddings, adversarial_embeddings = model(images), model(adversarial)
+    similarity = score_batch(model, images, v)["similarity"]
+    threshold = similarity[at_face].item()
+    fooled = is_fooled(adversarial_embeddings, clean_embeddings, threshold)
+    assert not fooled[at_face] and 0 < fooled.sum() < len(images)  # the threshold splits the faces
+    meter = PerturbationScore(threshold)
+    meter.update(score_batch(model, images, v))
+    assert meter.compute()["fooling_rate"] == fooled.double().mean().item()
+    assert fooling_rate(adversarial_embeddings, clean_embeddings, threshold) == fooled.float().mean().item()
+    assert score_perturbation(model, images, v, threshold)["fooling_rate"] == fooled.double().mean().item()

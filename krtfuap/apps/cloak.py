@@ -37,8 +37,8 @@ import torch
 from PIL import Image
 
 from krtfuap.alignment import SCRFDDetector, align_face, detect_faces, photo_to_tensor, tensor_to_photo
-from krtfuap.datasets import _is_image_file, load_image
-from krtfuap.metrics import cosine_similarity, embed, psnr, ssim
+from krtfuap.datasets import is_image_file, load_image
+from krtfuap.metrics import cosine_similarity, embed, fooled_by_similarity, psnr, ssim
 from krtfuap.paste import box_pixels, paste_perturbation
 from krtfuap.refine import refine_on_photo
 
@@ -109,7 +109,7 @@ def write_photo(path: Path, image: np.ndarray, *, file_format: str, quality: int
 
 
 def _image_files_under(folder: Path) -> list[Path]:
-    return sorted(path for path in folder.rglob("*") if _is_image_file(path))
+    return sorted(path for path in folder.rglob("*") if is_image_file(path))
 
 
 def plan_outputs(
@@ -327,7 +327,7 @@ class PhotoCloak:
                 pair = np.stack([align_face(original, face.keypoints), align_face(cloaked, match.keypoints)])
                 embeddings = embed(self.model, photo_to_tensor(pair))
                 result["similarity"] = cosine_similarity(embeddings[:1].cpu(), embeddings[1:].cpu()).item()
-            result["protected"] = match is None or result["similarity"] < self.threshold
+            result["protected"] = match is None or bool(fooled_by_similarity(result["similarity"], self.threshold))
             result.update(_box_scores(clean_photo, cloaked_photo, face.box))
             result.update(photo_scores)
             results.append(result)

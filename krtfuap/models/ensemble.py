@@ -57,18 +57,7 @@ class EnsembleEmbedder(nn.Module):
         self.models = nn.ModuleList(models)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Embed ``images``.
-
-        Parameters
-        ----------
-        images : torch.Tensor
-            ``(B, 3, H, W)`` RGB in ``[0, 1]``.
-
-        Returns
-        -------
-        torch.Tensor
-            ``(B, sum_k D_k)`` float32, unit L2 norm per row.
-        """
+        """Embed ``images``, ``(B, 3, H, W)`` RGB in ``[0, 1]``: ``(B, sum_k D_k)`` float32, unit L2 norm per row."""
         parts = [
             F.normalize(check_embeddings(call_model(model, images), len(images)).float(), dim=1)
             for model in self.models
