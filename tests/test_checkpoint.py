@@ -108,7 +108,7 @@ def start_fit(tmp_path):
     for child in children:
         if child.poll() is None:
             child.kill()
-            child.communicate()
+            child.communicate(timeout=TIMEOUT_S)
 
 
 def _next_line(process: subprocess.Popen) -> str:
