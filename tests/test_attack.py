@@ -1,7 +1,10 @@
 import math
+from functools import partial
 
 import pytest
 import torch
+from fakes import TinyEmbedder, tiny_attack, untimed
+from fakes import random_faces as faces
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.base import clone
@@ -10,40 +13,12 @@ from torch import nn
 
 from krtfuap.attack import UAPAttack
 from krtfuap.masks import KeyRegionMasker
-
-
-def untimed(history: list[dict]) -> list[dict]:
-    """``history_`` without the wall-clock ``time`` field, which differs between runs."""
-    return [{k: v for k, v in record.items() if k != "time"} for record in history]
-
+from krtfuap.metrics import psnr, ssim
 
 SIZE = 32
 
-
-class TinyEmbedder(nn.Module):
-    """A small random conv net: (B, 3, H, W) in [0, 1] -> (B, 16)."""
-
-    def __init__(self, seed: int = 0) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.net = nn.Sequential(
-            nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        )
-
-    def forward(self, x):
-        return self.net(x - 0.5)
-
-
-def faces(n: int = 16, seed: int = 0) -> torch.Tensor:
-    return torch.rand(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
-
-
-def quick_attack(model=None, **params) -> UAPAttack:
-    # The KRT-FUAP mechanism under test: key regions on (the library's default is a global perturbation).
-    defaults = dict(threshold=0.9, stealth_loss="ssim", use_key_regions=True, max_epochs=2, batch_size=8, random_state=0)
-    defaults.update(params)
-    return UAPAttack(model or TinyEmbedder(), **defaults)
+# The KRT-FUAP mechanism under test: key regions on (the library's default is a global perturbation).
+quick_attack = partial(tiny_attack, UAPAttack, stealth_loss="ssim", use_key_regions=True)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +40,7 @@ def test_perturbation_within_budget_and_output_in_range(fitted):
     x = faces(5, seed=1)
     adversarial = fitted.transform(x)
     assert fitted.perturbation_.abs().max() <= fitted.epsilon + 1e-7
-    assert adversarial.min() >= 0 and adversarial.max() <= 1
+    assert torch.equal(adversarial, (x + fitted.perturbation_).clamp(0, 1))
     assert (adversarial - x).abs().max() <= fitted.epsilon + 1e-6
     assert adversarial.dtype == x.dtype
 
@@ -77,8 +52,8 @@ def test_budget_holds_for_any_epsilon_and_learning_rate(epsilon, lr, seed):
     attack.fit(faces(8, seed))
     assert attack.perturbation_.abs().max() <= epsilon * (1 + 1e-6)
     assert attack.flow_.abs().max() <= 1.0
-    out = attack.transform(faces(4, seed + 1))
-    assert 0 <= out.min() and out.max() <= 1
+    x = faces(4, seed + 1)
+    assert torch.equal(attack.transform(x), (x + attack.perturbation_).clamp(0, 1))
 
 
 def test_fixed_random_state_is_repeatable():
@@ -151,9 +126,18 @@ def test_load_refuses_other_files(tmp_path):
 
 
 def test_evaluate_reports_metrics(fitted):
-    result = fitted.evaluate(faces(6, seed=2))
+    x = faces(6, seed=2)
+    result = fitted.evaluate(x)
+    # The same numbers, computed here from the model and the fitted perturbation.
+    adversarial = (x + fitted.perturbation_).clamp(0, 1)
+    with torch.no_grad():
+        similarity = torch.cosine_similarity(fitted.model(adversarial), fitted.model(x))
     assert result["n_images"] == 6
-    assert 0 <= result["fooling_rate"] <= 1 and 0 < result["ssim"] <= 1 and result["psnr"] > 0
+    assert result["fooling_rate"] == pytest.approx((similarity < fitted.threshold_).double().mean().item())
+    assert result["mean_similarity"] == pytest.approx(similarity.mean().item(), abs=1e-6)
+    assert result["ssim"] == pytest.approx(ssim(adversarial, x).mean().item(), rel=1e-5)
+    assert result["psnr"] == pytest.approx(psnr(adversarial, x).mean().item(), rel=1e-5)
+    assert (adversarial - x).abs().max() > 0.01  # the faces did change: the check is not about equal images
 
 
 def test_model_is_left_untouched():
@@ -230,8 +214,12 @@ def test_threshold_is_calibrated_from_pairs():
     genuine = (x, (x + 0.01).clamp(0, 1), torch.ones(8, dtype=torch.bool))
     impostor = (x, faces(8, seed=9), torch.zeros(8, dtype=torch.bool))
     attack = quick_attack(model, threshold=None).fit(x, pairs=[genuine, impostor])
-    assert -1 <= attack.threshold_ <= 1
-    assert 0.5 <= attack.threshold_accuracy_ <= 1
+    with torch.no_grad():
+        genuine_similarity = torch.cosine_similarity(model(genuine[1]), model(x))
+        impostor_similarity = torch.cosine_similarity(model(impostor[1]), model(x))
+    # These pairs are separable: the calibrated threshold accepts every genuine pair and rejects every impostor.
+    assert impostor_similarity.max() < attack.threshold_ <= genuine_similarity.min()
+    assert attack.threshold_accuracy_ == 1.0
     with pytest.raises(ValueError, match="threshold=None needs verification pairs"):
         quick_attack(model, threshold=None).fit(x)
 

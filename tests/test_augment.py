@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import io
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from fakes import TinyEmbedder
+from fakes import TinyEmbedder, random_faces, tiny_attack
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -247,15 +248,9 @@ def test_bad_settings_are_refused_with_the_problem_named(make, message):
 SIZE = 32
 
 
-def faces(n: int = 16) -> torch.Tensor:
-    return torch.rand(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)) * 0.8 + 0.1
-
-
-def attack(**params) -> UAPAttack:
-    settings = dict(threshold=-1.0, target_fooling_rate=1.0, max_epochs=2, batch_size=8, random_state=0,
-                    masker=torch.full((SIZE, SIZE), 0.5), use_key_regions=True, augment="photo")
-    settings.update(params)
-    return UAPAttack(TinyEmbedder(), **settings)
+faces = partial(random_faces, margin=0.1)
+attack = partial(tiny_attack, UAPAttack, threshold=-1.0, target_fooling_rate=1.0,
+                 masker=torch.full((SIZE, SIZE), 0.5), use_key_regions=True, augment="photo")
 
 
 def test_fit_with_the_photo_preset_runs_changes_the_fit_and_repeats():

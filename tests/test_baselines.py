@@ -1,9 +1,10 @@
 import math
+from functools import partial
 
 import pytest
 import torch
+from fakes import LinearEmbedder, random_faces, tiny_attack, untimed
 from sklearn.base import clone
-from torch import nn
 
 from krtfuap.attack import UAPAttack
 from krtfuap.baselines import (
@@ -18,11 +19,6 @@ from krtfuap.baselines import (
 )
 
 
-def untimed(history: list[dict]) -> list[dict]:
-    """``history_`` without the wall-clock ``time`` field, which differs between runs."""
-    return [{k: v for k, v in record.items() if k != "time"} for record in history]
-
-
 SIZE = 32
 BASELINES = [RandomNoiseUAP, DeepFoolUAP, FGUAP, FrequencyUAP]
 COMMON_KEYWORDS = {
@@ -30,30 +26,7 @@ COMMON_KEYWORDS = {
     "batch_size", "random_state", "device", "verbose",
 }
 
-
-class SmallConvEmbedder(nn.Module):
-    """Random conv net: (B, 3, H, W) in [0, 1] -> (B, 16)."""
-
-    def __init__(self, seed: int = 0) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.layers = nn.Sequential(
-            nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        )
-
-    def forward(self, x):
-        return self.layers(x - 0.5)
-
-
-def random_faces(n: int = 16, seed: int = 0, size: int = SIZE) -> torch.Tensor:
-    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def make(cls, model=None, **params):
-    settings = dict(threshold=0.9, epsilon=0.05, max_epochs=2, batch_size=8, random_state=0)
-    settings.update(params)
-    return cls(model or SmallConvEmbedder(), **settings)
+make = partial(tiny_attack, epsilon=0.05)
 
 
 @pytest.fixture(scope="module")
@@ -68,13 +41,18 @@ def test_budget_and_output_range(cls, fitted):
     assert attack.perturbation_.abs().max() <= attack.epsilon * (1 + 1e-6)
     x = random_faces(4, seed=1)
     adversarial = attack.transform(x)
-    assert adversarial.min() >= 0 and adversarial.max() <= 1
+    assert torch.equal(adversarial, (x + attack.perturbation_).clamp(0, 1))
     assert (adversarial - x).abs().max() <= attack.epsilon + 1e-6
     assert torch.equal(attack.noise_, attack.perturbation_)
     assert torch.equal(attack.mask_, torch.ones(SIZE, SIZE))
     assert not attack.flow_.any()
-    result = attack.evaluate(random_faces(4, seed=2))
-    assert 0 <= result["fooling_rate"] <= 1 and result["n_images"] == 4
+    x = random_faces(4, seed=2)
+    result = attack.evaluate(x)
+    with torch.no_grad():
+        similarity = torch.cosine_similarity(attack.model(attack.transform(x)), attack.model(x))
+    assert result["n_images"] == 4
+    assert result["fooling_rate"] == pytest.approx((similarity < attack.threshold_).double().mean().item())
+    assert result["mean_similarity"] == pytest.approx(similarity.mean().item(), abs=1e-6)
 
 
 @pytest.mark.parametrize("cls", BASELINES)
@@ -217,18 +195,6 @@ def test_frequency_coefficient_bound_holds():
 
 
 # ------------------------------------------------------------------------ DeepFool
-class LinearEmbedder(nn.Module):
-    """F(x) = W vec(x): a linear toy face model."""
-
-    def __init__(self, size: int = 8, dim: int = 4, seed: int = 0) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.linear = nn.Linear(3 * size * size, dim, bias=False)
-
-    def forward(self, x):
-        return self.linear(x.flatten(1))
-
-
 def test_deepfool_steps_cross_the_threshold_on_a_linear_model():
     model = LinearEmbedder().eval()
     images = 0.4 + 0.2 * random_faces(6, seed=3, size=8)

@@ -1,75 +1,78 @@
 """Checkpoints of ``UAPAttack.fit``: survive SIGKILL, resume bit-identically, never half-written.
 
-The kill test runs the fit in a real child process (``subprocess.Popen``), kills it
-with SIGKILL once a checkpoint of epoch >= 2 is on disk, resumes it in a new process
-and compares the result with an uninterrupted run of the same script.
+The kill test runs the fit in a real child process (``subprocess.Popen``). The child says on
+stdout when a checkpoint of epoch 2 is on disk and waits there, in the middle of epoch 3; the
+test then kills it with SIGKILL, resumes it in a new process and compares the result with an
+uninterrupted run of the same script.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
 import textwrap
-import time
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
-from fakes import TinyEmbedder
+from fakes import TinyEmbedder, random_faces, tiny_attack, untimed
+from processes import TIMEOUT_S
 from torch import nn
 
 from krtfuap.attack import UAPAttack
 
-
-def untimed(history: list[dict]) -> list[dict]:
-    """``history_`` without the wall-clock ``time`` field, which differs between runs."""
-    return [{k: v for k, v in record.items() if k != "time"} for record in history]
-
-
-REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
 MAX_EPOCHS = 10
+PAUSED = "paused after the checkpoint of epoch 2"
 
-# The child script. It counts model forwards, so the parent can tell a resumed fit
-# (which skips the finished epochs) from one that silently started afresh.
+# The child script. Its model counts forwards, so the parent can tell a resumed fit (which skips
+# the finished epochs) from one that silently started afresh. In mode "pause" the model is also
+# where the child stops: at its first forward after a checkpoint of epoch 2 is on disk, it prints
+# PAUSED and waits on stdin, which the parent never writes to.
 FIT_SCRIPT = textwrap.dedent(
     f"""
     import json
     import sys
 
     import torch
-    from torch import nn
 
     torch.set_num_threads(1)
 
+    from fakes import TinyEmbedder, random_faces
     from krtfuap.attack import UAPAttack
 
-    class Embedder(nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.net = nn.Sequential(
-                nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2),
-                nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-            )
-            self.calls = 0
+    checkpoint, output, mode = sys.argv[1:4]
 
-        def forward(self, x):
-            self.calls += 1
-            return self.net(x - 0.5)
 
-    checkpoint, output, resume = sys.argv[1], sys.argv[2], sys.argv[3] == "resume"
-    faces = torch.rand(48, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    model = Embedder()
+    def checkpointed_epochs():
+        try:
+            return torch.load(checkpoint, map_location="cpu", weights_only=True)["n_epochs"]
+        except FileNotFoundError:
+            return 0
+
+
+    class PausingEmbedder(TinyEmbedder):
+        def forward(self, images):
+            if mode == "pause" and checkpointed_epochs() >= 2:
+                print({PAUSED!r}, flush=True)
+                sys.stdin.readline()
+            return super().forward(images)
+
+
+    model = PausingEmbedder()
     attack = UAPAttack(
         model, threshold=-1.0, stealth_loss="ssim", max_epochs={MAX_EPOCHS}, batch_size=2,
         random_state=0, checkpoint_path=checkpoint, checkpoint_every=1,
     )
-    attack.fit(faces, resume=resume)
+    attack.fit(random_faces(48), resume=mode == "resume")
     attack.save(output)
-    print(json.dumps({{"forwards": model.calls, "n_iter": attack.n_iter_}}))
+    print(json.dumps({{"forwards": len(model.calls), "n_iter": attack.n_iter_}}))
     """
 )
 STEPS_PER_EPOCH = 48 // 2
@@ -77,35 +80,47 @@ STEPS_PER_EPOCH = 48 // 2
 
 def _child_env() -> dict[str, str]:
     env = dict(os.environ)
-    # The child must import this checkout, not whatever krtfuap is installed.
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+    # The child must import this checkout, not whatever krtfuap is installed, and the tests' fakes.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), str(TESTS), env.get("PYTHONPATH", "")]))
     env["OMP_NUM_THREADS"] = "1"
     return env
 
 
-def _start(script: Path, checkpoint: Path, output: Path, mode: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, str(script), str(checkpoint), str(output), mode],
-        cwd=REPO, env=_child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+@pytest.fixture
+def start_fit(tmp_path):
+    """``start_fit(checkpoint, output, mode)`` runs ``FIT_SCRIPT`` in mode "fresh", "resume" or "pause".
+
+    Children still running when the test ends (it failed) are killed.
+    """
+    script = tmp_path / "fit_script.py"
+    script.write_text(FIT_SCRIPT)
+    children: list[subprocess.Popen] = []
+
+    def start(checkpoint: Path, output: Path, mode: str) -> subprocess.Popen:
+        children.append(subprocess.Popen(
+            [sys.executable, str(script), str(checkpoint), str(output), mode],
+            cwd=REPO, env=_child_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
+        ))
+        return children[-1]
+
+    yield start
+    for child in children:
+        if child.poll() is None:
+            child.kill()
+            child.communicate(timeout=TIMEOUT_S)
 
 
-def _finish(process: subprocess.Popen, timeout: float = 60.0) -> dict:
-    stdout, stderr = process.communicate(timeout=timeout)
+def _next_line(process: subprocess.Popen) -> str:
+    """The child's next line on stdout; "" when it exits first (or says nothing for ``TIMEOUT_S``)."""
+    readable, _, _ = select.select([process.stdout], [], [], TIMEOUT_S)
+    return process.stdout.readline().strip() if readable else ""
+
+
+def _finish(process: subprocess.Popen) -> dict:
+    stdout, stderr = process.communicate(timeout=TIMEOUT_S)
     assert process.returncode == 0, f"fit script failed ({process.returncode}):\n{stderr}"
     return json.loads(stdout.strip().splitlines()[-1])
-
-
-def _checkpoint_epoch(path: Path) -> int | None:
-    """Epoch stored in the checkpoint, or None while there is none yet.
-
-    Only a missing file is tolerated: the file is replaced atomically, so any
-    other load error would mean a reader saw a half-written checkpoint.
-    """
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)["n_epochs"]
-    except FileNotFoundError:
-        return None
 
 
 def _assert_same_fit(a: UAPAttack, b: UAPAttack) -> None:
@@ -118,38 +133,28 @@ def _assert_same_fit(a: UAPAttack, b: UAPAttack) -> None:
 
 
 @pytest.mark.skipif(os.name != "posix" or not hasattr(signal, "SIGKILL"), reason="needs POSIX signals (SIGKILL)")
-def test_sigkill_mid_fit_then_resume_matches_uninterrupted_run(tmp_path):
-    script = tmp_path / "fit_script.py"
-    script.write_text(FIT_SCRIPT)
+def test_sigkill_mid_fit_then_resume_matches_uninterrupted_run(tmp_path, start_fit):
     checkpoint = tmp_path / "fit.ckpt"
     killed_out, resumed_out = tmp_path / "killed.safetensors", tmp_path / "resumed.safetensors"
     reference_out = tmp_path / "reference.safetensors"
 
     # The uninterrupted reference runs alongside the run that gets killed.
-    reference = _start(script, tmp_path / "reference.ckpt", reference_out, "fresh")
-    victim = _start(script, checkpoint, killed_out, "fresh")
-    try:
-        # Wait for the event (a checkpoint of epoch >= 2 on disk), however long a loaded machine takes.
-        while (_checkpoint_epoch(checkpoint) or 0) < 2:
-            assert victim.poll() is None, "the fit ended before it could be killed:\n" + victim.communicate()[1]
-            time.sleep(0.01)
-        assert victim.poll() is None, "the fit ended before it could be killed; make the script slower"
-        victim.send_signal(signal.SIGKILL)
-        victim.communicate(timeout=30)
-    finally:
-        if victim.poll() is None:
-            victim.kill()
-            victim.communicate()
+    reference = start_fit(tmp_path / "reference.ckpt", reference_out, "fresh")
+    victim = start_fit(checkpoint, killed_out, "pause")
+    announcement = _next_line(victim)  # blocks until the child has paused (or ended)
+    victim.send_signal(signal.SIGKILL)
+    _, stderr = victim.communicate(timeout=TIMEOUT_S)
+    assert announcement == PAUSED, f"the fit never paused after the checkpoint of epoch 2:\n{stderr}"
     assert victim.returncode == -signal.SIGKILL
     assert not killed_out.exists(), "the killed run reached the end of the fit"
 
-    # What the kill left behind is a complete checkpoint of an epoch before the end.
+    # What the kill left behind is the complete checkpoint of epoch 2.
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     killed_at = state["n_epochs"]
-    assert 2 <= killed_at < MAX_EPOCHS
+    assert killed_at == 2
     assert state["n_iter"] == len(state["history"]) == killed_at * STEPS_PER_EPOCH
 
-    resumed_counts = _finish(_start(script, checkpoint, resumed_out, "resume"))
+    resumed_counts = _finish(start_fit(checkpoint, resumed_out, "resume"))
     reference_counts = _finish(reference)
 
     # The resumed run only did the epochs left: per batch and epoch one adversarial forward to step
@@ -168,17 +173,15 @@ def test_sigkill_mid_fit_then_resume_matches_uninterrupted_run(tmp_path):
 
 
 # ------------------------------------------------------------ crash while writing
-def _faces() -> torch.Tensor:
-    return torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+_faces = partial(random_faces, seed=1)
 
 
 def _attack(checkpoint: Path, model: nn.Module | None = None, **params) -> UAPAttack:
     settings = dict(
-        threshold=-1.0, stealth_loss="ssim", use_key_regions=True, max_epochs=3, batch_size=4, random_state=0,
+        threshold=-1.0, stealth_loss="ssim", use_key_regions=True, max_epochs=3, batch_size=4,
         checkpoint_path=checkpoint, checkpoint_every=1,
     )
-    settings.update(params)
-    return UAPAttack(model or TinyEmbedder(), **settings)
+    return tiny_attack(UAPAttack, model, **{**settings, **params})
 
 
 def test_crash_while_writing_checkpoint_keeps_previous_one(tmp_path, monkeypatch):

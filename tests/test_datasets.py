@@ -245,7 +245,9 @@ def test_real_shared_faces(shared_assets: Path) -> None:
         manifest = {row["path"]: int(row["label"]) for row in csv.DictReader(handle)}
     assert {path.relative_to(root).as_posix(): label for path, label in dataset.samples} == manifest
     image, _ = dataset[0]
-    assert image.shape == (3, 112, 112) and 0.0 <= image.min() and image.max() <= 1.0
+    with Image.open(dataset.samples[0][0]) as decoded:
+        expected = torch.from_numpy(np.array(decoded.convert("RGB"))).permute(2, 0, 1).float() / 255
+    assert image.shape == (3, 112, 112) and torch.equal(image, expected)
 
     pairs = read_pairs(root / "pairs.csv")
     assert len(pairs) == 12988 and sum(same for *_, same in pairs) == 6494
@@ -264,7 +266,9 @@ def test_sixteen_bit_grey_png_keeps_its_values(tmp_path):
     image = load_image(path)
     assert image.shape == (3, 64, 64)
     assert image.mean().item() == pytest.approx(values.mean() / 65535, abs=1e-4)
-    assert 0.0 <= image.min() and image.max() <= 1.0
+    # Every pixel keeps its 16-bit value (not cut to 8 bits), in all three channels.
+    expected = torch.from_numpy(values / 65535).float().expand(3, -1, -1)
+    torch.testing.assert_close(image, expected, atol=1e-6, rtol=0)
 
 
 def test_cmyk_jpeg_decodes_to_rgb(tmp_path):
@@ -274,12 +278,33 @@ def test_cmyk_jpeg_decodes_to_rgb(tmp_path):
     assert image.shape == (3, 10, 20) and image[0].mean() > 0.9 and image[1].mean() < 0.1
 
 
-def test_exif_orientation_is_applied(tmp_path):
-    path = tmp_path / "rotated.jpg"
+# How a viewer shows the stored (H, W, 3) pixels for each EXIF orientation (tag 0x0112, EXIF 2.3).
+SHOWN_AS = {
+    1: lambda a: a,  # as stored
+    2: lambda a: a[:, ::-1],  # mirrored left-right
+    3: lambda a: a[::-1, ::-1],  # turned 180 degrees
+    4: lambda a: a[::-1],  # mirrored top-bottom
+    5: lambda a: a.transpose(1, 0, 2),  # mirrored about the main diagonal: stored top-left stays top-left
+    6: lambda a: np.rot90(a, k=-1),  # turned 90 degrees clockwise: stored top-left goes top-right
+    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),  # mirrored about the other diagonal: top-left goes bottom-right
+    8: lambda a: np.rot90(a, k=1),  # turned 90 degrees counter-clockwise: stored top-left goes bottom-left
+}
+
+
+@pytest.mark.parametrize("orientation", sorted(SHOWN_AS))
+def test_exif_orientation_is_applied(tmp_path, orientation):
+    # 2 x 3 blocks of 8 x 8 pixels in six colours: no two orientations give the same picture, and blocks
+    # on JPEG's 8-pixel grid come back within a few levels.
+    colours = np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255]], [[255, 255, 0], [0, 255, 255], [255, 0, 255]]])
+    stored = colours.repeat(8, axis=0).repeat(8, axis=1).astype(np.uint8)  # (16, 24, 3)
     exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90 degrees clockwise when shown
-    Image.new("RGB", (40, 20), (10, 200, 30)).save(path, exif=exif)
-    assert load_image(path).shape == (3, 40, 20)
+    exif[0x0112] = orientation
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(stored).save(path, exif=exif, quality=95, subsampling=0)
+    shown = np.ascontiguousarray(SHOWN_AS[orientation](stored))
+    image = load_image(path)
+    assert image.shape == (3, *shown.shape[:2])
+    np.testing.assert_allclose(image.permute(1, 2, 0).numpy() * 255, shown, atol=8)
 
 
 def test_oversized_image_is_refused_before_decoding(tmp_path):

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from fakes import TinyEmbedder
+from fakes import random_faces, tiny_attack
+from processes import spawn
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -24,21 +24,18 @@ from krtfuap.attack import UAPAttack
 
 WORLD_SIZE = 2
 GLOBAL_BATCH = 8
+N_FACES = 24
 ATOL = 1e-5
-
-
-def faces(n: int = 24) -> torch.Tensor:
-    return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
 def make_attack(batch_size: int, **params) -> UAPAttack:
     # threshold 0.995 and small initial noise make a part of each batch fooled mid-fit, so skip_fooled matters.
-    defaults = dict(
+    settings = dict(
         threshold=0.995, stealth_loss="ssim", use_key_regions=True, skip_fooled=True, init_scale=0.1,
         target_fooling_rate=0.75, max_epochs=8, shuffle=False,  # shuffled shards cannot match one process's order
-        batch_size=batch_size, random_state=0,
+        batch_size=batch_size,
     )
-    return UAPAttack(TinyEmbedder(), **{**defaults, **params})
+    return tiny_attack(UAPAttack, **{**settings, **params})
 
 
 def summary(attack: UAPAttack) -> dict:
@@ -58,13 +55,13 @@ def _worker(rank: int, folder: str) -> None:
     root = Path(folder)
     dist.init_process_group("gloo", init_method=f"file://{root / 'rendezvous'}", rank=rank, world_size=WORLD_SIZE)
     try:
-        batch = GLOBAL_BATCH // WORLD_SIZE
+        batch, faces = GLOBAL_BATCH // WORLD_SIZE, random_faces(N_FACES)
         # Rank 1 draws other initial noise on purpose: the broadcast from rank 0 must align the ranks.
-        by_tensor = make_attack(batch, random_state=rank, checkpoint_path=root / f"checkpoint-{rank}.pt").fit(faces())
-        loader = DataLoader(TensorDataset(faces()), batch_size=batch)
+        by_tensor = make_attack(batch, random_state=rank, checkpoint_path=root / f"checkpoint-{rank}.pt").fit(faces)
+        loader = DataLoader(TensorDataset(faces), batch_size=batch)
         by_loader = make_attack(batch).fit(loader)
         # Each rank shuffles its own shard, here from another seed on each rank.
-        shuffled = make_attack(batch, shuffle=True, random_state=rank, max_epochs=3, target_fooling_rate=1.0).fit(faces())
+        shuffled = make_attack(batch, shuffle=True, random_state=rank, max_epochs=3, target_fooling_rate=1.0).fit(faces)
         by_tensor.save(root / f"attack-{rank}.safetensors")
         torch.save({"tensor": summary(by_tensor), "loader": summary(by_loader), "shuffled": summary(shuffled)},
                    root / f"result-{rank}.pt")
@@ -75,13 +72,13 @@ def _worker(rank: int, folder: str) -> None:
 @pytest.fixture(scope="module")
 def distributed_results(tmp_path_factory) -> tuple[Path, list[dict]]:
     folder = tmp_path_factory.mktemp("distributed")
-    mp.spawn(_worker, args=(str(folder),), nprocs=WORLD_SIZE, join=True)
+    spawn(_worker, args=(str(folder),), nprocs=WORLD_SIZE)
     return folder, [torch.load(folder / f"result-{rank}.pt", weights_only=False) for rank in range(WORLD_SIZE)]
 
 
 @pytest.fixture(scope="module")
 def single_process() -> dict:
-    return summary(make_attack(GLOBAL_BATCH).fit(faces()))
+    return summary(make_attack(GLOBAL_BATCH).fit(random_faces(N_FACES)))
 
 
 def assert_same_fit(result: dict, expected: dict) -> None:
@@ -110,7 +107,7 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(distributed_resu
 def test_ranks_that_shuffle_their_shards_still_hold_one_perturbation(distributed_results):
     _, results = distributed_results
     first, second = (result["shuffled"] for result in results)
-    assert first["n_iter"] == second["n_iter"] == 3 * (24 // GLOBAL_BATCH)
+    assert first["n_iter"] == second["n_iter"] == 3 * (N_FACES // GLOBAL_BATCH)
     torch.testing.assert_close(first["perturbation"], second["perturbation"], atol=0, rtol=0)
     assert first["history"][0]["loss"] == second["history"][0]["loss"]  # records are averaged over the ranks
 
@@ -126,7 +123,7 @@ def test_only_rank_zero_writes_files(distributed_results):
 def test_helpers_are_identities_without_a_process_group():
     assert not distributed.is_distributed()
     assert (distributed.rank(), distributed.world_size(), distributed.is_main_process()) == (0, 1, True)
-    x = faces(5)
+    x = random_faces(5)
     assert distributed.shard(x) is x
     assert distributed.mean_over_ranks({"loss": 0.5}, 3) == ({"loss": 0.5}, 3)
     assert distributed.any_rank(True) and not distributed.any_rank(False)

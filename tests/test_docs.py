@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from processes import TIMEOUT_S
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 PAGES = (
@@ -29,6 +30,7 @@ def html(tmp_path_factory) -> Path:
         [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-b", "html", "-q", str(DOCS), str(out)],
         capture_output=True,
         text=True,
+        timeout=TIMEOUT_S,
     )
     assert result.returncode == 0, result.stderr
     return out

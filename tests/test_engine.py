@@ -6,7 +6,8 @@ import math
 
 import pytest
 import torch
-from fakes import TinyEmbedder
+from fakes import TinyEmbedder, tiny_attack
+from fakes import random_faces as faces
 from torch import nn
 
 from krtfuap._ops import call_model
@@ -20,16 +21,11 @@ SIZE = 32
 ESTIMATORS = [UAPAttack, RandomNoiseUAP, DeepFoolUAP, FGUAP, FrequencyUAP]
 
 
-def faces(n: int = 16, seed: int = 0) -> torch.Tensor:
-    return torch.rand(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
-
-
 def make(cls, model=None, **params):
-    settings = dict(threshold=0.99, epsilon=0.08, max_epochs=3, batch_size=8, random_state=0)
+    settings = dict(threshold=0.99, epsilon=0.08, max_epochs=3)
     if cls is UAPAttack:
         settings.update(masker=torch.full((SIZE, SIZE), 0.5), use_key_regions=True)
-    settings.update(params)
-    return cls(model or TinyEmbedder(), **settings)
+    return tiny_attack(cls, model, **{**settings, **params})
 
 
 # --------------------------------------------------------------------------- frozen

@@ -3,25 +3,16 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from fakes import LinearEmbedder
 
 from krtfuap.attack import UAPAttack
 from krtfuap.losses import direction_loss
 from krtfuap.models.ensemble import EnsembleEmbedder
 
 
-class LinearFace(nn.Module):
-    def __init__(self, dim: int, seed: int) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.linear = nn.Linear(3 * 8 * 8, dim)
-
-    def forward(self, images):
-        return self.linear(images.flatten(1))
-
-
 def members():
-    return [LinearFace(5, 0), LinearFace(7, 1), LinearFace(3, 2)]
+    """Three linear face models with embeddings of different sizes."""
+    return [LinearEmbedder(dim=dim, seed=seed, bias=True) for dim, seed in ((5, 0), (7, 1), (3, 2))]
 
 
 def test_cosine_of_the_ensemble_is_the_mean_member_cosine():
@@ -47,7 +38,7 @@ def test_bad_members_are_named():
     with pytest.raises(ValueError, match="at least one model"):
         EnsembleEmbedder([])
     with pytest.raises(TypeError, match="Ensemble member 1 is a str"):
-        EnsembleEmbedder([LinearFace(3, 0), "resnet"])
+        EnsembleEmbedder([LinearEmbedder(dim=3, bias=True), "resnet"])
 
 
 def test_uapattack_accepts_a_list_of_models_and_moves_every_member():

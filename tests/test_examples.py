@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import math
 import os
 import re
 import shutil
@@ -17,11 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from fakes import TinyEmbedder, random_faces
 from PIL import Image
-from torch import nn
+from processes import TIMEOUT_S
+from torch.utils.data import DataLoader
 
 from krtfuap.attack import UAPAttack
-from krtfuap.datasets import load_image
+from krtfuap.datasets import FaceFolder, PairDataset, filter_pairs, load_image, read_pairs, split_identities
+from krtfuap.metrics import calibrate_threshold, pair_similarities
 
 REPO = Path(__file__).resolve().parents[1]
 N_IDENTITIES, IMAGES_PER_IDENTITY = 8, 3
@@ -57,11 +61,16 @@ def _run_example(script: str, *args: object, cwd: Path, check: bool = True) -> s
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
     result = subprocess.run(
         [sys.executable, str(REPO / "examples" / script), *map(str, args)],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
     )
     if check:
         assert result.returncode == 0, f"{script} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
     return result
+
+
+def _is_share_of(rate: float, count: int) -> bool:
+    """Whether ``rate``, printed with 3 decimals, is ``k / count`` for a whole ``k``."""
+    return abs(rate * count - round(rate * count)) <= 0.0005 * count
 
 
 def _require_insightface() -> None:
@@ -92,10 +101,8 @@ def fitted(tiny_faces, tmp_path_factory) -> tuple[Path, str]:
 
 def _tiny_attack_file(path: Path, size: int = 112) -> UAPAttack:
     """Fit and save an attack against a tiny random model on random faces (no real assets needed)."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(48, 8))
-    attack = UAPAttack(model, threshold=0.5, stealth_loss=None, max_epochs=1, init_scale=1.0, random_state=0)
-    attack.fit(torch.rand(4, 3, size, size))
+    attack = UAPAttack(TinyEmbedder(), threshold=0.5, stealth_loss=None, max_epochs=1, init_scale=1.0, random_state=0)
+    attack.fit(random_faces(4, size=size))
     attack.save(path)
     return attack
 
@@ -125,10 +132,17 @@ def test_fit_on_lfw_example_runs_and_saves_a_loadable_attack(shared_assets, tiny
     assert attack.perturbation_.abs().max() <= attack.epsilon + 1e-6
     assert attack.n_iter_ >= 1 and len(attack.history_) == attack.n_iter_
     assert attack.stop_reason_ in {"max_time", "target_fooling_rate", "max_epochs"}
-    assert -1.0 <= attack.threshold_ <= 1.0
-    faces_batch = torch.rand(2, 3, 112, 112)
-    out = attack.transform(faces_batch)
-    assert out.shape == faces_batch.shape and 0 <= out.min() and out.max() <= 1
+    # The threshold is the best-accuracy one on the pairs of the fitting identities, as the example says.
+    from krtfuap.models import load_insightface_mbf
+
+    fit_identities, _ = split_identities(FaceFolder(tiny_faces).identities, 0.5, random_state=0)
+    fit_pairs = filter_pairs(read_pairs(tiny_faces / "pairs.csv"), fit_identities)
+    loader = DataLoader(PairDataset(fit_pairs, tiny_faces), batch_size=64)
+    similarities, same = pair_similarities(load_insightface_mbf(), loader)
+    assert attack.threshold_ == pytest.approx(calibrate_threshold(similarities, same)[0], abs=1e-5)
+    assert f"threshold {attack.threshold_:.3f};" in result.stdout
+    faces_batch = random_faces(2, size=112)
+    assert torch.equal(attack.transform(faces_batch), (faces_batch + attack.perturbation_).clamp(0, 1))
 
 
 @pytest.mark.real
@@ -227,12 +241,12 @@ def test_evaluate_pairs_reports_clean_and_cloaked_accuracy_and_fooling_rate(fitt
         assert match, stdout
         rows[name] = [float(value) for value in match.groups()]
         accuracy, matched, rejected = rows[name]
-        assert 0 <= matched <= 1 and 0 <= rejected <= 1
+        assert _is_share_of(matched, 6) and _is_share_of(rejected, 6)
         assert accuracy == pytest.approx((matched + rejected) / 2, abs=1e-3)  # 6 genuine, 6 impostor
     assert rows["clean"][0] >= 0.9  # a real ArcFace model on real LFW pairs
     match = re.search(r"fooling rate on (\d+) photos: ([\d.]+)", stdout)
-    assert match and 0 <= float(match[2]) <= 1
-    assert 2 <= int(match[1]) <= 12  # distinct photos of the 4 held-out identities
+    assert match and 2 <= int(match[1]) <= 12  # distinct photos of the 4 held-out identities
+    assert _is_share_of(float(match[2]), int(match[1]))
 
 
 @pytest.mark.real
@@ -251,8 +265,11 @@ def test_custom_model_wraps_a_backbone_calibrates_and_fits(shared_assets, tiny_f
     attack = UAPAttack.load(output)
     assert attack.threshold_ == pytest.approx(float(match[1]), abs=5e-4)
     assert re.search(rf"fitted on 8 faces: {attack.n_iter_} steps, stopped by {attack.stop_reason_}", stdout)
-    match = re.search(r"held-out identities \((\d+) faces\): fooling rate ([\d.]+), SSIM ([\d.]+), PSNR", stdout)
-    assert match and int(match[1]) == 8 and 0 <= float(match[2]) <= 1 and 0 < float(match[3]) <= 1
+    match = re.search(r"held-out identities \((\d+) faces\): fooling rate ([\d.]+), SSIM ([\d.]+), PSNR ([\d.]+)",
+                      stdout)
+    assert match and int(match[1]) == 8 and _is_share_of(float(match[2]), 8)
+    # A change of at most epsilon = 0.08 per pixel: every face's PSNR is at least 20 log10(1 / 0.08) = 21.9 dB.
+    assert float(match[4]) >= 20 * math.log10(1 / 0.08) and float(match[3]) < 1
 
 
 @pytest.mark.real
@@ -273,7 +290,7 @@ def test_fit_distributed_example_runs_under_torchrun_with_two_processes(shared_a
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          str(REPO / "examples" / "fit_distributed.py"), str(faces), "--max-faces", "8", "--batch-size", "2",
          "--max-epochs", "1", "--output", str(output)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180,
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
     )
     assert result.returncode == 0, f"example failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
     assert "2 process(es), global batch 4" in result.stdout
@@ -295,6 +312,6 @@ def test_fit_distributed_example_runs_under_torchrun_with_two_processes(shared_a
 )
 def test_examples_refuse_counts_and_times_that_are_not_positive(script, arguments):
     result = subprocess.run([sys.executable, str(REPO / "examples" / script), *arguments],
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, timeout=TIMEOUT_S)
     assert result.returncode == 2
     assert "must be positive" in result.stderr and "Traceback" not in result.stderr

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from processes import TIMEOUT_S
 
 import krtfuap
 
@@ -20,7 +21,7 @@ def _loaded_after(code: str, names: tuple[str, ...]) -> list[str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
     probe = f"import sys\n{code}\nprint(' '.join(sorted(n for n in {names!r} if n in sys.modules)))\n"
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=TIMEOUT_S)
     assert done.returncode == 0, done.stderr
     return done.stdout.split()
 

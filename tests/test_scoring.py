@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
-from fakes import TinyEmbedder
+from fakes import TinyEmbedder, random_faces
 from torch.utils.data import DataLoader, TensorDataset
 
 from krtfuap.metrics import fooling_rate, is_fooled, psnr, ssim
@@ -16,8 +17,7 @@ from krtfuap.scoring import PerturbationScore, score_adversarial, score_batch, s
 SIZE = 24
 
 
-def faces(n: int = 10, seed: int = 0) -> torch.Tensor:
-    return torch.rand(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+faces = partial(random_faces, size=SIZE)
 
 
 def perturbation(epsilon: float = 0.3, seed: int = 1) -> torch.Tensor:

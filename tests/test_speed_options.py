@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
-from fakes import TinyEmbedder
+from fakes import TinyEmbedder, tiny_attack
+from fakes import random_faces as faces
 from sklearn.base import clone
-from torch import nn
 
 from krtfuap.attack import UAPAttack
 
 
-def faces(n: int = 16) -> torch.Tensor:
-    return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-
-
-def attack(model: nn.Module | None = None, **params) -> UAPAttack:
-    defaults = dict(threshold=0.995, stealth_loss="ssim", max_epochs=3, batch_size=8, random_state=0)
-    return UAPAttack(model or TinyEmbedder(), **{**defaults, **params})
+attack = partial(tiny_attack, UAPAttack, threshold=0.995, stealth_loss="ssim", max_epochs=3)
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
