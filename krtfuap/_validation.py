@@ -385,15 +385,11 @@ class FaceModelLike(Constraint):
     """A face model, ``nn.Module`` ``(B, 3, H, W)`` -> ``(B, D)``, or a non-empty list of them (an ensemble)."""
 
     def admits_type(self, value: object) -> bool:
-        return isinstance(value, (nn.Module, list, tuple))
+        members = value if isinstance(value, (list, tuple)) else [value]
+        return all(isinstance(member, nn.Module) for member in members)
 
     def problem(self, value: object) -> str | None:
-        if isinstance(value, nn.Module):
-            return None
-        if not value:
-            return "is an empty list; pass at least one face model."
-        wrong = [type(member).__name__ for member in value if not isinstance(member, nn.Module)]
-        return f"must hold only torch.nn.Module face models, got {', '.join(wrong)}." if wrong else None
+        return "is an empty list; pass at least one face model." if isinstance(value, (list, tuple)) and not value else None
 
     def describe(self) -> str:
         return ("a torch.nn.Module mapping (B, 3, H, W) images in [0, 1] to (B, D) embeddings "

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from krtfuap.attack import UAPAttack
+from krtfuap.key_regions import KeyRegions
 from krtfuap.augment import (
     PhotoAugment,
     Quantize,
@@ -253,7 +254,7 @@ def faces(n: int = 16) -> torch.Tensor:
 
 def attack(**params) -> UAPAttack:
     settings = dict(threshold=-1.0, target_fooling_rate=1.0, max_epochs=2, batch_size=8, random_state=0,
-                    masker=torch.full((SIZE, SIZE), 0.5), use_key_regions=True, augment="photo")
+                    key_regions=KeyRegions(masker=torch.full((SIZE, SIZE), 0.5)), augment="photo")
     settings.update(params)
     return UAPAttack(TinyEmbedder(), **settings)
 
@@ -325,12 +326,12 @@ def test_save_and_load_keep_the_augment_setting(tmp_path):
     assert torch.equal(loaded.perturbation_, fitted.perturbation_)
 
 
-@pytest.mark.parametrize("augment, message", [
-    ("jpeg", "augment must be None, one of \\['photo', 'round_trip'\\] or a callable images -> images, got 'jpeg'"),
-    (0.5, "augment must be None, one of \\['photo', 'round_trip'\\] or a callable images -> images, got float"),
+@pytest.mark.parametrize("augment, error, message", [
+    ("jpeg", ValueError, r"augment must be one of \['photo', 'round_trip'\], a callable .* or None, got 'jpeg'"),
+    (0.5, TypeError, r"augment must be one of \['photo', 'round_trip'\], a callable .* or None, got 0.5 \(float\)"),
 ])
-def test_uapattack_refuses_a_bad_augment_before_fitting(augment, message):
-    with pytest.raises(ValueError, match=message):
+def test_uapattack_refuses_a_bad_augment_before_fitting(augment, error, message):
+    with pytest.raises(error, match=message):
         attack(augment=augment).fit(faces())
 
 

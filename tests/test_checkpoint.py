@@ -22,6 +22,7 @@ from fakes import TinyEmbedder
 from torch import nn
 
 from krtfuap.attack import UAPAttack
+from krtfuap.key_regions import KeyRegions
 
 
 def untimed(history: list[dict]) -> list[dict]:
@@ -174,7 +175,7 @@ def _faces() -> torch.Tensor:
 
 def _attack(checkpoint: Path, model: nn.Module | None = None, **params) -> UAPAttack:
     settings = dict(
-        threshold=-1.0, stealth_loss="ssim", use_key_regions=True, max_epochs=3, batch_size=4, random_state=0,
+        threshold=-1.0, stealth_loss="ssim", key_regions=KeyRegions(), max_epochs=3, batch_size=4, random_state=0,
         checkpoint_path=checkpoint, checkpoint_every=1,
     )
     settings.update(params)
