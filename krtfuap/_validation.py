@@ -427,7 +427,9 @@ def check_param(name: str, value: object, constraints: list[Constraint | None]) 
         return
     accepted = _alternatives([c.describe() for c in constraints if c is not None] + ["None"] * (None in constraints))
     if not kinds:
-        raise TypeError(f"{name} must be {accepted}, got {value!r} ({type(value).__name__}).")
+        plain = isinstance(value, (str, bytes, numbers.Number, np.bool_))
+        shown = "None" if value is None else f"{value!r} ({type(value).__name__})" if plain else f"a {type(value).__name__}"
+        raise TypeError(f"{name} must be {accepted}, got {shown}.")
     special = next((problem for problem in problems if problem), "")
     raise ValueError(f"{name} {special}" if special else f"{name} must be {accepted}, got {value!r}.")
 

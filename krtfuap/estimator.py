@@ -366,12 +366,14 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
     def _validate_params(self) -> None:
         """Refuse, before any model call, a parameter of the wrong kind or value, naming it and the fix."""
         params = self.get_params(deep=False)
-        for name, value in params.items():
-            if isinstance(value, NotSaved):
-                raise ValueError(
-                    f"{name} is {value.description}, which the file this attack was loaded from could not "
-                    f"hold; set it again with set_params({name}=...) before fitting."
-                )
+        missing = {name: value.description for name, value in params.items() if isinstance(value, NotSaved)}
+        if missing:
+            held = "; ".join(f"{name} was {description}" for name, description in missing.items())
+            raise ValueError(
+                f"{', '.join(missing)} could not be kept in the file this attack was loaded from ({held}); set "
+                f"{'it' if len(missing) == 1 else 'them'} again with "
+                f"set_params({', '.join(f'{name}=...' for name in missing)}) before fitting."
+            )
         check_params(params, self._parameter_constraints)
         self._check_params_together()
 
