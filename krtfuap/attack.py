@@ -178,10 +178,7 @@ class UAPAttack(PerturbationEstimator):
     skip_fooled : bool
         Algorithm 1, line 7: only faces that are not yet fooled contribute to
         the adversarial loss of a step (paper: True).
-    [[target_fooling_rate]]
-    [[max_epochs]]
-    [[max_time]]
-    [[max_steps]]
+    [[stopping]]
     lr : float
         Adam learning rate of the noise, ``> 0`` (paper: 0.01); also of the flow
         unless ``KeyRegions.flow_lr`` is set.
@@ -228,16 +225,7 @@ class UAPAttack(PerturbationEstimator):
         so it holds only the detail a face that much smaller than the template
         carries in a photo: it survives pasting into photos and re-alignment
         better (``benchmarks/RESULTS.md`` 7c-7d). ``None``: full resolution (paper).
-    [[batch_size]]
-    [[shuffle]]
-    [[random_state]]
-    [[device]]
-    [[amp]]
-    [[channels_last]]
-    [[num_threads]]
-    [[checkpoint_path]]
-    [[checkpoint_every]]
-    [[verbose]]
+    [[fitting]]
 
     Notes
     -----

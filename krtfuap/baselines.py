@@ -453,20 +453,8 @@ class DeepFoolUAP(PerturbationEstimator):
         Margin aimed below the threshold, in cosine-similarity units, ``>= 0``.
     max_inner : int
         Maximum DeepFool linearisation steps per batch, ``>= 1``.
-    [[target_fooling_rate]]
-    [[max_epochs]]
-    [[max_time]]
-    [[max_steps]]
-    [[batch_size]]
-    [[shuffle]]
-    [[random_state]]
-    [[device]]
-    [[amp]]
-    [[channels_last]]
-    [[num_threads]]
-    [[checkpoint_path]]
-    [[checkpoint_every]]
-    [[verbose]]
+    [[stopping]]
+    [[fitting]]
 
     Attributes
     ----------
@@ -553,20 +541,8 @@ class FGUAP(PerturbationEstimator):
     [[epsilon]]
     lr : float
         Adam learning rate, ``> 0``.
-    [[target_fooling_rate]]
-    [[max_epochs]]
-    [[max_time]]
-    [[max_steps]]
-    [[batch_size]]
-    [[shuffle]]
-    [[random_state]]
-    [[device]]
-    [[amp]]
-    [[channels_last]]
-    [[num_threads]]
-    [[checkpoint_path]]
-    [[checkpoint_every]]
-    [[verbose]]
+    [[stopping]]
+    [[fitting]]
 
     Attributes
     ----------
@@ -660,20 +636,8 @@ class FrequencyUAP(PerturbationEstimator):
     lr : float
         Adam learning rate on the normalised coefficients ``c / coefficient_bound``,
         which live in ``[-1, 1]``, ``> 0``.
-    [[target_fooling_rate]]
-    [[max_epochs]]
-    [[max_time]]
-    [[max_steps]]
-    [[batch_size]]
-    [[shuffle]]
-    [[random_state]]
-    [[device]]
-    [[amp]]
-    [[channels_last]]
-    [[num_threads]]
-    [[checkpoint_path]]
-    [[checkpoint_every]]
-    [[verbose]]
+    [[stopping]]
+    [[fitting]]
 
     Attributes
     ----------

@@ -32,6 +32,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, SequentialSampler
 
+#: What :func:`loader_with_sampler` keeps of a ``DataLoader`` besides its dataset.
+_LOADER_SETTINGS = (
+    "batch_size", "num_workers", "collate_fn", "pin_memory", "drop_last", "timeout", "worker_init_fn",
+    "multiprocessing_context", "prefetch_factor", "persistent_workers", "pin_memory_device",
+)
+
 __all__ = [
     "is_distributed",
     "rank",
@@ -152,21 +158,7 @@ def loader_with_sampler(loader: DataLoader, sampler: Iterable[int]) -> DataLoade
     Batch size, workers, collate function and every other setting are kept, so
     it streams as ``loader`` does.
     """
-    return DataLoader(
-        loader.dataset,
-        batch_size=loader.batch_size,
-        sampler=sampler,
-        num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory,
-        drop_last=loader.drop_last,
-        timeout=loader.timeout,
-        worker_init_fn=loader.worker_init_fn,
-        multiprocessing_context=loader.multiprocessing_context,
-        prefetch_factor=loader.prefetch_factor,
-        persistent_workers=loader.persistent_workers,
-        pin_memory_device=loader.pin_memory_device,
-    )
+    return DataLoader(loader.dataset, sampler=sampler, **{name: getattr(loader, name) for name in _LOADER_SETTINGS})
 
 
 def set_epoch(data: object, epoch: int) -> None:

@@ -74,6 +74,7 @@ __all__ = [
     "COMMON_CONSTRAINTS",
     "FIT_LOOP_CONSTRAINTS",
     "PARAMETER_DOCS",
+    "PARAMETER_GROUPS",
     "fill_parameter_docs",
 ]
 
@@ -204,19 +205,28 @@ checkpoint_every : int
     Epochs between checkpoints, ``>= 1``.""",
 }
 
+#: Shared parameters documented together, in this order, by one line ``[[group]]``.
+PARAMETER_GROUPS: dict[str, tuple[str, ...]] = {
+    "stopping": ("target_fooling_rate", "max_epochs", "max_time", "max_steps"),
+    "fitting": ("batch_size", "shuffle", "random_state", "device", "amp", "channels_last", "num_threads",
+                "checkpoint_path", "checkpoint_every", "verbose"),
+}
+
 _PLACEHOLDER = re.compile(r"^(?P<indent>[ ]*)\[\[(?P<name>\w+)\]\][ ]*$", re.MULTILINE)
 
 
 def fill_parameter_docs(doc: str | None) -> str | None:
-    """``doc`` with every line ``[[name]]`` replaced by ``PARAMETER_DOCS[name]``, at that line's indentation."""
+    """``doc`` with every line ``[[name]]`` replaced by ``PARAMETER_DOCS[name]`` (``[[group]]``: the entries of
+    ``PARAMETER_GROUPS[group]``), at that line's indentation."""
     if doc is None:
         return None
 
-    def entry(match: re.Match) -> str:
-        indent = match.group("indent")
-        return "\n".join(indent + line if line else line for line in PARAMETER_DOCS[match.group("name")].splitlines())
+    def entries(match: re.Match) -> str:
+        names = PARAMETER_GROUPS.get(match.group("name"), (match.group("name"),))
+        lines = [line for name in names for line in PARAMETER_DOCS[name].splitlines()]
+        return "\n".join(match.group("indent") + line if line else line for line in lines)
 
-    return _PLACEHOLDER.sub(entry, doc)
+    return _PLACEHOLDER.sub(entries, doc)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,27 +291,16 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
     Subclasses define ``__init__`` (storing their keyword arguments), their
     ``_parameter_constraints`` (``{**PerturbationEstimator._parameter_constraints,
     ...}`` plus their own) and :meth:`_make_solver`. In their docstring a line
-    ``[[name]]`` documents a shared parameter (:data:`PARAMETER_DOCS`).
+    ``[[name]]`` documents a shared parameter (:data:`PARAMETER_DOCS`), ``[[stopping]]``
+    and ``[[fitting]]`` a group of them (:data:`PARAMETER_GROUPS`).
 
     Parameters
     ----------
     [[model]]
     [[threshold]]
     [[epsilon]]
-    [[target_fooling_rate]]
-    [[max_epochs]]
-    [[max_time]]
-    [[max_steps]]
-    [[batch_size]]
-    [[shuffle]]
-    [[random_state]]
-    [[device]]
-    [[amp]]
-    [[channels_last]]
-    [[num_threads]]
-    [[checkpoint_path]]
-    [[checkpoint_every]]
-    [[verbose]]
+    [[stopping]]
+    [[fitting]]
 
     Attributes
     ----------
