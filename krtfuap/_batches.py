@@ -198,7 +198,9 @@ class FitData:
             return iter(self.data.split(self.batch_size))
         return self._sized(_checked_items(self.data, self.name))
 
-    def epoch(self, epoch: int, generator: torch.Generator | None) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    def epoch(
+        self, epoch: int, generator: torch.Generator | None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         """One pass: ``(images, rows)`` per batch.
 
         Parameters

@@ -389,7 +389,8 @@ class FaceModelLike(Constraint):
         return all(isinstance(member, nn.Module) for member in members)
 
     def problem(self, value: object) -> str | None:
-        return "is an empty list; pass at least one face model." if isinstance(value, (list, tuple)) and not value else None
+        empty = isinstance(value, (list, tuple)) and not value
+        return "is an empty list; pass at least one face model." if empty else None
 
     def describe(self) -> str:
         return ("a torch.nn.Module mapping (B, 3, H, W) images in [0, 1] to (B, D) embeddings "
@@ -427,8 +428,12 @@ def check_param(name: str, value: object, constraints: list[Constraint | None]) 
         return
     accepted = _alternatives([c.describe() for c in constraints if c is not None] + ["None"] * (None in constraints))
     if not kinds:
-        plain = isinstance(value, (str, bytes, numbers.Number, np.bool_))
-        shown = "None" if value is None else f"{value!r} ({type(value).__name__})" if plain else f"a {type(value).__name__}"
+        if value is None:
+            shown = "None"
+        elif isinstance(value, (str, bytes, numbers.Number, np.bool_)):
+            shown = f"{value!r} ({type(value).__name__})"
+        else:
+            shown = f"a {type(value).__name__}"
         raise TypeError(f"{name} must be {accepted}, got {shown}.")
     special = next((problem for problem in problems if problem), "")
     raise ValueError(f"{name} {special}" if special else f"{name} must be {accepted}, got {value!r}.")

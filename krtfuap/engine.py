@@ -337,7 +337,9 @@ class FitLoop:
                 cache.append(clean)
             yield images, clean
 
-    def _scorer(self, data: FitData, cache: list[torch.Tensor] | None) -> Callable[[torch.Tensor, int], dict[str, float]]:
+    def _scorer(
+        self, data: FitData, cache: list[torch.Tensor] | None
+    ) -> Callable[[torch.Tensor, int], dict[str, float]]:
         """A function scoring a perturbation on ``data`` after an epoch (no gradient, summed over ranks)."""
 
         def score(perturbation: torch.Tensor, epoch: int) -> dict[str, float]:
@@ -553,7 +555,7 @@ def _check_perturbation(perturbation: object, size: tuple[int, int], what: str) 
 
 
 def _check_checkpoint_state(payload: dict[str, Any], size: tuple[int, int]) -> None:
-    """Check the fit state a checkpoint holds, like user input (raises ``TypeError`` / ``ValueError`` / ``KeyError``)."""
+    """Check the fit state a checkpoint holds, like user input (``TypeError``, ``ValueError`` or ``KeyError``)."""
     missing = [name for name in (*_CHECKPOINT_FIELDS, "solver", "torch_rng", "generator") if name not in payload]
     if missing:
         raise KeyError(missing[0])

@@ -397,7 +397,8 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
         return next((p.device for p in self._embedder().parameters()), torch.device("cpu"))
 
     def _embed_function(self, model: nn.Module):
-        """The model call used while fitting: ``(B, 3, H, W)`` float32 -> ``(B, D)`` float32 (``amp``, ``channels_last``).
+        """The model call used while fitting: ``(B, 3, H, W)`` float32 -> ``(B, D)`` float32 (with ``amp``,
+        ``channels_last``).
 
         The batch is cast to the model's own dtype on the way in (:func:`krtfuap._ops.call_model`), so a
         bfloat16 or float16 model fits a float32 perturbation.
@@ -542,8 +543,10 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
                 )
                 result = loop.run(data, solver, validation=checked_validation, resume=resume, on_epoch=on_epoch)
         except KeyboardInterrupt:
-            hint = (f"continue with fit(X, resume=True) from {os.fspath(checkpoint_path)}" if checkpoint_path is not None
-                    else "set checkpoint_path= to be able to resume an interrupted fit")
+            if checkpoint_path is not None:
+                hint = f"continue with fit(X, resume=True) from {os.fspath(checkpoint_path)}"
+            else:
+                hint = "set checkpoint_path= to be able to resume an interrupted fit"
             print(f"{type(self).__name__}.fit interrupted; the previous fitted state is unchanged; {hint}.",
                   file=sys.stderr)
             raise
@@ -774,7 +777,9 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
                 f"{path} was saved by {saved_by}, another attack class (it has parameters {unknown} that "
                 f"{cls.__name__} does not take); load it with {saved_by}.load."
             )
-        missing = [name for name in cls._get_param_names() if name not in params and name not in ("model", *_MACHINE_LOCAL)]
+        missing = [
+            name for name in cls._get_param_names() if name not in params and name not in ("model", *_MACHINE_LOCAL)
+        ]
         if missing:
             origin = "an older krtfuap (format 1)" if file_format != _FORMAT else saved_by
             warnings.warn(
