@@ -815,8 +815,8 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
     def _param_from_json(cls, name: str, saved: object) -> object:
         """A parameter from its saved form (:func:`_json_param`): a described value becomes
         :class:`NotSaved`, a saved dataclass the class this parameter's constraints name."""
-        if not isinstance(saved, dict):
-            return saved
+        if not isinstance(saved, dict) or name not in cls._parameter_constraints:
+            return saved  # a parameter this class does not take is named by load
         if set(saved) == {"not_saved"}:
             return NotSaved(str(saved["not_saved"]))
         kinds = [kind for constraint in cls._parameter_constraints.get(name, []) if isinstance(constraint, InstanceOf)

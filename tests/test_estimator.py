@@ -308,6 +308,13 @@ def test_a_random_noise_file_of_format_1_drops_the_stopping_rules_it_never_used(
     assert torch.equal(loaded.perturbation_, attack.perturbation_)
 
 
+def test_a_file_of_another_estimator_is_refused_naming_the_class_that_saved_it(tmp_path):
+    path = tmp_path / "attack.safetensors"
+    UAPAttack(TinyEmbedder(), threshold=0.5, max_epochs=1, batch_size=4, key_regions=KeyRegions()).fit(faces()).save(path)
+    with pytest.raises(ValueError, match=r"saved by UAPAttack, another attack class .*'key_regions'.*UAPAttack\.load"):
+        baselines.RandomNoiseUAP.load(path)
+
+
 def test_save_names_a_folder_in_the_place_of_its_partial_file(tmp_path):
     attack = UAPAttack(TinyEmbedder(), threshold=0.5, max_epochs=1, batch_size=4).fit(faces())
     (tmp_path / "attack.safetensors.partial").mkdir()
