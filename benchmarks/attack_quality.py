@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from krtfuap.attack import UAPAttack
+from krtfuap.key_regions import KeyRegions
 from krtfuap.baselines import FGUAP, DeepFoolUAP, FrequencyUAP
 from krtfuap.datasets import FaceFolder, PairDataset, filter_pairs, read_pairs, split_identities
 from krtfuap.estimator import PerturbationEstimator
@@ -111,7 +112,8 @@ def main() -> None:
         for stealth, weight, unit, skip, init, lr in grid:
             attack = UAPAttack(
                 model, threshold=threshold, epsilon=args.epsilon, stealth_loss=stealth_spec(stealth),
-                stealth_weight=weight, flow_unit=unit, skip_fooled=bool(skip), init_scale=init, lr=lr,
+                stealth_weight=weight, key_regions=KeyRegions(flow_unit=unit), skip_fooled=bool(skip),
+                init_scale=init, lr=lr,
                 target_fooling_rate=args.target, max_epochs=args.max_epochs, batch_size=args.batch_size,
                 random_state=args.seed, device=args.device,
             )

@@ -21,7 +21,8 @@ Configurations (``--configs``):
 * ``weight:W``: ``UAPAttack(model, stealth_weight=W)``, the defaults with a fixed weight;
 * ``paper+target:S``: the paper's recipe as in ``paper`` with ``target_ssim=S``;
 * any of these followed by ``,keyword=value`` pairs sets more keywords of
-  ``UAPAttack``, e.g. ``target:0.93,use_key_regions=True,lr_decay_steps=600``.
+  ``UAPAttack``, e.g. ``target:0.93,key_regions=True,lr_decay_steps=600`` (``key_regions=True``:
+  ``KeyRegions()``).
 
 Example (2-core CPU, about 10 minutes per configuration at --max-time 600)::
 
@@ -41,6 +42,7 @@ import torch
 from _common import calibrated_threshold, held_out_split, load_model
 
 from krtfuap.attack import UAPAttack
+from krtfuap.key_regions import KeyRegions
 from krtfuap.scoring import score_perturbation
 
 
@@ -60,6 +62,8 @@ def parse_value(text: str) -> object:
 def make_attack(config: str, model: torch.nn.Module, threshold: float, common: dict) -> UAPAttack:
     config, *extras = config.split(",")
     common = {**common, **{key: parse_value(value) for key, value in (extra.split("=", 1) for extra in extras)}}
+    if "key_regions" in common:  # key_regions=True: the paper's key regions, KeyRegions()
+        common["key_regions"] = KeyRegions() if common["key_regions"] else None
     if config == "paper":
         return UAPAttack.paper(model, threshold=threshold, stealth_loss="ssim", stealth_weight=3.0, **common)
     if config.startswith("paper+target:"):

@@ -98,9 +98,9 @@ def write_faces(root: Path, n: int, size: int, per_identity: int, seed: int = 0)
 class MeteredBatches:
     """Re-iterable view of ``batches`` that stops after ``steps`` and samples RSS every ``every`` steps.
 
-    ``UAPAttack.fit`` opens the data more than once (the first batch sets the
-    image size, the key-region masker reads one batch); the log is reset at each
-    pass, so after ``fit(max_epochs=1)`` it holds the training pass.
+    ``UAPAttack.fit`` opens the data more than once (its first batch sets the
+    image size); the log is reset at each pass, so after ``fit(max_epochs=1)`` it
+    holds the training pass.
     """
 
     def __init__(self, batches: Iterable, steps: int | None, every: int) -> None:
@@ -137,6 +137,7 @@ def fit(model: nn.Module, data: MeteredBatches, batch_size: int) -> float:
     started = time.perf_counter()
     UAPAttack(
         model, threshold=-1.0, stealth_loss="ssim", target_fooling_rate=1.0, max_epochs=1, batch_size=batch_size,
+        shuffle=False,  # these metered batches stream in their own order
         random_state=0,
     ).fit(data)
     return time.perf_counter() - started

@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from krtfuap import UAPAttack  # noqa: E402
+from krtfuap import KeyRegions, UAPAttack  # noqa: E402
 from krtfuap.alignment import detect_and_align, sample_photos  # noqa: E402
 from krtfuap.metrics import cosine_similarity, embed  # noqa: E402
 from krtfuap.models import INSIGHTFACE_MBF_THRESHOLD, load_insightface_mbf  # noqa: E402
@@ -161,7 +161,7 @@ def main() -> None:
     fit_index, heldout_index = split_groups(groups, random_state=0)
 
     attack = UAPAttack(model, threshold=INSIGHTFACE_MBF_THRESHOLD, epsilon=0.08, stealth_loss="ssim",
-                       use_key_regions=True, lr_decay_steps=None,
+                       key_regions=KeyRegions(), lr_decay_steps=None,
                        target_fooling_rate=0.8, max_epochs=args.max_epochs, random_state=0)
     attack.fit(faces[fit_index])
     heldout = faces[heldout_index]

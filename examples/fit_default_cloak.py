@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from krtfuap import UAPAttack
+from krtfuap import KeyRegions, UAPAttack
 from krtfuap.augment import PhotoAugment, Quantize, RandomJPEG, RandomRealign, RandomRescale
 from krtfuap.datasets import FaceFolder, PairDataset, filter_pairs, read_pairs, split_identities
 from krtfuap.models import load_insightface_mbf
@@ -80,8 +80,6 @@ def main() -> None:
         value = getattr(args, name)
         if value is not None and not value > 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
     decay_steps = args.max_steps if args.lr_decay_steps is None else (args.lr_decay_steps or None)
     if decay_steps is not None and decay_steps < 0:
@@ -95,11 +93,12 @@ def main() -> None:
 
     attack = UAPAttack(
         load_insightface_mbf(), threshold=None, epsilon=0.08, target_ssim=args.target_ssim,
-        use_key_regions=args.key_regions, lr_decay_steps=decay_steps, lowpass_size=args.lowpass_size,
+        key_regions=KeyRegions() if args.key_regions else None, lr_decay_steps=decay_steps,
+        lowpass_size=args.lowpass_size,
         shuffle=False,  # the shipped cloak was fitted before shuffling became the default: keep it reproducible
         augment=AUGMENTS[args.augment](),
         target_fooling_rate=1.0, max_epochs=50, max_steps=args.max_steps, max_time=args.max_time, random_state=0,
-        verbose=True,
+        num_threads=args.threads, verbose=True,
     )
     attack.fit(fit_faces, pairs=calibration)
     print(f"threshold {attack.threshold_:.4f}; {attack.n_iter_} steps in {attack.fit_time_:.0f} s; "

@@ -1,6 +1,7 @@
 """krtfuap: universal adversarial perturbations against face recognition (KRT-FUAP).
 
-The main entry point is :class:`UAPAttack`; its parts are usable alone:
+The main entry point is :class:`UAPAttack` (with :class:`KeyRegions`, the
+options of the paper's key-region mechanism); its parts are usable alone:
 :class:`KeyRegionMasker` (key-region mask ``M0``), :class:`FlowWarp` (learnable
 flow field), :class:`MaskedPerturbation` (``v``), :class:`DirectionLoss` and
 :class:`VGGStealthLoss` / :class:`SSIMStealthLoss` (the two loss terms).
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 # Where each name of __all__ is defined: imported from there on first use.
 _EXPORTS = {
     "UAPAttack": "krtfuap.attack",
+    "KeyRegions": "krtfuap.key_regions",
     "KeyRegionMasker": "krtfuap.masks",
     "key_region_mask": "krtfuap.masks",
     "TemplateLandmarks": "krtfuap.landmarks",
@@ -46,6 +48,7 @@ _EXPORTS = {
 
 __all__ = [
     "UAPAttack",
+    "KeyRegions",
     "KeyRegionMasker",
     "key_region_mask",
     "TemplateLandmarks",
@@ -68,6 +71,7 @@ __all__ = [
 
 if TYPE_CHECKING:  # what static tools (and readers) see; at run time __getattr__ imports on first use
     from krtfuap.attack import UAPAttack
+    from krtfuap.key_regions import KeyRegions
     from krtfuap.flow import FlowWarp, warp_with_flow
     from krtfuap.landmarks import DlibLandmarks, FaceAlignmentLandmarks, NoFaceFoundError, TemplateLandmarks
     from krtfuap.losses import DirectionLoss, cosine_loss, direction_loss, euclidean_loss

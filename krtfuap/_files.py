@@ -10,10 +10,16 @@ def replace_atomically(path: str | os.PathLike, write: Callable[[str], None]) ->
     """Call ``write(partial)`` on ``<path>.partial``, then rename it onto ``path``.
 
     A failure (or interrupt) anywhere removes the partial file and leaves an
-    existing file at ``path`` untouched; the exception propagates.
+    existing file at ``path`` untouched; the exception propagates. A folder
+    in the partial file's place is refused before anything is written.
     """
     path = os.fspath(path)
     partial = f"{path}.partial"
+    if os.path.isdir(partial):
+        raise IsADirectoryError(
+            f"Cannot write {path}: it is written to {partial} first and renamed, but {partial} is a folder; "
+            "move or remove that folder, or choose another path."
+        )
     try:
         write(partial)
         os.replace(partial, path)

@@ -44,9 +44,11 @@ def call_model(model: nn.Module | Callable[[torch.Tensor], torch.Tensor], images
     state stay float32, and only the batch handed to the face model takes its
     dtype, so a model converted with ``.to(torch.bfloat16)`` or ``.half()``
     works with float32 faces and a float32 perturbation (gradients flow back
-    through the cast). A plain callable (not an ``nn.Module``) is called as is.
-    The output is returned unchanged (check it with
-    :func:`krtfuap._validation.check_embeddings`).
+    through the cast). A module gets a copy of the batch, so one that changes
+    its input in place never changes the caller's images. A plain callable
+    (not an ``nn.Module``) is called as is. The output is returned unchanged
+    (check it with :func:`krtfuap._validation.check_embeddings`).
     """
-    dtype = model_input_dtype(model) if isinstance(model, nn.Module) else None
-    return model(images if dtype is None else images.to(dtype))
+    if not isinstance(model, nn.Module):
+        return model(images)
+    return model(images.to(model_input_dtype(model) or images.dtype, copy=True))

@@ -1,17 +1,42 @@
 """Input checks shared by every public entry point.
 
 Each check raises an error that names the problem and says how to fix it.
+Parameters are declared in a table per class, in the style of scikit-learn's
+``_parameter_constraints`` (name -> list of :class:`Constraint`), and checked by
+:func:`check_params`.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import pickle
 import re
+from collections.abc import Mapping
 
+import numpy as np
 import torch
+from torch import nn
 
-__all__ = ["check_images", "check_embeddings", "check_number", "load_torch_file", "torch_load_error"]
+__all__ = [
+    "check_images",
+    "check_embeddings",
+    "load_torch_file",
+    "torch_load_error",
+    "Constraint",
+    "Interval",
+    "Options",
+    "Boolean",
+    "InstanceOf",
+    "IsCallable",
+    "PathLike",
+    "RandomStateLike",
+    "DeviceLike",
+    "FaceModelLike",
+    "check_param",
+    "check_params",
+]
 
 
 def check_images(images: object, *, name: str = "images") -> torch.Tensor:
@@ -181,60 +206,251 @@ def load_torch_file(path: str | os.PathLike, *, what: str, fix: str) -> object:
         raise torch_load_error(error, path, what=what, fix=fix) from error
 
 
-def check_number(
-    value: object,
-    name: str,
-    *,
-    low: float | None = None,
-    high: float | None = None,
-    low_open: bool = False,
-    high_open: bool = False,
-    integer: bool = False,
-    allow_none: bool = False,
-    hint: str = "",
-) -> None:
-    """Check a numeric parameter: its type, that it is finite and that it lies in its range.
+# ------------------------------------------------------------------------ parameters
+class Constraint:
+    """One kind of value a parameter accepts: an entry of a ``_parameter_constraints`` list.
+
+    A parameter's constraints are a list of these (``None`` in the list accepts
+    ``None``); a value is accepted when one of them accepts it. See
+    :func:`check_param`.
+    """
+
+    def admits_type(self, value: object) -> bool:
+        """Whether ``value`` is of this constraint's kind (a number, a string, ...)."""
+        raise NotImplementedError
+
+    def problem(self, value: object) -> str | None:
+        """Why a value of this kind is refused: ``None`` when it is accepted, ``""`` when it is outside
+        what :meth:`describe` says, or a clause that follows the parameter's name in the error."""
+        return None
+
+    def describe(self) -> str:
+        """What the constraint accepts, e.g. ``"an int >= 1"``."""
+        raise NotImplementedError
+
+
+def _is_bool(value: object) -> bool:
+    return isinstance(value, (bool, np.bool_))
+
+
+class Interval(Constraint):
+    """A number (``kind=float``, numpy floats and ints included) or an int (``kind=int``, numpy ints
+    included; never a bool) in a range.
 
     Parameters
     ----------
-    value : object
-        The value given.
-    name : str
-        The parameter's name, used in the message.
+    kind : {int, float}
     low, high : float, optional
         Bounds; ``None`` for none.
-    low_open, high_open : bool
-        Exclude the bound itself.
-    integer : bool
-        Require an ``int`` (``bool`` is refused).
-    allow_none : bool
-        Accept ``None``.
+    closed : {"both", "left", "right", "neither"}
+        Which bounds belong to the range.
     hint : str
         Said after the range, e.g. ``" (images are in [0, 1])"``.
+    """
+
+    def __init__(self, kind: type, low: float | None = None, high: float | None = None, *,
+                 closed: str = "both", hint: str = "") -> None:
+        if kind not in (int, float) or closed not in ("both", "left", "right", "neither"):
+            raise ValueError(f"Interval(kind={kind!r}, closed={closed!r}): kind is int or float, closed one of "
+                             "'both', 'left', 'right', 'neither'.")
+        self.kind, self.low, self.high, self.closed, self.hint = kind, low, high, closed, hint
+
+    def admits_type(self, value: object) -> bool:
+        wanted = numbers.Integral if self.kind is int else numbers.Real
+        return isinstance(value, wanted) and not _is_bool(value)
+
+    def problem(self, value: object) -> str | None:
+        if not isinstance(value, numbers.Integral) and not math.isfinite(value):
+            return f"must be a finite number, got {value}."
+        low_open, high_open = self.closed in ("right", "neither"), self.closed in ("left", "neither")
+        too_low = self.low is not None and (value <= self.low if low_open else value < self.low)
+        too_high = self.high is not None and (value >= self.high if high_open else value > self.high)
+        return "" if too_low or too_high else None
+
+    def describe(self) -> str:
+        low_open, high_open = self.closed in ("right", "neither"), self.closed in ("left", "neither")
+        if self.low is not None and self.high is not None:
+            bounds = f" in {'(' if low_open else '['}{self.low}, {self.high}{')' if high_open else ']'}"
+        elif self.low is not None:
+            bounds = f" {'>' if low_open else '>='} {self.low}"
+        elif self.high is not None:
+            bounds = f" {'<' if high_open else '<='} {self.high}"
+        else:
+            bounds = ""
+        return f"{'an int' if self.kind is int else 'a number'}{bounds}{self.hint}"
+
+
+class Options(Constraint):
+    """One of a few strings."""
+
+    def __init__(self, *values: str) -> None:
+        self.values = tuple(sorted(values))
+
+    def admits_type(self, value: object) -> bool:
+        return isinstance(value, str)
+
+    def problem(self, value: object) -> str | None:
+        return None if value in self.values else ""
+
+    def describe(self) -> str:
+        return repr(self.values[0]) if len(self.values) == 1 else f"one of {list(self.values)}"
+
+
+class Boolean(Constraint):
+    """``True`` or ``False`` (a numpy bool too); never a number or a string."""
+
+    def admits_type(self, value: object) -> bool:
+        return _is_bool(value)
+
+    def describe(self) -> str:
+        return "True or False"
+
+
+class InstanceOf(Constraint):
+    """An instance of one of ``types``, described in messages by ``description``."""
+
+    def __init__(self, *types: type, description: str) -> None:
+        self.types, self.description = types, description
+
+    def admits_type(self, value: object) -> bool:
+        return isinstance(value, self.types)
+
+    def describe(self) -> str:
+        return self.description
+
+
+class IsCallable(Constraint):
+    """Any callable, described in messages by ``description``."""
+
+    def __init__(self, description: str = "a callable") -> None:
+        self.description = description
+
+    def admits_type(self, value: object) -> bool:
+        return callable(value)
+
+    def describe(self) -> str:
+        return self.description
+
+
+class PathLike(Constraint):
+    """A file path: a ``str`` or an ``os.PathLike`` (whether it can be written is checked where it is used)."""
+
+    def admits_type(self, value: object) -> bool:
+        return isinstance(value, (str, os.PathLike))
+
+    def describe(self) -> str:
+        return "a file path"
+
+
+class RandomStateLike(Constraint):
+    """What :func:`sklearn.utils.check_random_state` takes besides ``None``: a seed or a ``RandomState``."""
+
+    def admits_type(self, value: object) -> bool:
+        return (isinstance(value, numbers.Integral) and not _is_bool(value)) or isinstance(value, np.random.RandomState)
+
+    def problem(self, value: object) -> str | None:
+        return "" if isinstance(value, numbers.Integral) and not 0 <= value <= 2**32 - 1 else None
+
+    def describe(self) -> str:
+        return f"an int seed in [0, {2**32 - 1}] or a numpy.random.RandomState"
+
+
+class DeviceLike(Constraint):
+    """A ``torch.device`` or a device name torch knows, whose hardware exists here."""
+
+    def admits_type(self, value: object) -> bool:
+        return isinstance(value, (str, torch.device))
+
+    def problem(self, value: object) -> str | None:
+        try:
+            device = torch.device(value)
+        except (RuntimeError, ValueError):
+            return f"must be a device torch knows, such as 'cpu', 'cuda' or 'cuda:1', got {value!r}."
+        fix = "use 'cpu', or None for the device of the model's parameters"
+        if device.type == "cuda":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if count == 0:
+                return f"is {value!r}, but no CUDA GPU is available here (torch.cuda.is_available() is False); {fix}."
+            if device.index is not None and device.index >= count:
+                return f"is {value!r}, but this machine has {count} CUDA device(s), numbered from 0; {fix}."
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            return f"is {value!r}, but Apple's MPS is not available here; {fix}."
+        return None
+
+    def describe(self) -> str:
+        return "a torch.device or a device name such as 'cpu' or 'cuda'"
+
+
+class FaceModelLike(Constraint):
+    """A face model, ``nn.Module`` ``(B, 3, H, W)`` -> ``(B, D)``, or a non-empty list of them (an ensemble)."""
+
+    def admits_type(self, value: object) -> bool:
+        members = value if isinstance(value, (list, tuple)) else [value]
+        return all(isinstance(member, nn.Module) for member in members)
+
+    def problem(self, value: object) -> str | None:
+        empty = isinstance(value, (list, tuple)) and not value
+        return "is an empty list; pass at least one face model." if empty else None
+
+    def describe(self) -> str:
+        return ("a torch.nn.Module mapping (B, 3, H, W) images in [0, 1] to (B, D) embeddings "
+                "(or a list of them)")
+
+
+def _alternatives(descriptions: list[str]) -> str:
+    return descriptions[0] if len(descriptions) == 1 else f"{', '.join(descriptions[:-1])} or {descriptions[-1]}"
+
+
+def check_param(name: str, value: object, constraints: list[Constraint | None]) -> None:
+    """Check one parameter against its constraints; the error names it, what it accepts and what it got.
+
+    Parameters
+    ----------
+    name : str
+        The parameter's name, as the user wrote it (e.g. ``"epsilon"`` or ``"KeyRegions.flow_unit"``).
+    value : object
+        The value given.
+    constraints : list of Constraint or None
+        What the parameter accepts; ``None`` in the list accepts ``None``.
 
     Raises
     ------
     TypeError
-        When the value is not a number of the right kind (strings, bools, tensors ...).
+        When the value is of no accepted kind (e.g. a string for a number, a number for a bool).
     ValueError
-        When it is NaN, infinite or outside its range.
+        When it is of an accepted kind but refused (out of range, NaN, an unknown option, a missing GPU).
     """
-    if value is None and allow_none:
+    if value is None and None in constraints:
         return
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds):
-        wanted = "an int" if integer else "a number"
-        hint = " or None" if allow_none else ""
-        raise TypeError(f"{name} must be {wanted}{hint}, got {value!r} ({type(value).__name__}).")
-    if value != value or value in (float("inf"), float("-inf")):
-        raise ValueError(f"{name} must be a finite number, got {value}.")
-    if low is not None and high is not None:
-        interval = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-    elif low is not None:
-        interval = f"{'>' if low_open else '>='} {low}"
-    else:
-        interval = f"{'<' if high_open else '<='} {high}"
-    too_low = low is not None and (value <= low if low_open else value < low)
-    too_high = high is not None and (value >= high if high_open else value > high)
-    if too_low or too_high:
-        raise ValueError(f"{name} must be {interval}{hint}, got {value!r}.")
+    kinds = [constraint for constraint in constraints if constraint is not None and constraint.admits_type(value)]
+    problems = [constraint.problem(value) for constraint in kinds]
+    if any(problem is None for problem in problems):
+        return
+    accepted = _alternatives([c.describe() for c in constraints if c is not None] + ["None"] * (None in constraints))
+    if not kinds:
+        if value is None:
+            shown = "None"
+        elif isinstance(value, (str, bytes, numbers.Number, np.bool_)):
+            shown = f"{value!r} ({type(value).__name__})"
+        else:
+            shown = f"a {type(value).__name__}"
+        raise TypeError(f"{name} must be {accepted}, got {shown}.")
+    special = next((problem for problem in problems if problem), "")
+    raise ValueError(f"{name} {special}" if special else f"{name} must be {accepted}, got {value!r}.")
+
+
+def check_params(values: Mapping[str, object], constraints: Mapping[str, list], *, prefix: str = "") -> None:
+    """Check every parameter of ``values`` that ``constraints`` declares (:func:`check_param`).
+
+    Parameters
+    ----------
+    values : mapping
+        Parameter name -> value (e.g. ``estimator.get_params(deep=False)``).
+    constraints : mapping
+        Parameter name -> list of constraints (the ``_parameter_constraints`` table of a class).
+    prefix : str
+        Put before each name in messages, e.g. ``"KeyRegions."``.
+    """
+    for name, allowed in constraints.items():
+        if name in values:
+            check_param(f"{prefix}{name}", values[name], allowed)

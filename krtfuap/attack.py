@@ -12,22 +12,19 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Callable, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
-from sklearn.base import clone
 from torch import nn
 
-from krtfuap._batches import ImageData
-from krtfuap._validation import check_number
-from krtfuap.augment import resolve_augment
+from krtfuap._validation import Boolean, InstanceOf, Interval, IsCallable, Options
+from krtfuap.augment import AUGMENT_PRESETS, resolve_augment
 from krtfuap.distributed import average_gradients, broadcast_module_
 from krtfuap.diversity import RandomResizePad
 from krtfuap.engine import Solver
 from krtfuap.estimator import PerturbationEstimator
-from krtfuap.flow import FlowUnit
+from krtfuap.key_regions import KeyRegions
 from krtfuap.losses import ADVERSARIAL_LOSSES, DirectionLoss
-from krtfuap.masks import KeyRegionMasker
 from krtfuap.metrics import cosine_similarity, fooled_by_similarity, ssim
 from krtfuap.perturbation import MaskedPerturbation
 from krtfuap.stealth import StealthLossLike, resolve_stealth_loss
@@ -142,29 +139,18 @@ class UAPAttack(PerturbationEstimator):
 
     Parameters
     ----------
-    model : torch.nn.Module or list of torch.nn.Module
-        Face embedding model: ``(B, 3, H, W)`` RGB in ``[0, 1]`` -> ``(B, D)``.
-        Put any other input convention inside the model (see
-        :class:`krtfuap.models.FaceEmbedder`). Only its output is used; its
-        weights, training flags and ``requires_grad`` are left as they were. A
-        list fits one perturbation against an ensemble
-        (:class:`krtfuap.models.ensemble.EnsembleEmbedder`: the similarity is
-        the mean of the members' cosine similarities).
-    threshold : float, optional
-        Verification threshold ``t`` on cosine similarity: a face is fooled when
-        ``cos(F(x + v), F(x)) < t``. ``None`` calibrates it in :meth:`fit` from
-        the ``pairs`` given there (best accuracy on genuine/impostor pairs).
-    epsilon : float
-        l_inf budget of the perturbation on ``[0, 1]`` images (paper: 0.08).
+    [[model]]
+    [[threshold]]
+    [[epsilon]]
     target_ssim : float, optional
         Stealth as a target, in ``(0, 1)``: the stealth weight adapts during the
         fit (:func:`adapt_stealth_weight`, driven by each batch's measured SSIM,
         aiming 0.0025 above the target) so that the returned perturbation keeps the mean SSIM over the fit faces
         at or above ``target_ssim`` while the fooling rate is maximised; the
         perturbation returned is the best one scored that meets it. Works with
-        every ``stealth_loss``. ``None``: a fixed ``stealth_weight``.
+        every ``stealth_loss`` (not with ``None``). ``None``: a fixed ``stealth_weight``.
     stealth_weight : float, optional
-        ``lambda`` of the stealth loss (the starting value when ``target_ssim``
+        ``lambda`` of the stealth loss, ``>= 0`` (the starting value when ``target_ssim``
         is set); ``None`` uses the loss's default (3 for ``"ssim"``, 0.05
         for ``"vgg"`` as in the paper).
     stealth_loss : {"ssim", "vgg"}, callable or None
@@ -173,55 +159,29 @@ class UAPAttack(PerturbationEstimator):
         :class:`krtfuap.stealth.VGGStealthLoss`); any callable
         ``(adversarial, clean) -> scalar``; ``None``: no stealth term.
     stealth_adapt_rate : float
-        Speed of the stealth-weight adaptation (log-step per 0.01 of SSIM error).
+        Speed of the stealth-weight adaptation (log-step per 0.01 of SSIM error), ``>= 0``.
         0.05 made the measured SSIM swing by +-0.04 around a 0.90 target on
         foamliu MobileFaceNet; 0.02 settled on it (``benchmarks/RESULTS.md``, section 0).
     adversarial_loss : {"direction", "cosine", "euclidean"}
         The paper's direction loss or the ablations of Table 5 (see
         :mod:`krtfuap.losses`; on normalised embeddings ``"cosine"`` is the
         direction loss at half the weight).
-    masker : KeyRegionMasker, torch.Tensor or None
-        Source of the key-region mask ``M0``: an (un)fitted
-        :class:`krtfuap.masks.KeyRegionMasker` (an unfitted one is cloned and
-        fitted on the fit data), an ``(H, W)`` mask tensor in ``[0, 1]``, or
-        ``None`` for ``KeyRegionMasker()`` (the built-in landmark template of
-        ArcFace-aligned faces: no landmark model needed).
-    use_key_regions : bool
-        ``True`` shapes the noise by the (flow-warped) key-region mask, as in
-        the paper (and :meth:`paper`); ``False``, the default, leaves the
-        whole budget to every pixel (the paper's Table 3 ablation, a global
-        perturbation). With a stealth target, the global perturbation reached
-        a higher held-out fooling rate at the same SSIM in fewer steps on both
-        real models measured (``docs/method.rst``, "Where the library departs
-        from the paper"); ``masker``, ``learn_flow`` and the flow options act
-        only when it is ``True``.
-    learn_flow : bool
-        Learn the flow field that warps the mask (paper); ``False`` keeps the
-        key regions fixed (ablation of Table 4).
-    flow_bound : float
-        Bound of the flow field values (paper: 1).
-    flow_unit : {"pixels", "normalized"}
-        Unit of the flow field (see :mod:`krtfuap.flow`).
+    key_regions : KeyRegions or None
+        ``None`` (the default) leaves the whole budget to every pixel (the
+        paper's Table 3 ablation, a global perturbation). A
+        :class:`krtfuap.KeyRegions` shapes the noise by the (flow-warped)
+        key-region mask, as in the paper (and :meth:`paper`); it holds the
+        mask's source and the flow's options. With a stealth target, the
+        global perturbation reached a higher held-out fooling rate at the same
+        SSIM in fewer steps on both real models measured (``docs/method.rst``,
+        "Where the library departs from the paper").
     skip_fooled : bool
         Algorithm 1, line 7: only faces that are not yet fooled contribute to
         the adversarial loss of a step (paper: True).
-    target_fooling_rate : float
-        Stop once the fooling rate of the perturbation, scored on the fit data
-        after an epoch, reaches this (and ``target_ssim`` is met).
-    max_epochs : int
-        Hard stop on passes over the data.
-    max_time : float, optional
-        Hard stop on the loop's wall time in seconds (threshold calibration
-        and mask fitting not counted), checked after every step; the
-        perturbation is then scored once more.
-    max_steps : int, optional
-        Stop after this many update steps in all (the epoch in progress is scored).
-        Unlike ``max_time`` it does not depend on the machine, so a fit limited by
-        it repeats exactly on the CPU.
+    [[stopping]]
     lr : float
-        Adam learning rate of the noise (paper: 0.01).
-    flow_lr : float, optional
-        Adam learning rate of the flow field; ``None`` uses ``lr``.
+        Adam learning rate of the noise, ``> 0`` (paper: 0.01); also of the flow
+        unless ``KeyRegions.flow_lr`` is set.
     lr_decay_steps : int, "auto" or None
         Cosine-decay both learning rates to a tenth over this many update
         steps, then hold them there (:func:`cosine_decay`). ``"auto"`` (the
@@ -235,7 +195,7 @@ class UAPAttack(PerturbationEstimator):
         rates on both real models measured (``benchmarks/RESULTS.md``,
         sections 0d and 0e).
     input_diversity : float
-        Probability per step of feeding the model a randomly shrunk and
+        Probability per step, in ``[0, 1]``, of feeding the model a randomly shrunk and
         zero-padded copy of the adversarial batch (Xie et al. 2019, see
         :mod:`krtfuap.diversity`). ``0`` turns it off; meant to help transfer.
     diversity_min_scale : float
@@ -257,45 +217,15 @@ class UAPAttack(PerturbationEstimator):
         The clean embeddings, the stealth loss and the scoring after each
         epoch use the untransformed faces. ``None``: off.
     init_scale : float
-        The noise starts uniform in ``[-init_scale * epsilon, init_scale * epsilon]``
-        (paper: 1).
+        The noise starts uniform in ``[-init_scale * epsilon, init_scale * epsilon]``,
+        ``init_scale >= 0`` (paper: 1).
     lowpass_size : int, optional
         Band-limit the perturbation to a grid of this side (area-averaged down,
         enlarged back bilinearly at every step, :func:`krtfuap.perturbation.lowpass`),
         so it holds only the detail a face that much smaller than the template
         carries in a photo: it survives pasting into photos and re-alignment
         better (``benchmarks/RESULTS.md`` 7c-7d). ``None``: full resolution (paper).
-    batch_size : int
-        Batch size when ``X`` is given as one tensor (per process when fitting
-        distributed: the global batch is ``batch_size * world_size``).
-    shuffle : bool
-        When ``X`` is one tensor, visit its faces in a new random order every
-        epoch (drawn from ``random_state``; saved in checkpoints); ``False``
-        keeps their order (paper preset). A loader keeps its own order (use
-        ``DataLoader(shuffle=True)``). On 1232 faces of ``w600k_mbf`` (600 s,
-        one core) shuffling reached held-out fooling rate 0.7 in 496 steps
-        instead of 744 (``benchmarks/RESULTS.md``, section 0f).
-    random_state : int, numpy RandomState or None
-        Seeds the initial noise; an int makes ``fit`` repeatable on CPU.
-    device : str or torch.device, optional
-        Where to fit; default: the device of the model's parameters.
-    amp : bool
-        Run the face model's forward passes in :func:`torch.autocast` with
-        bfloat16 during :meth:`fit`; CUDA with bfloat16 only (``ValueError``
-        elsewhere).
-    channels_last : bool
-        Convert the model (in place; it stays converted) and the image batches
-        to the ``torch.channels_last`` memory format during :meth:`fit`.
-    checkpoint_path : path-like, optional
-        Write the fit state there every ``checkpoint_every`` epochs, atomically.
-        ``fit(X, resume=True)`` continues from it (refused, naming the
-        difference, when the parameters or data differ); on CPU the result
-        equals an uninterrupted fit. Never saved in, or restored from, an
-        attack file.
-    checkpoint_every : int
-        Epochs between checkpoints.
-    verbose : bool
-        Show a tqdm progress bar (on rank 0 only when distributed).
+    [[fitting]]
 
     Notes
     -----
@@ -311,13 +241,31 @@ class UAPAttack(PerturbationEstimator):
     perturbation_, mask_, warped_mask_, flow_, noise_, threshold_, fooling_rate_, ssim_, best_epoch_, history_, epoch_scores_, n_iter_, n_epochs_, stop_reason_, fit_time_
         See :class:`krtfuap.estimator.PerturbationEstimator`. ``mask_`` is
         ``M0``, ``warped_mask_`` is ``Mf`` and ``flow_`` the learned flow
-        (zeros when ``learn_flow=False``). ``history_`` records per step
-        ``loss, adversarial_loss, stealth_loss, stealth_weight,
-        fooling_rate, ssim`` (batch values before the update).
+        (zeros without key regions or with ``KeyRegions(learn_flow=False)``).
+        ``history_`` records per step, besides the shared keys, ``loss``,
+        ``adversarial_loss``, ``stealth_loss`` and ``stealth_weight``.
     stealth_weight_ : float
         The stealth weight at the end of the fit (the adapted value when
         ``target_ssim`` is set).
     """
+
+    _parameter_constraints: ClassVar[dict[str, list]] = {
+        **PerturbationEstimator._parameter_constraints,
+        "target_ssim": [Interval(float, 0, 1, closed="neither"), None],
+        "stealth_weight": [Interval(float, 0, None), None],
+        "stealth_loss": [Options("ssim", "vgg"), IsCallable("a callable (adversarial, clean) -> scalar"), None],
+        "stealth_adapt_rate": [Interval(float, 0, None)],
+        "adversarial_loss": [Options(*ADVERSARIAL_LOSSES)],
+        "key_regions": [InstanceOf(KeyRegions, description="a krtfuap.KeyRegions"), None],
+        "skip_fooled": [Boolean()],
+        "lr": [Interval(float, 0, None, closed="neither")],
+        "lr_decay_steps": [Interval(int, 1), Options("auto"), None],
+        "input_diversity": [Interval(float, 0, 1)],
+        "diversity_min_scale": [Interval(float, 0, 1, closed="right")],
+        "augment": [Options(*AUGMENT_PRESETS), IsCallable("a callable (B, 3, H, W) -> (B, 3, H, W)"), None],
+        "init_scale": [Interval(float, 0, None)],
+        "lowpass_size": [Interval(int, 1), None],
+    }
 
     def __init__(
         self,
@@ -330,18 +278,13 @@ class UAPAttack(PerturbationEstimator):
         stealth_loss: StealthLossLike | None = "ssim",
         stealth_adapt_rate: float = 0.02,
         adversarial_loss: str = "direction",
-        masker: KeyRegionMasker | torch.Tensor | None = None,
-        use_key_regions: bool = False,
-        learn_flow: bool = True,
-        flow_bound: float = 1.0,
-        flow_unit: FlowUnit = "pixels",
+        key_regions: KeyRegions | None = None,
         skip_fooled: bool = True,
         target_fooling_rate: float = 0.8,
         max_epochs: int = 50,
         max_time: float | None = None,
         max_steps: int | None = None,
         lr: float = 0.01,
-        flow_lr: float | None = None,
         lr_decay_steps: int | Literal["auto"] | None = "auto",
         input_diversity: float = 0.0,
         diversity_min_scale: float = 0.9,
@@ -354,6 +297,7 @@ class UAPAttack(PerturbationEstimator):
         device: str | torch.device | None = None,
         amp: bool = False,
         channels_last: bool = False,
+        num_threads: int | None = None,
         checkpoint_path: str | os.PathLike | None = None,
         checkpoint_every: int = 1,
         verbose: bool = False,
@@ -366,18 +310,13 @@ class UAPAttack(PerturbationEstimator):
         self.stealth_loss = stealth_loss
         self.stealth_adapt_rate = stealth_adapt_rate
         self.adversarial_loss = adversarial_loss
-        self.masker = masker
-        self.use_key_regions = use_key_regions
-        self.learn_flow = learn_flow
-        self.flow_bound = flow_bound
-        self.flow_unit = flow_unit
+        self.key_regions = key_regions
         self.skip_fooled = skip_fooled
         self.target_fooling_rate = target_fooling_rate
         self.max_epochs = max_epochs
         self.max_time = max_time
         self.max_steps = max_steps
         self.lr = lr
-        self.flow_lr = flow_lr
         self.lr_decay_steps = lr_decay_steps
         self.input_diversity = input_diversity
         self.diversity_min_scale = diversity_min_scale
@@ -390,6 +329,7 @@ class UAPAttack(PerturbationEstimator):
         self.device = device
         self.amp = amp
         self.channels_last = channels_last
+        self.num_threads = num_threads
         self.checkpoint_path = checkpoint_path
         self.checkpoint_every = checkpoint_every
         self.verbose = verbose
@@ -398,7 +338,8 @@ class UAPAttack(PerturbationEstimator):
     def paper(cls, model: nn.Module, **overrides: Any) -> "UAPAttack":
         """The paper's recipe (Jin et al. 2024, Algorithm 1), any keyword overridable.
 
-        Key regions with a learned flow, VGG16 ``relu2_2`` stealth loss with ``lambda = 0.05``, noise starting
+        Key regions with a learned flow (``key_regions=KeyRegions()``), VGG16
+        ``relu2_2`` stealth loss with ``lambda = 0.05``, noise starting
         uniform over the whole budget, only not-yet-fooled faces in the
         adversarial loss, Adam with a constant ``lr = 0.01`` for noise and flow, batches
         of 10 faces (paper Section 4.1) in the order given (the paper does not say; no
@@ -411,105 +352,66 @@ class UAPAttack(PerturbationEstimator):
             Unfitted.
         """
         recipe = dict(
-            stealth_loss="vgg", stealth_weight=0.05, target_ssim=None, use_key_regions=True, learn_flow=True,
+            stealth_loss="vgg", stealth_weight=0.05, target_ssim=None, key_regions=KeyRegions(),
             skip_fooled=True, init_scale=1.0, lowpass_size=None,
-            lr=0.01, flow_lr=None, lr_decay_steps=None, batch_size=10, shuffle=False, target_fooling_rate=0.8,
+            lr=0.01, lr_decay_steps=None, batch_size=10, shuffle=False, target_fooling_rate=0.8,
             adversarial_loss="direction",
         )
         recipe.update(overrides)
         return cls(model, **recipe)
 
     # ------------------------------------------------------------------ checks
-    def _check_params(self) -> None:
-        super()._check_params()
-        check_number(self.target_ssim, "target_ssim", low=0, high=1, low_open=True, high_open=True, allow_none=True)
-        check_number(self.stealth_weight, "stealth_weight", low=0, allow_none=True)
-        check_number(self.stealth_adapt_rate, "stealth_adapt_rate", low=0)
-        check_number(self.max_steps, "max_steps", low=1, integer=True, allow_none=True)
-        check_number(self.flow_bound, "flow_bound", low=0)
-        check_number(self.lr, "lr", low=0, low_open=True)
-        check_number(self.flow_lr, "flow_lr", low=0, allow_none=True)
-        if isinstance(self.lr_decay_steps, str) and self.lr_decay_steps != "auto":
-            raise ValueError(
-                f'lr_decay_steps must be a number of steps, "auto" (over the fit\'s max_steps / max_time) or None '
-                f"(constant rates), got {self.lr_decay_steps!r}."
-            )
-        if self.lr_decay_steps != "auto":
-            check_number(self.lr_decay_steps, "lr_decay_steps", low=1, integer=True, allow_none=True)
-        check_number(self.init_scale, "init_scale", low=0)
-        check_number(self.lowpass_size, "lowpass_size", low=1, integer=True, allow_none=True)
-        if not isinstance(self.shuffle, bool):
-            raise TypeError(f"shuffle must be True or False, got {self.shuffle!r}.")
-        if self.adversarial_loss not in ADVERSARIAL_LOSSES:
-            raise ValueError(
-                f"adversarial_loss must be one of {sorted(ADVERSARIAL_LOSSES)}, got {self.adversarial_loss!r}."
-            )
-        if self.masker is not None and not self.use_key_regions:
-            raise ValueError(
-                "masker is set but use_key_regions=False (the default), so the mask would be ignored; pass "
-                "use_key_regions=True to shape the perturbation by it."
-            )
+    def _check_params_together(self) -> None:
+        super()._check_params_together()
         if self.target_ssim is not None and self.stealth_loss is None:
             raise ValueError("target_ssim needs a stealth loss to adapt; set stealth_loss='ssim' (or another).")
-        RandomResizePad(self.input_diversity, self.diversity_min_scale)  # checks both
-        resolve_augment(self.augment, None)  # checks it
-        device = self._device()
-        if self.amp and not (device.type == "cuda" and torch.cuda.is_bf16_supported()):
-            raise ValueError(
-                f"amp=True needs a CUDA GPU with bfloat16 support (compute capability >= 8.0); fitting on "
-                f"{device} instead. Set amp=False."
-            )
 
-    def _check_params_of_loaded(self) -> None:
-        super()._check_params_of_loaded()
-        resolve_augment(self.augment, None)
+    def _stealth_target(self) -> float | None:
+        return self.target_ssim
 
-    # ------------------------------------------------------------------- mask
-    def _key_region_mask(self, X: ImageData, height: int, width: int) -> torch.Tensor | None:
-        if not self.use_key_regions:
-            return None
-        if isinstance(self.masker, torch.Tensor):
-            mask = self.masker.detach().float().cpu()
-        else:
-            if self.masker is None:
-                masker = KeyRegionMasker().fit(X)
-            elif hasattr(self.masker, "mask_"):
-                masker = self.masker
+    @classmethod
+    def _params_from_format_1(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """Format 1 held the key-region options flat (``use_key_regions``, ``masker``, ``learn_flow``,
+        ``flow_bound``, ``flow_unit``, ``flow_lr``): they become ``key_regions``."""
+        params = dict(params)
+        flat = {name: params.pop(name) for name in ("masker", "learn_flow", "flow_bound", "flow_unit", "flow_lr")
+                if name in params}
+        if "use_key_regions" in params:
+            if not params.pop("use_key_regions"):
+                params["key_regions"] = None
+            elif "masker" in flat:  # format 1 saved the masker only when it was None (the built-in template)
+                del flat["masker"]
+                params["key_regions"] = {"type": "KeyRegions", "fields": flat}
             else:
-                masker = clone(self.masker).fit(X)
-            mask = masker.mask_.detach().float().cpu()
-        if mask.shape != (height, width):
-            raise ValueError(
-                f"The key-region mask has shape {tuple(mask.shape)} but the images are {height}x{width}; "
-                "fit the masker on images of the same size."
-            )
-        if mask.min() < 0 or mask.max() > 1 or not torch.isfinite(mask).all():
-            raise ValueError("The key-region mask must hold values in [0, 1].")
-        return mask
+                params["key_regions"] = {"not_saved": "KeyRegions with a masker that format 1 did not save"}
+        return params
 
+    # ------------------------------------------------------------------- solver
     def _lr_progress(self, steps_done: int, elapsed: float) -> float | None:
         """Fraction of the learning-rate decay done (:func:`decay_progress` with this fit's limits)."""
         return decay_progress(steps_done, elapsed, self.lr_decay_steps, max_steps=self.max_steps,
                               max_time=self.max_time)
 
-    def _make_solver(self, X, size, device, generator, embed, threshold):
-        height, width = size
-        mask = self._key_region_mask(X, height, width)
+    def _make_solver(self, data, device, generator, embed, threshold):
+        height, width = data.size
+        regions = self.key_regions
+        mask = None if regions is None else regions.mask(data, data.size)
         stealth_loss, stealth_weight = resolve_stealth_loss(self.stealth_loss, self.stealth_weight)
         if isinstance(stealth_loss, nn.Module):
             stealth_loss = stealth_loss.to(device)
         perturbation = MaskedPerturbation(
             mask,
-            epsilon=self.epsilon,
-            learn_flow=self.learn_flow and self.use_key_regions,
-            flow_bound=self.flow_bound,
-            flow_unit=self.flow_unit,
-            init_scale=self.init_scale,
-            lowpass_size=self.lowpass_size,
+            epsilon=float(self.epsilon),
+            learn_flow=regions is not None and regions.learn_flow,
+            flow_bound=1.0 if regions is None else float(regions.flow_bound),
+            flow_unit="pixels" if regions is None else regions.flow_unit,
+            init_scale=float(self.init_scale),
+            lowpass_size=None if self.lowpass_size is None else int(self.lowpass_size),
             generator=generator,
             height=height,
             width=width,
         ).to(device)
+        flow_lr = self.lr if regions is None or regions.flow_lr is None else regions.flow_lr
         solver = _KeyRegionSolver(
             perturbation,
             embed=embed,
@@ -518,12 +420,12 @@ class UAPAttack(PerturbationEstimator):
             stealth_loss=stealth_loss,
             stealth_weight=stealth_weight,
             target_ssim=self.target_ssim,
-            adapt_rate=self.stealth_adapt_rate,
-            skip_fooled=self.skip_fooled,
+            adapt_rate=float(self.stealth_adapt_rate),
+            skip_fooled=bool(self.skip_fooled),
             diversity=RandomResizePad(self.input_diversity, self.diversity_min_scale, generator=generator),
             augment=resolve_augment(self.augment, generator),
-            lr=self.lr,
-            flow_lr=self.lr if self.flow_lr is None else self.flow_lr,
+            lr=float(self.lr),
+            flow_lr=float(flow_lr),
             lr_progress=self._lr_progress,
         )
         learned = {"mask_": mask if mask is not None else torch.ones(height, width)}
@@ -596,6 +498,7 @@ class _KeyRegionSolver(Solver):
             "stealth_loss": stealth_term.item(),
             "stealth_weight": self.stealth_weight,
             "fooling_rate": fooled.float().mean().item(),
+            "mean_similarity": similarity.mean().item(),
             "ssim": batch_ssim,
         }
 

@@ -7,9 +7,12 @@ Four baselines share the public surface of every estimator
 same budget (an l_inf ball of radius ``epsilon`` on ``[0, 1]`` images), the same
 fooling criterion (``cos(F(x + v), F(x)) < threshold_``), the same honest
 stopping rules (the perturbation is scored on the fit data after every epoch;
-``target_fooling_rate``, ``max_epochs``, ``max_time``), the same choice of the
-returned perturbation (the best one scored), and checkpoint/resume,
-distributed fitting and a progress bar:
+``target_fooling_rate``, ``max_epochs``, ``max_time``, ``max_steps``), the same
+choice of the returned perturbation (the best one scored), ``shuffle``,
+checkpoint/resume, distributed fitting and a progress bar; their shared
+parameters are declared and documented once, in
+:class:`~krtfuap.estimator.PerturbationEstimator`. Random noise learns nothing,
+so it has none of the loop's parameters:
 
 * :class:`RandomNoiseUAP`: uniform noise, nothing learned;
 * :class:`DeepFoolUAP`: the universal perturbation algorithm of
@@ -31,17 +34,17 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from krtfuap._ops import call_model
-from krtfuap._validation import check_embeddings, check_number
+from krtfuap._validation import Interval, check_embeddings
 from krtfuap.distributed import average_gradients, broadcast_module_, broadcast_tensor_, sum_over_ranks_
 from krtfuap.engine import Solver
-from krtfuap.estimator import PerturbationEstimator
+from krtfuap.estimator import COMMON_CONSTRAINTS, PerturbationEstimator
 from krtfuap.losses import direction_loss
 from krtfuap.metrics import cosine_similarity, fooled_by_similarity, ssim
 
@@ -350,30 +353,21 @@ class RandomNoiseUAP(PerturbationEstimator):
     """Uniform random noise in ``[-epsilon, epsilon]``: the "Random" row of Table 1.
 
     Nothing is learned: ``fit`` draws the noise (seeded by ``random_state``),
-    sets ``threshold_`` and scores the noise once on the fit data.
+    sets ``threshold_`` and scores the noise once on the fit data, so it has
+    no stopping rules, shuffling or checkpoints.
 
     Parameters
     ----------
-    model : torch.nn.Module
-        Face embedding model, ``(B, 3, H, W)`` in ``[0, 1]`` -> ``(B, D)``.
-    threshold : float, optional
-        Verification threshold on cosine similarity; ``None`` calibrates it
-        from ``fit(..., pairs=...)`` as in :class:`~krtfuap.attack.UAPAttack`.
-    epsilon : float
-        l_inf budget on ``[0, 1]`` images.
-    target_fooling_rate, max_epochs, max_time
-        Only set ``stop_reason_`` after the single scoring pass:
-        ``"max_time"`` when it took longer than ``max_time``, else
-        ``"target_fooling_rate"`` when its fooling rate reaches the target,
-        else ``"max_epochs"``.
-    batch_size : int
-        Batch size when ``X`` is one tensor.
-    random_state : int, numpy RandomState or None
-        Seeds the noise.
-    device : str or torch.device, optional
-        Where to measure; default: the device of the model.
-    verbose : bool
-        Show a progress bar.
+    [[model]]
+    [[threshold]]
+    [[epsilon]]
+    [[batch_size]]
+    [[random_state]]
+    [[device]]
+    [[amp]]
+    [[channels_last]]
+    [[num_threads]]
+    [[verbose]]
 
     Attributes
     ----------
@@ -381,10 +375,14 @@ class RandomNoiseUAP(PerturbationEstimator):
         ``(3, H, W)``, uniform in ``[-epsilon, epsilon]``, on the CPU.
     n_iter_, n_epochs_ : int
         0 and 1 (one scoring pass, no step).
+    stop_reason_ : str
+        ``"not_learned"``.
     history_ : list
         Empty (no step); the score is ``epoch_scores_[0]``.
     Others as in :class:`krtfuap.estimator.PerturbationEstimator`.
     """
+
+    _parameter_constraints: ClassVar[dict[str, list]] = dict(COMMON_CONSTRAINTS)
 
     def __init__(
         self,
@@ -392,27 +390,38 @@ class RandomNoiseUAP(PerturbationEstimator):
         *,
         threshold: float | None = None,
         epsilon: float = 0.08,
-        target_fooling_rate: float = 0.8,
-        max_epochs: int = 50,
-        max_time: float | None = None,
         batch_size: int = 32,
         random_state: Any = None,
         device: str | torch.device | None = None,
+        amp: bool = False,
+        channels_last: bool = False,
+        num_threads: int | None = None,
         verbose: bool = False,
     ) -> None:
         self.model = model
         self.threshold = threshold
         self.epsilon = epsilon
-        self.target_fooling_rate = target_fooling_rate
-        self.max_epochs = max_epochs
-        self.max_time = max_time
         self.batch_size = batch_size
         self.random_state = random_state
         self.device = device
+        self.amp = amp
+        self.channels_last = channels_last
+        self.num_threads = num_threads
         self.verbose = verbose
 
-    def _make_solver(self, X, size, device, generator, embed, threshold):
-        noise = (torch.rand(3, *size, generator=generator) * 2 - 1) * self.epsilon
+    def _loop_settings(self) -> dict[str, Any]:
+        """One scoring pass and nothing else (the loop does not step a solver that does not learn)."""
+        return {"max_epochs": 1, "max_time": None, "max_steps": None, "target_fooling_rate": 1.0, "shuffle": False,
+                "checkpoint_path": None, "checkpoint_every": 1}
+
+    @classmethod
+    def _params_from_format_1(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """Format 1 had ``target_fooling_rate``, ``max_epochs`` and ``max_time``, which only named a stop reason."""
+        return {name: value for name, value in params.items()
+                if name not in ("target_fooling_rate", "max_epochs", "max_time")}
+
+    def _make_solver(self, data, device, generator, embed, threshold):
+        noise = (torch.rand(3, *data.size, generator=generator) * 2 - 1) * float(self.epsilon)
         return _FixedNoiseSolver(noise.to(device)), {}
 
 
@@ -430,41 +439,35 @@ class DeepFoolUAP(PerturbationEstimator):
     Batched variant: the steps ``r_i`` of all not-yet-fooled faces of a batch
     are computed at the same ``v`` and **summed**, ``v <- clip(v + sum_i r_i,
     -epsilon, epsilon)`` (over the global batch when fitting distributed).
-    ``batch_size=1`` gives the original sequential algorithm. ``v`` starts at zero.
+    ``batch_size=1`` gives the original sequential algorithm. ``v`` starts at
+    zero; ``random_state`` seeds the tiny starting noise of each DeepFool step
+    (and the order of shuffled epochs). The face model is used in eval mode
+    (faces must not interact inside a batch).
 
     Parameters
     ----------
-    model : torch.nn.Module
-        Face embedding model, ``(B, 3, H, W)`` in ``[0, 1]`` -> ``(B, D)``,
-        used in eval mode (faces must not interact inside a batch).
-    threshold : float, optional
-        Verification threshold; ``None`` calibrates it from ``fit(..., pairs=...)``.
-    epsilon : float
-        l_inf budget on ``[0, 1]`` images.
+    [[model]]
+    [[threshold]]
+    [[epsilon]]
     overshoot : float
         Margin aimed below the threshold, in cosine-similarity units, ``>= 0``.
     max_inner : int
         Maximum DeepFool linearisation steps per batch, ``>= 1``.
-    target_fooling_rate, max_epochs, max_time
-        Stopping rules of :class:`~krtfuap.attack.UAPAttack` (one step = one batch).
-    batch_size : int
-        Batch size when ``X`` is one tensor.
-    random_state : int, numpy RandomState or None
-        Seeds the tiny starting noise of each DeepFool step.
-    device : str or torch.device, optional
-        Where to fit; default: the device of the model.
-    checkpoint_path, checkpoint_every
-        As in :class:`~krtfuap.attack.UAPAttack`.
-    verbose : bool
-        Show a tqdm progress bar.
+    [[stopping]]
+    [[fitting]]
 
     Attributes
     ----------
     history_ : list of dict
-        Per batch: ``step, epoch, time, fooling_rate, mean_similarity, ssim``
-        (before the update) and ``n_updated`` (faces that contributed a step).
+        Per batch, besides the shared keys, ``n_updated`` (faces that contributed a step).
     Others as in :class:`krtfuap.estimator.PerturbationEstimator`.
     """
+
+    _parameter_constraints: ClassVar[dict[str, list]] = {
+        **PerturbationEstimator._parameter_constraints,
+        "overshoot": [Interval(float, 0, None, hint=" (a margin below the threshold)")],
+        "max_inner": [Interval(int, 1)],
+    }
 
     def __init__(
         self,
@@ -477,9 +480,14 @@ class DeepFoolUAP(PerturbationEstimator):
         target_fooling_rate: float = 0.8,
         max_epochs: int = 50,
         max_time: float | None = None,
+        max_steps: int | None = None,
         batch_size: int = 32,
+        shuffle: bool = False,
         random_state: Any = None,
         device: str | torch.device | None = None,
+        amp: bool = False,
+        channels_last: bool = False,
+        num_threads: int | None = None,
         checkpoint_path: str | os.PathLike | None = None,
         checkpoint_every: int = 1,
         verbose: bool = False,
@@ -492,22 +500,22 @@ class DeepFoolUAP(PerturbationEstimator):
         self.target_fooling_rate = target_fooling_rate
         self.max_epochs = max_epochs
         self.max_time = max_time
+        self.max_steps = max_steps
         self.batch_size = batch_size
+        self.shuffle = shuffle
         self.random_state = random_state
         self.device = device
+        self.amp = amp
+        self.channels_last = channels_last
+        self.num_threads = num_threads
         self.checkpoint_path = checkpoint_path
         self.checkpoint_every = checkpoint_every
         self.verbose = verbose
 
-    def _check_params(self) -> None:
-        super()._check_params()
-        check_number(self.overshoot, "overshoot", low=0, hint=" (a margin below the threshold)")
-        check_number(self.max_inner, "max_inner", low=1, integer=True)
-
-    def _make_solver(self, X, size, device, generator, embed, threshold):
+    def _make_solver(self, data, device, generator, embed, threshold):
         solver = _DeepFoolSolver(
-            size, device, embed=embed, threshold=threshold, epsilon=self.epsilon, overshoot=self.overshoot,
-            max_inner=self.max_inner, generator=generator,
+            data.size, device, embed=embed, threshold=threshold, epsilon=float(self.epsilon),
+            overshoot=float(self.overshoot), max_inner=int(self.max_inner), generator=generator,
         )
         return solver, {}
 
@@ -523,38 +531,30 @@ class FGUAP(PerturbationEstimator):
     clipped to ``[-epsilon, epsilon]`` after each step. As in FG-UAP, the
     perturbation kept is the best one scored at the end of an epoch (as for
     every estimator here; pass ``fit(X, validation=faces)`` to score on
-    other faces).
+    other faces). ``random_state`` seeds the initial noise, uniform in
+    ``[-epsilon, epsilon]`` (and the order of shuffled epochs).
 
     Parameters
     ----------
-    model : torch.nn.Module
-        Face embedding model, ``(B, 3, H, W)`` in ``[0, 1]`` -> ``(B, D)``.
-    threshold : float, optional
-        Verification threshold; ``None`` calibrates it from ``fit(..., pairs=...)``.
-    epsilon : float
-        l_inf budget on ``[0, 1]`` images.
+    [[model]]
+    [[threshold]]
+    [[epsilon]]
     lr : float
-        Adam learning rate.
-    target_fooling_rate, max_epochs, max_time
-        Stopping rules of :class:`~krtfuap.attack.UAPAttack`.
-    batch_size : int
-        Batch size when ``X`` (and ``validation``) is one tensor.
-    random_state : int, numpy RandomState or None
-        Seeds the initial noise, uniform in ``[-epsilon, epsilon]``.
-    device : str or torch.device, optional
-        Where to fit; default: the device of the model.
-    checkpoint_path, checkpoint_every
-        As in :class:`~krtfuap.attack.UAPAttack`.
-    verbose : bool
-        Show a tqdm progress bar.
+        Adam learning rate, ``> 0``.
+    [[stopping]]
+    [[fitting]]
 
     Attributes
     ----------
     history_ : list of dict
-        Per step: ``step, epoch, time, loss, fooling_rate, mean_similarity, ssim``
-        (batch values before the update).
+        Per step, besides the shared keys, ``loss`` (the mean similarity the step minimised).
     Others as in :class:`krtfuap.estimator.PerturbationEstimator`.
     """
+
+    _parameter_constraints: ClassVar[dict[str, list]] = {
+        **PerturbationEstimator._parameter_constraints,
+        "lr": [Interval(float, 0, None, closed="neither")],
+    }
 
     def __init__(
         self,
@@ -566,9 +566,14 @@ class FGUAP(PerturbationEstimator):
         target_fooling_rate: float = 0.8,
         max_epochs: int = 50,
         max_time: float | None = None,
+        max_steps: int | None = None,
         batch_size: int = 32,
+        shuffle: bool = False,
         random_state: Any = None,
         device: str | torch.device | None = None,
+        amp: bool = False,
+        channels_last: bool = False,
+        num_threads: int | None = None,
         checkpoint_path: str | os.PathLike | None = None,
         checkpoint_every: int = 1,
         verbose: bool = False,
@@ -580,20 +585,22 @@ class FGUAP(PerturbationEstimator):
         self.target_fooling_rate = target_fooling_rate
         self.max_epochs = max_epochs
         self.max_time = max_time
+        self.max_steps = max_steps
         self.batch_size = batch_size
+        self.shuffle = shuffle
         self.random_state = random_state
         self.device = device
+        self.amp = amp
+        self.channels_last = channels_last
+        self.num_threads = num_threads
         self.checkpoint_path = checkpoint_path
         self.checkpoint_every = checkpoint_every
         self.verbose = verbose
 
-    def _check_params(self) -> None:
-        super()._check_params()
-        check_number(self.lr, "lr", low=0, low_open=True)
-
-    def _make_solver(self, X, size, device, generator, embed, threshold):
-        initial = ((torch.rand(3, *size, generator=generator) * 2 - 1) * self.epsilon).to(device)
-        return _CosineAdamSolver(initial, embed=embed, threshold=threshold, epsilon=self.epsilon, lr=self.lr), {}
+    def _make_solver(self, data, device, generator, embed, threshold):
+        epsilon = float(self.epsilon)
+        initial = ((torch.rand(3, *data.size, generator=generator) * 2 - 1) * epsilon).to(device)
+        return _CosineAdamSolver(initial, embed=embed, threshold=threshold, epsilon=epsilon, lr=float(self.lr)), {}
 
 
 # ------------------------------------------------------------------- frequency
@@ -611,38 +618,26 @@ class FrequencyUAP(PerturbationEstimator):
     the result stays band-limited. The coefficients are optimised with Adam on
     :func:`krtfuap.losses.direction_loss` over every face of the batch.
     FTGAP's perceptual (JND) weighting of the frequencies and its block DCT are
-    not reproduced.
+    not reproduced. ``random_state`` seeds the initial coefficients, uniform
+    in ``[-bound, bound]`` (and the order of shuffled epochs).
 
     Parameters
     ----------
-    model : torch.nn.Module
-        Face embedding model, ``(B, 3, H, W)`` in ``[0, 1]`` -> ``(B, D)``.
-    threshold : float, optional
-        Verification threshold; ``None`` calibrates it from ``fit(..., pairs=...)``.
-    epsilon : float
-        Spatial l_inf budget on ``[0, 1]`` images.
+    [[model]]
+    [[threshold]]
+    [[epsilon]]
     keep_fraction : float
         Share of the frequencies kept along each axis, in ``(0, 1]``.
     coefficient_bound : float, optional
-        Bound on each DCT coefficient's absolute value. ``None`` uses
+        Bound on each DCT coefficient's absolute value, ``> 0``. ``None`` uses
         ``epsilon * sqrt(H * W / (kh * kw))``: with every kept coefficient at
         the bound, the perturbation has the l2 energy of a ``+-epsilon``
         image (Parseval), independently of the image size.
     lr : float
         Adam learning rate on the normalised coefficients ``c / coefficient_bound``,
-        which live in ``[-1, 1]``.
-    target_fooling_rate, max_epochs, max_time
-        Stopping rules of :class:`~krtfuap.attack.UAPAttack`.
-    batch_size : int
-        Batch size when ``X`` is one tensor.
-    random_state : int, numpy RandomState or None
-        Seeds the initial coefficients, uniform in ``[-bound, bound]``.
-    device : str or torch.device, optional
-        Where to fit; default: the device of the model.
-    checkpoint_path, checkpoint_every
-        As in :class:`~krtfuap.attack.UAPAttack`.
-    verbose : bool
-        Show a tqdm progress bar.
+        which live in ``[-1, 1]``, ``> 0``.
+    [[stopping]]
+    [[fitting]]
 
     Attributes
     ----------
@@ -651,10 +646,16 @@ class FrequencyUAP(PerturbationEstimator):
     coefficient_bound_ : float
         The bound used.
     history_ : list of dict
-        Per step: ``step, epoch, time, loss, fooling_rate, mean_similarity, ssim``
-        (batch values before the update).
+        Per step, besides the shared keys, ``loss`` (the direction loss of the step).
     Others as in :class:`krtfuap.estimator.PerturbationEstimator`.
     """
+
+    _parameter_constraints: ClassVar[dict[str, list]] = {
+        **PerturbationEstimator._parameter_constraints,
+        "keep_fraction": [Interval(float, 0, 1, closed="right", hint=" (share of frequencies per axis)")],
+        "coefficient_bound": [Interval(float, 0, None, closed="neither"), None],
+        "lr": [Interval(float, 0, None, closed="neither")],
+    }
 
     def __init__(
         self,
@@ -668,9 +669,14 @@ class FrequencyUAP(PerturbationEstimator):
         target_fooling_rate: float = 0.8,
         max_epochs: int = 50,
         max_time: float | None = None,
+        max_steps: int | None = None,
         batch_size: int = 32,
+        shuffle: bool = False,
         random_state: Any = None,
         device: str | torch.device | None = None,
+        amp: bool = False,
+        channels_last: bool = False,
+        num_threads: int | None = None,
         checkpoint_path: str | os.PathLike | None = None,
         checkpoint_every: int = 1,
         verbose: bool = False,
@@ -684,18 +690,17 @@ class FrequencyUAP(PerturbationEstimator):
         self.target_fooling_rate = target_fooling_rate
         self.max_epochs = max_epochs
         self.max_time = max_time
+        self.max_steps = max_steps
         self.batch_size = batch_size
+        self.shuffle = shuffle
         self.random_state = random_state
         self.device = device
+        self.amp = amp
+        self.channels_last = channels_last
+        self.num_threads = num_threads
         self.checkpoint_path = checkpoint_path
         self.checkpoint_every = checkpoint_every
         self.verbose = verbose
-
-    def _check_params(self) -> None:
-        super()._check_params()
-        check_number(self.keep_fraction, "keep_fraction", low=0, high=1, low_open=True, hint=" (share of frequencies per axis)")
-        check_number(self.coefficient_bound, "coefficient_bound", low=0, low_open=True, allow_none=True)
-        check_number(self.lr, "lr", low=0, low_open=True)
 
     def _band(self, size: tuple[int, int]) -> tuple[tuple[int, int], float]:
         """The kept block ``(kh, kw)`` and the coefficient bound for images of ``size``."""
@@ -706,8 +711,8 @@ class FrequencyUAP(PerturbationEstimator):
             bound = self.epsilon * math.sqrt(height * width / (band[0] * band[1]))
         return band, float(bound)
 
-    def _make_solver(self, X, size, device, generator, embed, threshold):
-        band, bound = self._band(size)
-        module = _DCTPerturbation(size, band, bound, self.epsilon, generator).to(device)
-        solver = _FrequencySolver(module, embed=embed, threshold=threshold, lr=self.lr)
+    def _make_solver(self, data, device, generator, embed, threshold):
+        band, bound = self._band(data.size)
+        module = _DCTPerturbation(data.size, band, bound, float(self.epsilon), generator).to(device)
+        solver = _FrequencySolver(module, embed=embed, threshold=threshold, lr=float(self.lr))
         return solver, {"band_shape_": band, "coefficient_bound_": bound}

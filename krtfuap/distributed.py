@@ -32,6 +32,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, SequentialSampler
 
+#: What :func:`loader_with_sampler` keeps of a ``DataLoader`` besides its dataset.
+_LOADER_SETTINGS = (
+    "batch_size", "num_workers", "collate_fn", "pin_memory", "drop_last", "timeout", "worker_init_fn",
+    "multiprocessing_context", "prefetch_factor", "persistent_workers", "pin_memory_device",
+)
+
 __all__ = [
     "is_distributed",
     "rank",
@@ -39,6 +45,7 @@ __all__ = [
     "is_main_process",
     "shard_indices",
     "shard",
+    "loader_with_sampler",
     "set_epoch",
     "broadcast_tensor_",
     "broadcast_module_",
@@ -137,26 +144,21 @@ def shard(data: torch.Tensor | Iterable) -> torch.Tensor | Iterable:
         and type(data.sampler) in (SequentialSampler, RandomSampler)
     ):
         sampler = DistributedSampler(data.dataset, shuffle=isinstance(data.sampler, RandomSampler), drop_last=False)
-        return DataLoader(
-            data.dataset,
-            batch_size=data.batch_size,
-            sampler=sampler,
-            num_workers=data.num_workers,
-            collate_fn=data.collate_fn,
-            pin_memory=data.pin_memory,
-            drop_last=data.drop_last,
-            timeout=data.timeout,
-            worker_init_fn=data.worker_init_fn,
-            multiprocessing_context=data.multiprocessing_context,
-            prefetch_factor=data.prefetch_factor,
-            persistent_workers=data.persistent_workers,
-            pin_memory_device=data.pin_memory_device,
-        )
+        return loader_with_sampler(data, sampler)
     raise TypeError(
         f"Distributed fitting cannot shard a {type(data).__name__} evenly across ranks. Pass a (N, 3, H, W) "
         "tensor, a DataLoader over a map-style Dataset (sequential or shuffled), or a DataLoader whose "
         "sampler is a torch.utils.data.DistributedSampler."
     )
+
+
+def loader_with_sampler(loader: DataLoader, sampler: Iterable[int]) -> DataLoader:
+    """A copy of ``loader`` that reads its dataset in the order of ``sampler`` (indices of the dataset).
+
+    Batch size, workers, collate function and every other setting are kept, so
+    it streams as ``loader`` does.
+    """
+    return DataLoader(loader.dataset, sampler=sampler, **{name: getattr(loader, name) for name in _LOADER_SETTINGS})
 
 
 def set_epoch(data: object, epoch: int) -> None:

@@ -4,22 +4,25 @@ An estimator (``UAPAttack`` and each baseline) contributes a :class:`Solver`:
 its learnable state, one update step on a batch and the perturbation it
 currently holds. :class:`FitLoop` owns everything else, once for all of them:
 
-* iterating over the fit data (a tensor or a re-iterable loader), on the
-  model's device in float32 (the model call casts a batch to the model's own
-  dtype, :func:`krtfuap._ops.call_model`), and this process's shard when
-  fitting distributed;
+* reading the fit data (a :class:`krtfuap._batches.FitData`, checked once by
+  the estimator: this process's shard of a tensor or a streaming loader), in
+  order or shuffled, on the model's device in float32 (the model call casts a
+  batch to the model's own dtype, :func:`krtfuap._ops.call_model`);
 * freezing the face model (:func:`frozen`) and restoring the exact
   ``training`` flag of every submodule and ``requires_grad`` of every
-  parameter afterwards, also on error and Ctrl-C;
+  parameter afterwards, also on error and Ctrl-C; torch's thread count
+  (:func:`torch_threads`);
 * **honest stopping**: after every epoch (and when a limit cuts one short)
   the current perturbation is scored without gradient on the fit data (or a
   validation set) with :mod:`krtfuap.scoring`; the stop check, the reported
   fooling rate and the choice of the returned perturbation all use that score;
 * keeping the best perturbation seen (:func:`selection_key`);
-* the ``max_epochs`` and ``max_time`` limits, ``history``, a progress bar;
+* the ``max_epochs``, ``max_steps`` and ``max_time`` limits (:data:`STOP_REASONS`),
+  ``history`` (:data:`STEP_RECORD_KEYS`), a progress bar;
 * checkpoints written atomically after every ``checkpoint_every`` epochs, with
   a fingerprint of what determines the result, so a resume with other
-  parameters or data is refused with the difference named.
+  parameters or data is refused with the difference named; a checkpoint's
+  fields are checked on resume like user input.
 """
 
 from __future__ import annotations
@@ -34,16 +37,43 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from krtfuap._batches import ImageData, iter_image_batches
+from krtfuap._batches import FitData
 from krtfuap._files import replace_atomically
 from krtfuap._ops import call_model
-from krtfuap._validation import check_embeddings, load_torch_file
-from krtfuap.distributed import any_rank, is_main_process, mean_over_ranks, set_epoch, shard
+from krtfuap._validation import InstanceOf, Interval, check_embeddings, check_params, load_torch_file
+from krtfuap.distributed import any_rank, is_main_process, mean_over_ranks
 from krtfuap.scoring import PerturbationScore, score_batch
 
-__all__ = ["frozen", "Solver", "FitLoop", "FitResult", "selection_key"]
+__all__ = ["frozen", "torch_threads", "Solver", "FitLoop", "FitResult", "selection_key", "STEP_RECORD_KEYS",
+           "STOP_REASONS"]
 
 _CHECKPOINT_FORMAT = "krtfuap.checkpoint/2"
+
+#: Keys of every record of ``history_``, for every estimator: the step's index in the fit, its epoch,
+#: the seconds of the loop so far, and the batch's fooling rate, mean similarity and SSIM under the
+#: perturbation before the step's update. An estimator may add its own (losses, ...).
+STEP_RECORD_KEYS = ("step", "epoch", "time", "fooling_rate", "mean_similarity", "ssim")
+
+#: Every value of ``stop_reason_``, and what it means.
+STOP_REASONS = {
+    "target_fooling_rate": "the scored fooling rate reached target_fooling_rate (and target_ssim was met)",
+    "max_epochs": "max_epochs passes were done (also when a resumed checkpoint had done them already)",
+    "max_time": "the loop ran max_time seconds",
+    "max_steps": "max_steps update steps were done",
+    "not_learned": "the perturbation is drawn, not learned (RandomNoiseUAP): scored once, no step",
+}
+
+#: What a checkpoint holds besides the solver's and the generators' states, checked on resume like user input.
+_CHECKPOINT_FIELDS = {
+    "n_epochs": [Interval(int, 1)],
+    "n_iter": [Interval(int, 0)],
+    "elapsed": [Interval(float, 0)],
+    "history": [InstanceOf(list, description="a list of step records")],
+    "epoch_scores": [InstanceOf(list, description="a list of epoch scores")],
+    "best_score": [InstanceOf(dict, description="a dict of scores")],
+    "best_epoch": [Interval(int, 0)],
+    "best_snapshot": [InstanceOf(dict, description="a dict of tensors")],
+}
 
 
 @contextmanager
@@ -78,6 +108,26 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
             parameter.requires_grad_(requires_grad)
 
 
+@contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """Run the body with ``torch.set_num_threads(count)``; the previous setting is restored after.
+
+    Parameters
+    ----------
+    count : int or None
+        Intra-op CPU threads of torch, ``>= 1``; ``None`` leaves torch's setting as it is.
+    """
+    if count is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(count))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class Solver:
     """What an estimator adds to the fit loop: its learnable state and its update rule.
 
@@ -106,8 +156,10 @@ class Solver:
         Returns
         -------
         dict of str to float
-            The batch's record for ``history_`` (e.g. losses, the batch's
-            fooling rate before the update, its SSIM).
+            The batch's record for ``history_``: at least ``fooling_rate``,
+            ``mean_similarity`` and ``ssim`` of the batch under the perturbation
+            before the update (the loop adds ``step``, ``epoch`` and ``time``;
+            :data:`STEP_RECORD_KEYS`), and any values of the solver's own (losses).
         """
         raise NotImplementedError
 
@@ -174,7 +226,7 @@ class FitResult:
         One score per epoch (with ``epoch``, ``step`` and ``time``).
     n_iter, n_epochs : int
     stop_reason : str
-        ``"target_fooling_rate"``, ``"max_epochs"``, ``"max_time"`` or ``"max_steps"``.
+        A key of :data:`STOP_REASONS`.
     elapsed : float
         Seconds in the loop (resumed runs included).
     """
@@ -204,8 +256,6 @@ class FitLoop:
     device : torch.device
         Where batches go, as float32: the perturbation is added in float32 and
         ``embed`` casts to the model's dtype.
-    batch_size : int
-        Batch size when the data is one tensor.
     max_epochs : int
     max_time : float or None
         Seconds; checked after every step. Scoring counts, threshold
@@ -226,8 +276,8 @@ class FitLoop:
     generator : torch.Generator or None
         The estimator's CPU generator; saved in checkpoints.
     shuffle : bool
-        Visit the faces of tensor data in a new order every epoch, drawn from
-        ``generator`` (a loader keeps its own order: ``DataLoader(shuffle=True)``).
+        Visit the faces in a new order every epoch, drawn from ``generator``
+        (:meth:`krtfuap._batches.FitData.epoch`).
     description : str
         Progress bar label.
     verbose : bool
@@ -237,7 +287,6 @@ class FitLoop:
     embed: Callable[[torch.Tensor], torch.Tensor]
     threshold: float
     device: torch.device
-    batch_size: int
     max_epochs: int
     max_time: float | None = None
     max_steps: int | None = None
@@ -253,15 +302,6 @@ class FitLoop:
     verbose: bool = False
 
     # ----------------------------------------------------------------- batches
-    def _batches(self, data: ImageData, size: tuple[int, int]) -> Iterator[torch.Tensor]:
-        for images in iter_image_batches(data, self.batch_size):
-            if tuple(images.shape[-2:]) != tuple(size):
-                raise ValueError(
-                    f"All faces must share one size; got {tuple(images.shape[-2:])} after {tuple(size)}. "
-                    "Align every face to the same size (e.g. 112x112)."
-                )
-            yield self._to_device(images)
-
     def _to_device(self, images: torch.Tensor) -> torch.Tensor:
         """A batch as the solver gets it: float32 on ``device``, in ``memory_format``."""
         return images.to(self.device, torch.float32, memory_format=self.memory_format)
@@ -271,11 +311,24 @@ class FitLoop:
             return check_embeddings(call_model(self.embed, images), len(images)).float()
 
     def _clean_batches(
-        self, data: ImageData, size: tuple[int, int], cache: list[torch.Tensor] | None
+        self, data: FitData, epoch: int, cache: list[torch.Tensor] | None, *, shuffled: bool = False
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """``(images, clean embeddings)`` per batch; ``cache`` (for tensor data, whose batches never
-        change) keeps the embeddings of the first pass, so later passes skip the clean forward."""
-        for index, images in enumerate(self._batches(data, size)):
+        """``(images, clean embeddings)`` per batch of one pass, in the data's order or ``shuffled``.
+
+        ``cache`` (for tensor data, whose batches never change) keeps the embeddings of the first
+        pass in order, so later passes skip the clean forward; a shuffled pass over a tensor
+        completes it first and gathers each face's own embedding.
+        """
+        if shuffled and cache is not None:
+            if len(cache) < -(-len(data.data) // data.batch_size):
+                for _ in self._clean_batches(data, epoch, cache):  # one pass in order computes what is missing
+                    pass
+            clean = torch.cat(cache)
+            for images, rows in data.epoch(epoch, self.generator):
+                yield self._to_device(images), clean[rows.to(clean.device)]
+            return
+        for index, (images, _) in enumerate(data.epoch(epoch, self.generator if shuffled else None)):
+            images = self._to_device(images)
             if cache is not None and index < len(cache):
                 yield images, cache[index]
                 continue
@@ -284,26 +337,14 @@ class FitLoop:
                 cache.append(clean)
             yield images, clean
 
-    def _shuffled_clean_batches(
-        self, data: torch.Tensor, size: tuple[int, int], cache: list[torch.Tensor]
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """``(images, clean embeddings)`` of tensor ``data`` in a new random order; fills ``cache`` first."""
-        if len(cache) < -(-len(data) // self.batch_size):
-            for _ in self._clean_batches(data, size, cache):  # one pass in order computes what is missing
-                pass
-        clean = torch.cat(cache)
-        order = torch.randperm(len(data), generator=self.generator)
-        for index in order.split(self.batch_size):
-            yield self._to_device(data[index.to(data.device)]), clean[index.to(clean.device)]
-
     def _scorer(
-        self, data: ImageData, size: tuple[int, int], cache: list[torch.Tensor] | None
-    ) -> Callable[[torch.Tensor], dict[str, float]]:
-        """A function scoring a perturbation on ``data`` (no gradient, summed over ranks)."""
+        self, data: FitData, cache: list[torch.Tensor] | None
+    ) -> Callable[[torch.Tensor, int], dict[str, float]]:
+        """A function scoring a perturbation on ``data`` after an epoch (no gradient, summed over ranks)."""
 
-        def score(perturbation: torch.Tensor) -> dict[str, float]:
+        def score(perturbation: torch.Tensor, epoch: int) -> dict[str, float]:
             meter = PerturbationScore(self.threshold)
-            for images, clean in self._clean_batches(data, size, cache):
+            for images, clean in self._clean_batches(data, epoch, cache):
                 meter.update(score_batch(self.embed, images, perturbation, clean_embeddings=clean))
             meter.sync(self.device)
             return meter.compute()
@@ -336,7 +377,8 @@ class FitLoop:
                 "or choose another checkpoint_path. The previous checkpoint, if any, is unchanged."
             ) from error
 
-    def _read_checkpoint(self, solver: Solver) -> dict[str, Any]:
+    def _read_checkpoint(self, solver: Solver, size: tuple[int, int]) -> dict[str, Any]:
+        """The checkpoint's state, checked like user input, with ``solver`` and the generators restored."""
         path = os.fspath(self.checkpoint_path)
         fix = (
             "Delete it (or pass resume=False) to start afresh, or fit with the parameters and data of the run "
@@ -349,6 +391,7 @@ class FitLoop:
                 f"estimator) of this version. {fix}"
             )
         saved = payload.get("fingerprint", {})
+        saved = saved if isinstance(saved, dict) else {"fingerprint": saved}
         differences = [
             f"{key} (checkpoint: {saved.get(key)!r}, now: {self.fingerprint.get(key)!r})"
             for key in sorted(set(saved) | set(self.fingerprint))
@@ -360,67 +403,68 @@ class FitLoop:
                 f"differs in {'; '.join(differences)}. {fix}"
             )
         try:
+            _check_checkpoint_state(payload, size)
             solver.load_state_dict(payload["solver"])
             if self.generator is not None and payload["generator"] is not None:
                 self.generator.set_state(payload["generator"])
             torch.set_rng_state(payload["torch_rng"])
+            _check_perturbation(solver.perturbation(), size, "the perturbation of its solver")
         except Exception as error:
             reason = f"missing entry {error}" if isinstance(error, KeyError) else " ".join(str(error).split())[:300]
-            raise ValueError(f"Cannot resume from checkpoint {path}: {reason}. {fix}") from error
+            raise ValueError(f"Cannot resume from checkpoint {path}: {reason.rstrip('.')}. {fix}") from error
         return payload
 
     # -------------------------------------------------------------------- run
     def run(
         self,
-        X: ImageData,
+        data: FitData,
         solver: Solver,
-        size: tuple[int, int],
         *,
-        validation: ImageData | None = None,
+        validation: FitData | None = None,
         resume: bool = False,
         on_epoch: Callable[[dict[str, Any]], None] | None = None,
     ) -> FitResult:
-        """Fit ``solver`` on ``X``; return the best state seen and the fit's record.
+        """Fit ``solver`` on ``data``; return the best state seen and the fit's record.
 
         Parameters
         ----------
-        X : torch.Tensor or iterable
-            Fit faces ``(N, 3, H, W)`` in ``[0, 1]`` or a re-iterable loader.
+        data : FitData
+            The fit faces (this process's shard), of size ``data.size``.
         solver : Solver
-        size : (int, int)
-            ``(H, W)`` every batch must have.
-        validation : torch.Tensor or iterable, optional
-            Faces that score each epoch's perturbation instead of ``X``.
+        validation : FitData, optional
+            Faces that score each epoch's perturbation instead of ``data``.
         resume : bool
-            Continue from ``checkpoint_path`` when that file exists.
+            Continue from ``checkpoint_path`` when that file exists. A checkpoint
+            that already reached ``max_epochs``, ``max_steps`` or ``max_time``
+            ends the fit at once, with its counts, its best perturbation and that
+            limit as the stop reason (no step is taken).
         on_epoch : callable, optional
             Called after every scored epoch with ``{"epoch", "step", "time",
             "score", "perturbation"}`` (the perturbation a ``(3, H, W)`` CPU
             copy), e.g. to log a held-out curve. Its run time is not counted
             in ``max_time`` nor in the ``time`` fields.
         """
-        data = shard(X)
         # A tensor's batches are the same every epoch: its clean embeddings are computed once.
-        fit_cache = [] if isinstance(data, torch.Tensor) else None
+        fit_cache = [] if data.is_tensor else None
         if validation is None:
-            scorer = self._scorer(data, size, fit_cache)
+            scorer = self._scorer(data, fit_cache)
         else:
-            validation = shard(validation)
-            scorer = self._scorer(validation, size, [] if isinstance(validation, torch.Tensor) else None)
+            scorer = self._scorer(validation, [] if validation.is_tensor else None)
         history: list[dict] = []
         epoch_scores: list[dict] = []
         best: tuple[tuple[float, ...], dict[str, float], int, dict[str, torch.Tensor]] | None = None
         n_iter, first_epoch, elapsed_before = 0, 0, 0.0
-        if resume and self.checkpoint_path is not None and os.path.isfile(self.checkpoint_path):
-            state = self._read_checkpoint(solver)
+        resumed = resume and self.checkpoint_path is not None and os.path.isfile(self.checkpoint_path)
+        if resumed:
+            state = self._read_checkpoint(solver, data.size)
             history, epoch_scores = state["history"], state["epoch_scores"]
-            n_iter, first_epoch, elapsed_before = state["n_iter"], state["n_epochs"], state["elapsed"]
+            n_iter, first_epoch, elapsed_before = state["n_iter"], state["n_epochs"], float(state["elapsed"])
             best = (selection_key(state["best_score"], self.target_ssim), state["best_score"], state["best_epoch"],
                     state["best_snapshot"])
         else:
             solver.broadcast_()
         started = time.perf_counter() - elapsed_before
-        stop_reason = "max_epochs"
+        stop_reason = "max_epochs" if solver.learns else "not_learned"
         last_epoch = first_epoch - 1
 
         def out_of_time() -> bool:
@@ -428,16 +472,15 @@ class FitLoop:
             return any_rank(late, self.device)
 
         epochs = range(first_epoch, self.max_epochs if solver.learns else 1)
+        if resumed and self.max_steps is not None and n_iter >= self.max_steps:
+            epochs, stop_reason = range(0), "max_steps"
+        elif resumed and out_of_time():
+            epochs, stop_reason = range(0), "max_time"
         progress = tqdm(epochs, desc=self.description, disable=not (self.verbose and is_main_process()))
         for epoch in progress:
             last_epoch = epoch
-            set_epoch(data, epoch)
             if solver.learns:
-                if self.shuffle and fit_cache is not None:
-                    batches = self._shuffled_clean_batches(data, size, fit_cache)
-                else:
-                    batches = self._clean_batches(data, size, fit_cache)
-                for images, clean in batches:
+                for images, clean in self._clean_batches(data, epoch, fit_cache, shuffled=self.shuffle):
                     record = solver.step(images, clean)
                     # The time is averaged over ranks with the rest, so a schedule reading it agrees on every rank.
                     record["time"] = time.perf_counter() - started
@@ -453,7 +496,7 @@ class FitLoop:
                     if out_of_time():
                         stop_reason = "max_time"
                         break
-            score = scorer(solver.perturbation())
+            score = scorer(solver.perturbation(), epoch)
             epoch_scores.append({"epoch": epoch, "step": n_iter, "time": time.perf_counter() - started, **score})
             key = selection_key(score, self.target_ssim)
             if best is None or key > best[0]:
@@ -466,7 +509,7 @@ class FitLoop:
                 started += time.perf_counter() - paused
             if stop_reason == "max_epochs" and out_of_time():
                 stop_reason = "max_time"
-            if stop_reason in ("max_time", "max_steps"):
+            if stop_reason in ("max_time", "max_steps", "not_learned"):
                 break
             meets_stealth = self.target_ssim is None or score["ssim"] >= self.target_ssim
             if score["fooling_rate"] >= self.target_fooling_rate and meets_stealth:
@@ -498,3 +541,35 @@ class FitLoop:
             stop_reason=stop_reason,
             elapsed=time.perf_counter() - started,
         )
+
+
+def _check_perturbation(perturbation: object, size: tuple[int, int], what: str) -> None:
+    """Refuse a perturbation that is not a finite ``(3, H, W)`` float tensor of the fit's size."""
+    shape = (3, *size)
+    if not isinstance(perturbation, torch.Tensor) or not perturbation.is_floating_point():
+        raise ValueError(f"{what} is not a float tensor (got {type(perturbation).__name__})")
+    if tuple(perturbation.shape) != shape:
+        raise ValueError(f"{what} has shape {tuple(perturbation.shape)}, not {shape} as the faces")
+    if not torch.isfinite(perturbation).all():
+        raise ValueError(f"{what} holds NaN or inf values (a damaged checkpoint)")
+
+
+def _check_checkpoint_state(payload: dict[str, Any], size: tuple[int, int]) -> None:
+    """Check the fit state a checkpoint holds, like user input (``TypeError``, ``ValueError`` or ``KeyError``)."""
+    missing = [name for name in (*_CHECKPOINT_FIELDS, "solver", "torch_rng", "generator") if name not in payload]
+    if missing:
+        raise KeyError(missing[0])
+    check_params(payload, _CHECKPOINT_FIELDS)
+    n_epochs, n_iter = payload["n_epochs"], payload["n_iter"]
+    if len(payload["history"]) != n_iter or not all(isinstance(record, dict) for record in payload["history"]):
+        raise ValueError(f"history holds {len(payload['history'])} entries for n_iter={n_iter} steps")
+    if len(payload["epoch_scores"]) != n_epochs:
+        raise ValueError(f"epoch_scores holds {len(payload['epoch_scores'])} entries for n_epochs={n_epochs}")
+    if payload["best_epoch"] >= n_epochs:
+        raise ValueError(f"best_epoch={payload['best_epoch']} is not one of its {n_epochs} epochs")
+    score = payload["best_score"]
+    scored = ("fooling_rate", "mean_similarity", "ssim")
+    if not all(name in score for name in scored):
+        raise KeyError(f"best_score {next(name for name in scored if name not in score)}")
+    check_params(score, {name: [Interval(float, -1, 1)] for name in scored}, prefix="best_score ")
+    _check_perturbation(payload["best_snapshot"].get("perturbation_"), size, "its best perturbation")

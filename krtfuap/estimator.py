@@ -1,12 +1,24 @@
 """``PerturbationEstimator``: the public surface every universal-perturbation estimator shares.
 
 ``UAPAttack`` and the baselines of :mod:`krtfuap.baselines` subclass it and
-add only their parameters and a :class:`krtfuap.engine.Solver` (their update
-rule). Everything else lives here once: the scikit-learn contract
-(``get_params`` / ``set_params`` / ``clone``, learned attributes ending in
-``_``), parameter checks, threshold calibration, :meth:`fit` on the shared
-:class:`krtfuap.engine.FitLoop`, :meth:`transform`, :meth:`evaluate` (through
-:mod:`krtfuap.scoring`) and :meth:`save` / :meth:`load`.
+add only their own parameters and a :class:`krtfuap.engine.Solver` (their
+update rule). Everything else lives here once:
+
+* the parameters they share, declared once: their constraints
+  (:data:`COMMON_CONSTRAINTS` for every estimator, :data:`FIT_LOOP_CONSTRAINTS`
+  for those that learn, in the style of scikit-learn's
+  ``_parameter_constraints``) and their documentation
+  (:data:`PARAMETER_DOCS`, put into each subclass's docstring where it writes
+  ``[[name]]``);
+* the scikit-learn contract: ``get_params`` / ``set_params`` (which checks
+  what it sets) / ``clone`` (which shares the face model, never copies it),
+  learned attributes ending in ``_``;
+* :meth:`~PerturbationEstimator.fit`: every parameter checked before any model
+  call, the data checked and batched once (:class:`krtfuap._batches.FitData`),
+  threshold calibration, the shared :class:`krtfuap.engine.FitLoop`;
+* :meth:`~PerturbationEstimator.transform`, :meth:`~PerturbationEstimator.evaluate`
+  (through :mod:`krtfuap.scoring`), :meth:`~PerturbationEstimator.save` /
+  :meth:`~PerturbationEstimator.load` (every parameter, a format and the library version).
 
 Learned attributes are replaced only when a fit completes: a fit that fails
 or is interrupted leaves the previous fitted state whole.
@@ -14,51 +26,281 @@ or is interrupted leaves the previous fitted state whole.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+import re
 import sys
 import time
-from typing import Any, Callable, Iterable
+import warnings
+from typing import Any, Callable, ClassVar, Iterable
 
 import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.base import BaseEstimator, TransformerMixin, clone
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from krtfuap._batches import ImageData, iter_image_batches
+from krtfuap import __version__
+from krtfuap._batches import FitData, ImageData
 from krtfuap._files import replace_atomically
 from krtfuap._ops import call_model
-from krtfuap._validation import check_embeddings, check_images, check_number
+from krtfuap._validation import (
+    Boolean,
+    DeviceLike,
+    FaceModelLike,
+    InstanceOf,
+    Interval,
+    PathLike,
+    RandomStateLike,
+    check_embeddings,
+    check_images,
+    check_param,
+    check_params,
+)
 from krtfuap.distributed import is_main_process
-from krtfuap.engine import FitLoop, FitResult, Solver, frozen
+from krtfuap.engine import FitLoop, FitResult, Solver, frozen, torch_threads
 from krtfuap.metrics import calibrate_threshold, pair_similarities
 from krtfuap.models.ensemble import EnsembleEmbedder
 from krtfuap.scoring import score_perturbation
 
-__all__ = ["PerturbationEstimator"]
+__all__ = [
+    "PerturbationEstimator",
+    "NotSaved",
+    "COMMON_CONSTRAINTS",
+    "FIT_LOOP_CONSTRAINTS",
+    "PARAMETER_DOCS",
+    "PARAMETER_GROUPS",
+    "fill_parameter_docs",
+]
 
-_FORMAT = "krtfuap.UAPAttack/1"
+_FORMAT = "krtfuap.UAPAttack/2"
+_FORMATS_READ = ("krtfuap.UAPAttack/1", _FORMAT)
 _SAVED_TENSORS = ("perturbation_", "mask_", "warped_mask_", "flow_", "noise_")
 _SAVED_FITTED = ("threshold_", "n_iter_", "n_epochs_", "fooling_rate_", "ssim_", "stop_reason_", "fit_time_", "best_epoch_")
-#: Parameters that never travel in a saved file (they have side effects on the machine that loads it).
-_NOT_SAVED = ("checkpoint_path", "device")
+#: Parameters about the machine that fitted, not about the perturbation: a saved file records them and
+#: ``load`` sets them to ``None``, so a loaded attack runs where it is loaded.
+_MACHINE_LOCAL = ("checkpoint_path", "device", "num_threads")
 #: Parameters that may change between an interrupted fit and its resumption.
 _NOT_FINGERPRINTED = ("max_epochs", "max_time", "max_steps", "target_fooling_rate", "checkpoint_path", "checkpoint_every",
-                      "verbose", "device")
+                      "verbose", "device", "num_threads")
+
+#: Parameters of every estimator (scikit-learn ``_parameter_constraints`` style: name -> accepted kinds).
+COMMON_CONSTRAINTS: dict[str, list] = {
+    "model": [FaceModelLike()],
+    "threshold": [Interval(float, -1, 1, hint=" (a cosine similarity)"), None],
+    "epsilon": [Interval(float, 0, 1, closed="right", hint=" (images are in [0, 1])")],
+    "batch_size": [Interval(int, 1)],
+    "random_state": [RandomStateLike(), None],
+    "device": [DeviceLike(), None],
+    "amp": [Boolean()],
+    "channels_last": [Boolean()],
+    "num_threads": [Interval(int, 1), None],
+    "verbose": [Boolean()],
+}
+
+#: Parameters of every estimator that learns its perturbation in :class:`krtfuap.engine.FitLoop`.
+FIT_LOOP_CONSTRAINTS: dict[str, list] = {
+    "target_fooling_rate": [Interval(float, 0, 1)],
+    "max_epochs": [Interval(int, 1)],
+    "max_time": [Interval(float, 0, None, hint=" (seconds)"), None],
+    "max_steps": [Interval(int, 1), None],
+    "shuffle": [Boolean()],
+    "checkpoint_path": [PathLike(), None],
+    "checkpoint_every": [Interval(int, 1)],
+}
+
+#: Documentation of the shared parameters, NumPy style; a subclass docstring line ``[[name]]`` becomes the entry.
+PARAMETER_DOCS: dict[str, str] = {
+    "model": """\
+model : torch.nn.Module or list of torch.nn.Module
+    Face embedding model: ``(B, 3, H, W)`` RGB in ``[0, 1]`` -> ``(B, D)``.
+    Put any other input convention inside the model (see
+    :class:`krtfuap.models.FaceEmbedder`). Only its output is used; its
+    weights, training flags and ``requires_grad`` are left as they were, and
+    :func:`sklearn.base.clone` shares it (never copies it). A list fits one
+    perturbation against an ensemble
+    (:class:`krtfuap.models.ensemble.EnsembleEmbedder`: the similarity is the
+    mean of the members' cosine similarities).""",
+    "threshold": """\
+threshold : float, optional
+    Verification threshold ``t`` on cosine similarity, in ``[-1, 1]``: a face
+    is fooled when ``cos(F(x + v), F(x)) < t``. ``None`` calibrates it in
+    ``fit`` from the ``pairs`` given there (best accuracy on
+    genuine/impostor pairs).""",
+    "epsilon": """\
+epsilon : float
+    l_inf budget of the perturbation on ``[0, 1]`` images, in ``(0, 1]`` (paper: 0.08).""",
+    "batch_size": """\
+batch_size : int
+    Faces per step and per scoring batch when ``X`` is one tensor (per process
+    when fitting distributed: the global batch is ``batch_size * world_size``);
+    a loader's batches are used as it yields them.""",
+    "random_state": """\
+random_state : int, numpy RandomState or None
+    Seeds every random draw of the fit (the starting perturbation, the order of
+    shuffled epochs, random transforms); an int makes ``fit`` repeatable on the CPU.""",
+    "device": """\
+device : str or torch.device, optional
+    Where to fit and evaluate, e.g. ``"cpu"`` or ``"cuda"`` (refused when that
+    hardware is absent); ``None``: the device of the model's parameters.""",
+    "amp": """\
+amp : bool
+    Run the face model's forward passes in :func:`torch.autocast` with
+    bfloat16 during ``fit``; CUDA with bfloat16 only (``ValueError`` elsewhere).""",
+    "channels_last": """\
+channels_last : bool
+    Convert the model (in place; it stays converted) and the image batches
+    to the ``torch.channels_last`` memory format during ``fit``.""",
+    "num_threads": """\
+num_threads : int, optional
+    torch's intra-op CPU threads while ``fit`` and ``evaluate`` run
+    (:func:`torch.set_num_threads`, restored afterwards); ``None`` leaves
+    torch's setting as it is.""",
+    "verbose": """\
+verbose : bool
+    Show a tqdm progress bar (on rank 0 only when distributed).""",
+    "target_fooling_rate": """\
+target_fooling_rate : float
+    Stop once the fooling rate of the perturbation, scored after an epoch on
+    the fit faces (or the ``validation`` faces), reaches this, in ``[0, 1]``
+    (and ``target_ssim`` is met, where the estimator has one).""",
+    "max_epochs": """\
+max_epochs : int
+    Hard stop on passes over the data. Resuming a checkpoint that has done as
+    many ends the fit at once (its perturbation, ``stop_reason_ == "max_epochs"``).""",
+    "max_time": """\
+max_time : float, optional
+    Hard stop on the loop's wall time in seconds (threshold calibration and
+    mask fitting not counted), checked after every step; the perturbation is
+    then scored once more.""",
+    "max_steps": """\
+max_steps : int, optional
+    Stop after this many update steps in all (the epoch in progress is
+    scored). Unlike ``max_time`` it does not depend on the machine, so a fit
+    limited by it repeats exactly on the CPU.""",
+    "shuffle": """\
+shuffle : bool
+    Visit the faces in a new random order every epoch, drawn from
+    ``random_state`` (saved in checkpoints): the faces of a tensor; a
+    ``DataLoader`` over a map-style ``Dataset`` is rebuilt every epoch with a
+    permuted sampler (it still streams; its own shuffling is replaced); a list
+    of batches in a new order of its batches. Data that cannot be reordered
+    without holding it (an iterable-style dataset, a custom sampler) is
+    refused. ``False`` keeps the order given. For ``UAPAttack`` on 1232 faces
+    of ``w600k_mbf`` (600 s, one core) shuffling reached held-out fooling rate
+    0.7 in 496 steps instead of 744 (``benchmarks/RESULTS.md``, section 0f).""",
+    "checkpoint_path": """\
+checkpoint_path : path-like, optional
+    Write the fit state there every ``checkpoint_every`` epochs, atomically.
+    ``fit(X, resume=True)`` continues from it (refused, naming the
+    difference, when the parameters or data differ, or when the file's
+    fields are damaged); on CPU the result equals an uninterrupted fit.""",
+    "checkpoint_every": """\
+checkpoint_every : int
+    Epochs between checkpoints, ``>= 1``.""",
+}
+
+#: Shared parameters documented together, in this order, by one line ``[[group]]``.
+PARAMETER_GROUPS: dict[str, tuple[str, ...]] = {
+    "stopping": ("target_fooling_rate", "max_epochs", "max_time", "max_steps"),
+    "fitting": ("batch_size", "shuffle", "random_state", "device", "amp", "channels_last", "num_threads",
+                "checkpoint_path", "checkpoint_every", "verbose"),
+}
+
+_PLACEHOLDER = re.compile(r"^(?P<indent>[ ]*)\[\[(?P<name>\w+)\]\][ ]*$", re.MULTILINE)
+
+
+def fill_parameter_docs(doc: str | None) -> str | None:
+    """``doc`` with every line ``[[name]]`` replaced by ``PARAMETER_DOCS[name]`` (``[[group]]``: the entries of
+    ``PARAMETER_GROUPS[group]``), at that line's indentation."""
+    if doc is None:
+        return None
+
+    def entries(match: re.Match) -> str:
+        names = PARAMETER_GROUPS.get(match.group("name"), (match.group("name"),))
+        lines = [line for name in names for line in PARAMETER_DOCS[name].splitlines()]
+        return "\n".join(match.group("indent") + line if line else line for line in lines)
+
+    return _PLACEHOLDER.sub(entries, doc)
+
+
+@dataclasses.dataclass(frozen=True)
+class NotSaved:
+    """What :meth:`PerturbationEstimator.load` puts in a parameter whose value a file cannot hold.
+
+    A face model, a callable, a tensor or a landmark masker cannot travel in a
+    ``.safetensors`` file; the file records a description of it instead, and
+    the loaded attack holds this in its place, so ``get_params`` tells what
+    the fit used. ``fit`` refuses it: set the parameter again with
+    ``set_params`` first.
+
+    Attributes
+    ----------
+    description : str
+        What the parameter held, e.g. ``"the callable mymodule.my_loss"``.
+    """
+
+    description: str
+
+
+def _description(value: object) -> str:
+    """A short readable account of a parameter value that a file cannot hold."""
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    if isinstance(value, nn.Module):
+        return f"a {type(value).__module__}.{type(value).__qualname__} module"
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = ", ".join(f"{f.name}={_description(getattr(value, f.name))}" for f in dataclasses.fields(value))
+        return f"{type(value).__name__}({fields})"
+    if isinstance(value, (list, tuple)):
+        return f"a {type(value).__name__} of [{', '.join(_description(item) for item in value)}]"
+    if isinstance(value, np.random.RandomState):
+        return "a numpy RandomState"
+    if isinstance(value, BaseEstimator) or not callable(value):
+        return repr(value)
+    return f"the callable {getattr(value, '__module__', None)}.{getattr(value, '__qualname__', type(value).__name__)}"
+
+
+def _json_param(value: object) -> object:
+    """A parameter as a file holds it: JSON values as they are (numpy scalars as Python ones), paths and
+    devices as strings, a dataclass of such values as ``{"type", "fields"}``, anything else as
+    ``{"not_saved": description}``."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (os.PathLike, torch.device)):
+        return str(os.fspath(value)) if isinstance(value, os.PathLike) else str(value)
+    if isinstance(value, NotSaved):
+        return {"not_saved": value.description}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: _json_param(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if not any(isinstance(field, dict) for field in fields.values()):
+            return {"type": type(value).__name__, "fields": fields}
+    return {"not_saved": _description(value)}
 
 
 class PerturbationEstimator(TransformerMixin, BaseEstimator):
     """Base of every estimator that learns one universal perturbation ``v`` of shape ``(3, H, W)``.
 
-    Subclasses define ``__init__`` (storing their keyword arguments, which
-    must include ``model``, ``threshold``, ``epsilon``, ``target_fooling_rate``,
-    ``max_epochs``, ``max_time``, ``batch_size``, ``random_state``, ``device``
-    and ``verbose``) and :meth:`_make_solver`.
+    Subclasses define ``__init__`` (storing their keyword arguments), their
+    ``_parameter_constraints`` (``{**PerturbationEstimator._parameter_constraints,
+    ...}`` plus their own) and :meth:`_make_solver`. In their docstring a line
+    ``[[name]]`` documents a shared parameter (:data:`PARAMETER_DOCS`), ``[[stopping]]``
+    and ``[[fitting]]`` a group of them (:data:`PARAMETER_GROUPS`).
+
+    Parameters
+    ----------
+    [[model]]
+    [[threshold]]
+    [[epsilon]]
+    [[stopping]]
+    [[fitting]]
 
     Attributes
     ----------
@@ -74,12 +316,16 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
     fooling_rate_, ssim_ : float
         Fooling rate and mean SSIM of ``perturbation_`` on the fit data (or
         the ``validation`` faces), measured without gradient after the
-        updates: ``evaluate(X_fit)`` gives the same numbers.
+        updates: ``evaluate(X_fit)`` gives the same numbers (with ``amp=False``).
     best_epoch_ : int
         The epoch after which ``perturbation_`` was scored.
     history_ : list of dict
-        One record per step (batch values before the step's update, and
-        ``step``, ``epoch``, ``time``).
+        One record per step, for every estimator with at least the keys
+        ``step`` (0-based, counted over the whole fit), ``epoch``, ``time``
+        (seconds of the loop so far), ``fooling_rate``, ``mean_similarity``
+        and ``ssim`` (of the step's batch under the perturbation before the
+        update; :data:`krtfuap.engine.STEP_RECORD_KEYS`); each estimator
+        documents the values it adds.
     epoch_scores_ : list of dict
         The score of the perturbation after every epoch (``fooling_rate``,
         ``mean_similarity``, ``ssim``, ``psnr``, ``n_images``, ``epoch``,
@@ -87,10 +333,56 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
     n_iter_, n_epochs_ : int
         Steps and passes over the data.
     stop_reason_ : str
-        ``"target_fooling_rate"``, ``"max_epochs"`` or ``"max_time"``.
+        Why the fit ended (:data:`krtfuap.engine.STOP_REASONS`):
+        ``"target_fooling_rate"``, ``"max_epochs"``, ``"max_time"``,
+        ``"max_steps"``, or ``"not_learned"`` (:class:`~krtfuap.baselines.RandomNoiseUAP`).
     fit_time_ : float
         Seconds of the whole fit (threshold calibration and mask fitting included).
     """
+
+    _parameter_constraints: ClassVar[dict[str, list]] = {**COMMON_CONSTRAINTS, **FIT_LOOP_CONSTRAINTS}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.__doc__ = fill_parameter_docs(cls.__doc__)
+
+    # ---------------------------------------------------------- sklearn API
+    def __sklearn_clone__(self) -> "PerturbationEstimator":
+        """An unfitted copy with the same parameters, sharing the face model (never copying its weights)."""
+        params = self.get_params(deep=False)
+        model = params.pop("model")
+        return type(self)(model=model, **{name: clone(value, safe=False) for name, value in params.items()})
+
+    def set_params(self, **params: Any) -> "PerturbationEstimator":
+        """Set parameters, each checked first (as ``fit`` checks them); nothing changes when one is refused.
+
+        Rules between parameters (e.g. ``target_ssim`` needs a stealth loss) are checked by ``fit``.
+        """
+        check_params(params, self._parameter_constraints)
+        return super().set_params(**params)
+
+    # ---------------------------------------------------------------- checks
+    def _validate_params(self) -> None:
+        """Refuse, before any model call, a parameter of the wrong kind or value, naming it and the fix."""
+        params = self.get_params(deep=False)
+        missing = {name: value.description for name, value in params.items() if isinstance(value, NotSaved)}
+        if missing:
+            held = "; ".join(f"{name} was {description}" for name, description in missing.items())
+            raise ValueError(
+                f"{', '.join(missing)} could not be kept in the file this attack was loaded from ({held}); set "
+                f"{'it' if len(missing) == 1 else 'them'} again with "
+                f"set_params({', '.join(f'{name}=...' for name in missing)}) before fitting."
+            )
+        check_params(params, self._parameter_constraints)
+        self._check_params_together()
+
+    def _check_params_together(self) -> None:
+        """Rules that involve several parameters (after each one is checked alone)."""
+        if self.amp and not (self._device().type == "cuda" and torch.cuda.is_bf16_supported()):
+            raise ValueError(
+                f"amp=True needs a CUDA GPU with bfloat16 support (compute capability >= 8.0); fitting on "
+                f"{self._device()} instead. Set amp=False."
+            )
 
     # --------------------------------------------------------------- the model
     def _embedder(self) -> nn.Module:
@@ -105,13 +397,13 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
         return next((p.device for p in self._embedder().parameters()), torch.device("cpu"))
 
     def _embed_function(self, model: nn.Module):
-        """The model call used while fitting: ``(B, 3, H, W)`` float32 -> ``(B, D)`` float32 (options of subclasses).
+        """The model call used while fitting: ``(B, 3, H, W)`` float32 -> ``(B, D)`` float32 (with ``amp``,
+        ``channels_last``).
 
         The batch is cast to the model's own dtype on the way in (:func:`krtfuap._ops.call_model`), so a
         bfloat16 or float16 model fits a float32 perturbation.
         """
-        amp = getattr(self, "amp", False)
-        channels_last = getattr(self, "channels_last", False)
+        amp, channels_last = self.amp, self.channels_last
 
         def embed(images: torch.Tensor) -> torch.Tensor:
             if channels_last:
@@ -129,25 +421,6 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
 
         return embed
 
-    # ---------------------------------------------------------------- checks
-    def _check_params(self) -> None:
-        """Refuse mistyped, non-finite or out-of-range parameters before any work."""
-        if isinstance(self.model, (list, tuple)):
-            EnsembleEmbedder(self.model)  # checks every member
-        elif not isinstance(self.model, nn.Module):
-            raise TypeError(
-                f"model must be a torch.nn.Module mapping (B, 3, H, W) images in [0, 1] to (B, D) "
-                f"embeddings (or a list of them), got {type(self.model).__name__}."
-            )
-        check_number(self.epsilon, "epsilon", low=0, high=1, low_open=True, hint=" (images are in [0, 1])")
-        check_number(self.target_fooling_rate, "target_fooling_rate", low=0, high=1)
-        check_number(self.max_epochs, "max_epochs", low=1, integer=True)
-        check_number(self.max_time, "max_time", low=0, allow_none=True, hint=" seconds or None")
-        check_number(self.batch_size, "batch_size", low=1, integer=True)
-        check_number(self.threshold, "threshold", low=-1, high=1, allow_none=True, hint=" (a cosine similarity)")
-        if "checkpoint_every" in self._get_param_names():
-            check_number(self.checkpoint_every, "checkpoint_every", low=1, integer=True)
-
     def _calibrated_threshold(self, pairs: Iterable | None) -> tuple[float, float | None]:
         """``(threshold, accuracy on the pairs or None)``."""
         if self.threshold is not None:
@@ -163,23 +436,29 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
 
     # ------------------------------------------------------------ to override
     def _make_solver(
-        self, X: ImageData, size: tuple[int, int], device: torch.device, generator: torch.Generator,
-        embed, threshold: float,
+        self, data: FitData, device: torch.device, generator: torch.Generator, embed, threshold: float,
     ) -> tuple[Solver, dict[str, Any]]:
-        """Build the update rule; return it and extra learned attributes to set (e.g. ``mask_``).
+        """Build the update rule for faces of size ``data.size``; return it and extra learned attributes to
+        set (e.g. ``mask_``).
 
         Tensors among those attributes are fixed inputs of the fit and enter the checkpoint fingerprint.
         """
         raise NotImplementedError
 
-    def _fit_options(self) -> dict[str, Any]:
-        """Keywords of :class:`~krtfuap.engine.FitLoop` that only some estimators take (checkpoints, ``max_steps``,
-        ``shuffle``)."""
+    def _stealth_target(self) -> float | None:
+        """The SSIM the returned perturbation must keep (selection and stop), or ``None`` (no target)."""
+        return None
+
+    def _loop_settings(self) -> dict[str, Any]:
+        """Keywords of :class:`~krtfuap.engine.FitLoop` from the fit-loop parameters (:data:`FIT_LOOP_CONSTRAINTS`)."""
         return {
-            "checkpoint_path": getattr(self, "checkpoint_path", None),
-            "checkpoint_every": getattr(self, "checkpoint_every", 1),
-            "max_steps": getattr(self, "max_steps", None),
-            "shuffle": getattr(self, "shuffle", False),
+            "max_epochs": int(self.max_epochs),
+            "max_time": None if self.max_time is None else float(self.max_time),
+            "max_steps": None if self.max_steps is None else int(self.max_steps),
+            "target_fooling_rate": float(self.target_fooling_rate),
+            "shuffle": bool(self.shuffle),
+            "checkpoint_path": self.checkpoint_path,
+            "checkpoint_every": int(self.checkpoint_every),
         }
 
     # ------------------------------------------------------------------- fit
@@ -195,12 +474,15 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
     ) -> "PerturbationEstimator":
         """Learn the universal perturbation on faces ``X``.
 
+        Every parameter is checked first, then the data (once), all before the
+        face model is called.
+
         Parameters
         ----------
         X : torch.Tensor or iterable
             Aligned faces: a ``(N, 3, H, W)`` tensor in ``[0, 1]`` RGB, or a
             re-iterable loader of such batches (or of tuples whose first item is
-            the batch), such as a ``DataLoader``.
+            the batch), such as a ``DataLoader``, read as a stream.
         y : None
             Ignored (scikit-learn API).
         pairs : iterable, optional
@@ -213,7 +495,7 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
         resume : bool
             Continue from ``checkpoint_path`` when that file exists; refused
             with the difference named when it was written with other
-            parameters or data.
+            parameters or data, or holds damaged fields.
         on_epoch : callable, optional
             Called after every scored epoch with a dict ``epoch``, ``step``,
             ``time``, ``score`` (as ``epoch_scores_``) and ``perturbation`` (a
@@ -225,70 +507,60 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
         self
             Fitted. Learned attributes change only when the fit completes.
         """
-        self._check_params()
-        options = self._fit_options()
-        if resume and options.get("checkpoint_path") is None:
+        self._validate_params()
+        check_param("resume", resume, [Boolean()])
+        settings = self._loop_settings()
+        checkpoint_path = settings["checkpoint_path"]
+        if resume and checkpoint_path is None:
             raise ValueError(
                 "fit(resume=True) needs a checkpoint to resume from; set checkpoint_path= to the file the "
                 "interrupted fit wrote (or call fit without resume=True)."
             )
-        if options.get("checkpoint_path") is not None:
-            _check_writable(options["checkpoint_path"], "checkpoint_path")
+        if checkpoint_path is not None:
+            _check_writable(checkpoint_path, "checkpoint_path")
         fit_started = time.perf_counter()
-        device = self._device()
-        first = next(iter_image_batches(X, self.batch_size))
-        size = tuple(first.shape[-2:])
+        data = FitData(X, self.batch_size, shuffle=settings["shuffle"])
+        checked_validation = None
         if validation is not None:
-            next(iter_image_batches(validation, self.batch_size, name="validation"))
+            checked_validation = FitData(validation, self.batch_size, name="validation", size=data.size)
         seed = int(check_random_state(self.random_state).randint(2**31 - 1))
         generator = torch.Generator().manual_seed(seed)
+        device = self._device()
         model = self._embedder()
-        memory_format = torch.channels_last if getattr(self, "channels_last", False) else torch.preserve_format
+        memory_format = torch.channels_last if self.channels_last else torch.preserve_format
         try:
-            with frozen(model):
+            with torch_threads(self.num_threads), frozen(model):
                 threshold, accuracy = self._calibrated_threshold(pairs)
                 embed = self._embed_function(model)
-                solver, learned = self._make_solver(X, size, device, generator, embed, threshold)
-                if memory_format is torch.channels_last:
+                solver, learned = self._make_solver(data, device, generator, embed, threshold)
+                if self.channels_last:
                     model.to(memory_format=torch.channels_last)
                 loop = FitLoop(
-                    embed=embed, threshold=threshold, device=device, batch_size=self.batch_size,
-                    max_epochs=self.max_epochs, max_time=self.max_time,
-                    target_fooling_rate=self.target_fooling_rate, target_ssim=getattr(self, "target_ssim", None),
+                    embed=embed, threshold=threshold, device=device, target_ssim=self._stealth_target(),
                     memory_format=memory_format, generator=generator,
-                    fingerprint=self._fingerprint(X, threshold, learned) if options.get("checkpoint_path") else {},
-                    description=f"{type(self).__name__} fit", verbose=self.verbose, **options,
+                    fingerprint=self._fingerprint(data, threshold, learned) if checkpoint_path is not None else {},
+                    description=f"{type(self).__name__} fit", verbose=self.verbose, **settings,
                 )
-                result = loop.run(X, solver, size, validation=validation, resume=resume, on_epoch=on_epoch)
+                result = loop.run(data, solver, validation=checked_validation, resume=resume, on_epoch=on_epoch)
         except KeyboardInterrupt:
-            where = options.get("checkpoint_path")
-            hint = (f"continue with fit(X, resume=True) from {os.fspath(where)}" if where is not None
-                    else "set checkpoint_path= to be able to resume an interrupted fit")
+            if checkpoint_path is not None:
+                hint = f"continue with fit(X, resume=True) from {os.fspath(checkpoint_path)}"
+            else:
+                hint = "set checkpoint_path= to be able to resume an interrupted fit"
             print(f"{type(self).__name__}.fit interrupted; the previous fitted state is unchanged; {hint}.",
                   file=sys.stderr)
             raise
         self._set_fitted(result, learned, threshold, accuracy, solver, time.perf_counter() - fit_started)
         return self
 
-    def _fingerprint(self, X: ImageData, threshold: float, learned: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def _fingerprint(self, data: FitData, threshold: float, learned: dict[str, Any]) -> dict[str, Any]:
         """What determines the result of a fit: parameters, threshold, fixed inputs and a digest of the data."""
         params = {
-            key: value if _is_json_scalar(value) else type(value).__name__
-            for key, value in self.get_params(deep=False).items()
-            if key not in _NOT_FINGERPRINTED and key != "model"
+            name: _json_param(value) for name, value in self.get_params(deep=False).items()
+            if name not in _NOT_FINGERPRINTED and name != "model"
         }
-        digest = hashlib.sha256()
-        rows, shapes = [], set()
-        with torch.random.fork_rng(devices=[]):  # a shuffling loader must not move the global RNG
-            for images in iter_image_batches(X, self.batch_size):
-                shapes.add(tuple(images.shape[1:]))
-                flat = images.detach().float().flatten(1)
-                rows.append(torch.stack([flat.mean(1), flat.std(1), flat[:, :: max(1, flat.shape[1] // 64)].sum(1)], 1))
-        stats = torch.cat(rows).double().cpu().numpy().round(5)
-        count = len(stats)
-        stats = stats[np.lexsort(stats.T[::-1])]  # the order a shuffling loader yields is not part of the data
-        digest.update(str(sorted(shapes)).encode())
-        digest.update(stats.tobytes())
+        count, data_digest = data.digest()
+        digest = hashlib.sha256(data_digest.encode())
         for name in sorted(k for k, v in learned.items() if isinstance(v, torch.Tensor)):
             digest.update(name.encode())
             digest.update(learned[name].detach().float().cpu().numpy().round(6).tobytes())
@@ -372,8 +644,10 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
                 f"evaluate needs the face model: load the attack with {type(self).__name__}.load(path, model) "
                 "or set attack.model = model first."
             )
+        check_params({"model": self.model, "device": self.device, "num_threads": self.num_threads},
+                     self._parameter_constraints)
         model = self._embedder()
-        with frozen(model):
+        with torch_threads(self.num_threads), frozen(model):
             return score_perturbation(
                 model, X, self.perturbation_, self.threshold_, batch_size=self.batch_size, device=self._device(),
             )
@@ -383,12 +657,14 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
         """Write the fitted perturbation to a ``.safetensors`` file (no pickle).
 
         Tensors (``perturbation_``, ``mask_``, ``warped_mask_``, ``flow_``,
-        ``noise_``) go in the tensor section; JSON-serialisable parameters
-        (not ``checkpoint_path`` or ``device``), the fit's summary and
-        ``history_`` go in the metadata. The model, a masker object and a
-        callable stealth loss are not saved. The file is written next to
-        ``path`` and renamed into place, so a failed save leaves an existing
-        file at ``path`` unchanged. When fitting distributed, only rank 0 writes.
+        ``noise_``) go in the tensor section. The metadata holds the format
+        (``krtfuap.UAPAttack/2``), the library version (``krtfuap_version``),
+        the class, **every** parameter (values a file cannot hold, such as the
+        model, a callable or a tensor, as a description: :class:`NotSaved`
+        after :meth:`load`), the fit's summary and ``history_``. The file is
+        written next to ``path`` and renamed into place, so a failed save
+        leaves an existing file at ``path`` unchanged. When fitting
+        distributed, only rank 0 writes.
 
         Parameters
         ----------
@@ -402,12 +678,11 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
         check_is_fitted(self, "perturbation_")
         if not is_main_process():
             return
-        params = {
-            k: v for k, v in self.get_params(deep=False).items() if _is_json_scalar(v) and k not in _NOT_SAVED
-        }
+        params = {name: _json_param(value) for name, value in self.get_params(deep=False).items()}
         fitted = {k: getattr(self, k) for k in _SAVED_FITTED if hasattr(self, k)}
         metadata = {
             "format": _FORMAT,
+            "krtfuap_version": __version__,
             "class": type(self).__name__,
             "params": json.dumps(params),
             "fitted": json.dumps(fitted),
@@ -431,6 +706,14 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
     @classmethod
     def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> "PerturbationEstimator":
         """Read a perturbation written by :meth:`save`.
+
+        Every parameter comes from the file, except ``model`` (given here) and
+        the settings of the machine that fitted (``device``, ``checkpoint_path``,
+        ``num_threads``: recorded in the file, set to ``None`` so the attack runs
+        where it is loaded). A value the file holds only as a description
+        becomes a :class:`NotSaved`. A parameter the file lacks (a file of
+        format 1, or of another estimator class) takes today's default, with a
+        warning that names it.
 
         Parameters
         ----------
@@ -469,9 +752,10 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
                 f"{path} is not a krtfuap attack file it can read: the .safetensors data is truncated or corrupt "
                 f"({error}). {fix}"
             ) from error
-        if metadata.get("format") != _FORMAT or set(tensors) not in (set(_SAVED_TENSORS), {"perturbation_"}):
+        file_format = metadata.get("format")
+        if file_format not in _FORMATS_READ or set(tensors) not in (set(_SAVED_TENSORS), {"perturbation_"}):
             raise ValueError(
-                f"{path} is a .safetensors file but not a krtfuap attack file (format {metadata.get('format')!r}, "
+                f"{path} is a .safetensors file but not a krtfuap attack file (format {file_format!r}, "
                 f"tensors {sorted(tensors)}). {fix}"
             )
         try:
@@ -480,29 +764,39 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
             history = json.loads(metadata["history"])
             if not (isinstance(params, dict) and isinstance(fitted, dict) and isinstance(history, list)):
                 raise ValueError("params and fitted must be JSON objects, history a list")
-        except (KeyError, ValueError) as error:
+            if file_format != _FORMAT:
+                params = cls._params_from_format_1(params)
+            params = {name: cls._param_from_json(name, value) for name, value in params.items()}
+        except (KeyError, ValueError, TypeError) as error:
             raise ValueError(f"{path} has damaged krtfuap metadata ({type(error).__name__}: {error}). {fix}") from error
-        params = {k: v for k, v in params.items() if k not in _NOT_SAVED}
+        params = {name: value for name, value in params.items() if name not in ("model", *_MACHINE_LOCAL)}
         unknown = sorted(set(params) - set(cls._get_param_names()))
+        saved_by = metadata.get("class", "another attack class")
         if unknown:
-            saved_by = metadata.get("class", "another attack class")
             raise ValueError(
                 f"{path} was saved by {saved_by}, another attack class (it has parameters {unknown} that "
                 f"{cls.__name__} does not take); load it with {saved_by}.load."
             )
+        missing = [
+            name for name in cls._get_param_names() if name not in params and name not in ("model", *_MACHINE_LOCAL)
+        ]
+        if missing:
+            origin = "an older krtfuap (format 1)" if file_format != _FORMAT else saved_by
+            warnings.warn(
+                f"{path} was written by {origin} without the parameters {missing}; the loaded "
+                f"{cls.__name__} takes today's defaults for them (they may differ from what the fit used).",
+                UserWarning, stacklevel=2,
+            )
         attack = cls(model, **params)
         try:
-            attack._check_params_of_loaded()
+            attack._check_loaded_params()
         except (TypeError, ValueError) as error:
             raise ValueError(f"{path} holds invalid parameters ({error}). {fix}") from error
         _check_loaded_tensors(tensors, attack.epsilon, path, fix)
         fitted = {name: value for name, value in fitted.items() if name in _SAVED_FITTED}
         try:
-            check_number(fitted.get("threshold_"), "threshold_", low=-1, high=1)
-            for name in ("fooling_rate_", "ssim_"):
-                check_number(fitted.get(name), name, low=-1, high=1, allow_none=True)
-            for name in ("n_iter_", "n_epochs_", "best_epoch_"):
-                check_number(fitted.get(name), name, low=-1, integer=True, allow_none=True)
+            check_params(fitted, _FITTED_CONSTRAINTS)
+            check_param("threshold_", fitted.get("threshold_"), _FITTED_CONSTRAINTS["threshold_"])
         except (TypeError, ValueError) as error:
             raise ValueError(f"{path} holds invalid fitted values ({error}). {fix}") from error
         for name, value in fitted.items():
@@ -512,11 +806,46 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
             setattr(attack, name, tensor.float())
         return attack
 
-    def _check_params_of_loaded(self) -> None:
-        """Parameter checks that do not need the model (a loaded attack may have none)."""
-        check_number(self.epsilon, "epsilon", low=0, high=1, low_open=True)
-        check_number(self.threshold, "threshold", low=-1, high=1, allow_none=True)
-        check_number(self.batch_size, "batch_size", low=1, integer=True)
+    @classmethod
+    def _params_from_format_1(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """The parameters of a format-1 file in today's terms (subclasses map what was renamed or removed)."""
+        return params
+
+    @classmethod
+    def _param_from_json(cls, name: str, saved: object) -> object:
+        """A parameter from its saved form (:func:`_json_param`): a described value becomes
+        :class:`NotSaved`, a saved dataclass the class this parameter's constraints name."""
+        if not isinstance(saved, dict) or name not in cls._parameter_constraints:
+            return saved  # a parameter this class does not take is named by load
+        if set(saved) == {"not_saved"}:
+            return NotSaved(str(saved["not_saved"]))
+        kinds = [kind for constraint in cls._parameter_constraints.get(name, []) if isinstance(constraint, InstanceOf)
+                 for kind in constraint.types if dataclasses.is_dataclass(kind)]
+        kind = next((kind for kind in kinds if kind.__name__ == saved.get("type")), None)
+        if kind is None or not isinstance(saved.get("fields"), dict):
+            raise ValueError(f"parameter {name} holds {saved!r}, which {cls.__name__} cannot read")
+        return kind(**saved["fields"])
+
+    def _check_loaded_params(self) -> None:
+        """Check what a file gave (not the model, which a loaded attack may lack, nor the machine's settings)."""
+        params = {
+            name: value for name, value in self.get_params(deep=False).items()
+            if name not in ("model", *_MACHINE_LOCAL) and not isinstance(value, NotSaved)
+        }
+        check_params(params, self._parameter_constraints)
+
+
+#: What :meth:`PerturbationEstimator.load` accepts for the fit's summary.
+_FITTED_CONSTRAINTS = {
+    "threshold_": [Interval(float, -1, 1)],
+    "fooling_rate_": [Interval(float, -1, 1), None],
+    "ssim_": [Interval(float, -1, 1), None],
+    "n_iter_": [Interval(int, -1), None],
+    "n_epochs_": [Interval(int, -1), None],
+    "best_epoch_": [Interval(int, -1), None],
+    "stop_reason_": [InstanceOf(str, description="a string"), None],
+    "fit_time_": [Interval(float, 0), None],
+}
 
 
 def _check_writable(path: str | os.PathLike, name: str) -> None:
@@ -556,7 +885,3 @@ def _check_loaded_tensors(tensors: dict[str, torch.Tensor], epsilon: float, path
     for name in ("mask_", "warped_mask_"):
         if name in tensors and (tensors[name].min() < -1e-4 or tensors[name].max() > 1 + 1e-4):  # a warp rounds by ~1e-7
             raise ValueError(f"{path} holds a {name} outside [0, 1]. {fix}")
-
-
-def _is_json_scalar(value: object) -> bool:
-    return value is None or isinstance(value, (bool, int, float, str))

@@ -3,10 +3,12 @@
 ``krtfuap/data/default_cloak.safetensors`` is a compact :class:`~krtfuap.UAPAttack`
 file (the perturbation only, float16) written by ``examples/fit_default_cloak.py``:
 :class:`~krtfuap.UAPAttack` with its defaults (a global perturbation) and a stealth
-target (``target_ssim=0.93``), fitted against InsightFace's ArcFace MobileFaceNet
-(``w600k_mbf``) on aligned LFW faces of half the LFW identities in
-``../shared/assets/faces``, without robust fitting (measured, it did not help). Its
-provenance, measured strength and license terms are in the docs ("Cloak your photos").
+target (``target_ssim=0.93``), the faces in a fixed order (``shuffle=False``), fitted
+against InsightFace's ArcFace MobileFaceNet (``w600k_mbf``) on aligned LFW faces of half
+the LFW identities in
+``../shared/assets/faces``, without robust fitting (measured, it did not help). The file
+(format 2) carries every parameter of that fit. Its provenance, measured strength and
+license terms are in the docs ("Cloak your photos").
 """
 
 from __future__ import annotations

@@ -12,13 +12,14 @@ from sklearn.exceptions import NotFittedError
 from torch import nn
 
 from krtfuap.attack import UAPAttack
+from krtfuap.key_regions import KeyRegions
 from krtfuap.masks import KeyRegionMasker
 from krtfuap.metrics import psnr, ssim
 
 SIZE = 32
 
 # The KRT-FUAP mechanism under test: key regions on (the library's default is a global perturbation).
-quick_attack = partial(tiny_attack, UAPAttack, stealth_loss="ssim", use_key_regions=True)
+quick_attack = partial(tiny_attack, UAPAttack, stealth_loss="ssim", key_regions=KeyRegions())
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +67,9 @@ def test_fixed_random_state_is_repeatable():
 
 
 def test_clone_keeps_parameters():
-    attack = quick_attack(epsilon=0.05, lr=0.02, stealth_weight=2.0, learn_flow=False)
+    attack = quick_attack(epsilon=0.05, lr=0.02, stealth_weight=2.0, key_regions=KeyRegions(learn_flow=False))
     copy = clone(attack)
+    assert copy.model is attack.model  # shared, never copied (double memory on a GPU)
     params, copied = attack.get_params(), copy.get_params()
     assert params.keys() == copied.keys()
     assert {k: v for k, v in params.items() if k != "model"} == {k: v for k, v in copied.items() if k != "model"}
@@ -156,17 +158,17 @@ def test_default_is_a_global_perturbation_and_the_paper_recipe_uses_key_regions(
     assert torch.equal(default.mask_, torch.ones(SIZE, SIZE)) and torch.equal(default.flow_, torch.zeros(2, SIZE, SIZE))
     paper = UAPAttack.paper(TinyEmbedder(), threshold=0.9, stealth_loss="ssim", stealth_weight=3, max_epochs=1,
                             batch_size=8, random_state=0, lr=0.2).fit(x)
-    assert paper.use_key_regions and paper.learn_flow
+    assert paper.key_regions == KeyRegions() and paper.key_regions.learn_flow
     assert default.shuffle and not paper.shuffle
     assert 0 < paper.mask_.mean() < 1 and paper.flow_.abs().sum() > 0
 
 
 def test_ablation_switches_change_the_mechanism():
     x = faces()
-    no_regions = quick_attack(use_key_regions=False).fit(x)
+    no_regions = quick_attack(key_regions=None).fit(x)
     assert torch.equal(no_regions.mask_, torch.ones(SIZE, SIZE))
     assert torch.equal(no_regions.flow_, torch.zeros(2, SIZE, SIZE))
-    fixed = quick_attack(learn_flow=False).fit(x)
+    fixed = quick_attack(key_regions=KeyRegions(learn_flow=False)).fit(x)
     assert torch.equal(fixed.flow_, torch.zeros(2, SIZE, SIZE))
     assert torch.equal(fixed.warped_mask_, fixed.mask_)
     learned = quick_attack(lr=0.2).fit(x)
@@ -184,8 +186,8 @@ def test_ablation_switches_change_the_mechanism():
 
 def test_lowpass_size_band_limits_the_fitted_perturbation():
     x = faces()
-    full = quick_attack(use_key_regions=False, lr=0.05).fit(x).perturbation_
-    coarse = quick_attack(use_key_regions=False, lr=0.05, lowpass_size=8).fit(x).perturbation_
+    full = quick_attack(key_regions=None, lr=0.05).fit(x).perturbation_
+    coarse = quick_attack(key_regions=None, lr=0.05, lowpass_size=8).fit(x).perturbation_
 
     def fine_detail(v: torch.Tensor) -> float:  # what differs from the 2x2 block means
         blocks = torch.nn.functional.avg_pool2d(v[None], 2)[0].repeat_interleave(2, 1).repeat_interleave(2, 2)
@@ -199,13 +201,13 @@ def test_masker_options():
     x = faces()
     mask = torch.zeros(SIZE, SIZE)
     mask[8:24, 8:24] = 1
-    assert torch.equal(quick_attack(masker=mask).fit(x).mask_, mask)
+    assert torch.equal(quick_attack(key_regions=KeyRegions(masker=mask)).fit(x).mask_, mask)
     masker = KeyRegionMasker(combine="union")
-    attack = quick_attack(masker=masker).fit(x)
+    attack = quick_attack(key_regions=KeyRegions(masker=masker)).fit(x)
     assert not hasattr(masker, "mask_")  # an unfitted masker is cloned, not changed
     assert attack.mask_.shape == (SIZE, SIZE)
     with pytest.raises(ValueError, match="mask has shape"):
-        quick_attack(masker=torch.ones(5, 5)).fit(x)
+        quick_attack(key_regions=KeyRegions(masker=torch.ones(5, 5))).fit(x)
 
 
 def test_threshold_is_calibrated_from_pairs():
@@ -279,7 +281,7 @@ def test_bad_model_output_gets_a_clear_error():
         ({"batch_size": 0}, "batch_size"),
         ({"checkpoint_every": 0}, "checkpoint_every"),
         ({"adversarial_loss": "hinge"}, "adversarial_loss must be one of"),
-        ({"stealth_loss": "blur"}, "stealth_loss must be"),
+        ({"stealth_loss": "blur"}, r"stealth_loss must be one of \['ssim', 'vgg'\], a callable"),
         ({"lowpass_size": 0}, "lowpass_size"),
         ({"lowpass_size": -3}, "lowpass_size"),
     ],
@@ -400,12 +402,14 @@ def test_lr_decay_steps_lowers_both_learning_rates_and_survives_a_resume(tmp_pat
     from krtfuap.attack import cosine_decay
 
     x = faces()
-    attack = quick_attack(lr=0.05, flow_lr=0.02, lr_decay_steps=3, max_epochs=3, target_fooling_rate=1.0).fit(x)
+    regions = KeyRegions(flow_lr=0.02)
+    attack = quick_attack(lr=0.05, key_regions=regions, lr_decay_steps=3, max_epochs=3, target_fooling_rate=1.0).fit(x)
     assert attack.n_iter_ == 6  # 16 faces, batches of 8
-    constant = quick_attack(lr=0.05, flow_lr=0.02, lr_decay_steps=None, max_epochs=3, target_fooling_rate=1.0).fit(x)
+    constant = quick_attack(lr=0.05, key_regions=regions, lr_decay_steps=None, max_epochs=3,
+                            target_fooling_rate=1.0).fit(x)
     assert not torch.equal(attack.perturbation_, constant.perturbation_)
     path = tmp_path / "fit.ckpt"
-    settings = dict(lr=0.05, flow_lr=0.02, lr_decay_steps=3, target_fooling_rate=1.0, checkpoint_path=path)
+    settings = dict(lr=0.05, key_regions=regions, lr_decay_steps=3, target_fooling_rate=1.0, checkpoint_path=path)
     quick_attack(max_epochs=1, **settings).fit(x)
     state = torch.load(path, map_location="cpu", weights_only=True)
     lrs = [group["lr"] for group in state["solver"]["optimizer"]["param_groups"]]

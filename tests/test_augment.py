@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from krtfuap.attack import UAPAttack
+from krtfuap.key_regions import KeyRegions
 from krtfuap.augment import (
     PhotoAugment,
     Quantize,
@@ -250,7 +251,7 @@ SIZE = 32
 
 faces = partial(random_faces, margin=0.1)
 attack = partial(tiny_attack, UAPAttack, threshold=-1.0, target_fooling_rate=1.0,
-                 masker=torch.full((SIZE, SIZE), 0.5), use_key_regions=True, augment="photo")
+                 key_regions=KeyRegions(masker=torch.full((SIZE, SIZE), 0.5)), augment="photo")
 
 
 def test_fit_with_the_photo_preset_runs_changes_the_fit_and_repeats():
@@ -320,12 +321,12 @@ def test_save_and_load_keep_the_augment_setting(tmp_path):
     assert torch.equal(loaded.perturbation_, fitted.perturbation_)
 
 
-@pytest.mark.parametrize("augment, message", [
-    ("jpeg", "augment must be None, one of \\['photo', 'round_trip'\\] or a callable images -> images, got 'jpeg'"),
-    (0.5, "augment must be None, one of \\['photo', 'round_trip'\\] or a callable images -> images, got float"),
+@pytest.mark.parametrize("augment, error, message", [
+    ("jpeg", ValueError, r"augment must be one of \['photo', 'round_trip'\], a callable .* or None, got 'jpeg'"),
+    (0.5, TypeError, r"augment must be one of \['photo', 'round_trip'\], a callable .* or None, got 0.5 \(float\)"),
 ])
-def test_uapattack_refuses_a_bad_augment_before_fitting(augment, message):
-    with pytest.raises(ValueError, match=message):
+def test_uapattack_refuses_a_bad_augment_before_fitting(augment, error, message):
+    with pytest.raises(error, match=message):
         attack(augment=augment).fit(faces())
 
 

@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader
 
 import krtfuap.attack
 import krtfuap.estimator
-from krtfuap import KeyRegionMasker, NoFaceFoundError, SqueezeNetStealthLoss, UAPAttack, VGGStealthLoss
+from krtfuap import KeyRegionMasker, KeyRegions, NoFaceFoundError, SqueezeNetStealthLoss, UAPAttack, VGGStealthLoss
 from krtfuap._validation import load_torch_file
 from krtfuap.baselines import FGUAP, RandomNoiseUAP
 from krtfuap.datasets import FaceFolder, PairDataset, load_image
@@ -244,6 +244,23 @@ def checkpoint_of_other_size(ws: Workspace) -> Path:
     return ws.checkpoint
 
 
+def _edited_checkpoint(name: str, edit: Callable[[dict], None]) -> Callable[[Workspace], Path]:
+    """The good checkpoint with one field damaged by ``edit``."""
+
+    def bad(ws: Workspace) -> Path:
+        state = torch.load(ws.checkpoint, weights_only=True)
+        edit(state)
+        torch.save(state, ws.checkpoint)
+        return ws.checkpoint
+
+    bad.__name__ = name
+    return bad
+
+
+def _nan_noise(state: dict) -> None:
+    state["solver"]["perturbation"]["noise"].fill_(float("nan"))
+
+
 def _as_checkpoint(make: Callable[[Workspace], Path]) -> Callable[[Workspace], Path]:
     def bad(ws: Workspace) -> Path:
         shutil.copy(make(ws), ws.checkpoint)
@@ -407,7 +424,7 @@ def load_random_noise(ws, path):
 
 
 def baseline_fit(ws, X):
-    RandomNoiseUAP(Tiny(), threshold=-1.0, max_epochs=1, batch_size=2).fit(X)
+    RandomNoiseUAP(Tiny(), threshold=-1.0, batch_size=2).fit(X)
 
 
 def masker_fit(ws, X):
@@ -632,20 +649,23 @@ ROWS = [
     (fit_model, model(ExtraRow), ValueError, EMB_SHAPE),
     (fit_model, model(NaNOut), ValueError, EMB_NAN),
     (fit_model, model(TupleOut), TypeError, EMB_TYPE),
-    (fit_model, value("lambda", lambda ws: (lambda x: x)), TypeError, r"model must be a torch\.nn\.Module.*got function"),
+    (fit_model, value("lambda", lambda ws: (lambda x: x)), TypeError, r"model must be a torch\.nn\.Module.*got a function"),
     # --- UAPAttack.fit: parameters
-    (fit_params, params(epsilon=0), ValueError, r"epsilon must be in \(0, 1\] \(images are in \[0, 1\]\), got 0"),
-    (fit_params, params(epsilon=255), ValueError, r"epsilon must be in \(0, 1\] \(images are in \[0, 1\]\), got 255"),
-    (fit_params, params(batch_size=0), ValueError, r"batch_size must be >= 1, got 0"),
-    (fit_params, params(threshold=2.0), ValueError, r"threshold must be in \[-1, 1\] \(a cosine similarity\)"),
+    (fit_params, params(epsilon=0), ValueError, r"epsilon must be a number in \(0, 1\] \(images are in \[0, 1\]\), got 0"),
+    (fit_params, params(epsilon=255), ValueError, r"epsilon must be a number in \(0, 1\] \(images are in \[0, 1\]\), got 255"),
+    (fit_params, params(batch_size=0), ValueError, r"batch_size must be an int >= 1, got 0"),
+    (fit_params, params(threshold=2.0), ValueError, r"threshold must be a number in \[-1, 1\] \(a cosine similarity\) or None"),
     (fit_params, params(threshold=None), ValueError, r"threshold=None needs verification pairs.*set threshold=t"),
-    (fit_params, params(stealth_loss="lpips"), ValueError, r"stealth_loss must be 'vgg', 'ssim', a callable.*got 'lpips'"),
-    (fit_params, params(stealth_weight=-1.0), ValueError, r"stealth_weight must be >= 0, got -1"),
-    (fit_params, params(checkpoint_every=0), ValueError, r"checkpoint_every must be >= 1, got 0"),
+    (fit_params, params(stealth_loss="lpips"), ValueError, r"stealth_loss must be one of \['ssim', 'vgg'\], a callable.*got 'lpips'"),
+    (fit_params, params(stealth_weight=-1.0), ValueError, r"stealth_weight must be a number >= 0 or None, got -1"),
+    (fit_params, params(checkpoint_every=0), ValueError, r"checkpoint_every must be an int >= 1, got 0"),
     (fit_params, params(adversarial_loss="l2"), ValueError, r"adversarial_loss must be one of \['cosine', 'direction', 'euclidean'\], got 'l2'"),
-    (fit_params, params(masker=torch.ones(8, 8), use_key_regions=True), ValueError, r"mask has shape \(8, 8\) but the images are 16x16.*same size"),
-    (fit_params, params(masker=torch.ones(16, 16)), ValueError, r"masker is set but use_key_regions=False.*use_key_regions=True"),
-    (fit_params, params(max_time=-1), ValueError, r"max_time must be >= 0 seconds or None"),
+    (fit_params, value("mask_8x8", lambda ws: {"key_regions": KeyRegions(masker=torch.ones(8, 8))}), ValueError,
+     r"mask has shape \(8, 8\) but the images are 16x16.*same size"),
+    (fit_params, params(key_regions=True), TypeError, r"key_regions must be a krtfuap\.KeyRegions or None, got True"),
+    (fit_params, params(max_time=-1), ValueError, r"max_time must be a number >= 0 \(seconds\) or None, got -1"),
+    (fit_params, params(device="banana"), ValueError, r"device must be a device torch knows, such as 'cpu'"),
+    (fit_params, params(random_state="abc"), TypeError, r"random_state must be an int seed .*RandomState or None, got 'abc'"),
     # --- UAPAttack.fit(resume=True): bad checkpoints (must be refused, never executed)
     (fit_resume, _as_checkpoint(evil_pickle), ValueError, r"Refused to load checkpoint .*could run code" + CKPT_FIX),
     (fit_resume, _as_checkpoint(truncated_torch), ValueError, r"Cannot read checkpoint .*truncated, corrupt" + CKPT_FIX),
@@ -655,6 +675,16 @@ ROWS = [
     (fit_resume, wrong_format_checkpoint, ValueError, r"Cannot resume from checkpoint .*not written by UAPAttack" + CKPT_FIX),
     (fit_resume, checkpoint_missing_entry, ValueError, r"Cannot resume from checkpoint .*missing entry 'optimizer'" + CKPT_FIX),
     (fit_resume, checkpoint_of_other_size, ValueError, r"Cannot resume from checkpoint .*other settings or data; differs in .*data_digest" + CKPT_FIX),
+    (fit_resume, _edited_checkpoint("history_none", lambda state: state.update(history=None)), ValueError,
+     r"Cannot resume from checkpoint .*: history must be a list of step records, got None" + CKPT_FIX),
+    (fit_resume, _edited_checkpoint("n_epochs_text", lambda state: state.update(n_epochs="abc")), ValueError,
+     r"Cannot resume from checkpoint .*: n_epochs must be an int >= 1, got 'abc'" + CKPT_FIX),
+    (fit_resume, _edited_checkpoint("n_epochs_negative", lambda state: state.update(n_epochs=-5)), ValueError,
+     r"Cannot resume from checkpoint .*: n_epochs must be an int >= 1, got -5" + CKPT_FIX),
+    (fit_resume, _edited_checkpoint("n_iter_not_history", lambda state: state.update(n_iter=3)), ValueError,
+     r"Cannot resume from checkpoint .*: history holds 4 entries for n_iter=3 steps" + CKPT_FIX),
+    (fit_resume, _edited_checkpoint("nan_noise", _nan_noise), ValueError,
+     r"Cannot resume from checkpoint .*: the perturbation of its solver holds NaN or inf values" + CKPT_FIX),
     (fit_resume_params, params(checkpoint_path=None), ValueError, r"resume=True\) needs a checkpoint.*set checkpoint_path="),
     # --- UAPAttack.transform
     (transform, uint8, TypeError, IMAGES_DTYPE),
@@ -848,6 +878,6 @@ def test_convertible_input_is_accepted(ws, entry, dtype):
         out = ws.fitted().transform(X)
         assert out.dtype == torch.float64 and out.min() >= 0 and out.max() <= 1
     elif entry == "baseline_fit":
-        RandomNoiseUAP(Tiny(), threshold=-1.0, max_epochs=1, batch_size=2, random_state=0).fit(X)
+        RandomNoiseUAP(Tiny(), threshold=-1.0, batch_size=2, random_state=0).fit(X)
     else:
         assert KeyRegionMasker().fit(X).mask_.shape == (SIZE, SIZE)

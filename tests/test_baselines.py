@@ -7,6 +7,7 @@ from fakes import LinearEmbedder, random_faces, tiny_attack, untimed
 from sklearn.base import clone
 
 from krtfuap.attack import UAPAttack
+from krtfuap.engine import STEP_RECORD_KEYS
 from krtfuap.baselines import (
     FGUAP,
     DeepFoolUAP,
@@ -21,9 +22,13 @@ from krtfuap.baselines import (
 
 SIZE = 32
 BASELINES = [RandomNoiseUAP, DeepFoolUAP, FGUAP, FrequencyUAP]
+LEARNED = [DeepFoolUAP, FGUAP, FrequencyUAP]
 COMMON_KEYWORDS = {
-    "model", "threshold", "epsilon", "target_fooling_rate", "max_epochs", "max_time",
-    "batch_size", "random_state", "device", "verbose",
+    "model", "threshold", "epsilon", "batch_size", "random_state", "device", "amp", "channels_last", "num_threads",
+    "verbose",
+}
+LOOP_KEYWORDS = {
+    "target_fooling_rate", "max_epochs", "max_time", "max_steps", "shuffle", "checkpoint_path", "checkpoint_every",
 }
 
 make = partial(tiny_attack, epsilon=0.05)
@@ -65,17 +70,21 @@ def test_same_random_state_is_bit_identical(cls):
 
 @pytest.mark.parametrize("cls", [RandomNoiseUAP, FGUAP, FrequencyUAP])
 def test_random_state_changes_the_start(cls):
-    a = make(cls, random_state=3, max_epochs=1).fit(random_faces())
-    b = make(cls, random_state=4, max_epochs=1).fit(random_faces())
+    one_epoch = {} if cls is RandomNoiseUAP else {"max_epochs": 1}
+    a = make(cls, random_state=3, **one_epoch).fit(random_faces())
+    b = make(cls, random_state=4, **one_epoch).fit(random_faces())
     assert not torch.equal(a.perturbation_, b.perturbation_)
 
 
 @pytest.mark.parametrize("cls", BASELINES)
 def test_clone_keeps_parameters_and_accepts_uapattack_keywords(cls):
-    attack = make(cls, epsilon=0.03, max_time=5.0, device="cpu", verbose=False)
+    attack = make(cls, epsilon=0.03, device="cpu", verbose=False)
     params = attack.get_params()
-    assert set(params) >= COMMON_KEYWORDS
+    assert set(params) >= COMMON_KEYWORDS | (set() if cls is RandomNoiseUAP else LOOP_KEYWORDS)
+    assert set(params) <= set(UAPAttack(None).get_params()) | {"overshoot", "max_inner", "keep_fraction",
+                                                             "coefficient_bound"}
     copy = clone(attack)
+    assert copy.model is attack.model
     assert {k: v for k, v in copy.get_params().items() if k != "model"} == {
         k: v for k, v in params.items() if k != "model"
     }
@@ -102,7 +111,8 @@ def test_uapattack_load_reads_a_random_noise_file(fitted, tmp_path):
     attack = fitted[RandomNoiseUAP]
     path = tmp_path / "random.safetensors"
     attack.save(path)
-    loaded = UAPAttack.load(path, attack.model)
+    with pytest.warns(UserWarning, match=r"written by RandomNoiseUAP without the parameters \[.*'target_ssim'\]"):
+        loaded = UAPAttack.load(path, attack.model)  # UAPAttack's own parameters take their defaults, said
     assert type(loaded) is UAPAttack
     x = random_faces(3, seed=8)
     assert torch.equal(loaded.transform(x), attack.transform(x))
@@ -117,16 +127,16 @@ def test_load_with_the_wrong_class_names_the_problem(fitted, tmp_path):
         FGUAP.load(tmp_path / "missing.safetensors")
 
 
-@pytest.mark.parametrize("cls", BASELINES)
+@pytest.mark.parametrize("cls", LEARNED)
 def test_max_time_stops_after_the_first_step(cls):
     attack = make(cls, max_time=0.0, max_epochs=5).fit(random_faces())
     assert attack.stop_reason_ == "max_time"
-    assert attack.n_epochs_ == 1 and len(attack.history_) == (0 if cls is RandomNoiseUAP else 1)
+    assert attack.n_epochs_ == 1 and len(attack.history_) == 1
     assert len(attack.epoch_scores_) == 1  # the cut epoch is still scored
     assert attack.perturbation_.abs().max() <= attack.epsilon * (1 + 1e-6)
 
 
-@pytest.mark.parametrize("cls", BASELINES)
+@pytest.mark.parametrize("cls", LEARNED)
 def test_target_and_max_epochs_rules(cls):
     reached = make(cls, threshold=1.0, target_fooling_rate=0.0, max_epochs=5).fit(random_faces())
     assert reached.stop_reason_ == "target_fooling_rate" and reached.n_epochs_ == 1
@@ -134,15 +144,36 @@ def test_target_and_max_epochs_rules(cls):
     exhausted = make(cls, threshold=-1.0, target_fooling_rate=1.0, max_epochs=2).fit(random_faces())
     assert exhausted.stop_reason_ == "max_epochs"
     assert exhausted.fooling_rate_ == 0.0
-    expected_epochs = 1 if cls is RandomNoiseUAP else 2
-    assert exhausted.n_epochs_ == expected_epochs
+    assert exhausted.n_epochs_ == 2
 
 
-@pytest.mark.parametrize("cls", [DeepFoolUAP, FGUAP, FrequencyUAP])
+@pytest.mark.parametrize("cls", LEARNED)
+def test_max_steps_stops_mid_epoch_like_uapattack(cls):
+    attack = make(cls, threshold=-1.0, target_fooling_rate=1.0, max_epochs=5, max_steps=3).fit(random_faces())
+    assert attack.stop_reason_ == "max_steps" and attack.n_iter_ == 3 and attack.n_epochs_ == 2
+
+
+@pytest.mark.parametrize("cls", LEARNED)
+def test_shuffle_visits_the_faces_in_a_new_order_each_epoch(cls):
+    x = random_faces()
+    kept = make(cls, threshold=-1.0, target_fooling_rate=1.0, shuffle=False).fit(x)
+    shuffled = make(cls, threshold=-1.0, target_fooling_rate=1.0, shuffle=True).fit(x)
+    again = make(cls, threshold=-1.0, target_fooling_rate=1.0, shuffle=True).fit(x)
+    assert [r["ssim"] for r in shuffled.history_] != [r["ssim"] for r in kept.history_]
+    assert untimed(shuffled.history_) == untimed(again.history_)  # the order is drawn from random_state
+
+
+def test_random_noise_is_drawn_once_and_says_so():
+    attack = make(RandomNoiseUAP, threshold=1.0).fit(random_faces())
+    assert attack.stop_reason_ == "not_learned" and attack.n_epochs_ == 1 and attack.n_iter_ == 0
+    assert attack.fooling_rate_ == 1.0  # cos < 1 holds for every perturbed face
+
+
+@pytest.mark.parametrize("cls", LEARNED)
 def test_history_has_one_record_per_batch(cls, fitted):
     attack = fitted[cls]
     assert attack.n_iter_ == len(attack.history_) == 2 * attack.n_epochs_
-    assert {"step", "epoch", "fooling_rate", "mean_similarity", "ssim"} <= set(attack.history_[0])
+    assert set(STEP_RECORD_KEYS) <= set(attack.history_[0])
 
 
 def test_random_noise_records_one_measurement(fitted):

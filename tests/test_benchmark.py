@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from krtfuap.attack import UAPAttack
+from krtfuap.key_regions import KeyRegions
 from krtfuap.baselines import FGUAP, DeepFoolUAP, FrequencyUAP, RandomNoiseUAP
 from krtfuap.apps.benchmark import (
     METHODS,
@@ -35,9 +36,9 @@ COMMON = dict(threshold=0.5, epsilon=0.08, target_fooling_rate=0.8, max_epochs=1
 @pytest.mark.parametrize(
     "name, expected",
     [
-        ("krt-fuap", {"use_key_regions": True, "learn_flow": True, "adversarial_loss": "direction", "input_diversity": 0.0}),
-        ("no-key-regions", {"use_key_regions": False}),
-        ("fixed-key-regions", {"learn_flow": False, "use_key_regions": True}),
+        ("krt-fuap", {"key_regions": KeyRegions(), "adversarial_loss": "direction", "input_diversity": 0.0}),
+        ("no-key-regions", {"key_regions": None}),
+        ("fixed-key-regions", {"key_regions": KeyRegions(learn_flow=False)}),
         ("cosine-loss", {"adversarial_loss": "cosine"}),
         ("euclidean-loss", {"adversarial_loss": "euclidean"}),
         ("krt-fuap-di", {"input_diversity": 0.5}),
@@ -58,7 +59,9 @@ def test_baselines_get_the_shared_budget_and_stopping_rules(name, cls):
     estimator = METHODS[name].build(Linear(), **COMMON)
     assert type(estimator) is cls and not METHODS[name].stealth
     params = estimator.get_params()
-    assert (params["epsilon"], params["threshold"], params["max_epochs"]) == (0.08, 0.5, 1)
+    assert (params["epsilon"], params["threshold"]) == (0.08, 0.5)
+    # Random noise learns nothing: it takes no stopping rules, the others take the shared ones.
+    assert params.get("max_epochs") == (None if cls is RandomNoiseUAP else 1)
 
 
 def test_time_to_fooling_rate_reads_the_scored_epochs():

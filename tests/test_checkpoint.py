@@ -25,6 +25,7 @@ from processes import TIMEOUT_S
 from torch import nn
 
 from krtfuap.attack import UAPAttack
+from krtfuap.key_regions import KeyRegions
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -178,7 +179,7 @@ _faces = partial(random_faces, seed=1)
 
 def _attack(checkpoint: Path, model: nn.Module | None = None, **params) -> UAPAttack:
     settings = dict(
-        threshold=-1.0, stealth_loss="ssim", use_key_regions=True, max_epochs=3, batch_size=4,
+        threshold=-1.0, stealth_loss="ssim", key_regions=KeyRegions(), max_epochs=3, batch_size=4, random_state=0,
         checkpoint_path=checkpoint, checkpoint_every=1,
     )
     return tiny_attack(UAPAttack, model, **{**settings, **params})
@@ -217,3 +218,22 @@ def test_crash_while_writing_checkpoint_keeps_previous_one(tmp_path, monkeypatch
     uninterrupted = _attack(tmp_path / "other.ckpt").fit(_faces())
     _assert_same_fit(resumed, uninterrupted)
     assert not Path(f"{checkpoint}.partial").exists()
+
+
+# ------------------------------------------------------- resuming past a limit
+@pytest.mark.parametrize("limits, reason", [
+    (dict(max_epochs=1), "max_epochs"),
+    (dict(max_epochs=3), "max_epochs"),
+    (dict(max_epochs=5, max_steps=12), "max_steps"),
+    (dict(max_epochs=5, max_time=0.0), "max_time"),
+])
+def test_resuming_a_checkpoint_that_reached_a_limit_ends_at_once_with_its_state(tmp_path, limits, reason):
+    checkpoint = tmp_path / "fit.ckpt"
+    done = _attack(checkpoint, max_epochs=3).fit(_faces())  # 3 epochs of 4 steps, a checkpoint after each
+    model, calls = TinyEmbedder(), []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    resumed = _attack(checkpoint, model, **limits).fit(_faces(), resume=True)
+    assert calls == []  # no step and no scoring: the checkpoint's state is returned
+    assert (resumed.n_epochs_, resumed.n_iter_, resumed.stop_reason_) == (3, 12, reason)
+    assert torch.equal(resumed.perturbation_, done.perturbation_) and resumed.best_epoch_ == done.best_epoch_
+    assert untimed(resumed.history_) == untimed(done.history_)

@@ -17,6 +17,7 @@ from processes import TIMEOUT_S
 
 from krtfuap.apps.cli import main
 from krtfuap.attack import UAPAttack
+from krtfuap.key_regions import KeyRegions
 from krtfuap.models import INSIGHTFACE_MBF_THRESHOLD
 from krtfuap.pretrained import default_cloak_path
 
@@ -123,15 +124,21 @@ def test_fit_command_fits_and_saves(tmp_path: Path) -> None:
         for index in range(2):
             Image.fromarray(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)).save(root / person / f"{index}.jpg")
     output = tmp_path / "cloak.safetensors"
+    threads = torch.get_num_threads()
     assert main(["fit", str(root), "--output", str(output), "--max-time", "0.01", "--augment", "none",
-                 "--threshold", "0.3", "--quiet"]) == 0
+                 "--threshold", "0.3", "--threads", "1", "--quiet"]) == 0
+    assert torch.get_num_threads() == threads  # set for the fit only
+    from safetensors import safe_open
+
+    with safe_open(str(output), framework="pt") as handle:
+        assert json.loads(handle.metadata()["params"])["num_threads"] == 1  # the file records how it was fitted
     attack = UAPAttack.load(output)
     assert attack.threshold_ == 0.3 and attack.n_iter_ >= 1 and attack.perturbation_.abs().max() <= 0.08
-    assert not attack.use_key_regions and torch.equal(attack.mask_, torch.ones(112, 112))
+    assert attack.key_regions is None and torch.equal(attack.mask_, torch.ones(112, 112))
     assert main(["fit", str(root), "--output", str(output), "--max-time", "0.01", "--key-regions",
                  "--threshold", "0.3", "--quiet"]) == 0
     keyed = UAPAttack.load(output)
-    assert keyed.use_key_regions and 0 < keyed.mask_.mean() < 1
+    assert keyed.key_regions == KeyRegions() and 0 < keyed.mask_.mean() < 1
     assert main(["fit", str(root), "--output", str(output), "--max-time", "0.01", "--augment", "round_trip",
                  "--lowpass-size", "56", "--threshold", "0.3", "--quiet"]) == 0
     for_photos = UAPAttack.load(output)

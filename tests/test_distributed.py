@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from krtfuap import distributed
 from krtfuap.attack import UAPAttack
+from krtfuap.key_regions import KeyRegions
 
 WORLD_SIZE = 2
 GLOBAL_BATCH = 8
@@ -31,7 +32,7 @@ ATOL = 1e-5
 def make_attack(batch_size: int, **params) -> UAPAttack:
     # threshold 0.995 and small initial noise make a part of each batch fooled mid-fit, so skip_fooled matters.
     settings = dict(
-        threshold=0.995, stealth_loss="ssim", use_key_regions=True, skip_fooled=True, init_scale=0.1,
+        threshold=0.995, stealth_loss="ssim", key_regions=KeyRegions(), skip_fooled=True, init_scale=0.1,
         target_fooling_rate=0.75, max_epochs=8, shuffle=False,  # shuffled shards cannot match one process's order
         batch_size=batch_size,
     )

@@ -70,7 +70,7 @@ class PixelModel(nn.Module):
 def fit(**keywords) -> UAPAttack:
     faces = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.8 + 0.1
     return UAPAttack(
-        PixelModel(), threshold=0.0, stealth_loss=None, use_key_regions=False, max_epochs=2, batch_size=4,
+        PixelModel(), threshold=0.0, stealth_loss=None, key_regions=None, max_epochs=2, batch_size=4,
         random_state=0, **keywords,
     ).fit(faces)
 
@@ -85,5 +85,5 @@ def test_input_diversity_changes_the_fit_and_stays_repeatable():
 
 
 def test_uapattack_checks_the_diversity_settings_before_fitting():
-    with pytest.raises(ValueError, match="input diversity probability must be in \\[0, 1\\]"):
+    with pytest.raises(ValueError, match="input_diversity must be a number in \\[0, 1\\], got 2.0"):
         fit(input_diversity=2.0)

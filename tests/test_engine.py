@@ -12,7 +12,9 @@ from torch import nn
 
 from krtfuap._ops import call_model
 from krtfuap.attack import UAPAttack, adapt_stealth_weight
+from krtfuap.key_regions import KeyRegions
 from krtfuap.baselines import FGUAP, DeepFoolUAP, FrequencyUAP, RandomNoiseUAP
+from krtfuap._batches import FitData
 from krtfuap.engine import FitLoop, Solver, frozen, selection_key
 from krtfuap.models.ensemble import EnsembleEmbedder
 from krtfuap.scoring import score_perturbation
@@ -24,7 +26,7 @@ ESTIMATORS = [UAPAttack, RandomNoiseUAP, DeepFoolUAP, FGUAP, FrequencyUAP]
 def make(cls, model=None, **params):
     settings = dict(threshold=0.99, epsilon=0.08, max_epochs=3)
     if cls is UAPAttack:
-        settings.update(masker=torch.full((SIZE, SIZE), 0.5), use_key_regions=True)
+        settings.update(key_regions=KeyRegions(masker=torch.full((SIZE, SIZE), 0.5)))
     return tiny_attack(cls, model, **{**settings, **params})
 
 
@@ -105,8 +107,7 @@ class _ScriptedSolver(Solver):
 
 def _loop(**params) -> FitLoop:
     model = TinyEmbedder()
-    settings = dict(embed=model, threshold=0.5, device=torch.device("cpu"), batch_size=8,
-                    max_epochs=4, target_fooling_rate=1.0)
+    settings = dict(embed=model, threshold=0.5, device=torch.device("cpu"), max_epochs=4, target_fooling_rate=1.0)
     settings.update(params)
     return FitLoop(**settings)
 
@@ -114,8 +115,8 @@ def _loop(**params) -> FitLoop:
 def _scripted(loop: FitLoop, fooling_rates: list[float], monkeypatch) -> None:
     scores = iter(fooling_rates)
 
-    def scorer(data, size, cache):
-        return lambda perturbation: {"fooling_rate": next(scores), "mean_similarity": 0.0, "ssim": 1.0,
+    def scorer(data, cache):
+        return lambda perturbation, epoch: {"fooling_rate": next(scores), "mean_similarity": 0.0, "ssim": 1.0,
                                      "psnr": 40.0, "n_images": 16}
 
     monkeypatch.setattr(loop, "_scorer", scorer)
@@ -137,10 +138,9 @@ class _RecordingSolver(Solver):
 
 def _epochs_seen(shuffle: bool, n_faces: int = 10, batch_size: int = 4, epochs: int = 3):
     data = faces(n_faces)
-    loop = _loop(batch_size=batch_size, max_epochs=epochs, shuffle=shuffle,
-                 generator=torch.Generator().manual_seed(0))
+    loop = _loop(max_epochs=epochs, shuffle=shuffle, generator=torch.Generator().manual_seed(0))
     solver = _RecordingSolver()
-    loop.run(data, solver, (SIZE, SIZE))
+    loop.run(FitData(data, batch_size, shuffle=shuffle), solver)
     per_epoch = -(-n_faces // batch_size)
     assert len(solver.batches) == per_epoch * epochs
     orders = []
@@ -171,7 +171,7 @@ def test_without_shuffle_every_epoch_keeps_the_data_order():
 def test_loop_returns_the_best_scored_state_and_the_earliest_tie(monkeypatch):
     loop = _loop()
     _scripted(loop, [0.2, 0.6, 0.6, 0.1], monkeypatch)
-    result = loop.run(faces(), _ScriptedSolver(), (SIZE, SIZE))
+    result = loop.run(FitData(faces(), 8), _ScriptedSolver())
     assert result.best_epoch == 1 and result.n_epochs == 4 and result.stop_reason == "max_epochs"
     assert result.score["fooling_rate"] == 0.6
     # Two steps per epoch: the state after epoch 1 is 4 steps in.
@@ -182,14 +182,14 @@ def test_loop_returns_the_best_scored_state_and_the_earliest_tie(monkeypatch):
 def test_loop_stops_on_the_scored_fooling_rate(monkeypatch):
     loop = _loop(target_fooling_rate=0.5)
     _scripted(loop, [0.2, 0.6, 0.9], monkeypatch)
-    result = loop.run(faces(), _ScriptedSolver(), (SIZE, SIZE))
+    result = loop.run(FitData(faces(), 8), _ScriptedSolver())
     assert result.stop_reason == "target_fooling_rate" and result.n_epochs == 2 and result.n_iter == 4
 
 
 def test_loop_max_time_zero_takes_one_step_and_scores_it(monkeypatch):
     loop = _loop(max_time=0.0)
     _scripted(loop, [0.3], monkeypatch)
-    result = loop.run(faces(), _ScriptedSolver(), (SIZE, SIZE))
+    result = loop.run(FitData(faces(), 8), _ScriptedSolver())
     assert result.stop_reason == "max_time" and result.n_iter == 1 and len(result.epoch_scores) == 1
     assert torch.equal(result.snapshot["perturbation_"], torch.ones(3, SIZE, SIZE))
 
@@ -290,7 +290,7 @@ def test_interrupt_prints_one_line_and_keeps_the_previous_fit(monkeypatch, capsy
 # ------------------------------------------------------------------ resume safety
 @pytest.mark.parametrize("change, named", [
     (dict(lr=0.05), "lr"), (dict(epsilon=0.05), "epsilon"), (dict(random_state=1), "random_state"),
-    (dict(batch_size=4), "batch_size"), (dict(masker=torch.full((SIZE, SIZE), 0.25)), "data_digest"),
+    (dict(batch_size=4), "batch_size"), (dict(key_regions=KeyRegions(masker=torch.full((SIZE, SIZE), 0.25))), "data_digest"),
 ])
 def test_resume_refuses_a_checkpoint_of_another_fit(tmp_path, change, named):
     path = tmp_path / "fit.ckpt"
@@ -337,7 +337,7 @@ def test_baselines_checkpoint_and_resume_like_uapattack(cls, tmp_path):
     (dict(epsilon="0.08"), TypeError, "epsilon .*must be a number"),
     (dict(max_epochs=2.5), TypeError, "max_epochs must be an int"),
     (dict(batch_size=True), TypeError, "batch_size must be an int"),
-    (dict(target_ssim=1.0), ValueError, r"target_ssim must be in \(0, 1\)"),
+    (dict(target_ssim=1.0), ValueError, r"target_ssim must be a number in \(0, 1\) or None, got 1\.0"),
     (dict(lr=float("inf")), ValueError, "lr must be a finite number"),
     (dict(shuffle="yes"), TypeError, "shuffle must be True or False"),
 ])

@@ -45,7 +45,7 @@ def test_uapattack_accepts_a_list_of_models_and_moves_every_member():
     models = members()
     faces = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     attack = UAPAttack(
-        models, threshold=0.5, stealth_loss=None, use_key_regions=False, max_epochs=2, batch_size=4, random_state=0
+        models, threshold=0.5, stealth_loss=None, key_regions=None, max_epochs=2, batch_size=4, random_state=0
     ).fit(faces)
     result = attack.evaluate(faces)
     clean = torch.stack([F.cosine_similarity(m(attack.transform(faces)), m(faces)) for m in models]).mean(0)

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import warnings
+
 import pytest
 import torch
+from safetensors import safe_open
 
+import krtfuap
 from krtfuap import pretrained
 from krtfuap.attack import UAPAttack
 from krtfuap.baselines import RandomNoiseUAP
 from krtfuap.datasets import FaceFolder, split_identities
 from krtfuap.models import INSIGHTFACE_MBF_THRESHOLD
+
+#: sha256 of the shipped perturbation's float16 bytes, as fitted by examples/fit_default_cloak.py; re-saving
+#: the file (format 2, its true parameters) must not change a bit of it.
+PERTURBATION_SHA256 = "ff759bfc501d2c13c4e385aefee656cd1322885dad5899c1f1e1a25008e8dd6b"
 
 
 def test_the_ready_cloak_ships_small_and_loads_inside_its_budget() -> None:
@@ -25,6 +35,25 @@ def test_the_ready_cloak_ships_small_and_loads_inside_its_budget() -> None:
     assert cloak.target_ssim == 0.93 and cloak.n_iter_ >= 1000
     faces = torch.rand(2, 3, 112, 112)
     assert torch.equal(cloak.transform(faces), (faces + cloak.perturbation_).clamp(0, 1))
+
+
+def test_the_ready_cloak_file_carries_its_true_parameters_and_the_fitted_bits() -> None:
+    path = pretrained.default_cloak_path()
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        stored = handle.get_tensor("perturbation_")
+    assert metadata["format"] == "krtfuap.UAPAttack/2" and metadata["krtfuap_version"] == krtfuap.__version__
+    assert set(json.loads(metadata["params"])) == set(UAPAttack(None).get_params())
+    assert stored.dtype == torch.float16
+    assert hashlib.sha256(stored.numpy().tobytes()).hexdigest() == PERTURBATION_SHA256
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a file of format 2 leaves no parameter to today's defaults
+        cloak = pretrained.default_cloak(model=None)
+    # examples/fit_default_cloak.py fitted it with these (shuffle=False: the faces in a fixed order).
+    assert cloak.shuffle is False and cloak.key_regions is None and cloak.lowpass_size is None
+    assert (cloak.max_steps, cloak.lr_decay_steps, cloak.random_state, cloak.batch_size) == (1200, 1200, 0, 10)
+    assert torch.equal(cloak.perturbation_, stored.float())
+
 
 
 @pytest.mark.real

@@ -311,3 +311,81 @@ def test_strings_and_dicts_are_not_taken_for_loaders(data):
 
     with pytest.raises(TypeError, match="must be a \\(N, 3, H, W\\) tensor or an iterable of image batches"):
         next(iter_image_batches(data))
+
+
+# --------------------------------------------------------------------------- FitData
+
+
+def _face_ids(batches) -> list[int]:
+    """Which face each row is, for faces whose first pixel holds their index / 100."""
+    return [round(float(face[0, 0, 0]) * 100) for images in batches for face in images]
+
+
+def _numbered(n: int = 10) -> torch.Tensor:
+    faces = torch.rand(n, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    faces[:, 0, 0, 0] = torch.arange(n) / 100
+    return faces
+
+
+def _orders(data, epochs: int = 3, seed: int = 0) -> list[list[int]]:
+    from krtfuap._batches import FitData
+
+    fit = FitData(data, 4, shuffle=True)
+    generator = torch.Generator().manual_seed(seed)
+    return [_face_ids(images for images, _ in fit.epoch(epoch, generator)) for epoch in range(epochs)]
+
+
+@pytest.mark.parametrize("kind", ["tensor", "loader"])
+def test_fit_data_shuffles_the_faces_of_a_tensor_or_a_loader_from_its_generator(kind):
+    faces = _numbered()
+    data = faces if kind == "tensor" else DataLoader(TensorDataset(faces), batch_size=4, shuffle=True)
+    orders = _orders(data)
+    assert all(sorted(order) == list(range(10)) for order in orders)  # every face once per epoch
+    assert len({tuple(order) for order in orders}) == 3  # a new order every epoch
+    assert _orders(data) == orders and _orders(data, seed=1) != orders  # drawn from the generator alone
+
+
+def test_fit_data_keeps_a_loader_streaming_with_its_batch_size():
+    from krtfuap._batches import FitData
+
+    loader = DataLoader(TensorDataset(_numbered()), batch_size=4)
+    fit = FitData(loader, 99, shuffle=True)
+    batches = list(fit.epoch(0, torch.Generator().manual_seed(0)))
+    assert [len(images) for images, _ in batches] == [4, 4, 2] and all(rows is None for _, rows in batches)
+    assert _face_ids(fit) == list(range(10))  # the loader's own order when read in order
+
+
+def test_fit_data_reorders_the_batches_of_a_list():
+    batches = list(_numbered(12).split(3))
+    orders = _orders(batches)
+    assert all(sorted(order) == list(range(12)) for order in orders)
+    for order in orders:  # the faces of a batch stay together
+        assert all(order[k:k + 3] == list(range(order[k], order[k] + 3)) for k in range(0, 12, 3))
+    assert len({tuple(order) for order in orders}) > 1
+
+
+def test_fit_data_refuses_to_shuffle_what_streams_in_its_own_order():
+    from torch.utils.data import IterableDataset
+
+    from krtfuap._batches import FitData
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            yield from _numbered()
+
+    loader = DataLoader(Stream(), batch_size=4)
+    with pytest.raises(ValueError, match=r"shuffle=True cannot reorder the faces of X, a DataLoader.*set shuffle=False"):
+        FitData(loader, 4, shuffle=True)
+    assert _face_ids(FitData(loader, 4)) == list(range(10))
+
+
+def test_fit_data_reads_a_tensor_in_order_as_views_and_checks_the_size_of_validation_faces():
+    from krtfuap._batches import FitData
+
+    faces = _numbered()
+    fit = FitData(faces, 4)
+    assert fit.size == (4, 4) and fit.is_tensor
+    batches = [images for images, _ in fit.epoch(0, None)]
+    assert all(images.untyped_storage().data_ptr() == faces.untyped_storage().data_ptr() for images in batches)
+    with pytest.raises(ValueError, match=r"share one size; got \(5, 5\) after \(4, 4\)"):
+        FitData(torch.rand(2, 3, 5, 5), 4, name="validation", size=fit.size)

@@ -10,6 +10,7 @@ path and imports it only when :meth:`Method.build` runs. Import them from
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +31,8 @@ class Method:
     estimator : str
         Import path of the estimator class, e.g. ``"krtfuap.attack.UAPAttack"``.
     options : mapping
-        Keyword arguments that make this method (ablation switches), passed to the class.
+        Keyword arguments that make this method (ablation switches), passed to the class;
+        ``("KeyRegions", {...})`` stands for ``KeyRegions(...)``, built when the method is.
     stealth : bool
         Whether the method has a stealth term: it is then fitted with the SSIM
         stealth loss and ``stealth_weight``.
@@ -63,14 +65,27 @@ class Method:
         """
         module, _, name = self.estimator.rpartition(".")
         cls = getattr(importlib.import_module(module), name)
+        options = {key: _built(value) for key, value in self.options.items()}
+        # Random noise learns nothing: the loop's settings (stopping rules) are not among its parameters.
+        common = {key: value for key, value in common.items() if key in inspect.signature(cls).parameters}
         if self.stealth:
-            return cls(model, stealth_loss="ssim", stealth_weight=stealth_weight, **self.options, **common)
-        return cls(model, **self.options, **common)
+            return cls(model, stealth_loss="ssim", stealth_weight=stealth_weight, **options, **common)
+        return cls(model, **options, **common)
+
+
+def _built(value: Any) -> Any:
+    """An option as the estimator takes it: ``("KeyRegions", {...})`` becomes a :class:`krtfuap.KeyRegions`
+    (imported only now, so listing the methods loads no torch)."""
+    if isinstance(value, tuple) and value[:1] == ("KeyRegions",):
+        from krtfuap.key_regions import KeyRegions
+
+        return KeyRegions(**value[1])
+    return value
 
 
 def _krt(label: str, table: str, **switches: Any) -> Method:
     """A KRT-FUAP row: ``UAPAttack`` with the paper's key regions and constant rates, unless ``switches`` differ."""
-    options = {"use_key_regions": True, "lr_decay_steps": None, **switches}
+    options = {"key_regions": ("KeyRegions", {}), "lr_decay_steps": None, **switches}
     return Method(label, table, "krtfuap.attack.UAPAttack", options, stealth=True)
 
 
@@ -85,8 +100,9 @@ METHODS: dict[str, Method] = {
     "uap": _baseline("UAP (DeepFool)", "DeepFoolUAP"),
     "fg-uap": _baseline("FG-UAP", "FGUAP"),
     "frequency-uap": _baseline("Frequency UAP (re-impl.)", "FrequencyUAP"),
-    "no-key-regions": _krt("KRT-FUAP, global (no mask)", "Table 3", use_key_regions=False),
-    "fixed-key-regions": _krt("KRT-FUAP, fixed regions (no flow)", "Table 4", learn_flow=False),
+    "no-key-regions": _krt("KRT-FUAP, global (no mask)", "Table 3", key_regions=None),
+    "fixed-key-regions": _krt("KRT-FUAP, fixed regions (no flow)", "Table 4",
+                              key_regions=("KeyRegions", {"learn_flow": False})),
     "cosine-loss": _krt("KRT-FUAP, cosine loss", "Table 5", adversarial_loss="cosine"),
     "euclidean-loss": _krt("KRT-FUAP, Euclidean loss", "Table 5", adversarial_loss="euclidean"),
     "krt-fuap-di": _krt("KRT-FUAP + input diversity", "Table 2", input_diversity=0.5),

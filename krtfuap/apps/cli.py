@@ -309,6 +309,8 @@ def _add_fit_parser(commands: argparse._SubParsersAction) -> None:
     fit.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     fit.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     fit.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    fit.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                     help="torch CPU threads while fitting (default: torch's own setting)")
     fit.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     fit.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     fit.set_defaults(run=_run_fit, output_is_file=True)
@@ -323,6 +325,7 @@ def _run_fit(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
 
     from krtfuap.attack import UAPAttack
     from krtfuap.datasets import FaceFolder, PairDataset, read_pairs
+    from krtfuap.key_regions import KeyRegions
     from krtfuap.models import INSIGHTFACE_MBF_THRESHOLD, load_face_model
 
     if args.resume and args.checkpoint is None:
@@ -340,16 +343,13 @@ def _run_fit(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
     attack = UAPAttack(
         load_face_model(args.model, args.weights), threshold=threshold, epsilon=args.epsilon,
         target_ssim=args.target_ssim, augment=None if args.augment == "none" else args.augment,
-        lowpass_size=args.lowpass_size, use_key_regions=args.key_regions, target_fooling_rate=1.0,
-        max_time=args.max_time or None, random_state=args.seed,
-        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        lowpass_size=args.lowpass_size, key_regions=KeyRegions() if args.key_regions else None,
+        target_fooling_rate=1.0, max_time=args.max_time or None, random_state=args.seed,
+        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), num_threads=args.threads,
         checkpoint_path=args.checkpoint, verbose=not args.quiet,
     )
-    # A new order of the faces every epoch, as UAPAttack(shuffle=True) does for a tensor; the loader draws it
-    # from torch's global generator, which checkpoints save and --resume restores.
-    torch.manual_seed(args.seed)
-    attack.fit(DataLoader(Subset(faces, indices), batch_size=attack.batch_size, shuffle=attack.shuffle), pairs=pairs,
-               resume=args.resume)
+    # The faces stream from the folder; UAPAttack(shuffle=True) reads them in a new order every epoch.
+    attack.fit(DataLoader(Subset(faces, indices), batch_size=attack.batch_size), pairs=pairs, resume=args.resume)
     attack.save(args.output)
     if not args.quiet:
         print(f"fitted on {len(indices)} faces in {attack.fit_time_:.0f} s ({attack.n_iter_} steps): fooling rate "

@@ -1,0 +1,373 @@
+"""The declared surface of every estimator (krtfuap/estimator.py): parameters, clone, save / load.
+
+The parameter test is driven by each class's ``_parameter_constraints`` table, so a parameter
+added to a table is fed a wrong type and a wrong value here without a new line of test.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from fakes import TinyEmbedder
+from safetensors import safe_open
+from safetensors.torch import save_file
+from sklearn.base import clone
+from torch import nn
+
+import krtfuap
+from krtfuap import baselines
+from krtfuap._validation import DeviceLike, FaceModelLike, Interval, Options, RandomStateLike
+from krtfuap.attack import UAPAttack
+from krtfuap.engine import STEP_RECORD_KEYS, STOP_REASONS
+from krtfuap.estimator import PARAMETER_DOCS, NotSaved, PerturbationEstimator
+from krtfuap.key_regions import KeyRegions
+
+SIZE = 16
+#: Every public estimator: UAPAttack and each estimator class of krtfuap.baselines.
+ESTIMATORS = [UAPAttack] + [
+    cls for _, cls in inspect.getmembers(baselines, inspect.isclass)
+    if issubclass(cls, PerturbationEstimator) and cls.__module__ == baselines.__name__
+]
+
+
+def faces(n: int = 8, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+class Recording(TinyEmbedder):
+    """A face model that counts its calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return super().forward(x)
+
+
+def valid_settings(cls: type) -> dict:
+    settings = dict(threshold=0.5, batch_size=4, random_state=0)
+    if "max_epochs" in cls._parameter_constraints:
+        settings["max_epochs"] = 1
+    return settings
+
+
+# ------------------------------------------------------------- values from the tables
+WRONG_TYPES = (object(), "not-an-option", 1.5, 3, True, None, [object()])
+
+
+def wrong_type(constraints: list) -> object | None:
+    """A value of a kind no constraint of the list admits (``None`` when every kind is admitted)."""
+    for candidate in WRONG_TYPES:
+        if candidate is None:
+            if None not in constraints:
+                return candidate
+            continue
+        if not any(c is not None and c.admits_type(candidate) for c in constraints):
+            return candidate
+    return None
+
+
+def wrong_values(constraints: list) -> list:
+    """Values of an admitted kind that the constraints refuse (out of range, NaN, unknown option ...)."""
+    values: list = []
+    for constraint in constraints:
+        if isinstance(constraint, Interval):
+            low_open = constraint.closed in ("right", "neither")
+            high_open = constraint.closed in ("left", "neither")
+            if constraint.low is not None:
+                values.append(constraint.kind(constraint.low) if low_open else constraint.kind(constraint.low - 1))
+            if constraint.high is not None:
+                values.append(constraint.kind(constraint.high) if high_open else constraint.kind(constraint.high + 1))
+            if constraint.kind is float:
+                values.append(math.nan)
+        elif isinstance(constraint, Options):
+            values.append("bogus")
+        elif isinstance(constraint, RandomStateLike):
+            values.append(-1)
+        elif isinstance(constraint, DeviceLike):
+            values.append("banana")
+        elif isinstance(constraint, FaceModelLike):
+            values.append([])
+    # A value another constraint of the list accepts is not wrong (e.g. "auto" for lr_decay_steps).
+    return [v for v in values if not any(c is not None and c.admits_type(v) and c.problem(v) is None
+                                         for c in constraints)]
+
+
+def bad_cases():
+    for cls in ESTIMATORS:
+        for name, constraints in cls._parameter_constraints.items():
+            kind = wrong_type(constraints)
+            if kind is not None:
+                yield pytest.param(cls, name, kind, TypeError, id=f"{cls.__name__}-{name}-type")
+            for index, value in enumerate(wrong_values(constraints)):
+                yield pytest.param(cls, name, value, ValueError, id=f"{cls.__name__}-{name}-value{index}")
+
+
+@pytest.mark.parametrize("cls, name, value, error", list(bad_cases()))
+def test_every_parameter_is_refused_by_name_before_the_model_is_called(cls, name, value, error):
+    model = Recording()
+    # threshold=None: the fit would calibrate it on the pairs first, calling the model.
+    settings = {**valid_settings(cls), "threshold": None}
+    attack = cls(value, **settings) if name == "model" else cls(model, **{**settings, name: value})
+    pairs = [(faces(4), faces(4, seed=1), torch.tensor([True, False, True, False]))]
+    with pytest.raises(error, match=rf"^{name}\b") as info:
+        attack.fit(faces(), pairs=pairs)
+    assert "\n" not in str(info.value)
+    assert model.calls == 0, "the model was called (calibration, mask fitting or a step) before the check"
+    # set_params checks the same table, and leaves the estimator as it was.
+    good = cls(model, **valid_settings(cls))
+    before = good.get_params()
+    with pytest.raises(error, match=rf"^{name}\b"):
+        good.set_params(**{name: value})
+    assert all(good.get_params()[key] is before[key] for key in before)
+
+
+def test_the_parameter_test_covers_every_estimator_and_its_whole_signature():
+    assert {cls.__name__ for cls in ESTIMATORS} == {"UAPAttack", "RandomNoiseUAP", "DeepFoolUAP", "FGUAP",
+                                                     "FrequencyUAP"}
+    for cls in ESTIMATORS:
+        assert set(cls._parameter_constraints) == set(inspect.signature(cls).parameters), cls
+        for name in cls._parameter_constraints:
+            assert f"\n    {name} : " in cls.__doc__, f"{cls.__name__}.{name} is undocumented"
+        assert "[[" not in cls.__doc__
+
+
+@pytest.mark.parametrize("field", [f for f in KeyRegions._parameter_constraints])
+def test_every_key_region_option_is_refused_by_name_when_made(field):
+    constraints = KeyRegions._parameter_constraints[field]
+    bad = [(wrong_type(constraints), TypeError)] + [(value, ValueError) for value in wrong_values(constraints)]
+    for value, error in bad:
+        with pytest.raises(error, match=rf"^KeyRegions\.{field}\b"):
+            KeyRegions(**{field: value})
+
+
+@pytest.mark.parametrize("cls", ESTIMATORS)
+def test_shared_parameters_are_declared_and_documented_once_in_the_base(cls):
+    for name, constraints in cls._parameter_constraints.items():
+        if name in PerturbationEstimator._parameter_constraints:
+            assert constraints is PerturbationEstimator._parameter_constraints[name], name
+            entry = "\n".join(f"    {line}" for line in PARAMETER_DOCS[name].splitlines())
+            assert entry in cls.__doc__, name
+
+
+def test_numpy_scalars_are_taken_where_python_numbers_are():
+    plain = UAPAttack(TinyEmbedder(), threshold=0.5, epsilon=0.05, max_epochs=2, batch_size=4, random_state=0,
+                      lowpass_size=8, max_steps=3).fit(faces())
+    numpy = UAPAttack(TinyEmbedder(), threshold=np.float64(0.5), epsilon=np.float32(0.05), max_epochs=np.int64(2),
+                      batch_size=np.int64(4), random_state=np.int64(0), lowpass_size=np.int32(8),
+                      max_steps=np.int64(3), shuffle=np.bool_(True)).fit(faces())
+    assert torch.allclose(numpy.perturbation_, plain.perturbation_, atol=1e-7)
+    assert numpy.n_iter_ == plain.n_iter_ == 3
+
+
+def test_a_device_that_is_absent_or_unknown_is_named_before_any_work():
+    with pytest.raises(ValueError, match=r"^device must be a device torch knows, such as 'cpu'"):
+        UAPAttack(Recording(), threshold=0.5, device="banana").fit(faces())
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"^device is 'cuda', but no CUDA GPU is available here"):
+            UAPAttack(Recording(), threshold=0.5, device="cuda").fit(faces())
+
+
+def test_rules_between_parameters_are_checked_by_fit_before_the_model():
+    model = Recording()
+    with pytest.raises(ValueError, match="target_ssim needs a stealth loss"):
+        UAPAttack(model, threshold=0.5, target_ssim=0.9, stealth_loss=None).fit(faces())
+    assert model.calls == 0
+
+
+# -------------------------------------------------------------------------- clone
+@pytest.mark.parametrize("cls", ESTIMATORS)
+def test_clone_shares_the_face_model_and_copies_the_rest(cls):
+    attack = cls(TinyEmbedder(), **valid_settings(cls))
+    copy = clone(attack)
+    assert copy.model is attack.model
+    assert copy.get_params().keys() == attack.get_params().keys()
+    ensemble = cls([TinyEmbedder(), TinyEmbedder()], **valid_settings(cls))
+    assert all(a is b for a, b in zip(clone(ensemble).model, ensemble.model))
+
+
+def test_clone_of_key_regions_keeps_the_group():
+    regions = KeyRegions(learn_flow=False, flow_bound=0.5)
+    assert clone(UAPAttack(TinyEmbedder(), key_regions=regions)).key_regions == regions
+
+
+# ---------------------------------------------------------------- step records
+@pytest.mark.parametrize("cls", [cls for cls in ESTIMATORS if "max_epochs" in cls._parameter_constraints])
+def test_every_learning_estimator_records_the_shared_step_keys(cls):
+    attack = cls(TinyEmbedder(), **valid_settings(cls)).fit(faces())
+    assert attack.history_ and all(set(STEP_RECORD_KEYS) <= set(record) for record in attack.history_)
+
+
+def test_every_stop_reason_the_loop_sets_is_documented():
+    import re
+
+    import krtfuap.engine
+
+    lines = [line for line in inspect.getsource(krtfuap.engine).splitlines() if "stop_reason" in line]
+    in_code = {word for line in lines for word in re.findall(r'"(\w+)"', line)}
+    assert in_code == set(STOP_REASONS)
+    for reason in STOP_REASONS:
+        assert f'``"{reason}"``' in PerturbationEstimator.__doc__, reason
+
+
+# ------------------------------------------------------------------ save / load
+def _metadata(path) -> dict:
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.metadata()
+
+
+def _rewrite(path, out, **metadata) -> None:
+    with safe_open(str(path), framework="pt") as handle:
+        stored = {name: handle.get_tensor(name) for name in handle.keys()}
+        meta = {**handle.metadata(), **metadata}
+    save_file(stored, str(out), metadata=meta)
+
+
+@pytest.mark.parametrize("cls", ESTIMATORS)
+def test_a_saved_file_carries_every_parameter_a_format_and_the_version(cls, tmp_path):
+    attack = cls(TinyEmbedder(), **valid_settings(cls)).fit(faces())
+    path = tmp_path / "attack.safetensors"
+    attack.save(path)
+    metadata = _metadata(path)
+    assert metadata["format"] == "krtfuap.UAPAttack/2" and metadata["krtfuap_version"] == krtfuap.__version__
+    params = json.loads(metadata["params"])
+    assert set(params) == set(attack.get_params())
+    assert params["model"] == {"not_saved": "a fakes.TinyEmbedder module"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is taken from today's defaults
+        loaded = cls.load(path)
+    machine = {"device", "checkpoint_path", "num_threads"}
+    assert {k: v for k, v in loaded.get_params().items() if k not in machine | {"model"}} == {
+        k: v for k, v in attack.get_params().items() if k not in machine | {"model"}
+    }
+
+
+def test_values_a_file_cannot_hold_come_back_described_and_fit_asks_for_them(tmp_path):
+    def my_loss(adversarial, clean):
+        return (adversarial - clean).abs().mean()
+
+    mask = torch.full((SIZE, SIZE), 0.5)
+    attack = UAPAttack(TinyEmbedder(), threshold=0.5, max_epochs=1, batch_size=4, stealth_loss=my_loss,
+                       key_regions=KeyRegions(masker=mask), checkpoint_path=tmp_path / "fit.ckpt",
+                       device="cpu").fit(faces())
+    path = tmp_path / "attack.safetensors"
+    attack.save(path)
+    params = json.loads(_metadata(path)["params"])
+    assert params["stealth_loss"]["not_saved"].endswith("my_loss")
+    assert params["key_regions"]["not_saved"].startswith("KeyRegions(masker=a tensor of shape (16, 16)")
+    assert params["checkpoint_path"] == str(tmp_path / "fit.ckpt") and params["device"] == "cpu"
+    loaded = UAPAttack.load(path, TinyEmbedder())
+    assert isinstance(loaded.stealth_loss, NotSaved) and "my_loss" in loaded.stealth_loss.description
+    assert loaded.checkpoint_path is None and loaded.device is None  # where it ran, not what it learned
+    assert torch.equal(loaded.mask_, mask)
+    with pytest.raises(ValueError, match=r"^key_regions, stealth_loss could not be kept in the file .*stealth_loss "
+                                         r"was the callable .*my_loss\); set them again with "
+                                         r"set_params\(key_regions=\.\.\., stealth_loss=\.\.\.\)"):
+        loaded.fit(faces())
+    loaded.set_params(stealth_loss="ssim", key_regions=KeyRegions(masker=mask)).fit(faces())
+
+
+def test_a_format_1_file_loads_and_names_what_it_takes_from_todays_defaults(tmp_path):
+    attack = UAPAttack(TinyEmbedder(), threshold=0.5, max_epochs=1, batch_size=4, random_state=0,
+                       key_regions=KeyRegions(learn_flow=False)).fit(faces())
+    path, old = tmp_path / "new.safetensors", tmp_path / "old.safetensors"
+    attack.save(path)
+    params = json.loads(_metadata(path)["params"])
+    # What a file of format 1 held: the key-region options flat, no shuffle / num_threads / lowpass_size.
+    for name in ("key_regions", "shuffle", "num_threads", "lowpass_size", "model", "device", "checkpoint_path"):
+        del params[name]
+    params.update(use_key_regions=True, masker=None, learn_flow=False, flow_bound=1.0, flow_unit="pixels",
+                  flow_lr=None)
+    _rewrite(path, old, format="krtfuap.UAPAttack/1", params=json.dumps(params))
+    with pytest.warns(UserWarning, match=r"older krtfuap \(format 1\) without the parameters \['lowpass_size', "
+                                         r"'shuffle'\]; .*today's defaults"):
+        loaded = UAPAttack.load(old)
+    assert loaded.key_regions == KeyRegions(learn_flow=False)
+    assert torch.equal(loaded.perturbation_, attack.perturbation_)
+
+
+def test_a_random_noise_file_of_format_1_drops_the_stopping_rules_it_never_used(tmp_path):
+    attack = baselines.RandomNoiseUAP(TinyEmbedder(), threshold=0.5, batch_size=4, random_state=0).fit(faces())
+    path, old = tmp_path / "new.safetensors", tmp_path / "old.safetensors"
+    attack.save(path)
+    params = json.loads(_metadata(path)["params"])
+    for name in ("num_threads", "amp", "channels_last", "model", "device"):
+        del params[name]
+    params.update(target_fooling_rate=0.8, max_epochs=50, max_time=None)
+    _rewrite(path, old, format="krtfuap.UAPAttack/1", params=json.dumps(params))
+    with pytest.warns(UserWarning, match=r"without the parameters \['amp', 'channels_last'\]"):
+        loaded = baselines.RandomNoiseUAP.load(old)
+    assert torch.equal(loaded.perturbation_, attack.perturbation_)
+
+
+def test_a_file_of_another_estimator_is_refused_naming_the_class_that_saved_it(tmp_path):
+    path = tmp_path / "attack.safetensors"
+    UAPAttack(TinyEmbedder(), threshold=0.5, max_epochs=1, batch_size=4, key_regions=KeyRegions()).fit(faces()).save(path)
+    with pytest.raises(ValueError, match=r"saved by UAPAttack, another attack class .*'key_regions'.*UAPAttack\.load"):
+        baselines.RandomNoiseUAP.load(path)
+
+
+def test_save_names_a_folder_in_the_place_of_its_partial_file(tmp_path):
+    attack = UAPAttack(TinyEmbedder(), threshold=0.5, max_epochs=1, batch_size=4).fit(faces())
+    (tmp_path / "attack.safetensors.partial").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"attack\.safetensors\.partial is a folder; move or remove"):
+        attack.save(tmp_path / "attack.safetensors")
+    assert (tmp_path / "attack.safetensors.partial").is_dir() and not (tmp_path / "attack.safetensors").exists()
+
+
+# ------------------------------------------------------------------ fit threads
+class ThreadsSeen(TinyEmbedder):
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: set[int] = set()
+
+    def forward(self, x):
+        self.threads.add(torch.get_num_threads())
+        return super().forward(x)
+
+
+def test_num_threads_holds_during_fit_and_evaluate_and_is_restored():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = ThreadsSeen()
+        attack = UAPAttack(model, threshold=0.5, max_epochs=1, batch_size=4, num_threads=1).fit(faces())
+        assert model.threads == {1} and torch.get_num_threads() == 2
+        model.threads.clear()
+        attack.evaluate(faces())
+        assert model.threads == {1} and torch.get_num_threads() == 2
+        model.threads.clear()
+        attack.set_params(num_threads=None).evaluate(faces())
+        assert model.threads == {2}  # None leaves torch's setting
+    finally:
+        torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------- the caller's data
+class InPlace(nn.Module):
+    """A model that scribbles on its input before embedding it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = TinyEmbedder()
+
+    def forward(self, x):
+        x.mul_(0.5)
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("cls", ESTIMATORS)
+def test_a_model_that_changes_its_input_in_place_never_changes_the_callers_faces(cls):
+    X = faces()
+    original = X.clone()
+    attack = cls(InPlace(), **valid_settings(cls)).fit(X)
+    attack.evaluate(X)
+    assert torch.equal(X, original)
