@@ -27,7 +27,10 @@ def make(cls, model=None, **params):
     settings = dict(threshold=0.99, epsilon=0.08, max_epochs=3)
     if cls is UAPAttack:
         settings.update(key_regions=KeyRegions(masker=torch.full((SIZE, SIZE), 0.5)))
-    return tiny_attack(cls, model, **{**settings, **params})
+    settings.update(params)
+    if cls is RandomNoiseUAP:  # nothing learned: no stopping rules to set
+        settings = {key: value for key, value in settings.items() if key not in ("max_epochs", "target_fooling_rate")}
+    return tiny_attack(cls, model, **settings)
 
 
 # --------------------------------------------------------------------------- frozen
