@@ -184,7 +184,7 @@ def deepfool_steps(
         adversarial = (images + perturbation + steps).clamp(0.0, 1.0)
         embeddings = check_embeddings(call_model(model, adversarial), len(images))
         with torch.no_grad():
-            active = cosine_similarity(embeddings, clean) >= threshold
+            active = ~fooled_by_similarity(cosine_similarity(embeddings, clean), threshold).to(images.device)
         if not active.any():
             break
         moved |= active
@@ -252,7 +252,7 @@ class _DeepFoolSolver(_TensorSolver):
         with torch.no_grad():
             similarity = cosine_similarity(self.embed((images + self.tensor).clamp(0.0, 1.0)), clean_embeddings)
         record = _batch_record(images, self.tensor, similarity, self.threshold)
-        todo = similarity >= self.threshold
+        todo = ~fooled_by_similarity(similarity, self.threshold).to(similarity.device)
         record["n_updated"] = int(todo.sum())
         update = torch.zeros_like(self.tensor)
         if todo.any():
