@@ -219,8 +219,8 @@ def _add_cloak_parser(commands: argparse._SubParsersAction) -> None:
                        help="written format (default: JPEG for JPEG inputs, PNG otherwise)")
     cloak.add_argument("--quality", type=_quality, default=95, help="JPEG quality 1-100 (default: %(default)s)")
     cloak.add_argument("--verify-model", default=None, metavar="NAME",
-                       help="face model that judges: insightface_mbf, foamliu_mobilefacenet, iresnet18/34/50/100 "
-                       "(default: --attack-model, with the attack's threshold)")
+                       help="face model that judges: insightface_mbf, sface, foamliu_mobilefacenet, "
+                       "iresnet18/34/50/100 (default: --attack-model, with the attack's threshold)")
     cloak.add_argument("--verify-weights", default=None, metavar="PATH", help="weights file of --verify-model")
     cloak.add_argument("--verify-threshold", type=_similarity, default=None, metavar="T",
                        help="cosine threshold of --verify-model (default: the attack's own threshold)")

