@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 __all__ = [
     "IMAGE_SUFFIXES",
     "MAX_IMAGE_PIXELS",
+    "is_image_file",
     "load_image",
     "FaceFolder",
     "split_identities",
@@ -139,12 +140,13 @@ def _load_sized(path: Path, size: Size, reference: str) -> torch.Tensor:
     return image
 
 
-def _is_image_file(path: Path) -> bool:
+def is_image_file(path: Path) -> bool:
+    """Whether ``path`` is a file that counts as an image: a suffix of :data:`IMAGE_SUFFIXES`, not hidden."""
     return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if _is_image_file(p))
+    return sorted(p for p in folder.iterdir() if is_image_file(p))
 
 
 class FaceFolder(Dataset):
