@@ -19,8 +19,9 @@ def default_num_threads() -> int:
     """Half the cores this process may run on, at least 1.
 
     Beside another process that uses every core, a run that also takes every core oversubscribes
-    the CPU and slows down many times over; half of them costs little when the machine is idle
-    (measured by ``benchmarks/cloak_speed.py``, :doc:`cloak`).
+    the CPU and slows down many times over: on the 2-core machine the photo cloak took 3 to 20 times
+    longer per photo with 2 threads than with 1 whenever other work ran, and 1.91 s per photo with 1
+    thread near idle (``benchmarks/cloak_speed.py``, :doc:`cloak`).
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores // 2)

@@ -528,7 +528,11 @@ class PhotoCloak:
             if verify:
                 stage = "verifying"
                 checks = self.verify(image, read_photo(target)[0], faces)
-        except Exception as error:  # any failure is this photo's alone; KeyboardInterrupt still stops the run
+        except KeyboardInterrupt:  # stops the run; what is on disk stays what the report lists
+            if stage != "reading":
+                target.unlink(missing_ok=True)
+            raise
+        except Exception as error:  # any other failure is this photo's alone
             if stage != "reading":
                 target.unlink(missing_ok=True)
             detail = str(error) if isinstance(error, (OSError, ValueError)) else f"{type(error).__name__}: {error}"
