@@ -73,7 +73,7 @@ from krtfuap.alignment import SCRFDDetector, detect_faces
 from krtfuap.apps.cloak import PhotoCloak, read_photo, summarise
 from krtfuap.attack import UAPAttack
 from krtfuap.metrics import embed
-from krtfuap.paste import face_to_photo_matrix
+from krtfuap.photo_face import face_to_photo_matrix
 from krtfuap.scoring import PerturbationScore, score_adversarial
 
 Pipeline = Callable[[Image.Image], Image.Image]

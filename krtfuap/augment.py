@@ -12,7 +12,10 @@ The module has three layers:
 
 * functions that apply one transform with given parameters, differentiable in
   the images: :func:`jpeg`, :func:`rescale`, :func:`similarity_warp`,
-  :func:`quantize`, :func:`photo_round_trip`;
+  :func:`quantize`, :func:`warp_to_face`, :func:`save_and_realign` (the simulated
+  save that :func:`photo_round_trip` and :func:`krtfuap.refine.refine_on_photo`
+  share), :func:`photo_round_trip`, and :func:`similarity_matrices` to build the
+  warps;
 * random transforms that draw those parameters and apply each to an image with
   probability ``p`` (:class:`RandomJPEG`, :class:`RandomRescale`,
   :class:`RandomRealign`, :class:`Quantize`, :class:`RandomPhotoRoundTrip`);
@@ -43,6 +46,9 @@ __all__ = [
     "rescale",
     "similarity_warp",
     "quantize",
+    "similarity_matrices",
+    "warp_to_face",
+    "save_and_realign",
     "photo_round_trip",
     "RandomTransform",
     "RandomJPEG",
@@ -262,12 +268,28 @@ def quantize(images: torch.Tensor, bits: int = 8) -> torch.Tensor:
     return _StraightThroughRound.apply(images, 2 ** _check_bits(bits) - 1)
 
 
-def _similarity_matrices(
+def similarity_matrices(
     angle: torch.Tensor, scale: float, shift: torch.Tensor, source: tuple[int, int], target: tuple[int, int]
 ) -> torch.Tensor:
-    """``(B, 3, 3)`` float64 similarities: turn by ``angle`` ``(B,)`` degrees (clockwise on screen) and scale by
-    ``scale`` about the centre of a ``source`` ``(height, width)`` grid, put it on the centre of a ``target`` grid
-    and shift by ``shift`` ``(B, 2)`` target pixels ``(x, y)``."""
+    """Similarity transforms that turn, scale and shift a grid about its centre onto another grid.
+
+    Parameters
+    ----------
+    angle : torch.Tensor
+        ``(B,)`` turns in degrees, clockwise on screen.
+    scale : float
+        Zoom factor about the centre of the ``source`` grid.
+    shift : torch.Tensor
+        ``(B, 2)`` shifts ``(x, y)`` in ``target`` pixels, after the centre of ``source`` is put on the
+        centre of ``target``.
+    source, target : (int, int)
+        ``(height, width)`` of the two grids.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B, 3, 3)`` float64 matrices, ``source`` pixels -> ``target`` pixels.
+    """
     count = len(angle)
     source_centre = torch.tensor([(source[1] - 1) / 2, (source[0] - 1) / 2], dtype=torch.float64)
     target_centre = torch.tensor([(target[1] - 1) / 2, (target[0] - 1) / 2], dtype=torch.float64)
@@ -277,6 +299,74 @@ def _similarity_matrices(
     translation = rotation[..., 2] + target_centre - source_centre + shift.double()
     bottom = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64).expand(count, 1, 3)
     return torch.cat([torch.cat([rotation[..., :2], translation[..., None]], dim=-1), bottom], dim=1)
+
+
+def warp_to_face(
+    photos: torch.Tensor, to_face: torch.Tensor, size: tuple[int, int], padding_mode: str = "border"
+) -> torch.Tensor:
+    """Sample aligned faces from photos, as a recogniser's alignment does (bilinear).
+
+    Parameters
+    ----------
+    photos : torch.Tensor
+        ``(B, 3, h, w)`` in ``[0, 1]``.
+    to_face : torch.Tensor
+        ``(B, 3, 3)`` or ``(B, 2, 3)``: photo pixels -> aligned-face pixels.
+    size : (int, int)
+        ``(height, width)`` of the aligned faces.
+    padding_mode : {"reflection", "border", "zeros"}
+        What fills the face where it reaches outside the photo.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B, 3, *size)``, same dtype and device, clamped to ``[0, 1]`` (bilinear weights in
+        float32 can sum to a hair above 1 and overshoot a white photo), differentiable with
+        respect to ``photos``.
+    """
+    _check_images(photos, "warp_to_face")
+    matrix = to_face[:, :2].to(photos)
+    warped = warp_affine(photos, matrix, tuple(size), mode="bilinear", padding_mode=padding_mode, align_corners=True)
+    return warped.clamp(0.0, 1.0)
+
+
+def save_and_realign(
+    photos: torch.Tensor,
+    to_face: torch.Tensor,
+    size: tuple[int, int],
+    quality: float | torch.Tensor | None = None,
+    padding_mode: str = "border",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A photo's way to a recogniser, simulated: an 8-bit save, then the face aligned again from it.
+
+    The save rounds to 8 bits; with ``quality`` it then JPEG-codes the photo at its own size (on
+    its own macroblock grid) and rounds the decoded photo again. Differentiable in the photos
+    (straight-through rounding, kornia's JPEG).
+
+    Parameters
+    ----------
+    photos : torch.Tensor
+        ``(B, 3, h, w)`` RGB in ``[0, 1]`` (values outside are clipped by the rounding).
+    to_face : torch.Tensor
+        ``(B, 3, 3)`` or ``(B, 2, 3)``: photo pixels -> aligned-face pixels, as :func:`warp_to_face`.
+    size : (int, int)
+        ``(height, width)`` of the aligned faces.
+    quality : float or torch.Tensor, optional
+        JPEG quality in ``[1, 100]``, one or ``(B,)``; ``None``: a lossless save.
+    padding_mode : {"reflection", "border", "zeros"}
+        As :func:`warp_to_face`.
+
+    Returns
+    -------
+    saved : torch.Tensor
+        ``(B, 3, h, w)`` the photos as saved and read back, in ``[0, 1]``.
+    faces : torch.Tensor
+        ``(B, 3, *size)`` the faces aligned from them, in ``[0, 1]``.
+    """
+    saved = quantize(photos)
+    if quality is not None:
+        saved = quantize(jpeg(saved, quality))
+    return saved, warp_to_face(saved, to_face, size, padding_mode)
 
 
 def photo_round_trip(
@@ -325,15 +415,14 @@ def photo_round_trip(
     zeros = torch.zeros(count, 3, dtype=torch.float64)
     paste = zeros if paste_jitter is None else paste_jitter.double().reshape(count, 3)
     realign = zeros if realign_jitter is None else realign_jitter.double().reshape(count, 3)
-    to_photo = _similarity_matrices(paste[:, 0], small[1] / width, paste[:, 1:], (height, width), small)
-    detected = _similarity_matrices(realign[:, 0], 1.0, realign[:, 1:], small, small)
+    to_photo = similarity_matrices(paste[:, 0], small[1] / width, paste[:, 1:], (height, width), small)
+    detected = similarity_matrices(realign[:, 0], 1.0, realign[:, 1:], small, small)
     to_face = torch.linalg.inv(detected @ to_photo)
     work = images.to(_compute_dtype(images))
-    options = dict(mode="bilinear", padding_mode="border", align_corners=True)
-    photo = quantize(warp_affine(work, to_photo[:, :2].to(work), small, **options))
-    if quality is not None:
-        photo = quantize(jpeg(photo, quality))
-    return warp_affine(photo, to_face[:, :2].to(work), (height, width), **options).clamp(0.0, 1.0).to(images.dtype)
+    photo = warp_affine(work, to_photo[:, :2].to(work), small, mode="bilinear", padding_mode="border",
+                        align_corners=True)
+    _, faces = save_and_realign(photo, to_face, (height, width), quality, padding_mode="border")
+    return faces.to(images.dtype)
 
 
 # ---------------------------------------------------------- random transforms

@@ -10,8 +10,7 @@ currently holds. :class:`FitLoop` owns everything else, once for all of them:
   batch to the model's own dtype, :func:`krtfuap._ops.call_model`);
 * freezing the face model (:func:`frozen`) and restoring the exact
   ``training`` flag of every submodule and ``requires_grad`` of every
-  parameter afterwards, also on error and Ctrl-C; torch's thread count
-  (:func:`torch_threads`);
+  parameter afterwards, also on error and Ctrl-C;
 * **honest stopping**: after every epoch (and when a limit cuts one short)
   the current perturbation is scored without gradient on the fit data (or a
   validation set) with :mod:`krtfuap.scoring`; the stop check, the reported
@@ -44,7 +43,7 @@ from krtfuap._validation import InstanceOf, Interval, check_embeddings, check_pa
 from krtfuap.distributed import any_rank, is_main_process, mean_over_ranks
 from krtfuap.scoring import PerturbationScore, score_batch
 
-__all__ = ["frozen", "torch_threads", "Solver", "FitLoop", "FitResult", "selection_key", "STEP_RECORD_KEYS",
+__all__ = ["frozen", "Solver", "FitLoop", "FitResult", "selection_key", "STEP_RECORD_KEYS",
            "STOP_REASONS"]
 
 _CHECKPOINT_FORMAT = "krtfuap.checkpoint/2"
@@ -106,26 +105,6 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
             module.training = training
         for parameter, requires_grad in grads:
             parameter.requires_grad_(requires_grad)
-
-
-@contextmanager
-def torch_threads(count: int | None) -> Iterator[None]:
-    """Run the body with ``torch.set_num_threads(count)``; the previous setting is restored after.
-
-    Parameters
-    ----------
-    count : int or None
-        Intra-op CPU threads of torch, ``>= 1``; ``None`` leaves torch's setting as it is.
-    """
-    if count is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(count))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 class Solver:

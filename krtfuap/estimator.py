@@ -63,10 +63,11 @@ from krtfuap._validation import (
     check_params,
 )
 from krtfuap.distributed import is_main_process
-from krtfuap.engine import FitLoop, FitResult, Solver, frozen, torch_threads
+from krtfuap.engine import FitLoop, FitResult, Solver, frozen
 from krtfuap.metrics import calibrate_threshold, pair_similarities
 from krtfuap.models.ensemble import EnsembleEmbedder
 from krtfuap.scoring import score_perturbation
+from krtfuap.threads import torch_threads
 
 __all__ = [
     "PerturbationEstimator",

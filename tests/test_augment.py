@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fakes import TinyEmbedder, random_faces, tiny_attack
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -28,7 +28,10 @@ from krtfuap.augment import (
     quantize,
     rescale,
     resolve_augment,
+    save_and_realign,
+    similarity_matrices,
     similarity_warp,
+    warp_to_face,
 )
 
 
@@ -146,6 +149,27 @@ def test_the_photo_round_trip_realigns_with_the_jitter_given():
     off = photo_round_trip(ramp, 0.5, realign_jitter=torch.tensor([[0.0, 1.0, 0.0]]))
     # keypoints found 1 photo pixel to the right: the aligned face moves 2 template pixels to the left
     assert torch.allclose(off[..., 10:-10, 10:-10], ramp[..., 10:-10, 12:-8], atol=2 / 255)
+
+
+@settings(max_examples=30, deadline=None)
+@given(angle=st.floats(-20.0, 20.0), scale=st.floats(0.5, 2.0), x=st.floats(-3.0, 3.0), y=st.floats(-3.0, 3.0))
+@example(angle=7.5, scale=0.7, x=0.3, y=-0.7)  # unclamped, bilinear sampling gives 1.00000012 here
+def test_aligning_a_white_photo_stays_white(angle, scale, x, y):
+    """Bilinear weights in float32 may sum to a hair above 1; the aligned face is clamped back into [0, 1]."""
+    white = torch.ones(1, 3, 96, 80)
+    to_face = similarity_matrices(torch.tensor([angle]), scale, torch.tensor([[x, y]]), (96, 80), (64, 64))
+    face = warp_to_face(white, to_face, (64, 64))
+    assert face.max() == 1.0 and face.min() > 1.0 - 1e-6
+
+
+def test_the_simulated_save_rounds_codes_rounds_and_realigns():
+    photo = synthetic_face(96, 80, seed=4) * 0.9 + 0.05 + 0.3 / 255  # off the 8-bit grid
+    to_face = similarity_matrices(torch.tensor([3.0]), 1.2, torch.tensor([[1.5, -0.5]]), (96, 80), (112, 112))
+    saved, face = save_and_realign(photo, to_face, (112, 112), quality=85)
+    assert torch.equal(saved, quantize(jpeg(quantize(photo), 85)))
+    assert torch.equal(face, warp_to_face(saved, to_face, (112, 112)))
+    lossless, _ = save_and_realign(photo, to_face, (112, 112))
+    assert torch.equal(lossless, quantize(photo)) and not torch.equal(lossless, saved)
 
 
 @settings(max_examples=40, deadline=None)

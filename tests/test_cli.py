@@ -99,6 +99,71 @@ def test_cloak_command_writes_photos_and_a_report(mbf_attack: Path, tmp_path: Pa
     assert [row["similarity"] for row in report if row["status"] == "error"] == [None]  # strict JSON, no NaN
 
 
+def _three_photos(folder: Path) -> dict[str, tuple]:
+    """The three sample photos copied into ``folder``; their decoded shapes by name."""
+    from krtfuap.alignment import sample_photos
+    from krtfuap.apps.cloak import read_photo
+
+    folder.mkdir(parents=True)
+    shapes = {}
+    for path in sample_photos():
+        (folder / path.name).write_bytes(path.read_bytes())
+        shapes[path.name] = read_photo(path)[0].shape
+    return shapes
+
+
+def test_cloak_command_reports_a_photo_that_fails_inside_and_cloaks_the_others(mbf_attack: Path, tmp_path: Path,
+                                                                              monkeypatch, capsys) -> None:
+    """An internal error on one photo (not an unreadable file): the others are cloaked and reported, the exit
+    status is 1 and stderr names the photo."""
+    from krtfuap.apps.cloak import PhotoCloak
+
+    shapes = _three_photos(tmp_path / "in")
+    real_cloak = PhotoCloak.cloak
+
+    def fails_on_players(self, image):
+        if image.shape == shapes["players.jpg"]:
+            raise RuntimeError("images must be in [0, 1], got values in [0, 1.00000012]")
+        return real_cloak(self, image)
+
+    monkeypatch.setattr(PhotoCloak, "cloak", fails_on_players)
+    status = main(["cloak", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--attack", str(mbf_attack),
+                   "--refine-steps", "1", "--threads", "1", "--quiet"])
+    err = capsys.readouterr().err
+    assert status == 1 and "players.jpg" in err and "1.00000012" in err and "Traceback" not in err
+    assert "gdp.jpg" not in err and "yaoming.jpg" not in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cloak-report.csv", "cloak-report.json",
+                                                                     "gdp.jpg", "yaoming.jpg"]
+    with open(tmp_path / "out" / "cloak-report.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    statuses = {Path(row["photo"]).name: row["status"] for row in rows}
+    assert statuses == {"gdp.jpg": "cloaked", "players.jpg": "error", "yaoming.jpg": "cloaked"}
+    assert {row["stealth_met"] for row in rows if row["status"] == "cloaked"} <= {"True", "False"}
+
+
+def test_an_interrupted_cloak_command_leaves_a_report_of_what_it_did(mbf_attack: Path, tmp_path: Path, monkeypatch,
+                                                                    capsys) -> None:
+    """Ctrl-C during the second photo: exit status 130 and the report lists the first photo."""
+    from krtfuap.apps.cloak import PhotoCloak
+
+    shapes = _three_photos(tmp_path / "in")
+    real_cloak = PhotoCloak.cloak
+
+    def interrupted_on_players(self, image):
+        if image.shape == shapes["players.jpg"]:
+            raise KeyboardInterrupt
+        return real_cloak(self, image)
+
+    monkeypatch.setattr(PhotoCloak, "cloak", interrupted_on_players)
+    status = main(["cloak", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--attack", str(mbf_attack),
+                   "--refine-steps", "1", "--quiet"])
+    err = capsys.readouterr().err
+    assert status == 130 and "interrupted" in err and "cloak-report.csv lists the photos done" in err
+    report = json.loads((tmp_path / "out" / "cloak-report.json").read_text())
+    assert {Path(row["photo"]).name for row in report} == {"gdp.jpg"}
+    assert (tmp_path / "out" / "gdp.jpg").is_file() and not (tmp_path / "out" / "players.jpg").exists()
+
+
 def test_cloak_command_refuses_unsafe_or_unverifiable_runs(mbf_attack: Path, tmp_path: Path, capsys) -> None:
     from krtfuap.alignment import sample_photos
 
@@ -223,6 +288,8 @@ def test_benchmark_reports_a_folder_without_pairs(tmp_path: Path, capsys: pytest
     (["fit", ".", "--output", "o", "--max-faces", "2.5"], "--max-faces: expected an integer"),
     (["fit", ".", "--output", "o", "--target-ssim", "1"], "--target-ssim: must be in (0, 1)"),
     (["cloak", "a.jpg", "--output", "o", "--verify-threshold", "2"], "--verify-threshold: must be in [-1.0, 1.0]"),
+    (["cloak", "a.jpg", "--output", "o", "--threads", "0"], "--threads: must be >= 1"),
+    (["demo", "--threads", "two"], "--threads: expected an integer"),
 ])
 def test_bad_arguments_exit_2_with_one_line(arguments, message, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_info:

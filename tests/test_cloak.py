@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import shutil
@@ -14,9 +15,10 @@ from fakes import TinyEmbedder
 from PIL import Image
 
 from krtfuap.alignment import sample_photos
+import krtfuap.apps.cloak as cloak_module
 from krtfuap.apps.cloak import PhotoCloak, plan_outputs, read_photo, summarise, write_report
 from krtfuap.baselines import RandomNoiseUAP
-from krtfuap.paste import face_to_photo_matrix
+from krtfuap.photo_face import PhotoFace, face_to_photo_matrix
 
 
 @pytest.fixture(scope="module")
@@ -187,8 +189,135 @@ def test_refining_needs_the_attacks_model(detector) -> None:
         PhotoCloak(default_cloak(model=None), detector)
     with pytest.raises(ValueError, match="refine_steps must be"):
         PhotoCloak(default_cloak(model=None), detector, refine_steps=-1)
+    with pytest.raises(TypeError, match="refine_steps must be an int"):
+        PhotoCloak(default_cloak(model=None), detector, refine_steps=True)
     with pytest.raises(ValueError, match="refine_from must be"):
         PhotoCloak(default_cloak(model=None), detector, refine_steps=0, refine_from="noise")
     with pytest.raises(ValueError, match="target_ssim must be"):
         PhotoCloak(default_cloak(model=None), detector, refine_steps=0, target_ssim=0.0)
     PhotoCloak(default_cloak(model=None), detector, refine_steps=0)  # pasting alone needs no model
+
+
+class _NeverCalled(torch.nn.Module):
+    """A face model that fails the test if anything calls it."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("the model was called before the parameters were checked")
+
+
+@pytest.mark.parametrize(("parameter", "wrong_type", "wrong_value"), [
+    ("detector", "scrfd", None),
+    ("min_score", "0.5", 1.5),
+    ("min_size", [20], -1.0),
+    ("feather", "6", -0.5),
+    ("model", "w600k_mbf", None),
+    ("threshold", "0.2", 1.5),
+    ("refine_steps", 2.5, -1),
+    ("refine_from", 0, "noise"),
+    ("refine_colour", "yes", None),
+    ("target_ssim", "0.9", 0.0),
+    ("random_state", 1.5, -1),
+    ("num_threads", 1.5, 0),
+])
+def test_every_parameter_is_checked_by_name_before_any_model_runs(detector, noise_attack, parameter, wrong_type,
+                                                                   wrong_value) -> None:
+    good = dict(model=_NeverCalled(), threshold=0.3)
+    for wrong in (wrong_type, wrong_value):
+        if wrong is None:
+            continue
+        with pytest.raises((TypeError, ValueError), match=parameter):
+            PhotoCloak(noise_attack, **{"detector": detector, **good, parameter: wrong})
+
+
+def test_threads_are_set_for_the_run_and_restored(detector, noise_attack, photos, monkeypatch) -> None:
+    seen = []
+    real = cloak_module.refine_on_photo
+
+    def counting(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cloak_module, "refine_on_photo", counting)
+    image, _ = read_photo(photos["yaoming.jpg"])
+    before = torch.get_num_threads()
+    wanted = 2 if before == 1 else 1
+    PhotoCloak(noise_attack, detector, refine_steps=1, num_threads=wanted).cloak(image)
+    assert seen == [wanted] and torch.get_num_threads() == before
+
+
+def test_one_photo_that_fails_is_reported_and_the_others_go_on(tmp_path, detector, noise_attack, photos, capsys):
+    """An error anywhere inside one photo's work (here: in the refinement) makes an error row; the report on
+    disk lists every photo, and nothing is written for the failed one."""
+    source = tmp_path / "in"
+    source.mkdir()
+    for name in ("gdp.jpg", "yaoming.jpg"):
+        shutil.copy(photos[name], source / name)
+    cloak = PhotoCloak(noise_attack, detector, model=TinyEmbedder(), threshold=0.999, refine_steps=1)
+    real_cloak = PhotoCloak.cloak
+
+    def fails_on_gdp(self, image):
+        if image.shape == read_photo(photos["gdp.jpg"])[0].shape:
+            raise RuntimeError("an internal error")
+        return real_cloak(self, image)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(PhotoCloak, "cloak", fails_on_gdp)
+        rows = cloak.cloak_files([source], tmp_path / "out")
+    failed = [row for row in rows if row.status == "error"]
+    assert [Path(row.photo).name for row in failed] == ["gdp.jpg"] and failed[0].output == ""
+    assert "cloaking failed: RuntimeError: an internal error" in failed[0].message
+    assert {row.status for row in rows if Path(row.photo).name == "yaoming.jpg"} == {"cloaked"}
+    assert not (tmp_path / "out" / "gdp.jpg").exists() and (tmp_path / "out" / "yaoming.jpg").is_file()
+    err = capsys.readouterr().err
+    assert "gdp.jpg" in err and "an internal error" in err
+    report = json.loads((tmp_path / "out" / "cloak-report.json").read_text())
+    assert [(Path(row["photo"]).name, row["status"]) for row in report] == [
+        (Path(row.photo).name, row.status) for row in rows]
+
+
+def test_an_interrupted_run_keeps_a_report_of_the_photos_done(tmp_path, detector, noise_attack, photos) -> None:
+    source = tmp_path / "in"
+    source.mkdir()
+    for name in ("gdp.jpg", "players.jpg", "yaoming.jpg"):
+        shutil.copy(photos[name], source / name)
+    cloak = PhotoCloak(noise_attack, detector, model=TinyEmbedder(), threshold=0.999, refine_steps=0)
+    real_cloak = PhotoCloak.cloak
+    players = read_photo(photos["players.jpg"])[0].shape
+
+    def interrupted_on_players(self, image):
+        if image.shape == players:
+            raise KeyboardInterrupt
+        return real_cloak(self, image)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(PhotoCloak, "cloak", interrupted_on_players)
+        with pytest.raises(KeyboardInterrupt):
+            cloak.cloak_files([source], tmp_path / "out")
+    report = json.loads((tmp_path / "out" / "cloak-report.json").read_text())
+    assert {Path(row["photo"]).name for row in report} == {"gdp.jpg"}  # sorted: gdp, players, yaoming
+    with open(tmp_path / "out" / "cloak-report.csv") as handle:
+        assert {Path(row["photo"]).name for row in csv.DictReader(handle)} == {"gdp.jpg"}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cloak-report.csv", "cloak-report.json",
+                                                                     "gdp.jpg"]
+
+
+def test_faces_below_the_stealth_target_are_flagged(tmp_path, detector, noise_attack, photos) -> None:
+    """The noise is plainly visible (face SSIM well below 0.99): a 0.99 target flags every face, 0.5 none."""
+    summaries = {}
+    for target in (0.99, 0.5):
+        cloak = PhotoCloak(noise_attack, detector, model=TinyEmbedder(), threshold=0.999, refine_steps=0,
+                           target_ssim=target)
+        rows = cloak.cloak_files([photos["gdp.jpg"]], tmp_path / str(target), report=False)
+        assert all(row.target_ssim == target for row in rows)
+        assert all(row.stealth_met == (row.ssim_face >= target - 0.025) for row in rows)
+        summaries[target] = summarise(rows)
+        assert not (tmp_path / str(target) / "cloak-report.csv").exists()
+    assert summaries[0.99]["below_stealth_target"] == summaries[0.99]["faces"] >= 5
+    assert summaries[0.5]["below_stealth_target"] == 0
+
+
+def test_detected_faces_are_located_for_the_perturbation(detector, noise_attack, photos) -> None:
+    image, _ = read_photo(photos["yaoming.jpg"])
+    faces = PhotoCloak(noise_attack, detector).detect(image)
+    assert faces and all(isinstance(face, PhotoFace) and face.photo_size == image.shape[:2] for face in faces)
+    assert all(face.size == noise_attack.perturbation_.shape[-1] and face.score >= 0.5 for face in faces)

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from krtfuap.alignment import ARCFACE_TEMPLATE_112, align_face
-from krtfuap.paste import box_pixels, face_to_photo_matrix, feather_window, paste_perturbation
+from krtfuap.paste import feather_window, paste_perturbation, warp_to_region
+from krtfuap.photo_face import locate_face
 
 
 def _keypoints(scale: float, angle: float, shift: tuple[float, float]) -> np.ndarray:
@@ -23,13 +24,6 @@ def _smooth_perturbation(epsilon: float, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     coarse = (torch.rand(1, 3, 8, 8, generator=generator) * 2 - 1) * epsilon
     return F.interpolate(coarse, size=(112, 112), mode="bilinear", align_corners=False)[0]
-
-
-def test_matrix_inverts_the_alignment() -> None:
-    keypoints = _keypoints(1.7, 0.3, (40.0, 25.0))
-    matrix = face_to_photo_matrix(keypoints)
-    mapped = np.c_[ARCFACE_TEMPLATE_112, np.ones(5)] @ matrix.T
-    np.testing.assert_allclose(mapped, keypoints, atol=1e-6)
 
 
 def test_feather_window_ramps_from_border_to_one() -> None:
@@ -101,11 +95,31 @@ def test_bad_shapes_are_refused() -> None:
     with pytest.raises(ValueError, match=r"perturbation must have shape \(3, S, S\)"):
         paste_perturbation(torch.rand(3, 10, 10), torch.zeros(3, 112, 100), [], epsilon=0.08)
     with pytest.raises(ValueError, match="keypoints must have shape"):
-        face_to_photo_matrix(np.zeros((4, 2)))
+        paste_perturbation(torch.rand(3, 10, 10), torch.zeros(3, 112, 112), [np.zeros((4, 2))], epsilon=0.08)
+    with pytest.raises(ValueError, match="locate it again"):  # located for another photo size
+        face = locate_face(_keypoints(1.0, 0.0, (10.0, 10.0)), (200, 200))
+        paste_perturbation(torch.rand(3, 150, 200), torch.zeros(3, 112, 112), [face], epsilon=0.08)
 
 
-def test_box_pixels_covers_the_touched_pixels_and_stays_in_the_photo() -> None:
-    assert box_pixels(np.array([10.2, 5.7, 30.5, 40.0]), 100, 120) == (5, 10, 40, 31)
-    assert box_pixels(np.array([-3.0, -1.5, 130.2, 99.9]), 100, 120) == (0, 0, 100, 120)
-    top, left, bottom, right = box_pixels(np.array([200.0, 200.0, 220.0, 230.0]), 100, 120)
-    assert bottom <= top or right <= left  # wholly outside: an empty rectangle
+def test_located_faces_and_keypoints_paste_alike() -> None:
+    photo = torch.rand(3, 180, 220, generator=torch.Generator().manual_seed(2))
+    keypoints = [_keypoints(1.3, 0.2, (40.0, 20.0)), _keypoints(0.6, -0.1, (150.0, 90.0))]
+    boxes = [np.array([30.0, 10.0, 200.0, 190.0]), None]
+    faces = [locate_face(points, (180, 220), box=box) for points, box in zip(keypoints, boxes)]
+    perturbation = _smooth_perturbation(0.08, seed=3)
+    by_keypoints = paste_perturbation(photo, perturbation, keypoints, epsilon=0.08)
+    # the box widens the first face's region: the same warp from another origin, equal up to float32 rounding
+    assert torch.allclose(paste_perturbation(photo, perturbation, faces, epsilon=0.08), by_keypoints, atol=1e-6)
+    assert torch.equal(paste_perturbation(photo, perturbation, np.stack(keypoints), epsilon=0.08), by_keypoints)
+
+
+def test_warp_to_region_puts_the_template_where_the_face_is() -> None:
+    """A dot on the template lands, in the region, where the face's matrix maps it."""
+    face = locate_face(_keypoints(1.5, 0.3, (60.0, 35.0)), (300, 320))
+    dot = torch.zeros(1, 112, 112)
+    dot[0, 40, 70] = 1.0  # (x, y) = (70, 40) on the template
+    warped = warp_to_region(dot, face)
+    assert warped.shape == (1, *face.region_size)
+    x, y, _ = face.face_to_region @ np.array([70.0, 40.0, 1.0])
+    row, col = divmod(int(warped[0].argmax()), warped.shape[-1])
+    assert abs(row - y) <= 1 and abs(col - x) <= 1

@@ -12,9 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from krtfuap._validation import check_images
 from krtfuap.alignment import ARCFACE_TEMPLATE_112, align_face, photo_to_tensor, tensor_to_photo
 from krtfuap.metrics import cosine_similarity
-from krtfuap.paste import face_to_photo_matrix, paste_perturbation
+from krtfuap.paste import paste_perturbation
+from krtfuap.photo_face import face_to_photo_matrix, locate_face
 from krtfuap.refine import refine_on_photo
 
 
@@ -96,8 +98,9 @@ def test_refining_moves_the_face_away_after_a_real_jpeg_save() -> None:
 
 def test_without_colour_one_luminance_change() -> None:
     photo, faces, zero = _photo(seed=6) * 0.8 + 0.1, [_keypoints(0.7, 40, 30)], torch.zeros(3, 112, 112)
-    grey = refine_on_photo(photo, zero, faces, TinyEmbedder(), epsilon=0.08, steps=3, lr=0.02, colour=False) - photo
-    coloured = refine_on_photo(photo, zero, faces, TinyEmbedder(), epsilon=0.08, steps=3, lr=0.02) - photo
+    options = dict(epsilon=0.08, steps=3, lr=0.02, target_ssim=0.5)  # no SSIM penalty: every step is kept
+    grey = refine_on_photo(photo, zero, faces, TinyEmbedder(), colour=False, **options) - photo
+    coloured = refine_on_photo(photo, zero, faces, TinyEmbedder(), **options) - photo
     assert grey.abs().max() > 0.01 and (grey - grey[:1]).abs().max() < 1e-6  # photo kept off 0 and 1: no clipping
     assert (coloured - coloured[:1]).abs().max() > 0.01
 
@@ -133,18 +136,22 @@ def test_float64_photos_and_faces_outside_the_photo() -> None:
     ("options", "message"),
     [
         ({"epsilon": 0.0}, "epsilon must be in"),
-        ({"steps": -1}, "steps must be an integer"),
-        ({"steps": 2.5}, "steps must be an integer"),
+        ({"steps": -1}, "steps must be >= 0"),
+        ({"steps": 2.5}, "steps must be an int"),
+        ({"lr": 0.0}, "lr must be > 0"),
         ({"target_ssim": 1.5}, "target_ssim must be in"),
         ({"stealth_weight": -1.0}, "stealth_weight must be"),
+        ({"threshold": 1.5}, "threshold must be in"),
+        ({"threshold": "0.2"}, "threshold must be a number"),
+        ({"margin": -0.1}, "margin must be"),
         ({"quality": (90.0, 80.0)}, "quality must be a range"),
         ({"jitter": (-1.0, 0.0)}, "jitter"),
-        ({"boxes": []}, "one box per face"),
+        ({"colour": 1}, "colour must be True or False"),
     ],
 )
 def test_bad_arguments_are_named(options: dict, message: str) -> None:
     arguments = {"epsilon": 0.08, **options}
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises((TypeError, ValueError), match=message):
         refine_on_photo(_photo(), torch.zeros(3, 112, 112), [_keypoints(0.6, 30, 30)], TinyEmbedder(), **arguments)
     with pytest.raises(ValueError, match=r"shape \(3, H, W\)"):
         refine_on_photo(torch.rand(1, 3, 8, 8), torch.zeros(3, 112, 112), [], TinyEmbedder(), epsilon=0.08)
@@ -156,3 +163,76 @@ def test_bad_arguments_are_named(options: dict, message: str) -> None:
         refine_on_photo(nan, torch.zeros(3, 112, 112), [], TinyEmbedder(), epsilon=0.08)
     with pytest.raises(ValueError, match="perturbation contains NaN"):
         refine_on_photo(_photo(), torch.full((3, 112, 112), float("nan")), [], TinyEmbedder(), epsilon=0.08)
+
+
+class _ChecksItsInput(torch.nn.Module):
+    """TinyEmbedder behind the library's input check, as the real face models are (FaceEmbedder)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = TinyEmbedder()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.inner(check_images(images))
+
+
+@pytest.mark.parametrize("scale,angle,x,y", [(1.1, -0.2, 10.0, 5.0), (0.609, -0.202, 48.854, 3.677),
+                                             (1.044, 0.308, 30.92, 11.432), (0.736, 0.426, 16.432, 2.402)])
+def test_a_white_face_does_not_overshoot_into_the_model(scale: float, angle: float, x: float, y: float) -> None:
+    """Bilinear weights in float32 can sum to a hair above 1: re-aligning a face at 1.0 gave 1.00000012 and a
+    model that checks its input refused the refinement's own tensor (issue 21: a folder of photos stopped)."""
+    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    faces = [ARCFACE_TEMPLATE_112 @ (scale * rotation).T + np.array([x, y])]
+    white = torch.ones(3, 160, 200)
+    darker = torch.full((3, 112, 112), -0.04)
+    refined = refine_on_photo(white, darker, faces, _ChecksItsInput(), epsilon=0.08, steps=2,
+                              generator=torch.Generator().manual_seed(0))
+    assert refined.max() == 1.0 and refined.min() < 1.0 - 0.03  # cloaked: the start at least was pasted
+
+
+def test_the_best_state_is_kept_not_the_last(monkeypatch) -> None:
+    """An optimiser whose last step throws the change away: the photo returned is the best earlier state,
+    which fools the model, not the last (no change at all)."""
+    steps = 6
+
+    class ThrowsAwayAtTheEnd(torch.optim.Adam):
+        taken = 0
+
+        def step(self, closure=None):
+            type(self).taken += 1
+            if type(self).taken < steps:
+                return super().step(closure)
+            with torch.no_grad():
+                for group in self.param_groups:
+                    for parameter in group["params"]:
+                        parameter.zero_()
+
+    monkeypatch.setattr(torch.optim, "Adam", ThrowsAwayAtTheEnd)
+    model, photo, faces = TinyEmbedder(), _photo(seed=8), [_keypoints(0.8, 40, 30)]
+    arguments = dict(epsilon=0.08, steps=steps, lr=0.02, target_ssim=0.5, quality=(90.0, 90.0), jitter=(0.0, 0.0))
+    refined = refine_on_photo(photo, torch.zeros(3, 112, 112), faces, model, threshold=0.9999, margin=0.0,
+                              generator=torch.Generator().manual_seed(0), **arguments)
+    assert ThrowsAwayAtTheEnd.taken == steps
+    assert (refined - photo).abs().max() > 0.01  # an earlier state; the last one is the photo itself
+    aligned = photo_to_tensor(np.stack([align_face(tensor_to_photo(image), faces[0]) for image in (photo, refined)]))
+    with torch.no_grad():
+        embeddings = model(aligned)
+    assert cosine_similarity(embeddings[:1], embeddings[1:]).item() < 0.9999  # it fools the model
+    ThrowsAwayAtTheEnd.taken = 0
+    no_threshold = refine_on_photo(photo, torch.zeros(3, 112, 112), faces, model,
+                                   generator=torch.Generator().manual_seed(0), **arguments)
+    assert torch.equal(no_threshold, refined)  # without a threshold the objective alone chooses: the same state
+
+
+def test_located_faces_hold_ssim_over_their_box() -> None:
+    """A face given with its detector box is refined as the same face given by keypoints, except that SSIM is
+    held over the box: a small box of a region that is free to change lets the rest change more."""
+    photo, points = _photo(seed=9), _keypoints(0.8, 40, 30)
+    tight = locate_face(points, photo.shape[-2:], box=np.array([70.0, 70.0, 80.0, 80.0]))
+    arguments = dict(epsilon=0.08, steps=8, lr=0.01, target_ssim=0.99, generator=None)
+    changes = []
+    for face in (points, tight):
+        refined = refine_on_photo(photo, torch.zeros(3, 112, 112), [face], TinyEmbedder(),
+                                  **{**arguments, "generator": torch.Generator().manual_seed(0)})
+        changes.append((refined - photo).abs().mean().item())
+    assert changes[1] > 1.2 * changes[0]

@@ -24,6 +24,9 @@ import os
 import sys
 from collections.abc import Sequence
 
+from krtfuap.cloak_defaults import CLOAK_DEFAULTS
+from krtfuap.threads import default_num_threads
+
 __all__ = ["SUBCOMMANDS", "build_parser", "main"]
 
 
@@ -162,15 +165,23 @@ def _add_demo_parser(commands: argparse._SubParsersAction) -> None:
         ),
     )
     demo.add_argument("--output", default="krtfuap-demo", help="output folder (default: %(default)s)")
-    demo.add_argument("--quality", type=_quality, default=85, help="JPEG quality 1-100 (default: %(default)s)")
+    demo.add_argument("--quality", type=_quality, default=CLOAK_DEFAULTS.demo_quality,
+                      help="JPEG quality 1-100 (default: %(default)s)")
     demo.add_argument("--attack", default=None, help="a saved attack to show instead of the ready cloak "
                       "(fitted against insightface_mbf, e.g. by krtfuap fit)")
-    demo.add_argument("--refine-steps", type=_non_negative_int, default=30, metavar="N",
+    demo.add_argument("--refine-steps", type=_non_negative_int, default=CLOAK_DEFAULTS.refine_steps, metavar="N",
                       help="steps refining the cloak on each face (default: %(default)s; 0: the universal "
                       "cloak only)")
+    _add_threads_argument(demo)
     demo.add_argument("--quiet", action="store_true", help="print nothing but errors")
     demo.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     demo.set_defaults(run=_run_demo)
+
+
+def _add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=_positive_int, default=default_num_threads(), metavar="N",
+                        help="torch threads (default: half this machine's cores, %(default)s here; all of them "
+                        "beside other busy processes oversubscribes the CPU and runs many times slower)")
 
 
 def _run_demo(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
@@ -182,7 +193,8 @@ def _run_demo(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
         from krtfuap.models import load_insightface_mbf
 
         attack = UAPAttack.load(args.attack, model=load_insightface_mbf())
-    run_demo(args.output, quality=args.quality, attack=attack, refine_steps=args.refine_steps, verbose=not args.quiet)
+    run_demo(args.output, quality=args.quality, attack=attack, refine_steps=args.refine_steps,
+             num_threads=args.threads, verbose=not args.quiet)
 
 
 # --------------------------------------------------------------------- cloak
@@ -195,8 +207,9 @@ def _add_cloak_parser(commands: argparse._SubParsersAction) -> None:
             "simulated JPEG save (--refine-steps; 0: paste the universal cloak, warped back onto the photo's "
             "pixel grid), write the photos under --output (folders keep their structure; originals are never "
             "touched), then read each one back, detect and align "
-            "again and report per face whether the model still matches it (cloak-report.csv / .json). Exit "
-            "status 1 when a photo could not be read."
+            "again and report per face whether the model still matches it and whether its SSIM meets the "
+            "stealth target (cloak-report.csv / .json, written photo by photo: an interrupted run keeps what it "
+            "did). A photo that fails is reported and the others go on; the exit status is then 1."
         ),
     )
     cloak.add_argument("inputs", nargs="+", metavar="INPUT", help="photos, or folders walked recursively")
@@ -206,18 +219,21 @@ def _add_cloak_parser(commands: argparse._SubParsersAction) -> None:
                        help="face model a saved --attack was fitted against: refines it and, by default, judges "
                        "(default: %(default)s, as krtfuap fit)")
     cloak.add_argument("--attack-weights", default=None, metavar="PATH", help="weights file of --attack-model")
-    cloak.add_argument("--refine-steps", type=_non_negative_int, default=30, metavar="N",
+    cloak.add_argument("--refine-steps", type=_non_negative_int, default=CLOAK_DEFAULTS.refine_steps, metavar="N",
                        help="gradient steps adapting the cloak to each face through a simulated JPEG save "
                        "(default: %(default)s, 1-2 s per face on 2 CPU cores; 0: paste the universal cloak)")
-    cloak.add_argument("--refine-from", choices=("zero", "cloak"), default="zero",
-                       help="start the refinement from zero (default) or from the attack's universal perturbation")
+    cloak.add_argument("--refine-from", choices=("zero", "cloak"), default=CLOAK_DEFAULTS.refine_from,
+                       help="start the refinement from zero or from the attack's universal perturbation "
+                       "(default: %(default)s)")
     cloak.add_argument("--refine-luminance", action="store_true",
                        help="refine one luminance change for R, G and B (fine grain, less visible, a little weaker)")
-    cloak.add_argument("--target-ssim", type=_open_probability, default=0.945,
-                       help="face SSIM the refinement keeps in its simulated save (default: %(default)s)")
+    cloak.add_argument("--target-ssim", type=_open_probability, default=CLOAK_DEFAULTS.target_ssim,
+                       help="face SSIM the refinement keeps in its simulated save; the report flags faces below "
+                       "it (default: %(default)s)")
     cloak.add_argument("--format", choices=("png", "jpeg"), default=None,
                        help="written format (default: JPEG for JPEG inputs, PNG otherwise)")
-    cloak.add_argument("--quality", type=_quality, default=95, help="JPEG quality 1-100 (default: %(default)s)")
+    cloak.add_argument("--quality", type=_quality, default=CLOAK_DEFAULTS.write_quality,
+                       help="JPEG quality 1-100 (default: %(default)s)")
     cloak.add_argument("--verify-model", default=None, metavar="NAME",
                        help="face model that judges: insightface_mbf, sface, foamliu_mobilefacenet, "
                        "iresnet18/34/50/100 (default: --attack-model, with the attack's threshold)")
@@ -225,14 +241,16 @@ def _add_cloak_parser(commands: argparse._SubParsersAction) -> None:
     cloak.add_argument("--verify-threshold", type=_similarity, default=None, metavar="T",
                        help="cosine threshold of --verify-model (default: the attack's own threshold)")
     cloak.add_argument("--no-verify", action="store_true", help="only write the photos")
-    cloak.add_argument("--min-score", type=_probability, default=0.5, help="detector score to cloak a face (default: 0.5)")
+    cloak.add_argument("--min-score", type=_probability, default=CLOAK_DEFAULTS.min_score,
+                       help="detector score to cloak a face (default: %(default)s)")
+    _add_threads_argument(cloak)
     cloak.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     cloak.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     cloak.set_defaults(run=_run_cloak)
 
 
 def _run_cloak(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
-    from krtfuap.apps.cloak import PhotoCloak, plan_outputs, summarise, write_report
+    from krtfuap.apps.cloak import PhotoCloak, plan_outputs, summarise
     from krtfuap.attack import UAPAttack
     from krtfuap.models import load_face_model
     from krtfuap.pretrained import default_cloak
@@ -256,25 +274,30 @@ def _run_cloak(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
         attack = UAPAttack.load(args.attack, model=attack_model)
     cloak = PhotoCloak(attack, min_score=args.min_score, model=model, threshold=args.verify_threshold,
                        refine_steps=args.refine_steps, refine_from=args.refine_from,
-                       refine_colour=not args.refine_luminance, target_ssim=args.target_ssim)
-    rows = cloak.cloak_files(args.inputs, args.output, file_format=args.format, quality=args.quality,
-                             verify=not args.no_verify, progress=not args.quiet)
-    csv_path, _ = write_report(rows, args.output)
+                       refine_colour=not args.refine_luminance, target_ssim=args.target_ssim,
+                       num_threads=args.threads)
+    report = os.path.join(args.output, "cloak-report.csv")
+    try:
+        rows = cloak.cloak_files(args.inputs, args.output, file_format=args.format, quality=args.quality,
+                                 verify=not args.no_verify, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"krtfuap cloak: {report} lists the photos done before the interruption.", file=sys.stderr)
+        raise
     summary = summarise(rows)
-    errors = [row for row in rows if row.status == "error"]
-    for row in errors:
-        print(f"krtfuap cloak: could not read {row.photo}: {row.message}", file=sys.stderr)
     if not args.quiet:
         for row in rows:
             if row.status == "no face":
                 print(f"no face found in {row.photo}: copied unchanged")
         protected = (f"; protected {summary['protected']} of {summary['faces']} "
-                     f"(mean similarity {summary['mean_similarity']:.3f}, face SSIM {summary['mean_ssim_face']:.3f})"
+                     f"(mean similarity {summary['mean_similarity']:.3f}, face SSIM {summary['mean_ssim_face']:.3f}), "
+                     f"{summary['below_stealth_target']} below the stealth target {args.target_ssim}"
                      if not args.no_verify else "")
         print(f"cloaked {summary['faces']} faces in {summary['photos'] - summary['errors']} photos{protected}; "
-              f"report: {csv_path}")
-    if errors:
-        raise ValueError(f"{len(errors)} photo(s) could not be read (listed above); the others were written.")
+              f"report: {report}")
+    failed = [row.photo for row in rows if row.status == "error"]
+    if failed:
+        raise ValueError(f"{len(failed)} photo(s) failed and were not written: {', '.join(failed)} (reasons above "
+                         f"and in {report}); the others were cloaked.")
 
 
 # ----------------------------------------------------------------------- fit
@@ -309,8 +332,7 @@ def _add_fit_parser(commands: argparse._SubParsersAction) -> None:
     fit.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     fit.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     fit.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    fit.add_argument("--threads", type=_positive_int, default=None, metavar="N",
-                     help="torch CPU threads while fitting (default: torch's own setting)")
+    _add_threads_argument(fit)
     fit.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     fit.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     fit.set_defaults(run=_run_fit, output_is_file=True)

@@ -3,7 +3,9 @@
 :class:`PhotoCloak` works on one photo (a ``(H, W, 3)`` uint8 RGB array) or on
 files and folders (:meth:`PhotoCloak.cloak_files`, behind ``krtfuap cloak``):
 
-1. SCRFD finds each face and its five keypoints (:mod:`krtfuap.alignment`);
+1. SCRFD finds each face and its five keypoints (:mod:`krtfuap.alignment`); each
+   becomes one :class:`~krtfuap.photo_face.PhotoFace` (its alignment and the photo
+   region around it), which the next steps share;
 2. the fitted perturbation, defined on the aligned 112x112 face, is warped back
    onto the photo's pixel grid over each face (:func:`krtfuap.paste.paste_perturbation`)
    or, by default, a perturbation is made for that face in a few gradient steps
@@ -14,21 +16,26 @@ files and folders (:meth:`PhotoCloak.cloak_files`, behind ``krtfuap cloak``):
    a recogniser would, and compares each cloaked face with the same face of the
    original photo: cosine similarity, ``protected`` (similarity below the
    model's threshold, or the face no longer found), SSIM and PSNR of the face's
-   box and of the whole photo.
+   box and of the whole photo, and whether that SSIM meets the stealth target.
 
-Originals are never written: outputs inside an input folder are refused. EXIF
-metadata is not copied (its orientation is applied to the pixels; GPS and camera
-data are dropped on purpose); an RGB photo's ICC colour profile is kept.
+A photo that fails at any of these steps gets an ``error`` row and the others go
+on; the report (:class:`CloakReport`) grows photo by photo, so an interrupted run
+keeps what it did. Originals are never written: outputs inside an input folder are
+refused. EXIF metadata is not copied (its orientation is applied to the pixels; GPS
+and camera data are dropped on purpose); an RGB photo's ICC colour profile is kept.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
 import shutil
+import sys
 from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,29 +43,38 @@ import numpy as np
 import torch
 from PIL import Image
 
+from krtfuap._validation import check_number
 from krtfuap.alignment import SCRFDDetector, align_face, detect_faces, photo_to_tensor, tensor_to_photo
+from krtfuap.cloak_defaults import CLOAK_DEFAULTS
 from krtfuap.datasets import is_image_file, load_image
 from krtfuap.metrics import cosine_similarity, embed, fooled_by_similarity, psnr, ssim
-from krtfuap.paste import box_pixels, paste_perturbation
+from krtfuap.paste import paste_perturbation
+from krtfuap.photo_face import PhotoFace, locate_face
 from krtfuap.refine import refine_on_photo
+from krtfuap.threads import default_num_threads, torch_threads
 
-__all__ = ["DetectedFace", "FaceReport", "PhotoCloak", "plan_outputs", "read_photo", "write_photo"]
+__all__ = [
+    "CloakReport",
+    "FaceReport",
+    "PhotoCloak",
+    "plan_outputs",
+    "read_photo",
+    "summarise",
+    "write_photo",
+    "write_report",
+]
 
 _FORMATS = {"png": ("PNG", ".png"), "jpeg": ("JPEG", ".jpg")}
-
-
-@dataclass(frozen=True)
-class DetectedFace:
-    """One face found in a photo: box ``(x1, y1, x2, y2)`` and five ``(x, y)`` keypoints, in photo pixels."""
-
-    box: np.ndarray
-    score: float
-    keypoints: np.ndarray
+_DEFAULTS = CLOAK_DEFAULTS
 
 
 @dataclass
 class FaceReport:
-    """What happened to one face (or to a photo without faces, ``face = -1``), one row of the report."""
+    """What happened to one face (or to a photo without faces or that failed, ``face = -1``), one row of the report.
+
+    ``stealth_met`` says whether ``ssim_face`` after the real save is at least ``target_ssim`` less
+    :attr:`~krtfuap.cloak_defaults.CloakDefaults.stealth_tolerance` (None when not verified).
+    """
 
     photo: str
     output: str
@@ -74,6 +90,8 @@ class FaceReport:
     psnr_face: float = math.nan
     ssim_photo: float = math.nan
     psnr_photo: float = math.nan
+    target_ssim: float = math.nan
+    stealth_met: bool | None = None
     message: str = ""
 
 
@@ -99,13 +117,19 @@ def read_photo(path: str | os.PathLike[str]) -> tuple[np.ndarray, bytes | None]:
 
 
 def write_photo(path: Path, image: np.ndarray, *, file_format: str, quality: int, icc_profile: bytes | None) -> None:
-    """Write ``(H, W, 3)`` uint8 RGB as PNG or JPEG (``quality`` 1-100), creating parent folders."""
+    """Write ``(H, W, 3)`` uint8 RGB as PNG or JPEG (``quality`` 1-100), creating parent folders.
+
+    The file is written beside ``path`` first and then moved there, so an interrupted write
+    never leaves half a photo under ``path``.
+    """
     pil_format, _ = _FORMATS[file_format]
     options: dict[str, object] = {"quality": quality} if pil_format == "JPEG" else {}
     if icc_profile:
         options["icc_profile"] = icc_profile
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path, format=pil_format, **options)
+    partial = path.with_name(path.name + ".partial")
+    Image.fromarray(image).save(partial, format=pil_format, **options)
+    os.replace(partial, path)
 
 
 def _image_files_under(folder: Path) -> list[Path]:
@@ -162,8 +186,65 @@ def plan_outputs(
     return plan
 
 
+class CloakReport:
+    """``cloak-report.csv`` and ``cloak-report.json`` in a folder, one row per face, written as rows arrive.
+
+    Creating it starts both files empty (the CSV with its header). Each :meth:`add` appends its
+    rows to the CSV and rewrites the JSON file whole by a rename, so at any moment, even after an
+    interrupted run, both list every photo added so far. In the JSON file a value that is not
+    measured (NaN, or an infinite PSNR of an unchanged crop) is ``null``.
+
+    Parameters
+    ----------
+    folder : path-like
+        An existing folder.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        folder = Path(folder)
+        self.csv_path, self.json_path = folder / "cloak-report.csv", folder / "cloak-report.json"
+        self.rows: list[FaceReport] = []
+        self.csv_path.write_text(self._csv_lines([], header=True), newline="")
+        self._write_json()
+
+    def add(self, rows: Sequence[FaceReport]) -> None:
+        """Append the rows of one photo to both files."""
+        self.rows += rows
+        with self.csv_path.open("a", newline="") as handle:
+            handle.write(self._csv_lines(rows, header=False))
+        self._write_json()
+
+    @staticmethod
+    def _csv_lines(rows: Sequence[FaceReport], *, header: bool) -> str:
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=list(FaceReport.__dataclass_fields__))
+        if header:
+            writer.writeheader()
+        writer.writerows(asdict(row) for row in rows)
+        return text.getvalue()
+
+    def _write_json(self) -> None:
+        records = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in asdict(row).items()}
+                   for row in self.rows]
+        partial = self.json_path.with_name(self.json_path.name + ".partial")
+        partial.write_text(json.dumps(records, indent=1, allow_nan=False) + "\n")  # NaN / inf -> null: strict JSON
+        os.replace(partial, self.json_path)
+
+
+def write_report(rows: Sequence[FaceReport], folder: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """Write ``rows`` as ``cloak-report.csv`` and ``cloak-report.json`` into ``folder`` at once (:class:`CloakReport`).
+
+    Returns the two paths (CSV, JSON).
+    """
+    report = CloakReport(folder)
+    report.add(rows)
+    return report.csv_path, report.json_path
+
+
 class PhotoCloak:
     """Cloak the faces of real photos (a perturbation refined on each face, or the universal one), and check it.
+
+    Every parameter is checked here, before any model runs; an error names the parameter.
 
     Parameters
     ----------
@@ -172,24 +253,25 @@ class PhotoCloak:
         :func:`krtfuap.pretrained.default_cloak`); its ``perturbation_`` ``(3, S, S)``
         lives on the ``S x S`` ArcFace template and ``epsilon`` bounds it.
     detector : SCRFDDetector, optional
-        Face detector; by default ``SCRFDDetector(score_threshold=min_score)``.
+        Face detector (anything with SCRFD's ``detect``); by default
+        ``SCRFDDetector(score_threshold=min_score)``.
     min_score : float
         Cloak faces the detector scores at least this, in ``[0, 1]``.
     min_size : float
-        Cloak faces whose box is at least this many pixels wide and high.
+        Cloak faces whose box is at least this many pixels wide and high, ``>= 0``.
     feather : float
-        Width, in aligned-face pixels, of the border over which the cloak fades out.
+        Width, in aligned-face pixels, of the border over which the cloak fades out, ``>= 0``.
     model : torch.nn.Module, optional
         The recogniser that judges :meth:`verify` (images ``(B, 3, H, W)`` in
         ``[0, 1]`` to embeddings); by default the attack's own model.
     threshold : float, optional
-        Its verification threshold on cosine similarity; by default the attack's
-        ``threshold_`` (pass one when ``model`` is another recogniser).
+        Its verification threshold on cosine similarity, in ``[-1, 1]``; by default the
+        attack's ``threshold_`` (pass one when ``model`` is another recogniser).
     refine_steps : int
         Gradient steps that make a perturbation for each face of each photo against
-        the attack's own model (:func:`krtfuap.refine.refine_on_photo`; 40-70 ms
-        per face and step on two CPU cores); 0: paste the universal perturbation as
-        it is (instant, but little of it survives a JPEG save).
+        the attack's own model (:func:`krtfuap.refine.refine_on_photo`, which returns each
+        face's best scored state; 40-70 ms per face and step on two CPU cores); 0: paste
+        the universal perturbation as it is (instant, but little of it survives a JPEG save).
     refine_from : {"zero", "cloak"}
         Where the refinement starts: from no perturbation (measured as strong,
         stealthier and better at fooling other models) or from the attack's universal
@@ -198,9 +280,13 @@ class PhotoCloak:
         Let the refinement change R, G and B apart; False: one luminance change
         (fine grain instead of coloured texture, a little weaker).
     target_ssim : float
-        The face-box SSIM the refinement keeps above in its simulated save, in ``(0, 1]``.
+        The face-box SSIM the refinement keeps above in its simulated save, in ``(0, 1]``;
+        the report flags faces that miss it after the real save (``stealth_met``).
     random_state : int, optional
-        Seed of the refinement's random JPEG qualities and jitter (None: unseeded).
+        Seed (``>= 0``) of the refinement's random JPEG qualities and jitter (None: unseeded).
+    num_threads : int, optional
+        Torch threads while cloaking and verifying (``>= 1``; the previous setting is restored
+        after each call); by default :func:`krtfuap.threads.default_num_threads`, half the cores.
     """
 
     def __init__(
@@ -208,38 +294,42 @@ class PhotoCloak:
         attack,
         detector: SCRFDDetector | None = None,
         *,
-        min_score: float = 0.5,
-        min_size: float = 20.0,
-        feather: float = 6.0,
+        min_score: float = _DEFAULTS.min_score,
+        min_size: float = _DEFAULTS.min_size,
+        feather: float = _DEFAULTS.feather,
         model: torch.nn.Module | None = None,
         threshold: float | None = None,
-        refine_steps: int = 30,
-        refine_from: str = "zero",
-        refine_colour: bool = True,
-        target_ssim: float = 0.945,
-        random_state: int | None = 0,
+        refine_steps: int = _DEFAULTS.refine_steps,
+        refine_from: str = _DEFAULTS.refine_from,
+        refine_colour: bool = _DEFAULTS.refine_colour,
+        target_ssim: float = _DEFAULTS.target_ssim,
+        random_state: int | None = _DEFAULTS.random_state,
+        num_threads: int | None = None,
     ) -> None:
-        perturbation = getattr(attack, "perturbation_", None)
-        if not isinstance(perturbation, torch.Tensor) or perturbation.ndim != 3 or perturbation.shape[0] != 3:
-            raise ValueError(
-                "attack must be a fitted krtfuap attack with a (3, S, S) perturbation_; call fit() first or load "
-                "one (krtfuap.pretrained.default_cloak(), UAPAttack.load(path))."
-            )
-        if not 0.0 <= min_score <= 1.0:
-            raise ValueError(f"min_score must be in [0, 1], got {min_score}.")
+        _check_attack(attack)
+        if detector is not None and not callable(getattr(detector, "detect", None)):
+            raise TypeError(f"detector must be an SCRFDDetector (or None for the default), got {type(detector).__name__}.")
+        check_number(min_score, "min_score", low=0.0, high=1.0)
+        check_number(min_size, "min_size", low=0.0, hint=" (pixels)")
+        check_number(feather, "feather", low=0.0, hint=" (aligned-face pixels)")
+        if model is not None and not callable(model):
+            raise TypeError(f"model must be a face model (a torch.nn.Module) or None, got {type(model).__name__}.")
+        check_number(threshold, "threshold", low=-1.0, high=1.0, allow_none=True, hint=" (a cosine similarity)")
         if model is not None and threshold is None:
             raise ValueError("a verification model needs its threshold: pass threshold= (cosine similarity).")
-        if isinstance(refine_steps, bool) or not isinstance(refine_steps, int) or refine_steps < 0:
-            raise ValueError(f"refine_steps must be an integer >= 0 (0: no refinement), got {refine_steps!r}.")
-        if refine_from not in ("zero", "cloak"):
-            raise ValueError(f"refine_from must be 'zero' or 'cloak', got {refine_from!r}.")
-        if not 0.0 < target_ssim <= 1.0:
-            raise ValueError(f"target_ssim must be in (0, 1], got {target_ssim}.")
+        check_number(refine_steps, "refine_steps", low=0, integer=True, hint=" (0: no refinement)")
         if refine_steps and getattr(attack, "model", None) is None:
             raise ValueError(
                 "refining the cloak on each photo needs the attack's face model: load it with one "
                 "(UAPAttack.load(path, model=...)) or pass refine_steps=0 to paste the perturbation as it is."
             )
+        if refine_from not in ("zero", "cloak"):
+            raise ValueError(f"refine_from must be 'zero' or 'cloak', got {refine_from!r}.")
+        if not isinstance(refine_colour, bool):
+            raise TypeError(f"refine_colour must be True or False, got {refine_colour!r} ({type(refine_colour).__name__}).")
+        check_number(target_ssim, "target_ssim", low=0.0, high=1.0, low_open=True)
+        check_number(random_state, "random_state", low=0, integer=True, allow_none=True)
+        check_number(num_threads, "num_threads", low=1, integer=True, allow_none=True)
         self.attack = attack
         self.detector = detector if detector is not None else SCRFDDetector(score_threshold=min_score)
         self.min_score = float(min_score)
@@ -249,17 +339,24 @@ class PhotoCloak:
         self.threshold = float(threshold) if threshold is not None else getattr(attack, "threshold_", None)
         self.refine_steps = refine_steps
         self.refine_from = refine_from
-        self.refine_colour = bool(refine_colour)
+        self.refine_colour = refine_colour
         self.target_ssim = float(target_ssim)
         self.random_state = random_state
+        self.num_threads = num_threads
+
+    def _threads(self) -> AbstractContextManager[None]:
+        """Torch's thread count set to ``num_threads`` (or the default) for a block, restored after it."""
+        return torch_threads(self.num_threads if self.num_threads is not None else default_num_threads())
 
     # ------------------------------------------------------------------ one photo
-    def detect(self, image: np.ndarray) -> list[DetectedFace]:
+    def detect(self, image: np.ndarray) -> list[PhotoFace]:
         """Faces of ``image`` (``(H, W, 3)`` uint8 RGB) passing ``min_score`` and ``min_size``, best first."""
         boxes, scores, keypoints = detect_faces(image, self.detector, self.min_score, self.min_size)
-        return [DetectedFace(box, float(score), kps) for box, score, kps in zip(boxes, scores, keypoints)]
+        size = self.attack.perturbation_.shape[-1]
+        return [locate_face(points, image.shape[:2], box=box, score=float(score), size=size)
+                for box, score, points in zip(boxes, scores, keypoints)]
 
-    def cloak(self, image: np.ndarray) -> tuple[np.ndarray, list[DetectedFace]]:
+    def cloak(self, image: np.ndarray) -> tuple[np.ndarray, list[PhotoFace]]:
         """Cloak every face of one photo.
 
         Parameters
@@ -273,37 +370,38 @@ class PhotoCloak:
             ``(H, W, 3)`` uint8 RGB; equal to ``image`` outside the faces' aligned squares
             (and everywhere when no face is found). With ``refine_steps`` the result
             depends on ``random_state`` and on the photo, not on other photos cloaked before.
-        faces : list of DetectedFace
+        faces : list of PhotoFace
             The faces cloaked.
         """
-        faces = self.detect(image)
-        if not faces:
-            return image.copy(), faces
-        perturbation = self.attack.perturbation_.float()
-        keypoints, epsilon = [face.keypoints for face in faces], float(self.attack.epsilon)
-        if not self.refine_steps:
-            pasted = paste_perturbation(photo_to_tensor(image), perturbation.cpu(), keypoints, epsilon=epsilon,
-                                        feather=self.feather)
-            return tensor_to_photo(pasted), faces
-        model = self.attack.model
-        device = next(model.parameters(), perturbation).device
-        generator = None if self.random_state is None else torch.Generator().manual_seed(self.random_state)
-        start = perturbation if self.refine_from == "cloak" else torch.zeros_like(perturbation)
-        refined = refine_on_photo(
-            photo_to_tensor(image).to(device), start.to(device), keypoints, model, epsilon=epsilon,
-            boxes=[face.box for face in faces], feather=self.feather, steps=self.refine_steps,
-            target_ssim=self.target_ssim, colour=self.refine_colour, generator=generator,
-        )
-        return tensor_to_photo(refined.cpu()), faces
+        with self._threads():
+            faces = self.detect(image)
+            if not faces:
+                return image.copy(), faces
+            perturbation = self.attack.perturbation_.float()
+            epsilon = float(self.attack.epsilon)
+            if not self.refine_steps:
+                pasted = paste_perturbation(photo_to_tensor(image), perturbation.cpu(), faces, epsilon=epsilon,
+                                            feather=self.feather)
+                return tensor_to_photo(pasted), faces
+            model = self.attack.model
+            device = next(model.parameters(), perturbation).device
+            generator = None if self.random_state is None else torch.Generator().manual_seed(self.random_state)
+            start = perturbation if self.refine_from == "cloak" else torch.zeros_like(perturbation)
+            refined = refine_on_photo(
+                photo_to_tensor(image).to(device), start.to(device), faces, model, epsilon=epsilon,
+                threshold=getattr(self.attack, "threshold_", None), feather=self.feather, steps=self.refine_steps,
+                target_ssim=self.target_ssim, colour=self.refine_colour, generator=generator,
+            )
+            return tensor_to_photo(refined.cpu()), faces
 
-    def verify(self, original: np.ndarray, cloaked: np.ndarray, faces: Sequence[DetectedFace]) -> list[dict]:
+    def verify(self, original: np.ndarray, cloaked: np.ndarray, faces: Sequence[PhotoFace]) -> list[dict]:
         """Judge cloaked faces as a recogniser would: detect and align again, compare with the originals.
 
         Parameters
         ----------
         original, cloaked : numpy.ndarray
             ``(H, W, 3)`` uint8 RGB, the photo before and after (as read back from its file).
-        faces : sequence of DetectedFace
+        faces : sequence of PhotoFace
             The faces found in ``original``.
 
         Returns
@@ -311,26 +409,31 @@ class PhotoCloak:
         list of dict
             Per face: ``redetected``, ``similarity`` (cosine of the two embeddings; NaN if the
             face is not found again), ``threshold``, ``protected`` (similarity below it, or not
-            found), ``ssim_face``/``psnr_face`` over the face's box, ``ssim_photo``/``psnr_photo``.
+            found), ``ssim_face``/``psnr_face`` over the face's box, ``ssim_photo``/``psnr_photo``,
+            ``target_ssim`` and ``stealth_met`` (see :class:`FaceReport`).
         """
         self._check_judge()
         if original.shape != cloaked.shape:
             raise ValueError(f"original {original.shape} and cloaked {cloaked.shape} photos differ in size.")
-        clean_photo, cloaked_photo = photo_to_tensor(original)[None], photo_to_tensor(cloaked)[None]
-        photo_scores = {"ssim_photo": ssim(cloaked_photo, clean_photo).item(), "psnr_photo": _psnr(cloaked_photo, clean_photo)}
-        found_again = self.detect(cloaked)
-        results = []
-        for face in faces:
-            match = _best_match(face, found_again)
-            result = {"redetected": match is not None, "similarity": math.nan, "threshold": self.threshold}
-            if match is not None:
-                pair = np.stack([align_face(original, face.keypoints), align_face(cloaked, match.keypoints)])
-                embeddings = embed(self.model, photo_to_tensor(pair))
-                result["similarity"] = cosine_similarity(embeddings[:1].cpu(), embeddings[1:].cpu()).item()
-            result["protected"] = match is None or bool(fooled_by_similarity(result["similarity"], self.threshold))
-            result.update(_box_scores(clean_photo, cloaked_photo, face.box))
-            result.update(photo_scores)
-            results.append(result)
+        with self._threads():
+            clean_photo, cloaked_photo = photo_to_tensor(original)[None], photo_to_tensor(cloaked)[None]
+            photo_scores = {"ssim_photo": ssim(cloaked_photo, clean_photo).item(),
+                            "psnr_photo": _psnr(cloaked_photo, clean_photo)}
+            found_again = self.detect(cloaked)
+            results = []
+            for face in faces:
+                match = _best_match(face, found_again)
+                result = {"redetected": match is not None, "similarity": math.nan, "threshold": self.threshold}
+                if match is not None:
+                    pair = np.stack([align_face(original, face.keypoints), align_face(cloaked, match.keypoints)])
+                    embeddings = embed(self.model, photo_to_tensor(pair))
+                    result["similarity"] = cosine_similarity(embeddings[:1].cpu(), embeddings[1:].cpu()).item()
+                result["protected"] = match is None or bool(fooled_by_similarity(result["similarity"], self.threshold))
+                result.update(_box_scores(clean_photo, cloaked_photo, face))
+                result.update(photo_scores)
+                result["target_ssim"] = self.target_ssim
+                result["stealth_met"] = _stealth_met(result["ssim_face"], self.target_ssim)
+                results.append(result)
         return results
 
     def _check_judge(self) -> None:
@@ -347,11 +450,17 @@ class PhotoCloak:
         output: str | os.PathLike[str],
         *,
         file_format: str | None = None,
-        quality: int = 95,
+        quality: int = _DEFAULTS.write_quality,
         verify: bool = True,
+        report: bool = True,
         progress: bool = False,
     ) -> list[FaceReport]:
         """Cloak photos and folders of photos into ``output``, and report every face.
+
+        A photo that fails anywhere (unreadable, or an error detecting, cloaking, writing or
+        verifying it) gets an ``error`` row with the message, is named on stderr, leaves no
+        output file, and the other photos go on. Ctrl-C (``KeyboardInterrupt``) stops the run;
+        the report then lists the photos done.
 
         Parameters
         ----------
@@ -365,6 +474,9 @@ class PhotoCloak:
             JPEG quality, 1-100.
         verify : bool
             Re-read each written photo and judge it with :meth:`verify`.
+        report : bool
+            Write ``cloak-report.csv`` and ``cloak-report.json`` into ``output``, photo by photo
+            (:class:`CloakReport`).
         progress : bool
             Show a progress bar over photos.
 
@@ -372,47 +484,94 @@ class PhotoCloak:
         -------
         list of FaceReport
             One row per face; one row with ``face = -1`` for a photo without a face
-            (copied unchanged) or one that could not be read (``status = "error"``,
-            nothing written, the other photos go on).
+            (copied unchanged) or one that failed (``status = "error"``).
         """
         if file_format is not None and file_format not in _FORMATS:
             raise ValueError(f"file_format must be 'png' or 'jpeg' (or None to follow the input), got {file_format!r}.")
-        if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
-            raise ValueError(f"quality must be an integer JPEG quality in 1-100, got {quality!r}.")
+        check_number(quality, "quality", low=1, high=100, integer=True, hint=" (JPEG quality)")
+        for name, flag in (("verify", verify), ("report", report), ("progress", progress)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {flag!r} ({type(flag).__name__}).")
         if verify:
             self._check_judge()
         plan = plan_outputs(inputs, output, file_format)
         Path(output).mkdir(parents=True, exist_ok=True)
+        written = CloakReport(output) if report else None
         rows: list[FaceReport] = []
-        for source, target in _progress(plan, progress):
-            rows += self._cloak_one(source, target, file_format, quality, verify)
+        with self._threads():
+            for source, target in _progress(plan, progress):
+                photo_rows = self._cloak_one(source, target, file_format, quality, verify)
+                for row in photo_rows:
+                    if row.status == "error":
+                        _say(f"error: {row.photo}: {row.message}", progress)
+                if written is not None:
+                    written.add(photo_rows)
+                rows += photo_rows
         return rows
 
     def _cloak_one(self, source: Path, target: Path, file_format: str | None, quality: int, verify: bool) -> list[FaceReport]:
+        """The rows of one photo; an ``error`` row (and no output left behind) if any step fails."""
+        stage = "reading"
         try:
             image, icc_profile = read_photo(source)
-        except (ValueError, OSError) as error:
-            return [FaceReport(str(source), "", -1, "error", message=str(error))]
-        cloaked, faces = self.cloak(image)
-        if not faces:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, target)
-            return [FaceReport(str(source), str(target), -1, "no face", message="no face found; copied unchanged")]
-        chosen = file_format or ("jpeg" if source.suffix.lower() in (".jpg", ".jpeg") else "png")
-        write_photo(target, cloaked, file_format=chosen, quality=quality, icc_profile=icc_profile)
-        checks: list[dict] = [{} for _ in faces]
-        if verify:
-            written, _ = read_photo(target)
-            checks = self.verify(image, written, faces)
+            stage = "cloaking"
+            cloaked, faces = self.cloak(image)
+            if not faces:
+                stage = "copying"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, target)
+                return [FaceReport(str(source), str(target), -1, "no face", message="no face found; copied unchanged")]
+            stage = "writing"
+            chosen = file_format or ("jpeg" if source.suffix.lower() in (".jpg", ".jpeg") else "png")
+            write_photo(target, cloaked, file_format=chosen, quality=quality, icc_profile=icc_profile)
+            checks: list[dict] = [{"target_ssim": self.target_ssim} for _ in faces]
+            if verify:
+                stage = "verifying"
+                checks = self.verify(image, read_photo(target)[0], faces)
+        except KeyboardInterrupt:  # stops the run; what is on disk stays what the report lists
+            if stage != "reading":
+                target.unlink(missing_ok=True)
+            raise
+        except Exception as error:  # any other failure is this photo's alone
+            if stage != "reading":
+                target.unlink(missing_ok=True)
+            detail = str(error) if isinstance(error, (OSError, ValueError)) else f"{type(error).__name__}: {error}"
+            message = detail if stage == "reading" else f"{stage} failed: {detail}"
+            return [FaceReport(str(source), "", -1, "error", message=message)]
         return [
-            FaceReport(
-                str(source), str(target), index, "cloaked", face.score, [round(float(v), 1) for v in face.box], **check
-            )
+            FaceReport(str(source), str(target), index, "cloaked", face.score, [round(float(v), 1) for v in face.box],
+                       **check)
             for index, (face, check) in enumerate(zip(faces, checks))
         ]
 
 
-def _best_match(face: DetectedFace, candidates: Iterable[DetectedFace]) -> DetectedFace | None:
+def _check_attack(attack: object) -> None:
+    """A fitted attack: a ``(3, S, S)`` ``perturbation_`` and an ``epsilon`` in ``(0, 1]``."""
+    perturbation = getattr(attack, "perturbation_", None)
+    if not isinstance(perturbation, torch.Tensor) or perturbation.ndim != 3 or perturbation.shape[0] != 3:
+        raise ValueError(
+            "attack must be a fitted krtfuap attack with a (3, S, S) perturbation_; call fit() first or load "
+            "one (krtfuap.pretrained.default_cloak(), UAPAttack.load(path))."
+        )
+    check_number(getattr(attack, "epsilon", None), "attack.epsilon", low=0.0, high=1.0, low_open=True)
+
+
+def _stealth_met(face_ssim: float, target_ssim: float) -> bool | None:
+    """Whether a face's SSIM after the real save meets the target, within the simulated save's usual lead."""
+    return None if math.isnan(face_ssim) else face_ssim >= target_ssim - _DEFAULTS.stealth_tolerance
+
+
+def _say(message: str, progress: bool) -> None:
+    """One line on stderr (through the progress bar when one is shown)."""
+    if progress:
+        from tqdm import tqdm
+
+        tqdm.write(message, file=sys.stderr)
+    else:
+        print(message, file=sys.stderr)
+
+
+def _best_match(face: PhotoFace, candidates: Iterable[PhotoFace]) -> PhotoFace | None:
     """The candidate whose box overlaps ``face``'s most (IoU >= 0.5), or None."""
     best, best_iou = None, 0.5
     for candidate in candidates:
@@ -434,9 +593,9 @@ def _psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
     return math.inf if torch.equal(images, reference) else psnr(images, reference).item()
 
 
-def _box_scores(clean: torch.Tensor, cloaked: torch.Tensor, box: np.ndarray) -> dict[str, float]:
+def _box_scores(clean: torch.Tensor, cloaked: torch.Tensor, face: PhotoFace) -> dict[str, float]:
     """SSIM and PSNR over the face's box (clipped to the photo), ``(1, 3, H, W)`` photos in ``[0, 1]``."""
-    top, left, bottom, right = box_pixels(box, *clean.shape[-2:])
+    top, left, bottom, right = face.box_pixels
     if bottom - top < 2 or right - left < 2:
         return {"ssim_face": math.nan, "psnr_face": math.nan}
     a, b = cloaked[..., top:bottom, left:right], clean[..., top:bottom, left:right]
@@ -451,26 +610,9 @@ def _progress(plan: list, enabled: bool):
     return tqdm(plan, unit="photo", desc="cloaking")
 
 
-def write_report(rows: Sequence[FaceReport], folder: str | os.PathLike[str]) -> tuple[Path, Path]:
-    """Write ``cloak-report.csv`` and ``cloak-report.json`` (one entry per face) into ``folder``.
-
-    Returns the two paths. In the JSON file a value that is not measured (NaN, or an infinite
-    PSNR of an unchanged crop) is ``null``.
-    """
-    folder = Path(folder)
-    records = [asdict(row) for row in rows]
-    json_path, csv_path = folder / "cloak-report.json", folder / "cloak-report.csv"
-    finite = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()} for r in records]
-    json_path.write_text(json.dumps(finite, indent=1, allow_nan=False) + "\n")  # NaN / inf -> null: strict JSON
-    with csv_path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(FaceReport.__dataclass_fields__))
-        writer.writeheader()
-        writer.writerows(records)
-    return csv_path, json_path
-
-
 def summarise(rows: Sequence[FaceReport]) -> dict[str, float | int]:
-    """Counts and means over a report: photos, faces, protected share, mean similarity and face SSIM."""
+    """Counts and means over a report: photos, faces, errors, protected share, faces below the stealth target,
+    mean similarity and face SSIM."""
     faces = [row for row in rows if row.status == "cloaked"]
     judged = [row for row in faces if row.protected is not None]
     similarities = [row.similarity for row in judged if not math.isnan(row.similarity)]
@@ -482,6 +624,7 @@ def summarise(rows: Sequence[FaceReport]) -> dict[str, float | int]:
         "errors": sum(row.status == "error" for row in rows),
         "protected": sum(bool(row.protected) for row in judged),
         "protection_rate": sum(bool(row.protected) for row in judged) / len(judged) if judged else math.nan,
+        "below_stealth_target": sum(row.stealth_met is False for row in faces),
         "mean_similarity": float(np.mean(similarities)) if similarities else math.nan,
         "mean_ssim_face": float(np.mean(face_ssim)) if face_ssim else math.nan,
     }

@@ -32,7 +32,9 @@ import torch
 from krtfuap.alignment import SCRFDDetector, detect_and_align, sample_photos
 from krtfuap.apps.cloak import FaceReport, PhotoCloak, read_photo, summarise
 from krtfuap.baselines import RandomNoiseUAP
+from krtfuap.cloak_defaults import CLOAK_DEFAULTS
 from krtfuap.pretrained import default_cloak
+from krtfuap.threads import default_num_threads, torch_threads
 
 __all__ = ["run_demo"]
 
@@ -130,9 +132,10 @@ def _save_figure(path: Path, photos: list[Path], rows: list[FaceReport], max_cro
 def run_demo(
     output_dir: str | Path = "krtfuap-demo",
     *,
-    quality: int = 85,
+    quality: int = CLOAK_DEFAULTS.demo_quality,
     attack=None,
-    refine_steps: int = 30,
+    refine_steps: int = CLOAK_DEFAULTS.refine_steps,
+    num_threads: int | None = None,
     verbose: bool = True,
 ) -> dict[str, Any]:
     """Cloak the sample photos as ``PhotoCloak`` does, with the ready cloak as it is and with noise; verify all.
@@ -151,6 +154,9 @@ def run_demo(
     refine_steps : int
         Steps of :class:`~krtfuap.apps.cloak.PhotoCloak`'s per-face refinement for the
         ``cloak`` method (``universal`` and ``noise`` are pasted as they are; 0: all three pasted).
+    num_threads : int, optional
+        Torch threads for the whole run (restored after it); by default
+        :func:`krtfuap.threads.default_num_threads`, half the cores.
     verbose : bool
         Print progress, the per-face table and the summary.
 
@@ -160,11 +166,17 @@ def run_demo(
         What ``results.json`` holds: ``summary`` (per method: ``faces``, ``protection_rate``,
         ``mean_similarity``, ``mean_ssim_face``, ``mean_psnr_face``, ...), ``faces`` (one
         report row per face and method), ``threshold``, ``epsilon``, ``quality``,
-        ``timings_s`` and ``files``.
+        ``num_threads``, ``timings_s`` and ``files``.
     """
+    num_threads = default_num_threads() if num_threads is None else num_threads
+    with torch_threads(num_threads):
+        return _run(Path(output_dir), quality, attack, refine_steps, num_threads, verbose)
+
+
+def _run(output: Path, quality: int, attack, refine_steps: int, num_threads: int, verbose: bool) -> dict[str, Any]:
+    """:func:`run_demo`'s work, under its thread setting."""
     started = time.perf_counter()
     say = print if verbose else (lambda *args, **kwargs: None)
-    output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 
@@ -175,12 +187,14 @@ def run_demo(
     timings["load"] = time.perf_counter() - started
 
     mark = time.perf_counter()
-    cloak = PhotoCloak(cloak_attack, detector, refine_steps=refine_steps)
+    cloak = PhotoCloak(cloak_attack, detector, refine_steps=refine_steps, num_threads=num_threads)
     faces = detect_and_align(photos, detector, cloak.min_score, cloak.min_size)
+    pasted = PhotoCloak(cloak_attack, detector, refine_steps=0, num_threads=num_threads)
+    noise = PhotoCloak(_noise_like(cloak_attack, faces), detector, refine_steps=0, num_threads=num_threads)
     methods = {
         "cloak": (cloak, f"a perturbation made for each face ({refine_steps} steps)"),
-        "universal": (PhotoCloak(cloak_attack, detector, refine_steps=0), "the universal cloak as it is"),
-        "noise": (PhotoCloak(_noise_like(cloak_attack, faces), detector, refine_steps=0), "uniform random noise"),
+        "universal": (pasted, "the universal cloak as it is"),
+        "noise": (noise, "uniform random noise"),
     }
     timings["prepare"] = time.perf_counter() - mark
 
@@ -188,7 +202,7 @@ def run_demo(
     for name, (photo_cloak, description) in methods.items():
         mark = time.perf_counter()
         say(f"{name}: {description} on {len(photos)} sample photos, saved as JPEG q{quality}, re-detected ...")
-        rows[name] = photo_cloak.cloak_files(photos, output / name, file_format="jpeg", quality=quality)
+        rows[name] = photo_cloak.cloak_files(photos, output / name, file_format="jpeg", quality=quality, report=False)
         timings[name] = time.perf_counter() - mark
 
     summaries = {}
@@ -206,6 +220,7 @@ def run_demo(
         "epsilon": float(cloak_attack.epsilon),
         "quality": quality,
         "refine_steps": refine_steps,
+        "num_threads": num_threads,
         "noise": "uniform in [-epsilon, epsilon] per pixel and channel (RandomNoiseUAP, random_state=0)",
         "summary": summaries,
         "faces": {name: [asdict(row) for row in method_rows] for name, method_rows in rows.items()},
