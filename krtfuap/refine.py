@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from krtfuap._validation import check_images, check_number
+from krtfuap._validation import Boolean, Interval, check_images, check_params
 from krtfuap.augment import save_and_realign, similarity_matrices, warp_to_face
 from krtfuap.cloak_defaults import CLOAK_DEFAULTS
 from krtfuap.engine import frozen
@@ -53,6 +53,18 @@ from krtfuap.paste import feather_window, warp_to_region
 from krtfuap.photo_face import PhotoFace, as_photo_faces
 
 __all__ = ["refine_on_photo"]
+
+#: What the numeric and boolean arguments of :func:`refine_on_photo` accept.
+_ARGUMENT_CONSTRAINTS: dict[str, list] = {
+    "epsilon": [Interval(float, 0.0, 1.0, closed="right", hint=" (images are in [0, 1])")],
+    "threshold": [Interval(float, -1.0, 1.0, hint=" (a cosine similarity)"), None],
+    "steps": [Interval(int, 0, None, hint=" (0: paste without refining)")],
+    "lr": [Interval(float, 0.0, None, closed="right")],
+    "target_ssim": [Interval(float, 0.0, 1.0, closed="right")],
+    "stealth_weight": [Interval(float, 0.0, None)],
+    "margin": [Interval(float, 0.0, None)],
+    "colour": [Boolean()],
+}
 
 _DEFAULTS = CLOAK_DEFAULTS
 
@@ -268,16 +280,12 @@ def _check_arguments(
         raise ValueError(f"perturbation must have shape (3, S, S), got {tuple(perturbation.shape)}.")
     if not torch.isfinite(perturbation).all():
         raise ValueError("perturbation contains NaN or inf values; pass a fitted attack's perturbation_.")
-    check_number(epsilon, "epsilon", low=0.0, high=1.0, low_open=True, hint=" (images are in [0, 1])")
-    check_number(threshold, "threshold", low=-1.0, high=1.0, allow_none=True, hint=" (a cosine similarity)")
-    check_number(steps, "steps", low=0, integer=True, hint=" (0: paste without refining)")
-    check_number(lr, "lr", low=0.0, low_open=True)
-    check_number(target_ssim, "target_ssim", low=0.0, high=1.0, low_open=True)
-    check_number(stealth_weight, "stealth_weight", low=0.0)
-    check_number(margin, "margin", low=0.0)
+    check_params(
+        dict(epsilon=epsilon, threshold=threshold, steps=steps, lr=lr, target_ssim=target_ssim,
+             stealth_weight=stealth_weight, margin=margin, colour=colour),
+        _ARGUMENT_CONSTRAINTS,
+    )
     if not 1.0 <= quality[0] <= quality[1] <= 100.0:
         raise ValueError(f"quality must be a range (low, high) within [1, 100], got {quality}.")
     if min(jitter) < 0.0:
         raise ValueError(f"jitter (shift in pixels, turn in degrees) must be >= 0, got {jitter}.")
-    if not isinstance(colour, bool):
-        raise TypeError(f"colour must be True or False, got {colour!r} ({type(colour).__name__}).")

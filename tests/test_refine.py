@@ -135,13 +135,13 @@ def test_float64_photos_and_faces_outside_the_photo() -> None:
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"epsilon": 0.0}, "epsilon must be in"),
-        ({"steps": -1}, "steps must be >= 0"),
+        ({"epsilon": 0.0}, "epsilon must be a number in"),
+        ({"steps": -1}, "steps must be an int >= 0"),
         ({"steps": 2.5}, "steps must be an int"),
-        ({"lr": 0.0}, "lr must be > 0"),
-        ({"target_ssim": 1.5}, "target_ssim must be in"),
+        ({"lr": 0.0}, "lr must be a number > 0"),
+        ({"target_ssim": 1.5}, "target_ssim must be a number in"),
         ({"stealth_weight": -1.0}, "stealth_weight must be"),
-        ({"threshold": 1.5}, "threshold must be in"),
+        ({"threshold": 1.5}, "threshold must be a number in"),
         ({"threshold": "0.2"}, "threshold must be a number"),
         ({"margin": -0.1}, "margin must be"),
         ({"quality": (90.0, 80.0)}, "quality must be a range"),

@@ -43,7 +43,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from krtfuap._validation import check_number
+from krtfuap._validation import (
+    Boolean, FaceModelLike, InstanceOf, Interval, Options, check_param, check_params,
+)
 from krtfuap.alignment import SCRFDDetector, align_face, detect_faces, photo_to_tensor, tensor_to_photo
 from krtfuap.cloak_defaults import CLOAK_DEFAULTS
 from krtfuap.datasets import is_image_file, load_image
@@ -289,6 +291,22 @@ class PhotoCloak:
         after each call); by default :func:`krtfuap.threads.default_num_threads`, half the cores.
     """
 
+    #: What each parameter accepts (checked at construction, before any model runs).
+    _parameter_constraints: dict[str, list] = {
+        "detector": [InstanceOf(SCRFDDetector, description="an SCRFDDetector"), None],
+        "min_score": [Interval(float, 0.0, 1.0)],
+        "min_size": [Interval(float, 0.0, None, hint=" (pixels)")],
+        "feather": [Interval(float, 0.0, None, hint=" (aligned-face pixels)")],
+        "model": [FaceModelLike(), None],
+        "threshold": [Interval(float, -1.0, 1.0, hint=" (a cosine similarity)"), None],
+        "refine_steps": [Interval(int, 0, None, hint=" (0: no refinement)")],
+        "refine_from": [Options("zero", "cloak")],
+        "refine_colour": [Boolean()],
+        "target_ssim": [Interval(float, 0.0, 1.0, closed="right")],
+        "random_state": [Interval(int, 0, None), None],
+        "num_threads": [Interval(int, 1, None), None],
+    }
+
     def __init__(
         self,
         attack,
@@ -307,29 +325,15 @@ class PhotoCloak:
         num_threads: int | None = None,
     ) -> None:
         _check_attack(attack)
-        if detector is not None and not callable(getattr(detector, "detect", None)):
-            raise TypeError(f"detector must be an SCRFDDetector (or None for the default), got {type(detector).__name__}.")
-        check_number(min_score, "min_score", low=0.0, high=1.0)
-        check_number(min_size, "min_size", low=0.0, hint=" (pixels)")
-        check_number(feather, "feather", low=0.0, hint=" (aligned-face pixels)")
-        if model is not None and not callable(model):
-            raise TypeError(f"model must be a face model (a torch.nn.Module) or None, got {type(model).__name__}.")
-        check_number(threshold, "threshold", low=-1.0, high=1.0, allow_none=True, hint=" (a cosine similarity)")
+        given = dict(locals())
+        check_params(given, self._parameter_constraints)
         if model is not None and threshold is None:
             raise ValueError("a verification model needs its threshold: pass threshold= (cosine similarity).")
-        check_number(refine_steps, "refine_steps", low=0, integer=True, hint=" (0: no refinement)")
         if refine_steps and getattr(attack, "model", None) is None:
             raise ValueError(
                 "refining the cloak on each photo needs the attack's face model: load it with one "
                 "(UAPAttack.load(path, model=...)) or pass refine_steps=0 to paste the perturbation as it is."
             )
-        if refine_from not in ("zero", "cloak"):
-            raise ValueError(f"refine_from must be 'zero' or 'cloak', got {refine_from!r}.")
-        if not isinstance(refine_colour, bool):
-            raise TypeError(f"refine_colour must be True or False, got {refine_colour!r} ({type(refine_colour).__name__}).")
-        check_number(target_ssim, "target_ssim", low=0.0, high=1.0, low_open=True)
-        check_number(random_state, "random_state", low=0, integer=True, allow_none=True)
-        check_number(num_threads, "num_threads", low=1, integer=True, allow_none=True)
         self.attack = attack
         self.detector = detector if detector is not None else SCRFDDetector(score_threshold=min_score)
         self.min_score = float(min_score)
@@ -488,10 +492,9 @@ class PhotoCloak:
         """
         if file_format is not None and file_format not in _FORMATS:
             raise ValueError(f"file_format must be 'png' or 'jpeg' (or None to follow the input), got {file_format!r}.")
-        check_number(quality, "quality", low=1, high=100, integer=True, hint=" (JPEG quality)")
+        check_param("quality", quality, [Interval(int, 1, 100, hint=" (JPEG quality)")])
         for name, flag in (("verify", verify), ("report", report), ("progress", progress)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be True or False, got {flag!r} ({type(flag).__name__}).")
+            check_param(name, flag, [Boolean()])
         if verify:
             self._check_judge()
         plan = plan_outputs(inputs, output, file_format)
@@ -553,7 +556,7 @@ def _check_attack(attack: object) -> None:
             "attack must be a fitted krtfuap attack with a (3, S, S) perturbation_; call fit() first or load "
             "one (krtfuap.pretrained.default_cloak(), UAPAttack.load(path))."
         )
-    check_number(getattr(attack, "epsilon", None), "attack.epsilon", low=0.0, high=1.0, low_open=True)
+    check_param("attack.epsilon", getattr(attack, "epsilon", None), [Interval(float, 0.0, 1.0, closed="right")])
 
 
 def _stealth_met(face_ssim: float, target_ssim: float) -> bool | None:
