@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import inspect
 import json
 import shutil
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 import torch
 from fakes import TinyEmbedder
 from PIL import Image
+from wrong_values import wrong_type, wrong_values
 
 from krtfuap.alignment import sample_photos
 import krtfuap.apps.cloak as cloak_module
@@ -321,3 +323,27 @@ def test_detected_faces_are_located_for_the_perturbation(detector, noise_attack,
     faces = PhotoCloak(noise_attack, detector).detect(image)
     assert faces and all(isinstance(face, PhotoFace) and face.photo_size == image.shape[:2] for face in faces)
     assert all(face.size == noise_attack.perturbation_.shape[-1] and face.score >= 0.5 for face in faces)
+
+
+def _photo_cloak_bad_cases():
+    for name, constraints in PhotoCloak._parameter_constraints.items():
+        kind = wrong_type(constraints)
+        if kind is not None:
+            yield pytest.param(name, kind, TypeError, id=f"{name}-type")
+        for index, value in enumerate(wrong_values(constraints)):
+            yield pytest.param(name, value, ValueError, id=f"{name}-value{index}")
+
+
+@pytest.mark.parametrize("name, value, error", list(_photo_cloak_bad_cases()))
+def test_every_photo_cloak_parameter_is_refused_by_name_before_a_model_runs(name, value, error, detector) -> None:
+    model = TinyEmbedder()  # records the batch size of every forward in .calls
+    attack = RandomNoiseUAP(model, threshold=0.999, random_state=0).fit(torch.rand(2, 3, 112, 112))
+    calls = list(model.calls)
+    settings = {"detector": detector, "model": model, "threshold": 0.5, name: value}
+    with pytest.raises(error, match=rf"^{name}\b"):
+        PhotoCloak(attack, **settings)
+    assert model.calls == calls
+
+
+def test_the_photo_cloak_parameter_table_covers_its_whole_signature() -> None:
+    assert set(PhotoCloak._parameter_constraints) == set(inspect.signature(PhotoCloak).parameters) - {"attack"}

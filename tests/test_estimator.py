@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
 import warnings
 
 import numpy as np
 import pytest
 import torch
 from fakes import TinyEmbedder
+from wrong_values import wrong_type, wrong_values
 from safetensors import safe_open
 from safetensors.torch import save_file
 from sklearn.base import clone
@@ -22,7 +22,6 @@ from torch import nn
 
 import krtfuap
 from krtfuap import baselines
-from krtfuap._validation import DeviceLike, FaceModelLike, Interval, Options, RandomStateLike
 from krtfuap.attack import UAPAttack
 from krtfuap.engine import STEP_RECORD_KEYS, STOP_REASONS
 from krtfuap.estimator import PARAMETER_DOCS, NotSaved, PerturbationEstimator
@@ -57,48 +56,6 @@ def valid_settings(cls: type) -> dict:
     if "max_epochs" in cls._parameter_constraints:
         settings["max_epochs"] = 1
     return settings
-
-
-# ------------------------------------------------------------- values from the tables
-WRONG_TYPES = (object(), "not-an-option", 1.5, 3, True, None, [object()])
-
-
-def wrong_type(constraints: list) -> object | None:
-    """A value of a kind no constraint of the list admits (``None`` when every kind is admitted)."""
-    for candidate in WRONG_TYPES:
-        if candidate is None:
-            if None not in constraints:
-                return candidate
-            continue
-        if not any(c is not None and c.admits_type(candidate) for c in constraints):
-            return candidate
-    return None
-
-
-def wrong_values(constraints: list) -> list:
-    """Values of an admitted kind that the constraints refuse (out of range, NaN, unknown option ...)."""
-    values: list = []
-    for constraint in constraints:
-        if isinstance(constraint, Interval):
-            low_open = constraint.closed in ("right", "neither")
-            high_open = constraint.closed in ("left", "neither")
-            if constraint.low is not None:
-                values.append(constraint.kind(constraint.low) if low_open else constraint.kind(constraint.low - 1))
-            if constraint.high is not None:
-                values.append(constraint.kind(constraint.high) if high_open else constraint.kind(constraint.high + 1))
-            if constraint.kind is float:
-                values.append(math.nan)
-        elif isinstance(constraint, Options):
-            values.append("bogus")
-        elif isinstance(constraint, RandomStateLike):
-            values.append(-1)
-        elif isinstance(constraint, DeviceLike):
-            values.append("banana")
-        elif isinstance(constraint, FaceModelLike):
-            values.append([])
-    # A value another constraint of the list accepts is not wrong (e.g. "auto" for lr_decay_steps).
-    return [v for v in values if not any(c is not None and c.admits_type(v) and c.problem(v) is None
-                                         for c in constraints)]
 
 
 def bad_cases():
