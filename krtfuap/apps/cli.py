@@ -381,7 +381,7 @@ def _run_fit(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
 
 # ----------------------------------------------------------------- benchmark
 def _add_benchmark_parser(commands: argparse._SubParsersAction) -> None:
-    from krtfuap.apps._benchmark_methods import METHODS, MODELS  # names only: imports no torch
+    from krtfuap.apps.benchmark_methods import METHODS, MODELS  # names only: imports no torch
 
     bench = commands.add_parser(
         "benchmark",
