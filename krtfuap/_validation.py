@@ -36,6 +36,7 @@ __all__ = [
     "FaceModelLike",
     "check_param",
     "check_params",
+    "store_params",
 ]
 
 
@@ -454,3 +455,23 @@ def check_params(values: Mapping[str, object], constraints: Mapping[str, list], 
     for name, allowed in constraints.items():
         if name in values:
             check_param(f"{prefix}{name}", values[name], allowed)
+
+
+def store_params(instance: object, arguments: Mapping[str, object]) -> None:
+    """Store each ``__init__`` argument as the attribute of the same name, as scikit-learn's ``get_params`` reads them.
+
+    The whole body of a scikit-learn style ``__init__`` (which only stores its
+    parameters, unchecked) is ``store_params(self, locals())``, written first so
+    that ``locals()`` holds nothing but the arguments.
+
+    Parameters
+    ----------
+    instance : object
+        The object being initialised.
+    arguments : mapping
+        ``locals()`` at the top of ``__init__``: ``self`` (and the ``__class__``
+        cell of a method that calls ``super()``) are skipped, every other entry is set.
+    """
+    for name, value in arguments.items():
+        if name not in ("self", "__class__"):
+            setattr(instance, name, value)

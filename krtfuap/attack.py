@@ -17,7 +17,7 @@ from typing import Any, Callable, ClassVar, Literal
 import torch
 from torch import nn
 
-from krtfuap._validation import Boolean, InstanceOf, Interval, IsCallable, Options
+from krtfuap._validation import Boolean, InstanceOf, Interval, IsCallable, Options, store_params
 from krtfuap.augment import AUGMENT_PRESETS, resolve_augment
 from krtfuap.distributed import average_gradients, broadcast_module_
 from krtfuap.diversity import RandomResizePad
@@ -302,37 +302,7 @@ class UAPAttack(PerturbationEstimator):
         checkpoint_every: int = 1,
         verbose: bool = False,
     ) -> None:
-        self.model = model
-        self.threshold = threshold
-        self.epsilon = epsilon
-        self.target_ssim = target_ssim
-        self.stealth_weight = stealth_weight
-        self.stealth_loss = stealth_loss
-        self.stealth_adapt_rate = stealth_adapt_rate
-        self.adversarial_loss = adversarial_loss
-        self.key_regions = key_regions
-        self.skip_fooled = skip_fooled
-        self.target_fooling_rate = target_fooling_rate
-        self.max_epochs = max_epochs
-        self.max_time = max_time
-        self.max_steps = max_steps
-        self.lr = lr
-        self.lr_decay_steps = lr_decay_steps
-        self.input_diversity = input_diversity
-        self.diversity_min_scale = diversity_min_scale
-        self.augment = augment
-        self.init_scale = init_scale
-        self.lowpass_size = lowpass_size
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.random_state = random_state
-        self.device = device
-        self.amp = amp
-        self.channels_last = channels_last
-        self.num_threads = num_threads
-        self.checkpoint_path = checkpoint_path
-        self.checkpoint_every = checkpoint_every
-        self.verbose = verbose
+        store_params(self, locals())
 
     @classmethod
     def paper(cls, model: nn.Module, **overrides: Any) -> "UAPAttack":

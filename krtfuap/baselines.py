@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from krtfuap._ops import call_model
-from krtfuap._validation import Interval, check_embeddings
+from krtfuap._validation import Interval, check_embeddings, store_params
 from krtfuap.distributed import average_gradients, broadcast_module_, broadcast_tensor_, sum_over_ranks_
 from krtfuap.engine import Solver
 from krtfuap.estimator import COMMON_CONSTRAINTS, PerturbationEstimator
@@ -398,16 +398,7 @@ class RandomNoiseUAP(PerturbationEstimator):
         num_threads: int | None = None,
         verbose: bool = False,
     ) -> None:
-        self.model = model
-        self.threshold = threshold
-        self.epsilon = epsilon
-        self.batch_size = batch_size
-        self.random_state = random_state
-        self.device = device
-        self.amp = amp
-        self.channels_last = channels_last
-        self.num_threads = num_threads
-        self.verbose = verbose
+        store_params(self, locals())
 
     def _loop_settings(self) -> dict[str, Any]:
         """One scoring pass and nothing else (the loop does not step a solver that does not learn)."""
@@ -492,25 +483,7 @@ class DeepFoolUAP(PerturbationEstimator):
         checkpoint_every: int = 1,
         verbose: bool = False,
     ) -> None:
-        self.model = model
-        self.threshold = threshold
-        self.epsilon = epsilon
-        self.overshoot = overshoot
-        self.max_inner = max_inner
-        self.target_fooling_rate = target_fooling_rate
-        self.max_epochs = max_epochs
-        self.max_time = max_time
-        self.max_steps = max_steps
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.random_state = random_state
-        self.device = device
-        self.amp = amp
-        self.channels_last = channels_last
-        self.num_threads = num_threads
-        self.checkpoint_path = checkpoint_path
-        self.checkpoint_every = checkpoint_every
-        self.verbose = verbose
+        store_params(self, locals())
 
     def _make_solver(self, data, device, generator, embed, threshold):
         solver = _DeepFoolSolver(
@@ -578,24 +551,7 @@ class FGUAP(PerturbationEstimator):
         checkpoint_every: int = 1,
         verbose: bool = False,
     ) -> None:
-        self.model = model
-        self.threshold = threshold
-        self.epsilon = epsilon
-        self.lr = lr
-        self.target_fooling_rate = target_fooling_rate
-        self.max_epochs = max_epochs
-        self.max_time = max_time
-        self.max_steps = max_steps
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.random_state = random_state
-        self.device = device
-        self.amp = amp
-        self.channels_last = channels_last
-        self.num_threads = num_threads
-        self.checkpoint_path = checkpoint_path
-        self.checkpoint_every = checkpoint_every
-        self.verbose = verbose
+        store_params(self, locals())
 
     def _make_solver(self, data, device, generator, embed, threshold):
         epsilon = float(self.epsilon)
@@ -681,26 +637,7 @@ class FrequencyUAP(PerturbationEstimator):
         checkpoint_every: int = 1,
         verbose: bool = False,
     ) -> None:
-        self.model = model
-        self.threshold = threshold
-        self.epsilon = epsilon
-        self.keep_fraction = keep_fraction
-        self.coefficient_bound = coefficient_bound
-        self.lr = lr
-        self.target_fooling_rate = target_fooling_rate
-        self.max_epochs = max_epochs
-        self.max_time = max_time
-        self.max_steps = max_steps
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.random_state = random_state
-        self.device = device
-        self.amp = amp
-        self.channels_last = channels_last
-        self.num_threads = num_threads
-        self.checkpoint_path = checkpoint_path
-        self.checkpoint_every = checkpoint_every
-        self.verbose = verbose
+        store_params(self, locals())
 
     def _band(self, size: tuple[int, int]) -> tuple[tuple[int, int], float]:
         """The kept block ``(kh, kw)`` and the coefficient bound for images of ``size``."""

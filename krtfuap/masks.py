@@ -35,7 +35,7 @@ from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
 
 from krtfuap._batches import iter_image_batches
-from krtfuap._validation import check_images
+from krtfuap._validation import check_images, store_params
 from krtfuap.landmarks import LandmarkBackend, TemplateLandmarks, check_landmarks, get_landmark_backend
 
 __all__ = ["REGIONS", "REGION_GROUPS", "key_region_mask", "key_region_masks", "KeyRegionMasker"]
@@ -208,11 +208,7 @@ class KeyRegionMasker(BaseEstimator):
         regions: Sequence[str] = ("eyes", "nose", "mouth"),
         image_size: tuple[int, int] | None = None,
     ) -> None:
-        self.landmarks = landmarks
-        self.combine = combine
-        self.vote = vote
-        self.regions = regions
-        self.image_size = image_size
+        store_params(self, locals())
 
     def _check_params(self) -> tuple[str, ...]:
         if self.combine not in _COMBINE:

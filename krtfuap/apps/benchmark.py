@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from krtfuap._ops import call_model
-from krtfuap.apps import _benchmark_methods
+from krtfuap.apps import benchmark_methods
 from krtfuap.datasets import FaceFolder, PairDataset, filter_pairs, read_pairs, split_identities
 from krtfuap.masks import KeyRegionMasker
 from krtfuap.metrics import calibrate_threshold, cosine_similarity, embed, pair_similarities, tar_at_far
@@ -59,10 +59,10 @@ __all__ = [
 ]
 
 # Defined in a module that imports no torch, so that `krtfuap benchmark --help` lists them at once.
-Method = _benchmark_methods.Method
-METHODS = _benchmark_methods.METHODS
+Method = benchmark_methods.Method
+METHODS = benchmark_methods.METHODS
 """Method names accepted by :func:`run_benchmark`: name -> :class:`Method`."""
-MODELS = _benchmark_methods.MODELS
+MODELS = benchmark_methods.MODELS
 """Model names accepted by :func:`load_models`; ``dlib_resnet`` is a black-box target only."""
 
 FOOLING_LEVELS = (0.4, 0.5, 0.6, 0.7, 0.8)

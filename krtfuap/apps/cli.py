@@ -173,9 +173,20 @@ def _add_demo_parser(commands: argparse._SubParsersAction) -> None:
                       help="steps refining the cloak on each face (default: %(default)s; 0: the universal "
                       "cloak only)")
     _add_threads_argument(demo)
-    demo.add_argument("--quiet", action="store_true", help="print nothing but errors")
-    demo.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    _add_output_arguments(demo, quiet_help="print nothing but errors")
     demo.set_defaults(run=_run_demo)
+
+
+def _add_seed_and_device_arguments(parser: argparse.ArgumentParser, *, seed_help: str) -> None:
+    """``--seed`` (what it seeds: ``seed_help``) and ``--device``, for the subcommands that fit."""
+    parser.add_argument("--seed", type=int, default=0, help=f"{seed_help} (default: %(default)s)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+
+def _add_output_arguments(parser: argparse.ArgumentParser, *, quiet_help: str) -> None:
+    """``--quiet`` (what it silences: ``quiet_help``) and ``--debug``, last in every subcommand."""
+    parser.add_argument("--quiet", action="store_true", help=quiet_help)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
 
 
 def _add_threads_argument(parser: argparse.ArgumentParser) -> None:
@@ -244,8 +255,7 @@ def _add_cloak_parser(commands: argparse._SubParsersAction) -> None:
     cloak.add_argument("--min-score", type=_probability, default=CLOAK_DEFAULTS.min_score,
                        help="detector score to cloak a face (default: %(default)s)")
     _add_threads_argument(cloak)
-    cloak.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    cloak.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    _add_output_arguments(cloak, quiet_help="no progress bar or summary")
     cloak.set_defaults(run=_run_cloak)
 
 
@@ -330,11 +340,9 @@ def _add_fit_parser(commands: argparse._SubParsersAction) -> None:
                      "perturbation, measured stronger at the same SSIM)")
     fit.add_argument("--checkpoint", default=None, help="checkpoint file, written after every epoch")
     fit.add_argument("--resume", action="store_true", help="continue from --checkpoint")
-    fit.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    fit.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    _add_seed_and_device_arguments(fit, seed_help="random seed")
     _add_threads_argument(fit)
-    fit.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    fit.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    _add_output_arguments(fit, quiet_help="no progress bar or summary")
     fit.set_defaults(run=_run_fit, output_is_file=True)
 
 
@@ -381,7 +389,7 @@ def _run_fit(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
 
 # ----------------------------------------------------------------- benchmark
 def _add_benchmark_parser(commands: argparse._SubParsersAction) -> None:
-    from krtfuap.apps._benchmark_methods import METHODS, MODELS  # names only: imports no torch
+    from krtfuap.apps.benchmark_methods import METHODS, MODELS  # names only: imports no torch
 
     bench = commands.add_parser(
         "benchmark",
@@ -413,10 +421,8 @@ def _add_benchmark_parser(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--sweep-stealth-weights", type=float, nargs="*", default=[0.0, 1.0, 10.0])
     bench.add_argument("--sweep-epsilons", type=float, nargs="*", default=[0.04, 0.12])
     bench.add_argument("--occlusion-strengths", type=float, nargs="*", default=[0.0, 0.04, 0.08, 0.16, 0.32])
-    bench.add_argument("--seed", type=int, default=0, help="seed of split, fits and noise (default: %(default)s)")
-    bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    bench.add_argument("--quiet", action="store_true", help="no progress bars")
-    bench.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    _add_seed_and_device_arguments(bench, seed_help="seed of split, fits and noise")
+    _add_output_arguments(bench, quiet_help="no progress bars")
     bench.set_defaults(run=_run_benchmark)
 
 
