@@ -9,10 +9,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import skip_init
 
+from krtfuap.alignment import ARCFACE_TEMPLATE_112
 from krtfuap.attack import UAPAttack
 
 
@@ -102,3 +104,10 @@ def tiny_attack(estimator: type = UAPAttack, model: nn.Module | None = None, **p
 def untimed(history: list[dict]) -> list[dict]:
     """``history_`` without the wall-clock ``time`` field, which differs between runs."""
     return [{key: value for key, value in record.items() if key != "time"} for record in history]
+
+
+def placed_keypoints(scale: float, angle: float = 0.0, shift: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+    """The five ArcFace template keypoints ``(5, 2)`` placed in a photo by a known similarity transform:
+    scaled by ``scale``, turned by ``angle`` radians about the template's origin, moved by ``shift``."""
+    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    return ARCFACE_TEMPLATE_112 @ (scale * rotation).T + np.asarray(shift)

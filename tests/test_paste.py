@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import numpy as np
+from fakes import placed_keypoints
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from krtfuap.alignment import ARCFACE_TEMPLATE_112, align_face
+from krtfuap.alignment import align_face
 from krtfuap.paste import feather_window, paste_perturbation, warp_to_region
 from krtfuap.photo_face import locate_face
-
-
-def _keypoints(scale: float, angle: float, shift: tuple[float, float]) -> np.ndarray:
-    """The template placed in a photo by a known similarity transform."""
-    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-    return ARCFACE_TEMPLATE_112 @ (scale * rotation).T + np.asarray(shift)
 
 
 def _smooth_perturbation(epsilon: float, seed: int = 0) -> torch.Tensor:
@@ -44,7 +39,7 @@ def test_feather_window_ramps_from_border_to_one() -> None:
 def test_paste_stays_in_range_and_budget(scale: float, angle: float, epsilon: float, x: float, y: float) -> None:
     photo = torch.rand(3, 150, 180, generator=torch.Generator().manual_seed(1))
     perturbation = (torch.rand(3, 112, 112) * 2 - 1) * epsilon
-    keypoints = [_keypoints(scale, angle, (x, y)), _keypoints(scale, -angle, (x + 30, y + 10))]
+    keypoints = [placed_keypoints(scale, angle, (x, y)), placed_keypoints(scale, -angle, (x + 30, y + 10))]
     out = paste_perturbation(photo, perturbation, keypoints, epsilon=epsilon)
     assert out.shape == photo.shape and out.dtype == photo.dtype
     assert out.min() >= 0 and out.max() <= 1
@@ -55,13 +50,13 @@ def test_paste_stays_in_range_and_budget(scale: float, angle: float, epsilon: fl
 @given(scale=st.floats(0.5, 3.0), angle=st.floats(-0.5, 0.5))
 def test_zero_perturbation_is_the_identity(scale: float, angle: float) -> None:
     photo = torch.rand(3, 200, 200)
-    out = paste_perturbation(photo, torch.zeros(3, 112, 112), [_keypoints(scale, angle, (20.0, 20.0))], epsilon=0.08)
+    out = paste_perturbation(photo, torch.zeros(3, 112, 112), [placed_keypoints(scale, angle, (20.0, 20.0))], epsilon=0.08)
     assert torch.equal(out, photo)
 
 
 def test_only_the_aligned_square_changes() -> None:
     photo = torch.full((3, 300, 300), 0.5)
-    keypoints = _keypoints(1.0, 0.0, (100.0, 80.0))  # the aligned square covers x 100..211, y 80..191
+    keypoints = placed_keypoints(1.0, 0.0, (100.0, 80.0))  # the aligned square covers x 100..211, y 80..191
     out = paste_perturbation(photo, torch.full((3, 112, 112), 0.05), [keypoints], epsilon=0.08, feather=0.0)
     changed = (out != photo).any(dim=0)
     rows, cols = torch.nonzero(changed, as_tuple=True)
@@ -75,7 +70,7 @@ def test_aligning_the_cloaked_photo_gives_back_the_perturbation(scale: float, an
     """Round trip: paste into the photo, align as a recogniser does, and the perturbation is there."""
     rng = np.random.default_rng(0)
     photo = torch.from_numpy(rng.uniform(0.2, 0.8, (3, 320, 320))).float()
-    keypoints = _keypoints(scale, angle, (90.0, 60.0))
+    keypoints = placed_keypoints(scale, angle, (90.0, 60.0))
     perturbation = _smooth_perturbation(0.08)
     out = paste_perturbation(photo, perturbation, [keypoints], epsilon=0.08, feather=6.0)
 
@@ -97,13 +92,13 @@ def test_bad_shapes_are_refused() -> None:
     with pytest.raises(ValueError, match="keypoints must have shape"):
         paste_perturbation(torch.rand(3, 10, 10), torch.zeros(3, 112, 112), [np.zeros((4, 2))], epsilon=0.08)
     with pytest.raises(ValueError, match="locate it again"):  # located for another photo size
-        face = locate_face(_keypoints(1.0, 0.0, (10.0, 10.0)), (200, 200))
+        face = locate_face(placed_keypoints(1.0, 0.0, (10.0, 10.0)), (200, 200))
         paste_perturbation(torch.rand(3, 150, 200), torch.zeros(3, 112, 112), [face], epsilon=0.08)
 
 
 def test_located_faces_and_keypoints_paste_alike() -> None:
     photo = torch.rand(3, 180, 220, generator=torch.Generator().manual_seed(2))
-    keypoints = [_keypoints(1.3, 0.2, (40.0, 20.0)), _keypoints(0.6, -0.1, (150.0, 90.0))]
+    keypoints = [placed_keypoints(1.3, 0.2, (40.0, 20.0)), placed_keypoints(0.6, -0.1, (150.0, 90.0))]
     boxes = [np.array([30.0, 10.0, 200.0, 190.0]), None]
     faces = [locate_face(points, (180, 220), box=box) for points, box in zip(keypoints, boxes)]
     perturbation = _smooth_perturbation(0.08, seed=3)
@@ -115,7 +110,7 @@ def test_located_faces_and_keypoints_paste_alike() -> None:
 
 def test_warp_to_region_puts_the_template_where_the_face_is() -> None:
     """A dot on the template lands, in the region, where the face's matrix maps it."""
-    face = locate_face(_keypoints(1.5, 0.3, (60.0, 35.0)), (300, 320))
+    face = locate_face(placed_keypoints(1.5, 0.3, (60.0, 35.0)), (300, 320))
     dot = torch.zeros(1, 112, 112)
     dot[0, 40, 70] = 1.0  # (x, y) = (70, 40) on the template
     warped = warp_to_region(dot, face)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from fakes import placed_keypoints
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -11,14 +12,8 @@ from krtfuap.alignment import ARCFACE_TEMPLATE_112, estimate_similarity
 from krtfuap.photo_face import MACROBLOCK, as_photo_faces, box_pixels, face_to_photo_matrix, locate_face
 
 
-def _keypoints(scale: float, angle: float, shift: tuple[float, float]) -> np.ndarray:
-    """The template placed in a photo by a known similarity transform."""
-    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-    return ARCFACE_TEMPLATE_112 @ (scale * rotation).T + np.asarray(shift)
-
-
 def test_matrix_inverts_the_alignment() -> None:
-    keypoints = _keypoints(1.7, 0.3, (40.0, 25.0))
+    keypoints = placed_keypoints(1.7, 0.3, (40.0, 25.0))
     matrix = face_to_photo_matrix(keypoints)
     mapped = np.c_[ARCFACE_TEMPLATE_112, np.ones(5)] @ matrix.T
     np.testing.assert_allclose(mapped, keypoints, atol=1e-6)
@@ -32,7 +27,7 @@ def test_matrix_inverts_the_alignment() -> None:
 def test_the_region_is_on_the_block_grid_and_holds_the_square_and_the_box(
     scale: float, angle: float, x: float, y: float, height: int, width: int, pad: float
 ) -> None:
-    keypoints = _keypoints(scale, angle, (x, y))
+    keypoints = placed_keypoints(scale, angle, (x, y))
     corners = np.c_[[[0, 0], [111, 0], [0, 111], [111, 111]], np.ones(4)] @ face_to_photo_matrix(keypoints).T
     box = np.r_[corners.min(0) + pad, corners.max(0) - pad]
     face = locate_face(keypoints, (height, width), box=box, score=0.9)
@@ -65,7 +60,7 @@ def test_the_region_is_on_the_block_grid_and_holds_the_square_and_the_box(
 
 
 def test_without_a_box_the_box_is_the_aligned_square() -> None:
-    keypoints = _keypoints(1.0, 0.0, (100.0, 80.0))  # the aligned square covers x 100..211, y 80..191
+    keypoints = placed_keypoints(1.0, 0.0, (100.0, 80.0))  # the aligned square covers x 100..211, y 80..191
     face = locate_face(keypoints, (300, 300))
     assert face.box_pixels == (79, 99, 193, 213) and np.isnan(face.score)  # a pixel of margin, 2 past the end
     assert face.region == (64, 96, 208, 224)
@@ -73,14 +68,14 @@ def test_without_a_box_the_box_is_the_aligned_square() -> None:
 
 
 def test_a_face_outside_the_photo_has_no_region() -> None:
-    face = locate_face(_keypoints(0.5, 0.0, (400.0, 400.0)), (160, 200))
+    face = locate_face(placed_keypoints(0.5, 0.0, (400.0, 400.0)), (160, 200))
     assert face.region is None
     with pytest.raises(ValueError, match="outside the photo"):
         face.rows
 
 
 def test_faces_are_located_once_and_checked_against_the_photo() -> None:
-    keypoints = _keypoints(1.0, 0.1, (30.0, 30.0))
+    keypoints = placed_keypoints(1.0, 0.1, (30.0, 30.0))
     located = locate_face(keypoints, (200, 240))
     faces = as_photo_faces([located, keypoints], (200, 240), 112)
     assert faces[0] is located and np.array_equal(faces[1].region, located.region)
