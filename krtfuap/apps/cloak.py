@@ -79,7 +79,8 @@ class FaceReport:
 
     ``stealth_met`` says whether ``ssim_face`` after the real save is at least ``target_ssim`` less
     :attr:`~krtfuap.cloak_defaults.CloakDefaults.stealth_tolerance` (None when not verified).
-    ``white_box`` says whether the verification model is one the cloak was refined against.
+    ``white_box`` says whether the verification model is the attack's own or one the cloak was refined
+    against.
     ``judges`` holds one dict per further judge (``PhotoCloak(judges=...)``): ``name``,
     ``threshold``, ``white_box``, ``similarity`` and ``protected``; the CSV spreads them over the
     columns ``similarity_<name>``, ``protected_<name>`` and ``white_box_<name>``.
@@ -322,7 +323,7 @@ class PhotoCloak:
     judges : sequence of Judge, optional
         Further recognisers that judge every face in :meth:`verify`
         (:class:`~krtfuap.apps.judges.ModelJudge`, :class:`~krtfuap.apps.judges.DlibJudge`);
-        each is marked white box when its model is one of the surrogates. Names must differ.
+        each is marked white box when its model is the attack's or one of the surrogates. Names must differ.
     target_ssim : float
         The face-box SSIM the refinement keeps above in its simulated save, in ``(0, 1]``;
         the report flags faces that miss it after the real save (``stealth_met``).
@@ -461,8 +462,11 @@ class PhotoCloak:
         return [model for model, _ in self.surrogates], [float(threshold) for _, threshold in self.surrogates]
 
     def _is_white_box(self, model: torch.nn.Module | None) -> bool:
-        """Whether ``model`` is one the cloak was refined against (by identity; never when not refining)."""
-        return bool(self.refine_steps) and any(model is member for member in self._surrogate_models()[0])
+        """Whether ``model`` is the attack's own (the universal perturbation's) or one the cloak was refined
+        against (by identity)."""
+        refined_against = self._surrogate_models()[0] if self.refine_steps else []
+        return model is not None and any(model is member for member in [getattr(self.attack, "model", None),
+                                                                          *refined_against])
 
     def verify(self, original: np.ndarray, cloaked: np.ndarray, faces: Sequence[PhotoFace]) -> list[dict]:
         """Judge cloaked faces as a recogniser would: detect and align again, compare with the originals.
