@@ -34,6 +34,7 @@ __all__ = [
     "RandomStateLike",
     "DeviceLike",
     "FaceModelLike",
+    "SequenceOf",
     "check_param",
     "check_params",
     "store_params",
@@ -396,6 +397,30 @@ class FaceModelLike(Constraint):
     def describe(self) -> str:
         return ("a torch.nn.Module mapping (B, 3, H, W) images in [0, 1] to (B, D) embeddings "
                 "(or a list of them)")
+
+
+class SequenceOf(Constraint):
+    """A non-empty list or tuple whose every item ``admits`` accepts, described in messages by ``description``.
+
+    Parameters
+    ----------
+    admits : callable
+        ``item -> bool``: whether one item is of the wanted kind (e.g. a ``(model, threshold)`` pair).
+    description : str
+        What the sequence holds, e.g. ``"a list of (torch.nn.Module, float) pairs"``.
+    """
+
+    def __init__(self, admits, *, description: str) -> None:
+        self.admits, self.description = admits, description
+
+    def admits_type(self, value: object) -> bool:
+        return isinstance(value, (list, tuple)) and all(self.admits(item) for item in value)
+
+    def problem(self, value: object) -> str | None:
+        return "is an empty list; pass at least one item or None." if not value else None
+
+    def describe(self) -> str:
+        return self.description
 
 
 def _alternatives(descriptions: list[str]) -> str:

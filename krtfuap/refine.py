@@ -13,7 +13,9 @@ JPEG at a random quality on the photo's 16-pixel macroblock grid, 8-bit
 rounding, re-alignment with a little jitter) -> model.
 
 The loss per face (its *objective*) is the paper's direction loss between the
-embedding of that result and the clean face's, plus ``stealth_weight`` times how
+embedding of that result and the clean face's (with several surrogate models,
+:func:`krtfuap.losses.worst_member_loss` over their cosine similarities instead, which
+pushes the member that still matches the face most), plus ``stealth_weight`` times how
 far the SSIM of the face's box (after the simulated save, against the clean
 photo) falls below ``target_ssim``. The change stays inside each face's aligned
 square, within ``[-epsilon, epsilon]``. With ``colour=False`` the learnt change is
@@ -23,31 +25,34 @@ coloured texture, and protects a little less (measured in ``docs/cloak.rst``).
 **The best state, not the last.** Every state of a face's change (the start and
 the state after each step) is scored when it goes through the simulated save;
 each face keeps its best: one that fools the model (cosine similarity to the
-clean face below ``threshold - margin``) before one that does not, and between
+clean face below ``threshold - margin``; with several models, every one of them
+below its own) before one that does not, and between
 two of the same kind the lower objective. Without a ``threshold`` the lower
 objective decides alone. So a step that makes a face worse (a JPEG draw that
 breaks it, an overshoot) is never what is returned.
 
 Unlike the universal perturbation, the result is made for this photo and judged
-by the model it was refined against (a white-box setting): a recogniser of
-another family sees a weaker cloak.
+by the models it was refined against (a white-box setting): a recogniser of
+another family sees a weaker cloak (an ensemble of surrogates narrows the gap:
+``docs/cloak.rst``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from krtfuap._validation import Boolean, Interval, check_images, check_params
+from krtfuap._validation import Boolean, Interval, check_images, check_param, check_params
 from krtfuap.augment import save_and_realign, similarity_matrices, warp_to_face
 from krtfuap.cloak_defaults import CLOAK_DEFAULTS
 from krtfuap.engine import frozen
-from krtfuap.losses import direction_loss
+from krtfuap.losses import direction_loss, worst_member_loss
 from krtfuap.metrics import cosine_similarity, fooled_by_similarity, ssim
 from krtfuap.paste import feather_window, warp_to_region
 from krtfuap.photo_face import PhotoFace, as_photo_faces
@@ -79,21 +84,22 @@ class _FaceWork:
     window: torch.Tensor  # (1, h, w) the feather window warped there, in [0, 1]
     to_face: torch.Tensor  # (3, 3) float32 region pixels -> aligned-face pixels
     box: tuple[slice, slice]  # the face's box in the region, at least 2 pixels a side (SSIM's smallest window)
-    reference: torch.Tensor  # (1, D) the clean face's embedding
+    references: tuple[torch.Tensor, ...]  # per model, (1, D_m) the clean face's embedding
 
 
 def _prepare(
-    photo: torch.Tensor, start: torch.Tensor, window: torch.Tensor, face: PhotoFace, model: nn.Module
+    photo: torch.Tensor, start: torch.Tensor, window: torch.Tensor, face: PhotoFace, models: Sequence[nn.Module]
 ) -> _FaceWork:
     to_face = torch.as_tensor(face.region_to_face, dtype=torch.float32, device=photo.device)
     clean = photo[:, face.rows, face.cols]
     size = start.shape[-1]
     with torch.no_grad():
-        reference = model(warp_to_face(clean[None], to_face[None], (size, size), padding_mode="zeros"))
+        aligned = warp_to_face(clean[None], to_face[None], (size, size), padding_mode="zeros")
+        references = tuple(model(aligned) for model in models)
     top, left, bottom, right = face.box_in_region
     box = (slice(top, max(bottom, top + 2)), slice(left, max(right, left + 2)))
     return _FaceWork(face, clean, warp_to_region(start * window, face), warp_to_region(window, face), to_face, box,
-                     reference)
+                     references)
 
 
 def _realign_jitter(size: int, shift: float, degrees: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -107,10 +113,10 @@ def refine_on_photo(
     photo: torch.Tensor,
     perturbation: torch.Tensor,
     faces: Sequence[PhotoFace | np.ndarray] | np.ndarray,
-    model: nn.Module,
+    model: nn.Module | Sequence[nn.Module],
     *,
     epsilon: float,
-    threshold: float | None = None,
+    threshold: float | Sequence[float] | None = None,
     feather: float = _DEFAULTS.feather,
     steps: int = _DEFAULTS.refine_steps,
     lr: float = _DEFAULTS.lr,
@@ -135,15 +141,18 @@ def refine_on_photo(
         The faces (:func:`krtfuap.photo_face.locate_face`; SSIM is held over each one's box), or one
         ``(5, 2)`` array of ``(x, y)`` photo pixels per face (eyes, nose, mouth corners; SSIM is then
         held over the aligned square).
-    model : torch.nn.Module
+    model : torch.nn.Module or sequence of torch.nn.Module
         Face model, ``(B, 3, S, S)`` in ``[0, 1]`` to ``(B, D)`` embeddings, on the photo's
-        device; used in eval mode without weight gradients (restored afterwards).
+        device; used in eval mode without weight gradients (restored afterwards). Several
+        models: an ensemble of surrogates, one batched pass each per step, the loss
+        :func:`krtfuap.losses.worst_member_loss` (each needs its threshold).
     epsilon : float
         l_inf budget of the change, in ``(0, 1]``.
-    threshold : float, optional
+    threshold : float or sequence of float, optional
         The model's verification threshold on cosine similarity, in ``[-1, 1]``: a state whose
         similarity falls below ``threshold - margin`` fools the model and is preferred (see the
-        module docstring). None: the objective alone chooses.
+        module docstring). None: the objective alone chooses. With several models, one threshold
+        per model, in the same order (required).
     feather : float
         Width in aligned-face pixels of the border over which the change fades out.
     steps : int
@@ -156,7 +165,8 @@ def refine_on_photo(
     stealth_weight : float
         Weight of that penalty (``>= 0``) against the direction loss (``0..4``).
     margin : float
-        How far below ``threshold`` a state's similarity must fall to count as fooling, ``>= 0``.
+        How far below ``threshold`` a state's similarity must fall to count as fooling, ``>= 0``
+        (with several models also how far below its threshold the loss pushes each).
     quality : (float, float)
         Range of the JPEG quality drawn at every step, within ``[1, 100]``.
     jitter : (float, float)
@@ -174,19 +184,22 @@ def refine_on_photo(
         it only inside the faces' aligned squares, by at most ``epsilon``; each face's
         change is its best scored state.
     """
-    _check_arguments(photo, perturbation, epsilon, threshold, steps, lr, target_ssim, stealth_weight, margin,
+    models, thresholds = _surrogates(model, threshold)
+    _check_arguments(photo, perturbation, epsilon, thresholds, steps, lr, target_ssim, stealth_weight, margin,
                      quality, jitter, colour)
     work = photo.float()
     start = perturbation.to(device=photo.device, dtype=torch.float32)
     window = feather_window(start.shape[-1], feather, device=photo.device)
     located = [face for face in as_photo_faces(faces, work.shape[-2:], start.shape[-1]) if face.region is not None]
-    with frozen(model):
-        regions = [_prepare(work, start, window, face, model) for face in located]
+    with ExitStack() as stack:
+        for member in models:
+            stack.enter_context(frozen(member))
+        regions = [_prepare(work, start, window, face, models) for face in located]
         channels = 3 if colour else 1
         changes = [torch.zeros(channels, *region.clean.shape[-2:], device=work.device) for region in regions]
         if steps and regions:
-            settings = _Settings(epsilon, threshold, target_ssim, stealth_weight, margin, quality, jitter)
-            changes = _best_changes(regions, changes, model, settings, steps, lr, generator)
+            settings = _Settings(epsilon, thresholds, target_ssim, stealth_weight, margin, quality, jitter)
+            changes = _best_changes(regions, changes, models, settings, steps, lr, generator)
     delta = torch.zeros_like(work)
     with torch.no_grad():
         for region, change in zip(regions, changes):
@@ -199,7 +212,7 @@ class _Settings:
     """What each step of the refinement needs besides the faces (see :func:`refine_on_photo`)."""
 
     epsilon: float
-    threshold: float | None
+    thresholds: tuple[float, ...] | None  # one per model
     target_ssim: float
     stealth_weight: float
     margin: float
@@ -208,23 +221,26 @@ class _Settings:
 
 
 def _best_changes(
-    regions: list[_FaceWork], changes: list[torch.Tensor], model: nn.Module, settings: _Settings, steps: int,
-    lr: float, generator: torch.Generator | None,
+    regions: list[_FaceWork], changes: list[torch.Tensor], models: Sequence[nn.Module], settings: _Settings,
+    steps: int, lr: float, generator: torch.Generator | None,
 ) -> list[torch.Tensor]:
     """Adam steps on every face's change together; each face's best scored state (module docstring)."""
     for change in changes:
         change.requires_grad_(True)
-    references = torch.cat([region.reference for region in regions])
+    references = [torch.cat([region.references[index] for region in regions]) for index in range(len(models))]
     optimizer = torch.optim.Adam(changes, lr=lr)
     best = [change.detach().clone() for change in changes]
     best_keys = [(True, math.inf)] * len(regions)
     for step in range(steps + 1):  # the state before each step, and the last one
         saved = [_through_the_save(region, change, settings, generator) for region, change in zip(regions, changes)]
-        embeddings = model(torch.cat([face for face, _ in saved]))
+        faces = torch.cat([face for face, _ in saved])
+        embeddings = [model(faces) for model in models]  # one batched pass per model
         box_ssim = torch.cat([ssim_value for _, ssim_value in saved])
-        objective = direction_loss(embeddings, references, reduction="none")
+        objective = _adversarial_objective(embeddings, references, settings)
         objective = objective + settings.stealth_weight * torch.relu(settings.target_ssim - box_ssim)
-        for index, key in enumerate(_state_keys(embeddings.detach(), references, objective.detach(), settings)):
+        similarities = torch.stack([cosine_similarity(e.detach().float(), r.float())
+                                    for e, r in zip(embeddings, references)], dim=1)
+        for index, key in enumerate(_state_keys(similarities, objective.detach(), settings)):
             if key < best_keys[index]:
                 best_keys[index], best[index] = key, changes[index].detach().clone()
         if step == steps:
@@ -235,15 +251,27 @@ def _best_changes(
     return best
 
 
-def _state_keys(
-    embeddings: torch.Tensor, references: torch.Tensor, objective: torch.Tensor, settings: _Settings
-) -> list[tuple[bool, float]]:
-    """Per face, a key that sorts better states first: (does not fool the model by the margin, objective)."""
-    if settings.threshold is None:
+def _adversarial_objective(
+    embeddings: list[torch.Tensor], references: list[torch.Tensor], settings: _Settings
+) -> torch.Tensor:
+    """Per face ``(B,)``: the direction loss for one model; for several, the worst member's excess over its
+    threshold (:func:`krtfuap.losses.worst_member_loss`, the same gradient as the direction loss for one)."""
+    if len(embeddings) == 1:
+        return direction_loss(embeddings[0], references[0], reduction="none")
+    similarities = torch.stack([cosine_similarity(e, r) for e, r in zip(embeddings, references)], dim=1)
+    return worst_member_loss(similarities, list(settings.thresholds), margin=settings.margin, reduction="none")
+
+
+def _state_keys(similarities: torch.Tensor, objective: torch.Tensor, settings: _Settings) -> list[tuple[bool, float]]:
+    """Per face, a key that sorts better states first: (some model is not fooled by the margin, objective).
+
+    ``similarities`` is ``(B, M)``, one column per model."""
+    if settings.thresholds is None:
         misses = [False] * len(objective)
     else:
-        similarity = cosine_similarity(embeddings.float(), references.float())
-        misses = (~fooled_by_similarity(similarity, settings.threshold - settings.margin)).tolist()
+        fooled = [fooled_by_similarity(similarities[:, index], threshold - settings.margin)
+                  for index, threshold in enumerate(settings.thresholds)]
+        misses = (~torch.stack(fooled, dim=1).all(dim=1)).tolist()
     return list(zip(misses, objective.tolist()))
 
 
@@ -268,8 +296,28 @@ def _through_the_save(
     return face, ssim(decoded[..., rows, cols], region.clean[None, :, rows, cols])
 
 
+def _surrogates(
+    model: nn.Module | Sequence[nn.Module], threshold: float | Sequence[float] | None
+) -> tuple[list[nn.Module], tuple[float, ...] | None]:
+    """The surrogate models as a list and their thresholds as a tuple of the same length (or None)."""
+    models = [model] if isinstance(model, nn.Module) else list(model)
+    if not models or not all(isinstance(member, nn.Module) for member in models):
+        raise TypeError("model must be a torch.nn.Module or a non-empty sequence of them (an ensemble of surrogates).")
+    if threshold is None:
+        if len(models) > 1:
+            raise ValueError(f"threshold is None, but {len(models)} models were given: pass threshold= as one cosine "
+                             "threshold per model, in the same order.")
+        return models, None
+    several = isinstance(threshold, Sequence) and not isinstance(threshold, str)
+    thresholds = tuple(threshold) if several else (threshold,)
+    if len(thresholds) != len(models):
+        raise ValueError(f"threshold gives {len(thresholds)} value(s) for {len(models)} model(s); pass one cosine "
+                         "threshold per model, in the same order.")
+    return models, thresholds
+
+
 def _check_arguments(
-    photo: torch.Tensor, perturbation: torch.Tensor, epsilon: float, threshold: float | None, steps: int,
+    photo: torch.Tensor, perturbation: torch.Tensor, epsilon: float, thresholds: tuple[float, ...] | None, steps: int,
     lr: float, target_ssim: float, stealth_weight: float, margin: float, quality: tuple[float, float],
     jitter: tuple[float, float], colour: bool,
 ) -> None:
@@ -281,10 +329,12 @@ def _check_arguments(
     if not torch.isfinite(perturbation).all():
         raise ValueError("perturbation contains NaN or inf values; pass a fitted attack's perturbation_.")
     check_params(
-        dict(epsilon=epsilon, threshold=threshold, steps=steps, lr=lr, target_ssim=target_ssim,
-             stealth_weight=stealth_weight, margin=margin, colour=colour),
+        dict(epsilon=epsilon, steps=steps, lr=lr, target_ssim=target_ssim, stealth_weight=stealth_weight,
+             margin=margin, colour=colour),
         _ARGUMENT_CONSTRAINTS,
     )
+    for value in thresholds or [None]:
+        check_param("threshold", value, _ARGUMENT_CONSTRAINTS["threshold"])
     if not 1.0 <= quality[0] <= quality[1] <= 100.0:
         raise ValueError(f"quality must be a range (low, high) within [1, 100], got {quality}.")
     if min(jitter) < 0.0:

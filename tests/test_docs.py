@@ -18,7 +18,7 @@ FIGURES = ("masks.png", "perturbation.png", "faces.png")
 DOCUMENTED_MODULES = (
     "attack", "key_regions", "baselines", "masks", "landmarks", "flow", "perturbation", "losses", "stealth",
     "metrics", "scoring", "engine", "estimator", "models", "imagenet", "datasets", "alignment", "diversity",
-    "augment", "photo_face", "paste", "refine", "cloak_defaults", "threads", "pretrained", "models.ensemble", "models.dlib_resnet", "apps.demo", "apps.cloak", "apps.cli", "apps.benchmark", "apps.report",
+    "augment", "photo_face", "paste", "refine", "cloak_defaults", "threads", "pretrained", "models.ensemble", "models.dlib_resnet", "apps.demo", "apps.cloak", "apps.judges", "apps.cli", "apps.benchmark", "apps.report",
 )
 
 

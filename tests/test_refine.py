@@ -236,3 +236,76 @@ def test_located_faces_hold_ssim_over_their_box() -> None:
                                   **{**arguments, "generator": torch.Generator().manual_seed(0)})
         changes.append((refined - photo).abs().mean().item())
     assert changes[1] > 1.2 * changes[0]
+
+
+# ------------------------------------------------------------------ several surrogates
+def _aligned_similarity(model: torch.nn.Module, photo: torch.Tensor, cloaked: torch.Tensor, points: np.ndarray) -> float:
+    pair = np.stack([align_face(tensor_to_photo(photo), points), align_face(tensor_to_photo(cloaked), points)])
+    with torch.no_grad():
+        embeddings = model(photo_to_tensor(pair))
+    return cosine_similarity(embeddings[:1], embeddings[1:]).item()
+
+
+def test_two_surrogates_are_both_moved_away() -> None:
+    """Refined against an ensemble of two models, the face moves away from itself for each of them, far
+    more than noise of the same budget moves it."""
+    members = [TinyEmbedder(seed=0), TinyEmbedder(seed=1)]
+    photo, faces = _photo(seed=3), [_keypoints(0.8, 40, 30)]
+    refined = refine_on_photo(photo, torch.zeros(3, 112, 112), faces, members, threshold=[0.999, 0.999],
+                              epsilon=0.08, steps=20, lr=0.01, target_ssim=0.5,
+                              generator=torch.Generator().manual_seed(0))
+    noise = (torch.rand(3, 112, 112, generator=torch.Generator().manual_seed(0)) * 2 - 1) * 0.08
+    noisy = paste_perturbation(photo, noise, faces, epsilon=0.08)
+    for member in members:
+        moved = 1 - _aligned_similarity(member, photo, refined, faces[0])
+        assert moved > 50 * (1 - _aligned_similarity(member, photo, noisy, faces[0]))
+
+
+def test_one_surrogate_in_a_list_is_the_single_model_path() -> None:
+    photo, faces, model = _photo(seed=4), [_keypoints(0.7, 30, 20)], TinyEmbedder()
+    single = refine_on_photo(photo, torch.zeros(3, 112, 112), faces, model, threshold=0.9, epsilon=0.08, steps=4,
+                             generator=torch.Generator().manual_seed(2))
+    listed = refine_on_photo(photo, torch.zeros(3, 112, 112), faces, [model], threshold=[0.9], epsilon=0.08,
+                             steps=4, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(single, listed)
+    assert not torch.equal(single, photo)
+
+
+def test_a_member_far_below_its_threshold_adds_no_push() -> None:
+    """The loss pushes the member that still matches most above its threshold: with one member far past its
+    threshold, the ensemble's result is the other member's own refinement; swap the thresholds and it is the
+    first member's."""
+    first, second = TinyEmbedder(seed=0), TinyEmbedder(seed=1)
+    photo, faces = _photo(seed=5), [_keypoints(0.7, 30, 20)]
+
+    def refine(model, threshold) -> torch.Tensor:
+        return refine_on_photo(photo, torch.zeros(3, 112, 112), faces, model, threshold=threshold, epsilon=0.08,
+                               steps=5, target_ssim=0.5, generator=torch.Generator().manual_seed(1))
+
+    # Similarities start at 1: 1 - (-1) = 2 above a threshold of -1, 0 above a threshold of 1.
+    assert torch.allclose(refine([first, second], [1.0, -1.0]), refine(second, -1.0), atol=1e-3)
+    assert torch.allclose(refine([first, second], [-1.0, 1.0]), refine(first, -1.0), atol=1e-3)
+    assert (refine(first, -1.0) - refine(second, -1.0)).abs().max() > 0.01
+
+
+def test_a_state_counts_as_fooling_only_when_every_member_is_fooled() -> None:
+    from krtfuap.refine import _Settings, _state_keys
+
+    settings = _Settings(0.08, (0.3, 0.5), 0.9, 1.0, 0.05, (80.0, 95.0), (1.0, 1.0))
+    similarities = torch.tensor([[0.2, 0.4], [0.2, 0.46], [0.26, 0.1]])
+    keys = _state_keys(similarities, torch.tensor([1.0, 0.5, 0.2]), settings)
+    assert [miss for miss, _ in keys] == [False, True, True]
+
+
+@pytest.mark.parametrize("models, threshold, error, message", [
+    (2, None, ValueError, "threshold is None, but 2 models"),
+    (2, [0.2], ValueError, r"threshold gives 1 value\(s\) for 2 model\(s\)"),
+    (1, [0.2, 0.3], ValueError, r"threshold gives 2 value\(s\) for 1 model\(s\)"),
+    (2, [0.2, 1.5], ValueError, "threshold must be a number in"),
+    (0, None, TypeError, "non-empty sequence"),
+])
+def test_bad_surrogate_ensembles_are_named(models: int, threshold, error, message: str) -> None:
+    members = [TinyEmbedder(seed=seed) for seed in range(models)]
+    with pytest.raises(error, match=message):
+        refine_on_photo(_photo(), torch.zeros(3, 112, 112), [_keypoints(0.6, 30, 30)], members, epsilon=0.08,
+                        threshold=threshold)

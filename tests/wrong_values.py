@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from krtfuap._validation import DeviceLike, FaceModelLike, Interval, Options, RandomStateLike
+from krtfuap._validation import DeviceLike, FaceModelLike, Interval, Options, RandomStateLike, SequenceOf
 
 WRONG_TYPES = (object(), "not-an-option", 1.5, 3, True, None, [object()])
 
@@ -45,7 +45,7 @@ def wrong_values(constraints: list) -> list:
             values.append(-1)
         elif isinstance(constraint, DeviceLike):
             values.append("banana")
-        elif isinstance(constraint, FaceModelLike):
+        elif isinstance(constraint, (FaceModelLike, SequenceOf)):
             values.append([])
     # A value another constraint of the list accepts is not wrong (e.g. "auto" for lr_decay_steps).
     return [v for v in values if not any(c is not None and c.admits_type(v) and c.problem(v) is None

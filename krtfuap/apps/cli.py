@@ -226,10 +226,15 @@ def _add_cloak_parser(commands: argparse._SubParsersAction) -> None:
     cloak.add_argument("inputs", nargs="+", metavar="INPUT", help="photos, or folders walked recursively")
     cloak.add_argument("--output", required=True, help="folder for the cloaked photos and the report")
     cloak.add_argument("--attack", default=None, help="a saved attack (default: the ready cloak)")
-    cloak.add_argument("--attack-model", default="insightface_mbf", metavar="NAME",
+    cloak.add_argument("--attack-model", nargs="+", default=["insightface_mbf"], metavar="NAME",
                        help="face model a saved --attack was fitted against: refines it and, by default, judges "
-                       "(default: %(default)s, as krtfuap fit)")
-    cloak.add_argument("--attack-weights", default=None, metavar="PATH", help="weights file of --attack-model")
+                       "(default: %(default)s, as krtfuap fit); more names refine against all of them at once "
+                       "(an ensemble of surrogates: each must fall below its threshold)")
+    cloak.add_argument("--attack-weights", nargs="+", default=None, metavar="PATH",
+                       help="weights file of each --attack-model, in the same order ('-': the model's default)")
+    cloak.add_argument("--attack-threshold", nargs="+", type=_similarity, default=None, metavar="T",
+                       help="cosine threshold of each further --attack-model (default: the model's own constant, "
+                       "e.g. INSIGHTFACE_MBF_THRESHOLD, SFACE_THRESHOLD); the first model's is the attack's")
     cloak.add_argument("--refine-steps", type=_non_negative_int, default=CLOAK_DEFAULTS.refine_steps, metavar="N",
                        help="gradient steps adapting the cloak to each face through a simulated JPEG save "
                        "(default: %(default)s, 1-2 s per face on 2 CPU cores; 0: paste the universal cloak)")
@@ -259,6 +264,27 @@ def _add_cloak_parser(commands: argparse._SubParsersAction) -> None:
     cloak.set_defaults(run=_run_cloak)
 
 
+def _surrogates(args: argparse.Namespace, attack, weights: list[str | None]) -> list[tuple]:
+    """The attack's model and threshold, then each further ``--attack-model`` with its threshold."""
+    from krtfuap.models import INSIGHTFACE_MBF_THRESHOLD, SFACE_THRESHOLD, load_face_model
+
+    known = {"insightface_mbf": INSIGHTFACE_MBF_THRESHOLD, "sface": SFACE_THRESHOLD}
+    further = args.attack_model[1:]
+    thresholds = args.attack_threshold
+    if thresholds is None:
+        unknown = [name for name in further if name not in known]
+        if unknown:
+            raise ValueError(f"--attack-model {' '.join(unknown)} has no built-in threshold; pass --attack-threshold "
+                             f"T with one cosine threshold per further model ({len(further)}).")
+        thresholds = [known[name] for name in further]
+    if len(thresholds) != len(further):
+        raise ValueError(f"--attack-threshold gives {len(thresholds)} value(s) for {len(further)} further "
+                         "--attack-model name(s) (the first model's threshold is the attack's); give one per model.")
+    members = [(load_face_model(name, path), threshold)
+               for name, path, threshold in zip(further, weights[1:], thresholds)]
+    return [(attack.model, attack.threshold_), *members]
+
+
 def _run_cloak(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
     from krtfuap.apps.cloak import PhotoCloak, plan_outputs, summarise
     from krtfuap.attack import UAPAttack
@@ -268,7 +294,7 @@ def _run_cloak(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
     plan_outputs(args.inputs, args.output, args.format)  # refuse an unsafe plan before loading any model
     if args.verify_model is None and (args.verify_weights or args.verify_threshold is not None):
         raise ValueError("--verify-weights and --verify-threshold need --verify-model NAME.")
-    if args.attack is None and args.attack_model != "insightface_mbf":
+    if args.attack is None and args.attack_model[0] != "insightface_mbf":
         raise ValueError("the ready cloak was fitted against insightface_mbf; --attack-model names the model of a "
                          "saved --attack.")
     model = None
@@ -276,14 +302,20 @@ def _run_cloak(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
         if args.verify_threshold is None:
             raise ValueError(f"--verify-model {args.verify_model} needs --verify-threshold T (its cosine threshold).")
         model = load_face_model(args.verify_model, args.verify_weights)
+    weights = args.attack_weights or ["-"] * len(args.attack_model)
+    if len(weights) != len(args.attack_model):
+        raise ValueError(f"--attack-weights gives {len(weights)} file(s) for {len(args.attack_model)} --attack-model "
+                         "name(s); give one per model ('-' for a model's default).")
+    weights = [None if path == "-" else path for path in weights]
     needs_attack_model = args.refine_steps > 0 or (model is None and not args.no_verify)
-    attack_model = load_face_model(args.attack_model, args.attack_weights) if needs_attack_model else None
+    attack_model = load_face_model(args.attack_model[0], weights[0]) if needs_attack_model else None
     if args.attack is None:
         attack = default_cloak(model=attack_model)
     else:
         attack = UAPAttack.load(args.attack, model=attack_model)
+    surrogates = _surrogates(args, attack, weights) if len(args.attack_model) > 1 and args.refine_steps else None
     cloak = PhotoCloak(attack, min_score=args.min_score, model=model, threshold=args.verify_threshold,
-                       refine_steps=args.refine_steps, refine_from=args.refine_from,
+                       refine_steps=args.refine_steps, surrogates=surrogates, refine_from=args.refine_from,
                        refine_colour=not args.refine_luminance, target_ssim=args.target_ssim,
                        num_threads=args.threads)
     report = os.path.join(args.output, "cloak-report.csv")

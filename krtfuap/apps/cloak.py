@@ -16,7 +16,9 @@ files and folders (:meth:`PhotoCloak.cloak_files`, behind ``krtfuap cloak``):
    a recogniser would, and compares each cloaked face with the same face of the
    original photo: cosine similarity, ``protected`` (similarity below the
    model's threshold, or the face no longer found), SSIM and PSNR of the face's
-   box and of the whole photo, and whether that SSIM meets the stealth target.
+   box and of the whole photo, and whether that SSIM meets the stealth target;
+   every further judge (:mod:`krtfuap.apps.judges`) adds its similarity and verdict,
+   marked white box (one of the surrogates the cloak was refined against) or black box.
 
 A photo that fails at any of these steps gets an ``error`` row and the others go
 on; the report (:class:`CloakReport`) grows photo by photo, so an interrupted run
@@ -44,12 +46,13 @@ import torch
 from PIL import Image
 
 from krtfuap._validation import (
-    Boolean, FaceModelLike, InstanceOf, Interval, Options, check_param, check_params,
+    Boolean, FaceModelLike, InstanceOf, Interval, Options, SequenceOf, check_param, check_params,
 )
-from krtfuap.alignment import SCRFDDetector, align_face, detect_faces, photo_to_tensor, tensor_to_photo
+from krtfuap.alignment import SCRFDDetector, detect_faces, photo_to_tensor, tensor_to_photo
 from krtfuap.cloak_defaults import CLOAK_DEFAULTS
+from krtfuap.apps.judges import Judge, ModelJudge, box_iou
 from krtfuap.datasets import is_image_file, load_image
-from krtfuap.metrics import cosine_similarity, embed, fooled_by_similarity, psnr, ssim
+from krtfuap.metrics import psnr, ssim
 from krtfuap.paste import paste_perturbation
 from krtfuap.photo_face import PhotoFace, locate_face
 from krtfuap.refine import refine_on_photo
@@ -76,6 +79,11 @@ class FaceReport:
 
     ``stealth_met`` says whether ``ssim_face`` after the real save is at least ``target_ssim`` less
     :attr:`~krtfuap.cloak_defaults.CloakDefaults.stealth_tolerance` (None when not verified).
+    ``white_box`` says whether the verification model is the attack's own or one the cloak was refined
+    against.
+    ``judges`` holds one dict per further judge (``PhotoCloak(judges=...)``): ``name``,
+    ``threshold``, ``white_box``, ``similarity`` and ``protected``; the CSV spreads them over the
+    columns ``similarity_<name>``, ``protected_<name>`` and ``white_box_<name>``.
     """
 
     photo: str
@@ -87,6 +95,7 @@ class FaceReport:
     redetected: bool | None = None
     similarity: float = math.nan
     threshold: float = math.nan
+    white_box: bool | None = None
     protected: bool | None = None
     ssim_face: float = math.nan
     psnr_face: float = math.nan
@@ -95,6 +104,7 @@ class FaceReport:
     target_ssim: float = math.nan
     stealth_met: bool | None = None
     message: str = ""
+    judges: list[dict] = field(default_factory=list)
 
 
 def read_photo(path: str | os.PathLike[str]) -> tuple[np.ndarray, bytes | None]:
@@ -200,12 +210,16 @@ class CloakReport:
     ----------
     folder : path-like
         An existing folder.
+    judges : sequence of str
+        Names of the further judges, whose columns the CSV holds (see :class:`FaceReport`).
     """
 
-    def __init__(self, folder: str | os.PathLike[str]) -> None:
+    def __init__(self, folder: str | os.PathLike[str], judges: Sequence[str] = ()) -> None:
         folder = Path(folder)
         self.csv_path, self.json_path = folder / "cloak-report.csv", folder / "cloak-report.json"
         self.rows: list[FaceReport] = []
+        self.columns = [name for name in FaceReport.__dataclass_fields__ if name != "judges"]
+        self.columns += [f"{kind}_{judge}" for judge in judges for kind in ("similarity", "protected", "white_box")]
         self.csv_path.write_text(self._csv_lines([], header=True), newline="")
         self._write_json()
 
@@ -216,21 +230,35 @@ class CloakReport:
             handle.write(self._csv_lines(rows, header=False))
         self._write_json()
 
-    @staticmethod
-    def _csv_lines(rows: Sequence[FaceReport], *, header: bool) -> str:
+    def _csv_lines(self, rows: Sequence[FaceReport], *, header: bool) -> str:
         text = io.StringIO(newline="")
-        writer = csv.DictWriter(text, fieldnames=list(FaceReport.__dataclass_fields__))
+        writer = csv.DictWriter(text, fieldnames=self.columns, extrasaction="ignore")
         if header:
             writer.writeheader()
-        writer.writerows(asdict(row) for row in rows)
+        for row in rows:
+            record = asdict(row)
+            for verdict in record.pop("judges"):
+                record.update({f"{kind}_{verdict['name']}": verdict[kind]
+                               for kind in ("similarity", "protected", "white_box")})
+            writer.writerow(record)
         return text.getvalue()
 
     def _write_json(self) -> None:
-        records = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in asdict(row).items()}
-                   for row in self.rows]
+        records = [_finite_or_none(asdict(row)) for row in self.rows]
         partial = self.json_path.with_name(self.json_path.name + ".partial")
         partial.write_text(json.dumps(records, indent=1, allow_nan=False) + "\n")  # NaN / inf -> null: strict JSON
         os.replace(partial, self.json_path)
+
+
+def _finite_or_none(value):
+    """``value`` with every NaN or infinite float in it (dicts and lists walked) replaced by None, for strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(item) for item in value]
+    return value
 
 
 def write_report(rows: Sequence[FaceReport], folder: str | os.PathLike[str]) -> tuple[Path, Path]:
@@ -238,9 +266,15 @@ def write_report(rows: Sequence[FaceReport], folder: str | os.PathLike[str]) -> 
 
     Returns the two paths (CSV, JSON).
     """
-    report = CloakReport(folder)
+    report = CloakReport(folder, _judge_names(rows))
     report.add(rows)
     return report.csv_path, report.json_path
+
+
+def _is_model_and_threshold(item: object) -> bool:
+    """Whether ``item`` is a ``(torch.nn.Module, number)`` pair."""
+    return (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], torch.nn.Module)
+            and Interval(float).admits_type(item[1]))
 
 
 class PhotoCloak:
@@ -271,7 +305,7 @@ class PhotoCloak:
         attack's ``threshold_`` (pass one when ``model`` is another recogniser).
     refine_steps : int
         Gradient steps that make a perturbation for each face of each photo against
-        the attack's own model (:func:`krtfuap.refine.refine_on_photo`, which returns each
+        the surrogates (:func:`krtfuap.refine.refine_on_photo`, which returns each
         face's best scored state; 40-70 ms per face and step on two CPU cores); 0: paste
         the universal perturbation as it is (instant, but little of it survives a JPEG save).
     refine_from : {"zero", "cloak"}
@@ -281,6 +315,15 @@ class PhotoCloak:
     refine_colour : bool
         Let the refinement change R, G and B apart; False: one luminance change
         (fine grain instead of coloured texture, a little weaker).
+    surrogates : sequence of (torch.nn.Module, float), optional
+        The face models the refinement works against, each with its cosine threshold in
+        ``[-1, 1]`` (one batched pass per model and step; the loss pushes the worst member below
+        its threshold, :func:`krtfuap.losses.worst_member_loss`). None: the attack's own model
+        and ``threshold_``.
+    judges : sequence of Judge, optional
+        Further recognisers that judge every face in :meth:`verify`
+        (:class:`~krtfuap.apps.judges.ModelJudge`, :class:`~krtfuap.apps.judges.DlibJudge`);
+        each is marked white box when its model is the attack's or one of the surrogates. Names must differ.
     target_ssim : float
         The face-box SSIM the refinement keeps above in its simulated save, in ``(0, 1]``;
         the report flags faces that miss it after the real save (``stealth_met``).
@@ -302,6 +345,10 @@ class PhotoCloak:
         "refine_steps": [Interval(int, 0, None, hint=" (0: no refinement)")],
         "refine_from": [Options("zero", "cloak")],
         "refine_colour": [Boolean()],
+        "surrogates": [SequenceOf(_is_model_and_threshold,
+                                  description="a list of (torch.nn.Module, threshold) pairs"), None],
+        "judges": [SequenceOf(lambda item: isinstance(item, Judge),
+                              description="a list of krtfuap.apps.judges.Judge (ModelJudge, DlibJudge)"), None],
         "target_ssim": [Interval(float, 0.0, 1.0, closed="right")],
         "random_state": [Interval(int, 0, None), None],
         "num_threads": [Interval(int, 1, None), None],
@@ -320,6 +367,8 @@ class PhotoCloak:
         refine_steps: int = _DEFAULTS.refine_steps,
         refine_from: str = _DEFAULTS.refine_from,
         refine_colour: bool = _DEFAULTS.refine_colour,
+        surrogates: Sequence[tuple[torch.nn.Module, float]] | None = None,
+        judges: Sequence[Judge] | None = None,
         target_ssim: float = _DEFAULTS.target_ssim,
         random_state: int | None = _DEFAULTS.random_state,
         num_threads: int | None = None,
@@ -327,9 +376,15 @@ class PhotoCloak:
         _check_attack(attack)
         given = dict(locals())
         check_params(given, self._parameter_constraints)
+        for index, (_, surrogate_threshold) in enumerate(surrogates or []):
+            check_param(f"surrogates[{index}] threshold", surrogate_threshold,
+                        [Interval(float, -1.0, 1.0, hint=" (a cosine similarity)")])
+        names = [judge.name for judge in judges or []]
+        if len(set(names)) != len(names):
+            raise ValueError(f"judges must have different names (they name report columns), got {names}.")
         if model is not None and threshold is None:
             raise ValueError("a verification model needs its threshold: pass threshold= (cosine similarity).")
-        if refine_steps and getattr(attack, "model", None) is None:
+        if refine_steps and surrogates is None and getattr(attack, "model", None) is None:
             raise ValueError(
                 "refining the cloak on each photo needs the attack's face model: load it with one "
                 "(UAPAttack.load(path, model=...)) or pass refine_steps=0 to paste the perturbation as it is."
@@ -344,6 +399,8 @@ class PhotoCloak:
         self.refine_steps = refine_steps
         self.refine_from = refine_from
         self.refine_colour = refine_colour
+        self.surrogates = surrogates
+        self.judges = judges
         self.target_ssim = float(target_ssim)
         self.random_state = random_state
         self.num_threads = num_threads
@@ -387,16 +444,29 @@ class PhotoCloak:
                 pasted = paste_perturbation(photo_to_tensor(image), perturbation.cpu(), faces, epsilon=epsilon,
                                             feather=self.feather)
                 return tensor_to_photo(pasted), faces
-            model = self.attack.model
-            device = next(model.parameters(), perturbation).device
+            models, thresholds = self._surrogate_models()
+            device = next(models[0].parameters(), perturbation).device
             generator = None if self.random_state is None else torch.Generator().manual_seed(self.random_state)
             start = perturbation if self.refine_from == "cloak" else torch.zeros_like(perturbation)
             refined = refine_on_photo(
-                photo_to_tensor(image).to(device), start.to(device), faces, model, epsilon=epsilon,
-                threshold=getattr(self.attack, "threshold_", None), feather=self.feather, steps=self.refine_steps,
+                photo_to_tensor(image).to(device), start.to(device), faces, models, epsilon=epsilon,
+                threshold=thresholds, feather=self.feather, steps=self.refine_steps,
                 target_ssim=self.target_ssim, colour=self.refine_colour, generator=generator,
             )
             return tensor_to_photo(refined.cpu()), faces
+
+    def _surrogate_models(self) -> tuple[list[torch.nn.Module], list[float] | float | None]:
+        """The models the refinement works against, and their thresholds."""
+        if self.surrogates is None:
+            return [self.attack.model], getattr(self.attack, "threshold_", None)
+        return [model for model, _ in self.surrogates], [float(threshold) for _, threshold in self.surrogates]
+
+    def _is_white_box(self, model: torch.nn.Module | None) -> bool:
+        """Whether ``model`` is the attack's own (the universal perturbation's) or one the cloak was refined
+        against (by identity)."""
+        refined_against = self._surrogate_models()[0] if self.refine_steps else []
+        return model is not None and any(model is member for member in [getattr(self.attack, "model", None),
+                                                                          *refined_against])
 
     def verify(self, original: np.ndarray, cloaked: np.ndarray, faces: Sequence[PhotoFace]) -> list[dict]:
         """Judge cloaked faces as a recogniser would: detect and align again, compare with the originals.
@@ -414,7 +484,7 @@ class PhotoCloak:
             Per face: ``redetected``, ``similarity`` (cosine of the two embeddings; NaN if the
             face is not found again), ``threshold``, ``protected`` (similarity below it, or not
             found), ``ssim_face``/``psnr_face`` over the face's box, ``ssim_photo``/``psnr_photo``,
-            ``target_ssim`` and ``stealth_met`` (see :class:`FaceReport`).
+            ``target_ssim``, ``stealth_met``, ``white_box`` and ``judges`` (see :class:`FaceReport`).
         """
         self._check_judge()
         if original.shape != cloaked.shape:
@@ -424,21 +494,26 @@ class PhotoCloak:
             photo_scores = {"ssim_photo": ssim(cloaked_photo, clean_photo).item(),
                             "psnr_photo": _psnr(cloaked_photo, clean_photo)}
             found_again = self.detect(cloaked)
+            judge = ModelJudge("model", self.model, self.threshold)
             results = []
             for face in faces:
                 match = _best_match(face, found_again)
-                result = {"redetected": match is not None, "similarity": math.nan, "threshold": self.threshold}
-                if match is not None:
-                    pair = np.stack([align_face(original, face.keypoints), align_face(cloaked, match.keypoints)])
-                    embeddings = embed(self.model, photo_to_tensor(pair))
-                    result["similarity"] = cosine_similarity(embeddings[:1].cpu(), embeddings[1:].cpu()).item()
-                result["protected"] = match is None or bool(fooled_by_similarity(result["similarity"], self.threshold))
+                result = {"redetected": match is not None, "similarity": math.nan, "threshold": self.threshold,
+                          "white_box": self._is_white_box(self.model)}
+                result["similarity"], result["protected"] = judge.judge(original, cloaked, face, match)
                 result.update(_box_scores(clean_photo, cloaked_photo, face))
                 result.update(photo_scores)
                 result["target_ssim"] = self.target_ssim
                 result["stealth_met"] = _stealth_met(result["ssim_face"], self.target_ssim)
+                result["judges"] = [self._judged(judge, original, cloaked, face, match) for judge in self.judges or []]
                 results.append(result)
         return results
+
+    def _judged(self, judge: Judge, original: np.ndarray, cloaked: np.ndarray, face: PhotoFace,
+                match: PhotoFace | None) -> dict:
+        similarity, protected = judge.judge(original, cloaked, face, match)
+        return {"name": judge.name, "threshold": judge.threshold, "white_box": self._is_white_box(judge.model),
+                "similarity": similarity, "protected": protected}
 
     def _check_judge(self) -> None:
         if self.model is None or self.threshold is None:
@@ -499,7 +574,7 @@ class PhotoCloak:
             self._check_judge()
         plan = plan_outputs(inputs, output, file_format)
         Path(output).mkdir(parents=True, exist_ok=True)
-        written = CloakReport(output) if report else None
+        written = CloakReport(output, [judge.name for judge in self.judges or []] if verify else ()) if report else None
         rows: list[FaceReport] = []
         with self._threads():
             for source, target in _progress(plan, progress):
@@ -559,6 +634,11 @@ def _check_attack(attack: object) -> None:
     check_param("attack.epsilon", getattr(attack, "epsilon", None), [Interval(float, 0.0, 1.0, closed="right")])
 
 
+def _judge_names(rows: Sequence[FaceReport]) -> list[str]:
+    """The further judges' names in ``rows``, in order of first appearance."""
+    return list(dict.fromkeys(verdict["name"] for row in rows for verdict in row.judges))
+
+
 def _stealth_met(face_ssim: float, target_ssim: float) -> bool | None:
     """Whether a face's SSIM after the real save meets the target, within the simulated save's usual lead."""
     return None if math.isnan(face_ssim) else face_ssim >= target_ssim - _DEFAULTS.stealth_tolerance
@@ -578,18 +658,10 @@ def _best_match(face: PhotoFace, candidates: Iterable[PhotoFace]) -> PhotoFace |
     """The candidate whose box overlaps ``face``'s most (IoU >= 0.5), or None."""
     best, best_iou = None, 0.5
     for candidate in candidates:
-        iou = _iou(face.box, candidate.box)
+        iou = box_iou(face.box, candidate.box)
         if iou >= best_iou:
             best, best_iou = candidate, iou
     return best
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = width * height
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / union) if union > 0 else 0.0
 
 
 def _psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
@@ -615,11 +687,16 @@ def _progress(plan: list, enabled: bool):
 
 def summarise(rows: Sequence[FaceReport]) -> dict[str, float | int]:
     """Counts and means over a report: photos, faces, errors, protected share, faces below the stealth target,
-    mean similarity and face SSIM."""
+    mean similarity and face SSIM, and ``protection_rate_<name>`` per further judge (over the faces it judged)."""
     faces = [row for row in rows if row.status == "cloaked"]
     judged = [row for row in faces if row.protected is not None]
     similarities = [row.similarity for row in judged if not math.isnan(row.similarity)]
     face_ssim = [row.ssim_face for row in faces if not math.isnan(row.ssim_face)]
+    per_judge = {}
+    for name in _judge_names(faces):
+        verdicts = [verdict["protected"] for row in faces for verdict in row.judges
+                    if verdict["name"] == name and verdict["protected"] is not None]
+        per_judge[f"protection_rate_{name}"] = sum(verdicts) / len(verdicts) if verdicts else math.nan
     return {
         "photos": len({row.photo for row in rows}),
         "faces": len(faces),
@@ -630,4 +707,5 @@ def summarise(rows: Sequence[FaceReport]) -> dict[str, float | int]:
         "below_stealth_target": sum(row.stealth_met is False for row in faces),
         "mean_similarity": float(np.mean(similarities)) if similarities else math.nan,
         "mean_ssim_face": float(np.mean(face_ssim)) if face_ssim else math.nan,
+        **per_judge,
     }
