@@ -282,10 +282,14 @@ def test_a_member_far_below_its_threshold_adds_no_push() -> None:
         return refine_on_photo(photo, torch.zeros(3, 112, 112), faces, model, threshold=threshold, epsilon=0.08,
                                steps=5, target_ssim=0.5, generator=torch.Generator().manual_seed(1))
 
-    # Similarities start at 1: 1 - (-1) = 2 above a threshold of -1, 0 above a threshold of 1.
-    assert torch.allclose(refine([first, second], [1.0, -1.0]), refine(second, -1.0), atol=1e-3)
-    assert torch.allclose(refine([first, second], [-1.0, 1.0]), refine(first, -1.0), atol=1e-3)
-    assert (refine(first, -1.0) - refine(second, -1.0)).abs().max() > 0.01
+    # Similarities start at 1: 1 - (-1) = 2 above a threshold of -1, 0 above a threshold of 1. Adam turns
+    # float noise in near-zero gradients into steps of up to lr on a few pixels (thread-count dependent),
+    # so the results are compared by their mean difference against that of the two members' own results.
+    by_first, by_second = refine(first, -1.0), refine(second, -1.0)
+    apart = (by_first - by_second).abs().mean()
+    assert apart > 1e-3
+    assert (refine([first, second], [1.0, -1.0]) - by_second).abs().mean() < 0.05 * apart
+    assert (refine([first, second], [-1.0, 1.0]) - by_first).abs().mean() < 0.05 * apart
 
 
 def test_a_state_counts_as_fooling_only_when_every_member_is_fooled() -> None:
