@@ -51,14 +51,33 @@ def _check_demo(folder: Path, threshold: float) -> dict:
         assert summary["protection_rate"] == pytest.approx(sum(row["protected"] for row in judged) / len(judged))
         similarities = [row["similarity"] for row in judged if row["redetected"]]
         assert summary["mean_similarity"] == pytest.approx(np.mean(similarities))
+        # Each judge's rate is what its verdicts in the rows say.
+        for judge in results["judges"]:
+            if judge["name"] == "w600k_mbf":
+                assert judge["protection_rate"][method] == summary["protection_rate"]
+                continue
+            verdicts = [verdict["protected"] for row in rows for verdict in row["judges"]
+                        if verdict["name"] == judge["name"] and verdict["protected"] is not None]
+            assert judge["protection_rate"][method] == pytest.approx(sum(verdicts) / len(verdicts))
     assert results["threshold"] == pytest.approx(threshold)
     return results
 
 
-def test_demo_with_the_ready_cloak(tmp_path: Path) -> None:
-    """The README's main job: the shipped cloak on the sample photos, verified after JPEG and re-detection."""
-    assert main(["demo", "--output", str(tmp_path), "--quiet"]) == 0
+def test_demo_with_the_ready_cloak(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The README's main job: the shipped cloak on the sample photos, verified after JPEG and re-detection,
+    by the model the cloak is refined against (white box) and by dlib's ResNet (black box), which leads."""
+    assert main(["demo", "--output", str(tmp_path)]) == 0
     results = _check_demo(tmp_path, UAPAttack.load(default_cloak_path()).threshold_)
+    assert [(judge["name"], judge["white_box"]) for judge in results["judges"]] == [
+        ("dlib_resnet", False), ("w600k_mbf", True)]
+    # The printed headline leads with the black-box rate of the per-face cloak, as the rows give it.
+    printed = capsys.readouterr().out.splitlines()
+    headline = next(line for line in printed if line.startswith("cloak: protected"))
+    black_box = results["judges"][0]["protection_rate"]["cloak"]
+    assert headline.startswith(f"cloak: protected {black_box:.3f} from dlib_resnet (black box); ")
+    assert headline == results["headline"]
+    header = printed[printed.index(headline) + 1]
+    assert header.index("dlib_resnet (black box)") < header.index("w600k_mbf (white box)")
     assert results["cloak"] == "krtfuap.pretrained.default_cloak()" and results["quality"] == 85
     assert results["refine_steps"] == 30
     # The universal cloak moves faces further from themselves than noise of the same budget does, and
@@ -68,11 +87,25 @@ def test_demo_with_the_ready_cloak(tmp_path: Path) -> None:
     assert summary["universal"]["mean_similarity"] < summary["noise"]["mean_similarity"]
 
 
-def test_demo_with_a_saved_attack(mbf_attack: Path, tmp_path: Path) -> None:
+def test_demo_with_a_saved_attack_and_without_dlib(mbf_attack: Path, tmp_path: Path, monkeypatch,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    """Without dlib the demo says in one line how to add the black-box judge and judges white box only."""
+    import krtfuap.apps.demo as demo
+
+    def dlib_missing():
+        raise ModuleNotFoundError("DlibJudge needs dlib", name="dlib")
+
+    monkeypatch.setattr(demo, "DlibJudge", dlib_missing)
     assert main(["demo", "--output", str(tmp_path), "--attack", str(mbf_attack), "--quality", "90",
-                 "--refine-steps", "2", "--quiet"]) == 0
+                 "--refine-steps", "2"]) == 0
     results = _check_demo(tmp_path, INSIGHTFACE_MBF_THRESHOLD)
     assert results["quality"] == 90 and results["refine_steps"] == 2
+    assert [(judge["name"], judge["white_box"]) for judge in results["judges"]] == [("w600k_mbf", True)]
+    printed = capsys.readouterr().out.splitlines()
+    assert sum("dlib is not installed" in line for line in printed) == 1
+    assert any('pip install "krtfuap[apps]"' in line for line in printed if "dlib is not installed" in line)
+    rate = results["summary"]["cloak"]["protection_rate"]
+    assert f"cloak: protected {rate:.3f} from w600k_mbf (white box) (of " in "\n".join(printed)
 
 
 def test_cloak_command_writes_photos_and_a_report(mbf_attack: Path, tmp_path: Path, capsys) -> None:

