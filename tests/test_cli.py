@@ -59,6 +59,7 @@ def _check_demo(folder: Path, threshold: float) -> dict:
             verdicts = [verdict["protected"] for row in rows for verdict in row["judges"]
                         if verdict["name"] == judge["name"] and verdict["protected"] is not None]
             assert judge["protection_rate"][method] == pytest.approx(sum(verdicts) / len(verdicts))
+            assert judge["judged"][method] == len(verdicts)
     assert results["threshold"] == pytest.approx(threshold)
     return results
 
@@ -73,8 +74,8 @@ def test_demo_with_the_ready_cloak(tmp_path: Path, capsys: pytest.CaptureFixture
     # The printed headline leads with the black-box rate of the per-face cloak, as the rows give it.
     printed = capsys.readouterr().out.splitlines()
     headline = next(line for line in printed if line.startswith("cloak: protected"))
-    black_box = results["judges"][0]["protection_rate"]["cloak"]
-    assert headline.startswith(f"cloak: protected {black_box:.3f} from dlib_resnet (black box); ")
+    black_box, judged = results["judges"][0]["protection_rate"]["cloak"], results["judges"][0]["judged"]["cloak"]
+    assert headline.startswith(f"cloak: protected {black_box:.3f} of {judged} faces from dlib_resnet (black box); ")
     assert headline == results["headline"]
     header = printed[printed.index(headline) + 1]
     assert header.index("dlib_resnet (black box)") < header.index("w600k_mbf (white box)")

