@@ -105,8 +105,8 @@ def test_demo_with_a_saved_attack_and_without_dlib(mbf_attack: Path, tmp_path: P
     printed = capsys.readouterr().out.splitlines()
     assert sum("dlib is not installed" in line for line in printed) == 1
     assert any('pip install "krtfuap[apps]"' in line for line in printed if "dlib is not installed" in line)
-    rate = results["summary"]["cloak"]["protection_rate"]
-    assert f"cloak: protected {rate:.3f} from w600k_mbf (white box) (of " in "\n".join(printed)
+    rate, judged = results["summary"]["cloak"]["protection_rate"], results["summary"]["cloak"]["judged"]
+    assert f"cloak: protected {rate:.3f} of {judged} faces from w600k_mbf (white box) (" in "\n".join(printed)
 
 
 def test_cloak_command_writes_photos_and_a_report(mbf_attack: Path, tmp_path: Path, capsys) -> None:
