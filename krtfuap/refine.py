@@ -235,12 +235,12 @@ def _best_changes(
         saved = [_through_the_save(region, change, settings, generator) for region, change in zip(regions, changes)]
         faces = torch.cat([face for face, _ in saved])
         embeddings = [model(faces) for model in models]  # one batched pass per model
+        similarities = torch.stack([cosine_similarity(e.float(), r.float()) for e, r in zip(embeddings, references)],
+                                   dim=1)  # (B, M)
         box_ssim = torch.cat([ssim_value for _, ssim_value in saved])
-        objective = _adversarial_objective(embeddings, references, settings)
+        objective = _adversarial_objective(embeddings, references, similarities, settings)
         objective = objective + settings.stealth_weight * torch.relu(settings.target_ssim - box_ssim)
-        similarities = torch.stack([cosine_similarity(e.detach().float(), r.float())
-                                    for e, r in zip(embeddings, references)], dim=1)
-        for index, key in enumerate(_state_keys(similarities, objective.detach(), settings)):
+        for index, key in enumerate(_state_keys(similarities.detach(), objective.detach(), settings)):
             if key < best_keys[index]:
                 best_keys[index], best[index] = key, changes[index].detach().clone()
         if step == steps:
@@ -252,13 +252,13 @@ def _best_changes(
 
 
 def _adversarial_objective(
-    embeddings: list[torch.Tensor], references: list[torch.Tensor], settings: _Settings
+    embeddings: list[torch.Tensor], references: list[torch.Tensor], similarities: torch.Tensor, settings: _Settings
 ) -> torch.Tensor:
     """Per face ``(B,)``: the direction loss for one model; for several, the worst member's excess over its
-    threshold (:func:`krtfuap.losses.worst_member_loss`, the same gradient as the direction loss for one)."""
+    threshold (:func:`krtfuap.losses.worst_member_loss` on ``similarities``, ``(B, M)``, the same gradient as
+    the direction loss for one)."""
     if len(embeddings) == 1:
         return direction_loss(embeddings[0], references[0], reduction="none")
-    similarities = torch.stack([cosine_similarity(e, r) for e, r in zip(embeddings, references)], dim=1)
     return worst_member_loss(similarities, list(settings.thresholds), margin=settings.margin, reduction="none")
 
 
