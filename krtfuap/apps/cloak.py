@@ -36,7 +36,7 @@ import math
 import os
 import shutil
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,7 +50,7 @@ from krtfuap._validation import (
 )
 from krtfuap.alignment import SCRFDDetector, detect_faces, photo_to_tensor, tensor_to_photo
 from krtfuap.cloak_defaults import CLOAK_DEFAULTS
-from krtfuap.apps.judges import Judge, ModelJudge, box_iou
+from krtfuap.apps.judges import Judge, ModelJudge, best_overlapping
 from krtfuap.datasets import is_image_file, load_image
 from krtfuap.metrics import psnr, ssim
 from krtfuap.paste import paste_perturbation
@@ -494,13 +494,13 @@ class PhotoCloak:
             photo_scores = {"ssim_photo": ssim(cloaked_photo, clean_photo).item(),
                             "psnr_photo": _psnr(cloaked_photo, clean_photo)}
             found_again = self.detect(cloaked)
-            judge = ModelJudge("model", self.model, self.threshold)
+            verifier = ModelJudge("model", self.model, self.threshold)
             results = []
             for face in faces:
                 match = _best_match(face, found_again)
-                result = {"redetected": match is not None, "similarity": math.nan, "threshold": self.threshold,
+                result = {"redetected": match is not None, "threshold": self.threshold,
                           "white_box": self._is_white_box(self.model)}
-                result["similarity"], result["protected"] = judge.judge(original, cloaked, face, match)
+                result["similarity"], result["protected"] = verifier.judge(original, cloaked, face, match)
                 result.update(_box_scores(clean_photo, cloaked_photo, face))
                 result.update(photo_scores)
                 result["target_ssim"] = self.target_ssim
@@ -654,14 +654,10 @@ def _say(message: str, progress: bool) -> None:
         print(message, file=sys.stderr)
 
 
-def _best_match(face: PhotoFace, candidates: Iterable[PhotoFace]) -> PhotoFace | None:
+def _best_match(face: PhotoFace, candidates: Sequence[PhotoFace]) -> PhotoFace | None:
     """The candidate whose box overlaps ``face``'s most (IoU >= 0.5), or None."""
-    best, best_iou = None, 0.5
-    for candidate in candidates:
-        iou = box_iou(face.box, candidate.box)
-        if iou >= best_iou:
-            best, best_iou = candidate, iou
-    return best
+    index = best_overlapping(face.box, [candidate.box for candidate in candidates], 0.5)
+    return None if index is None else candidates[index]
 
 
 def _psnr(images: torch.Tensor, reference: torch.Tensor) -> float:

@@ -21,6 +21,7 @@ its threshold ``-0.6`` is dlib's usual tolerance 0.6.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 from torch import nn
@@ -29,7 +30,7 @@ from krtfuap.alignment import align_face, photo_to_tensor
 from krtfuap.metrics import cosine_similarity, embed, fooled_by_similarity
 from krtfuap.photo_face import PhotoFace
 
-__all__ = ["Judge", "ModelJudge", "DlibJudge"]
+__all__ = ["Judge", "ModelJudge", "DlibJudge", "best_overlapping", "box_iou"]
 
 
 class Judge:
@@ -147,14 +148,12 @@ class DlibJudge(Judge):
 
     def _descriptor(self, image: np.ndarray, box: np.ndarray, least_overlap: float) -> np.ndarray | None:
         """The 128-d descriptor of the dlib face overlapping ``box`` (x0, y0, x1, y1) most, or None."""
-        best, best_overlap = None, least_overlap
-        for found in self._detections(image):
-            overlap = box_iou(box, np.array([found.left(), found.top(), found.right(), found.bottom()], float))
-            if overlap >= best_overlap:
-                best, best_overlap = found, overlap
-        if best is None:
+        detections = self._detections(image)
+        boxes = [np.array([found.left(), found.top(), found.right(), found.bottom()], float) for found in detections]
+        index = best_overlapping(box, boxes, least_overlap)
+        if index is None:
             return None
-        return np.array(self._net.compute_face_descriptor(image, self._landmarks(image, best)))
+        return np.array(self._net.compute_face_descriptor(image, self._landmarks(image, detections[index])))
 
     def judge(self, original: np.ndarray, cloaked: np.ndarray, face: PhotoFace,
               found_again: PhotoFace | None) -> tuple[float, bool | None]:
@@ -177,3 +176,14 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> float:
     inter = width * height
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     return float(inter / union) if union > 0 else 0.0
+
+
+def best_overlapping(box: np.ndarray, boxes: Sequence[np.ndarray], least_overlap: float) -> int | None:
+    """Index of the box of ``boxes`` that overlaps ``box`` most, with IoU at least ``least_overlap``
+    (the later one on a tie); None when none does. Boxes are ``(x0, y0, x1, y1)``."""
+    best, best_overlap = None, least_overlap
+    for index, candidate in enumerate(boxes):
+        overlap = box_iou(box, candidate)
+        if overlap >= best_overlap:
+            best, best_overlap = index, overlap
+    return best
