@@ -131,19 +131,17 @@ def test_the_docs_quote_defaults_at_all():
     assert _flag_quotes()
 
 
+def _check_quote(where: str, line: int, shown: str, value: str, defaults: list[object] | None, owner: str) -> None:
+    """A quoted default ``shown = value`` must belong to some ``owner`` and equal one of its ``defaults``."""
+    assert defaults is not None, f"{where}:{line} quotes a default for {shown}, which no {owner} takes"
+    assert _value(value) in defaults, f"{where}:{line} says {shown} is {value} by default; the code's: {defaults}"
+
+
 @pytest.mark.parametrize("where, line, name, value", _quotes(), ids=lambda item: str(item))
 def test_quoted_keyword_default_is_the_code_default(where, line, name, value):
-    defaults = _documented_defaults()
-    assert name in defaults, f"{where}:{line} quotes a default for {name!r}, which no public callable takes"
-    assert _value(value) in defaults[name], (
-        f"{where}:{line} says {name}={value} by default; the code's defaults for {name!r}: {defaults[name]}"
-    )
+    _check_quote(where, line, repr(name), value, _documented_defaults().get(name), "public callable")
 
 
 @pytest.mark.parametrize("where, line, flag, value", _flag_quotes(), ids=lambda item: str(item))
 def test_quoted_flag_default_is_the_command_line_default(where, line, flag, value):
-    defaults = _cli_defaults()
-    assert flag in defaults, f"{where}:{line} quotes a default for --{flag}, which no krtfuap subcommand has"
-    assert _value(value) in defaults[flag], (
-        f"{where}:{line} says --{flag} is {value} by default; the command line's defaults: {defaults[flag]}"
-    )
+    _check_quote(where, line, f"--{flag}", value, _cli_defaults().get(flag), "krtfuap subcommand")
