@@ -266,9 +266,9 @@ def _add_cloak_parser(commands: argparse._SubParsersAction) -> None:
 
 def _surrogates(args: argparse.Namespace, attack, weights: list[str | None]) -> list[tuple]:
     """The attack's model and threshold, then each further ``--attack-model`` with its threshold."""
-    from krtfuap.models import INSIGHTFACE_MBF_THRESHOLD, SFACE_THRESHOLD, load_face_model
+    from krtfuap.models import FACE_MODEL_THRESHOLDS as known
+    from krtfuap.models import load_face_model
 
-    known = {"insightface_mbf": INSIGHTFACE_MBF_THRESHOLD, "sface": SFACE_THRESHOLD}
     further = args.attack_model[1:]
     thresholds = args.attack_threshold
     if thresholds is None:

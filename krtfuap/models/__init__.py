@@ -42,6 +42,7 @@ __all__ = [
     "SFACE_THRESHOLD",
     "load_face_model",
     "FACE_MODEL_NAMES",
+    "FACE_MODEL_THRESHOLDS",
 ]
 
 INSIGHTFACE_MBF_THRESHOLD: float = 0.202
@@ -65,6 +66,10 @@ random_state=0)``) of ``../shared/assets/faces``, where it reaches accuracy 0.99
 FACE_MODEL_NAMES = (
     "foamliu_mobilefacenet", "insightface_mbf", "sface", "iresnet18", "iresnet34", "iresnet50", "iresnet100"
 )
+
+#: The measured verification thresholds of the models whose weights ship in a package, by the name
+#: :func:`load_face_model` takes (the others depend on the weights a user gives).
+FACE_MODEL_THRESHOLDS = {"insightface_mbf": INSIGHTFACE_MBF_THRESHOLD, "sface": SFACE_THRESHOLD}
 
 _NEEDS_PATH = {
     "foamliu_mobilefacenet": "foamliu_mobilefacenet_128d.pt (GitHub foamliu/MobileFaceNet, weights/mobilefacenet.pt; "
