@@ -336,11 +336,13 @@ def save_and_realign(
     size: tuple[int, int],
     quality: float | torch.Tensor | None = None,
     padding_mode: str = "border",
+    scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A photo's way to a recogniser, simulated: an 8-bit save, then the face aligned again from it.
 
-    The save rounds to 8 bits; with ``quality`` it then JPEG-codes the photo at its own size (on
-    its own macroblock grid) and rounds the decoded photo again. Differentiable in the photos
+    The save rounds to 8 bits; with ``scale < 1`` it then shrinks the photo (antialiased bilinear,
+    as a platform's resize) and rounds again; with ``quality`` it JPEG-codes the photo at that size
+    (on its own macroblock grid) and rounds the decoded photo again. Differentiable in the photos
     (straight-through rounding, kornia's JPEG).
 
     Parameters
@@ -355,18 +357,47 @@ def save_and_realign(
         JPEG quality in ``[1, 100]``, one or ``(B,)``; ``None``: a lossless save.
     padding_mode : {"reflection", "border", "zeros"}
         As :func:`warp_to_face`.
+    scale : float
+        Side scale of the saved photo, in ``(0, 1]`` (its size is rounded, at least 1 pixel);
+        ``to_face`` still maps the full-size photo's pixels.
 
     Returns
     -------
     saved : torch.Tensor
-        ``(B, 3, h, w)`` the photos as saved and read back, in ``[0, 1]``.
+        ``(B, 3, h', w')`` the photos as saved and read back (``h' = h`` unless shrunk), in ``[0, 1]``.
     faces : torch.Tensor
         ``(B, 3, *size)`` the faces aligned from them, in ``[0, 1]``.
     """
+    if not 0.0 < scale <= 1.0:
+        raise ValueError(f"save_and_realign scale must be in (0, 1], got {scale}.")
     saved = quantize(photos)
+    height, width = photos.shape[-2:]
+    shrunk = (max(1, round(height * scale)), max(1, round(width * scale)))
+    if shrunk != (height, width):
+        work = saved.to(_compute_dtype(saved))
+        saved = quantize(F.interpolate(work, size=shrunk, mode="bilinear", align_corners=False, antialias=True)
+                         .clamp(0.0, 1.0).to(photos.dtype))
+        to_face = _as_3x3(to_face) @ _shrunk_to_full(shrunk, (height, width), to_face)
     if quality is not None:
         saved = quantize(jpeg(saved, quality))
     return saved, warp_to_face(saved, to_face, size, padding_mode)
+
+
+def _as_3x3(matrices: torch.Tensor) -> torch.Tensor:
+    """``(B, 2, 3)`` or ``(B, 3, 3)`` affine matrices as ``(B, 3, 3)``."""
+    if matrices.shape[-2] == 3:
+        return matrices
+    last_row = matrices.new_tensor([0.0, 0.0, 1.0]).expand(len(matrices), 1, 3)
+    return torch.cat([matrices, last_row], dim=1)
+
+
+def _shrunk_to_full(shrunk: tuple[int, int], full: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
+    """``(1, 3, 3)``: pixels of a photo resized to ``shrunk`` -> pixels of the ``full``-size photo (pixel
+    centres, as ``align_corners=False`` resizes)."""
+    scale_y, scale_x = full[0] / shrunk[0], full[1] / shrunk[1]
+    return like.new_tensor([[scale_x, 0.0, 0.5 * scale_x - 0.5],
+                            [0.0, scale_y, 0.5 * scale_y - 0.5],
+                            [0.0, 0.0, 1.0]])[None]
 
 
 def photo_round_trip(

@@ -45,6 +45,10 @@ class CloakDefaults:
         Range of the JPEG quality the refinement's simulated save draws from at every step.
     jitter : (float, float)
         Largest re-alignment shift (aligned-face pixels) and turn (degrees) drawn at every step.
+    downscale : (float, float)
+        Range of the side scale the refinement's simulated save shrinks the photo to at every step.
+    smoothing : float
+        Gaussian sigma, in aligned-face pixels, of the blur on the refinement's learnt change.
     margin : float
         Cosine margin below the threshold by which a refinement state must fool the model to count
         as fooling when the best state is chosen.
@@ -68,6 +72,8 @@ class CloakDefaults:
     stealth_tolerance: float = 0.025
     jpeg_quality: tuple[float, float] = (75.0, 95.0)
     jitter: tuple[float, float] = (1.0, 1.5)
+    downscale: tuple[float, float] = (1.0, 1.0)
+    smoothing: float = 0.0
     margin: float = 0.1
     random_state: int = 0
     write_quality: int = 95

@@ -46,10 +46,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from kornia.filters import gaussian_blur2d
 from torch import nn
 
 from krtfuap._validation import Boolean, Interval, check_images, check_param, check_params
-from krtfuap.augment import save_and_realign, similarity_matrices, warp_to_face
+from krtfuap.augment import jpeg, quantize, save_and_realign, similarity_matrices, warp_to_face
 from krtfuap.cloak_defaults import CLOAK_DEFAULTS
 from krtfuap.engine import frozen
 from krtfuap.losses import direction_loss, worst_member_loss
@@ -69,6 +70,7 @@ _ARGUMENT_CONSTRAINTS: dict[str, list] = {
     "stealth_weight": [Interval(float, 0.0, None)],
     "margin": [Interval(float, 0.0, None)],
     "colour": [Boolean()],
+    "smoothing": [Interval(float, 0.0, None, hint=" (aligned-face pixels; 0: no smoothing)")],
 }
 
 _DEFAULTS = CLOAK_DEFAULTS
@@ -85,10 +87,12 @@ class _FaceWork:
     to_face: torch.Tensor  # (3, 3) float32 region pixels -> aligned-face pixels
     box: tuple[slice, slice]  # the face's box in the region, at least 2 pixels a side (SSIM's smallest window)
     references: tuple[torch.Tensor, ...]  # per model, (1, D_m) the clean face's embedding
+    smoothing: float  # Gaussian sigma of the learnt change in region pixels (0: none)
 
 
 def _prepare(
-    photo: torch.Tensor, start: torch.Tensor, window: torch.Tensor, face: PhotoFace, models: Sequence[nn.Module]
+    photo: torch.Tensor, start: torch.Tensor, window: torch.Tensor, face: PhotoFace, models: Sequence[nn.Module],
+    smoothing: float,
 ) -> _FaceWork:
     to_face = torch.as_tensor(face.region_to_face, dtype=torch.float32, device=photo.device)
     clean = photo[:, face.rows, face.cols]
@@ -98,8 +102,9 @@ def _prepare(
         references = tuple(model(aligned) for model in models)
     top, left, bottom, right = face.box_in_region
     box = (slice(top, max(bottom, top + 2)), slice(left, max(right, left + 2)))
+    face_pixels_per_region_pixel = math.sqrt(abs(np.linalg.det(face.region_to_face[:2, :2])))
     return _FaceWork(face, clean, warp_to_region(start * window, face), warp_to_region(window, face), to_face, box,
-                     references)
+                     references, smoothing / face_pixels_per_region_pixel)
 
 
 def _realign_jitter(size: int, shift: float, degrees: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -125,6 +130,8 @@ def refine_on_photo(
     margin: float = _DEFAULTS.margin,
     quality: tuple[float, float] = _DEFAULTS.jpeg_quality,
     jitter: tuple[float, float] = _DEFAULTS.jitter,
+    downscale: tuple[float, float] = _DEFAULTS.downscale,
+    smoothing: float = _DEFAULTS.smoothing,
     colour: bool = _DEFAULTS.refine_colour,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
@@ -171,6 +178,14 @@ def refine_on_photo(
         Range of the JPEG quality drawn at every step, within ``[1, 100]``.
     jitter : (float, float)
         Largest re-alignment shift (aligned-face pixels) and turn (degrees) drawn at every step.
+    downscale : (float, float)
+        Range, within ``(0, 1]``, of the side scale the simulated save shrinks the photo to at every
+        step before its JPEG (a platform's resize; the recogniser re-aligns from the shrunk photo).
+        ``(1, 1)``: no resize. The stealth penalty is always taken on the full-size save.
+    smoothing : float
+        Gaussian sigma, in aligned-face pixels, of a blur applied to the learnt change (a
+        low-frequency change, which transfers to other recognisers and survives a resize better);
+        ``0``: none.
     colour : bool
         Learn a change per channel; False: one change shared by R, G and B (added to
         the starting perturbation, which keeps its own colour).
@@ -186,7 +201,7 @@ def refine_on_photo(
     """
     models, thresholds = _surrogates(model, threshold)
     _check_arguments(photo, perturbation, epsilon, thresholds, steps, lr, target_ssim, stealth_weight, margin,
-                     quality, jitter, colour)
+                     quality, jitter, downscale, smoothing, colour)
     work = photo.float()
     start = perturbation.to(device=photo.device, dtype=torch.float32)
     window = feather_window(start.shape[-1], feather, device=photo.device)
@@ -194,11 +209,12 @@ def refine_on_photo(
     with ExitStack() as stack:
         for member in models:
             stack.enter_context(frozen(member))
-        regions = [_prepare(work, start, window, face, models) for face in located]
+        regions = [_prepare(work, start, window, face, models, smoothing) for face in located]
         channels = 3 if colour else 1
         changes = [torch.zeros(channels, *region.clean.shape[-2:], device=work.device) for region in regions]
         if steps and regions:
-            settings = _Settings(epsilon, thresholds, target_ssim, stealth_weight, margin, quality, jitter)
+            settings = _Settings(epsilon, thresholds, target_ssim, stealth_weight, margin, quality, jitter,
+                                 tuple(downscale))
             changes = _best_changes(regions, changes, models, settings, steps, lr, generator)
     delta = torch.zeros_like(work)
     with torch.no_grad():
@@ -218,6 +234,7 @@ class _Settings:
     margin: float
     quality: tuple[float, float]
     jitter: tuple[float, float]
+    downscale: tuple[float, float]
 
 
 def _best_changes(
@@ -276,8 +293,11 @@ def _state_keys(similarities: torch.Tensor, objective: torch.Tensor, settings: _
 
 
 def _perturb(region: _FaceWork, change: torch.Tensor, epsilon: float) -> torch.Tensor:
-    """The face's change on its region: the pasted start plus the feathered learnt change ``(1 or 3, h, w)``,
-    within the budget."""
+    """The face's change on its region: the pasted start plus the feathered (and smoothed) learnt change
+    ``(1 or 3, h, w)``, within the budget."""
+    if region.smoothing > 0:
+        radius = max(1, math.ceil(3 * region.smoothing))
+        change = gaussian_blur2d(change[None], 2 * radius + 1, (region.smoothing, region.smoothing))[0]
     return (region.start + region.window * change).clamp(-epsilon, epsilon)
 
 
@@ -290,8 +310,12 @@ def _through_the_save(
     low, high = settings.quality
     drawn_quality = (low + (high - low) * torch.rand(1, generator=generator)).to(device)
     realign = _realign_jitter(size, *settings.jitter, generator).to(device=device, dtype=torch.float32)
+    smallest, largest = settings.downscale
+    scale = 1.0 if smallest == largest == 1.0 else smallest + (largest - smallest) * torch.rand(1, generator=generator).item()
     decoded, face = save_and_realign(cloaked, realign @ region.to_face, (size, size), drawn_quality,
-                                     padding_mode="zeros")
+                                     padding_mode="zeros", scale=scale)
+    if decoded.shape[-2:] != cloaked.shape[-2:]:  # shrunk: the stealth is judged on the full-size save
+        decoded = quantize(jpeg(quantize(cloaked), drawn_quality))
     rows, cols = region.box
     return face, ssim(decoded[..., rows, cols], region.clean[None, :, rows, cols])
 
@@ -319,7 +343,7 @@ def _surrogates(
 def _check_arguments(
     photo: torch.Tensor, perturbation: torch.Tensor, epsilon: float, thresholds: tuple[float, ...] | None, steps: int,
     lr: float, target_ssim: float, stealth_weight: float, margin: float, quality: tuple[float, float],
-    jitter: tuple[float, float], colour: bool,
+    jitter: tuple[float, float], downscale: tuple[float, float], smoothing: float, colour: bool,
 ) -> None:
     if photo.ndim != 3 or photo.shape[0] != 3:
         raise ValueError(f"photo must have shape (3, H, W) (RGB), got {tuple(photo.shape)}.")
@@ -330,7 +354,7 @@ def _check_arguments(
         raise ValueError("perturbation contains NaN or inf values; pass a fitted attack's perturbation_.")
     check_params(
         dict(epsilon=epsilon, steps=steps, lr=lr, target_ssim=target_ssim, stealth_weight=stealth_weight,
-             margin=margin, colour=colour),
+             margin=margin, smoothing=smoothing, colour=colour),
         _ARGUMENT_CONSTRAINTS,
     )
     for value in thresholds or [None]:
@@ -339,3 +363,5 @@ def _check_arguments(
         raise ValueError(f"quality must be a range (low, high) within [1, 100], got {quality}.")
     if min(jitter) < 0.0:
         raise ValueError(f"jitter (shift in pixels, turn in degrees) must be >= 0, got {jitter}.")
+    if len(downscale) != 2 or not 0.0 < downscale[0] <= downscale[1] <= 1.0:
+        raise ValueError(f"downscale must be a range (low, high) within (0, 1] (side scales), got {downscale}.")

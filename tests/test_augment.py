@@ -172,6 +172,30 @@ def test_the_simulated_save_rounds_codes_rounds_and_realigns():
     assert torch.equal(lossless, quantize(photo)) and not torch.equal(lossless, saved)
 
 
+@settings(max_examples=10, deadline=None)
+@given(scale=st.floats(0.4, 0.95), angle=st.floats(-10.0, 10.0), zoom=st.floats(0.8, 1.3))
+def test_a_shrunk_save_realigns_the_same_face(scale, angle, zoom):
+    """The face aligned from the shrunk photo is the one aligned from the full-size photo, less its fine
+    detail: the alignment follows the photo's new pixel grid."""
+    photo = synthetic_face(96, 80, seed=5)
+    smooth = torch.nn.functional.avg_pool2d(photo, 9, stride=1, padding=4, count_include_pad=False)
+    to_face = similarity_matrices(torch.tensor([angle]), zoom, torch.tensor([[0.5, -1.0]]), (96, 80), (112, 112))
+    saved, face = save_and_realign(smooth, to_face, (112, 112), scale=scale)
+    _, full_size_face = save_and_realign(smooth, to_face, (112, 112))
+    assert saved.shape[-2:] == (round(96 * scale), round(80 * scale))
+    inner = (slice(None), slice(None), slice(16, 96), slice(16, 96))  # away from the photo's edge
+    assert (face - full_size_face)[inner].abs().mean() < 0.008  # half a pixel off: 0.013
+    assert (face - full_size_face)[inner].abs().mean() < 0.25 * (full_size_face - smooth.mean())[inner].abs().mean()
+
+
+def test_save_and_realign_names_a_bad_scale():
+    photo = synthetic_face(32, 32, seed=1)
+    to_face = similarity_matrices(torch.tensor([0.0]), 1.0, torch.zeros(1, 2), (32, 32), (32, 32))
+    for scale in (0.0, 1.5):
+        with pytest.raises(ValueError, match="scale must be in"):
+            save_and_realign(photo, to_face, (32, 32), scale=scale)
+
+
 @settings(max_examples=40, deadline=None)
 @given(values=st.lists(st.floats(-0.5, 1.5, allow_nan=False), min_size=1, max_size=40))
 def test_quantize_rounds_to_8_bits_with_a_straight_through_gradient(values):

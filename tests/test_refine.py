@@ -124,6 +124,35 @@ def test_reproducible_and_the_model_is_left_as_it_was() -> None:
     assert model.training and all(parameter.requires_grad for parameter in model.parameters())
 
 
+def _high_frequency_share(change: torch.Tensor) -> float:
+    """The share of a change's energy in differences between neighbouring pixels (0: constant)."""
+    across = (change[..., :, 1:] - change[..., :, :-1]).pow(2).mean() + (change[..., 1:, :] - change[..., :-1, :]).pow(2).mean()
+    return (across / change.pow(2).mean()).item()
+
+
+def test_smoothing_makes_a_low_frequency_change_within_budget() -> None:
+    photo, faces, zero = _photo(seed=8) * 0.8 + 0.1, [_keypoints(0.8, 40, 30)], torch.zeros(3, 112, 112)
+    options = dict(epsilon=0.06, steps=4, lr=0.02, target_ssim=0.5, generator=torch.Generator().manual_seed(0))
+    sharp = refine_on_photo(photo, zero, faces, TinyEmbedder(), **options) - photo
+    options["generator"] = torch.Generator().manual_seed(0)
+    smooth = refine_on_photo(photo, zero, faces, TinyEmbedder(), smoothing=2.0, **options) - photo
+    assert smooth.abs().max() > 0.01 and smooth.abs().max() <= 0.06 + 1e-6
+    assert _high_frequency_share(smooth) < 0.5 * _high_frequency_share(sharp)
+
+
+def test_a_simulated_resize_changes_the_refinement_and_keeps_the_budget() -> None:
+    photo, faces, zero = _photo(seed=9), [_keypoints(0.9, 30, 20)], torch.zeros(3, 112, 112)
+
+    def refine(**options) -> torch.Tensor:
+        return refine_on_photo(photo, zero, faces, TinyEmbedder(), epsilon=0.05, steps=3, lr=0.02,
+                               generator=torch.Generator().manual_seed(0), **options)
+
+    plain, unshrunk, shrunk = refine(), refine(downscale=(1.0, 1.0)), refine(downscale=(0.5, 0.7))
+    assert torch.equal(plain, unshrunk)
+    assert (shrunk - plain).abs().max() > 1e-3
+    assert (shrunk - photo).abs().max() <= 0.05 + 1e-6
+
+
 def test_float64_photos_and_faces_outside_the_photo() -> None:
     photo = _photo().double()
     faces = [_keypoints(0.5, 400, 400), _keypoints(0.6, 30, 30)]  # the first lies wholly outside
@@ -147,6 +176,9 @@ def test_float64_photos_and_faces_outside_the_photo() -> None:
         ({"quality": (90.0, 80.0)}, "quality must be a range"),
         ({"jitter": (-1.0, 0.0)}, "jitter"),
         ({"colour": 1}, "colour must be True or False"),
+        ({"downscale": (0.0, 1.0)}, "downscale must be a range"),
+        ({"downscale": (0.9, 0.5)}, "downscale must be a range"),
+        ({"smoothing": -1.0}, "smoothing must be"),
     ],
 )
 def test_bad_arguments_are_named(options: dict, message: str) -> None:
@@ -295,7 +327,7 @@ def test_a_member_far_below_its_threshold_adds_no_push() -> None:
 def test_a_state_counts_as_fooling_only_when_every_member_is_fooled() -> None:
     from krtfuap.refine import _Settings, _state_keys
 
-    settings = _Settings(0.08, (0.3, 0.5), 0.9, 1.0, 0.05, (80.0, 95.0), (1.0, 1.0))
+    settings = _Settings(0.08, (0.3, 0.5), 0.9, 1.0, 0.05, (80.0, 95.0), (1.0, 1.0), (1.0, 1.0))
     similarities = torch.tensor([[0.2, 0.4], [0.2, 0.46], [0.26, 0.1]])
     keys = _state_keys(similarities, torch.tensor([1.0, 0.5, 0.2]), settings)
     assert [miss for miss, _ in keys] == [False, True, True]

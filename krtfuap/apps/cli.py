@@ -246,6 +246,13 @@ def _add_cloak_parser(commands: argparse._SubParsersAction) -> None:
     cloak.add_argument("--target-ssim", type=_open_probability, default=CLOAK_DEFAULTS.target_ssim,
                        help="face SSIM the refinement keeps in its simulated save; the report flags faces below "
                        "it (default: %(default)s)")
+    cloak.add_argument("--smoothing", type=_non_negative, default=CLOAK_DEFAULTS.smoothing, metavar="SIGMA",
+                       help="Gaussian sigma, in aligned-face pixels, of the blur on the refined change: a "
+                       "low-frequency change transfers better to recognisers it never saw (default: %(default)s)")
+    cloak.add_argument("--downscale", nargs=2, type=_open_probability, default=list(CLOAK_DEFAULTS.downscale),
+                       metavar=("LOW", "HIGH"),
+                       help="range of the side scale the refinement's simulated save shrinks the photo to, as a "
+                       "platform's resize (default: %(default)s; 1 1: no resize)")
     cloak.add_argument("--format", choices=("png", "jpeg"), default=None,
                        help="written format (default: JPEG for JPEG inputs, PNG otherwise)")
     cloak.add_argument("--quality", type=_quality, default=CLOAK_DEFAULTS.write_quality,
@@ -317,7 +324,7 @@ def _run_cloak(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
     cloak = PhotoCloak(attack, min_score=args.min_score, model=model, threshold=args.verify_threshold,
                        refine_steps=args.refine_steps, surrogates=surrogates, refine_from=args.refine_from,
                        refine_colour=not args.refine_luminance, target_ssim=args.target_ssim,
-                       num_threads=args.threads)
+                       smoothing=args.smoothing, downscale=tuple(args.downscale), num_threads=args.threads)
     report = os.path.join(args.output, "cloak-report.csv")
     try:
         rows = cloak.cloak_files(args.inputs, args.output, file_format=args.format, quality=args.quality,
@@ -331,7 +338,8 @@ def _run_cloak(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
             if row.status == "no face":
                 print(f"no face found in {row.photo}: copied unchanged")
         protected = (f"; protected {summary['protected']} of {summary['faces']} "
-                     f"(mean similarity {summary['mean_similarity']:.3f}, face SSIM {summary['mean_ssim_face']:.3f}), "
+                     f"(mean similarity {summary['mean_similarity']:.3f}, face-box SSIM {summary['mean_ssim_face']:.3f}, "
+                     f"aligned-crop SSIM {summary['mean_ssim_aligned']:.3f}), "
                      f"{summary['below_stealth_target']} below the stealth target {args.target_ssim}"
                      if not args.no_verify else "")
         print(f"cloaked {summary['faces']} faces in {summary['photos'] - summary['errors']} photos{protected}; "

@@ -48,7 +48,7 @@ from PIL import Image
 from krtfuap._validation import (
     Boolean, FaceModelLike, InstanceOf, Interval, Options, SequenceOf, check_param, check_params,
 )
-from krtfuap.alignment import SCRFDDetector, detect_faces, photo_to_tensor, tensor_to_photo
+from krtfuap.alignment import SCRFDDetector, align_face, detect_faces, photo_to_tensor, tensor_to_photo
 from krtfuap.cloak_defaults import CLOAK_DEFAULTS
 from krtfuap.apps.judges import Judge, ModelJudge, best_overlapping
 from krtfuap.datasets import is_image_file, load_image
@@ -77,6 +77,9 @@ _DEFAULTS = CLOAK_DEFAULTS
 class FaceReport:
     """What happened to one face (or to a photo without faces or that failed, ``face = -1``), one row of the report.
 
+    ``ssim_face`` is standard SSIM (:func:`krtfuap.metrics.ssim`) over the detector's face box at the
+    photo's own resolution; ``ssim_aligned`` over the ``S x S`` crops both photos give on the
+    original's keypoints (what a recogniser sees; lower, as the crop enlarges a small face).
     ``stealth_met`` says whether ``ssim_face`` after the real save is at least ``target_ssim`` less
     :attr:`~krtfuap.cloak_defaults.CloakDefaults.stealth_tolerance` (None when not verified).
     ``white_box`` says whether the verification model is the attack's own or one the cloak was refined
@@ -99,6 +102,7 @@ class FaceReport:
     protected: bool | None = None
     ssim_face: float = math.nan
     psnr_face: float = math.nan
+    ssim_aligned: float = math.nan
     ssim_photo: float = math.nan
     psnr_photo: float = math.nan
     target_ssim: float = math.nan
@@ -315,6 +319,11 @@ class PhotoCloak:
     refine_colour : bool
         Let the refinement change R, G and B apart; False: one luminance change
         (fine grain instead of coloured texture, a little weaker).
+    downscale : (float, float)
+        Range of the side scale, within ``(0, 1]``, the refinement's simulated save shrinks the
+        photo to at every step (a platform's resize); ``(1, 1)``: none.
+    smoothing : float
+        Gaussian sigma, in aligned-face pixels, of the blur on the refined change (``>= 0``; 0: none).
     surrogates : sequence of (torch.nn.Module, float), optional
         The face models the refinement works against, each with its cosine threshold in
         ``[-1, 1]`` (one batched pass per model and step; the loss pushes the worst member below
@@ -345,6 +354,9 @@ class PhotoCloak:
         "refine_steps": [Interval(int, 0, None, hint=" (0: no refinement)")],
         "refine_from": [Options("zero", "cloak")],
         "refine_colour": [Boolean()],
+        "downscale": [SequenceOf(lambda item: isinstance(item, (int, float)) and 0.0 < item <= 1.0,
+                                 description="a (low, high) range of side scales within (0, 1]")],
+        "smoothing": [Interval(float, 0.0, None, hint=" (aligned-face pixels)")],
         "surrogates": [SequenceOf(_is_model_and_threshold,
                                   description="a list of (torch.nn.Module, threshold) pairs"), None],
         "judges": [SequenceOf(lambda item: isinstance(item, Judge),
@@ -367,6 +379,8 @@ class PhotoCloak:
         refine_steps: int = _DEFAULTS.refine_steps,
         refine_from: str = _DEFAULTS.refine_from,
         refine_colour: bool = _DEFAULTS.refine_colour,
+        downscale: tuple[float, float] = _DEFAULTS.downscale,
+        smoothing: float = _DEFAULTS.smoothing,
         surrogates: Sequence[tuple[torch.nn.Module, float]] | None = None,
         judges: Sequence[Judge] | None = None,
         target_ssim: float = _DEFAULTS.target_ssim,
@@ -379,6 +393,9 @@ class PhotoCloak:
         for index, (_, surrogate_threshold) in enumerate(surrogates or []):
             check_param(f"surrogates[{index}] threshold", surrogate_threshold,
                         [Interval(float, -1.0, 1.0, hint=" (a cosine similarity)")])
+        if len(downscale) != 2 or downscale[0] > downscale[1]:
+            raise ValueError(f"downscale must be a (low, high) range of side scales within (0, 1], low <= high, "
+                             f"got {downscale}.")
         names = [judge.name for judge in judges or []]
         if len(set(names)) != len(names):
             raise ValueError(f"judges must have different names (they name report columns), got {names}.")
@@ -399,6 +416,8 @@ class PhotoCloak:
         self.refine_steps = refine_steps
         self.refine_from = refine_from
         self.refine_colour = refine_colour
+        self.downscale = downscale
+        self.smoothing = smoothing
         self.surrogates = surrogates
         self.judges = judges
         self.target_ssim = float(target_ssim)
@@ -451,7 +470,8 @@ class PhotoCloak:
             refined = refine_on_photo(
                 photo_to_tensor(image).to(device), start.to(device), faces, models, epsilon=epsilon,
                 threshold=thresholds, feather=self.feather, steps=self.refine_steps,
-                target_ssim=self.target_ssim, colour=self.refine_colour, generator=generator,
+                target_ssim=self.target_ssim, downscale=tuple(self.downscale), smoothing=float(self.smoothing),
+                colour=self.refine_colour, generator=generator,
             )
             return tensor_to_photo(refined.cpu()), faces
 
@@ -483,7 +503,8 @@ class PhotoCloak:
         list of dict
             Per face: ``redetected``, ``similarity`` (cosine of the two embeddings; NaN if the
             face is not found again), ``threshold``, ``protected`` (similarity below it, or not
-            found), ``ssim_face``/``psnr_face`` over the face's box, ``ssim_photo``/``psnr_photo``,
+            found), ``ssim_face``/``psnr_face`` over the face's box, ``ssim_aligned`` over the aligned
+            crops, ``ssim_photo``/``psnr_photo``,
             ``target_ssim``, ``stealth_met``, ``white_box`` and ``judges`` (see :class:`FaceReport`).
         """
         self._check_judge()
@@ -502,6 +523,7 @@ class PhotoCloak:
                           "white_box": self._is_white_box(self.model)}
                 result["similarity"], result["protected"] = verifier.judge(original, cloaked, face, match)
                 result.update(_box_scores(clean_photo, cloaked_photo, face))
+                result["ssim_aligned"] = _aligned_ssim(original, cloaked, face)
                 result.update(photo_scores)
                 result["target_ssim"] = self.target_ssim
                 result["stealth_met"] = _stealth_met(result["ssim_face"], self.target_ssim)
@@ -673,6 +695,12 @@ def _box_scores(clean: torch.Tensor, cloaked: torch.Tensor, face: PhotoFace) -> 
     return {"ssim_face": ssim(a, b).item(), "psnr_face": _psnr(a, b)}
 
 
+def _aligned_ssim(original: np.ndarray, cloaked: np.ndarray, face: PhotoFace) -> float:
+    """SSIM of the ``S x S`` crops of the two photos aligned on the original's keypoints."""
+    crops = photo_to_tensor(np.stack([align_face(image, face.keypoints, face.size) for image in (cloaked, original)]))
+    return ssim(crops[:1], crops[1:]).item()
+
+
 def _progress(plan: list, enabled: bool):
     if not enabled:
         return plan
@@ -683,13 +711,14 @@ def _progress(plan: list, enabled: bool):
 
 def summarise(rows: Sequence[FaceReport]) -> dict[str, float | int]:
     """Counts and means over a report: photos, faces, errors, protected share, faces below the stealth target,
-    mean similarity and face SSIM, and ``protection_rate_<name>`` and ``judged_<name>`` per further judge (the
+    mean similarity, face-box and aligned-crop SSIM, and ``protection_rate_<name>`` and ``judged_<name>`` per further judge (the
     share over the faces it judged, and how many those were: a judge that finds no face in the original gives
     no verdict)."""
     faces = [row for row in rows if row.status == "cloaked"]
     judged = [row for row in faces if row.protected is not None]
     similarities = [row.similarity for row in judged if not math.isnan(row.similarity)]
     face_ssim = [row.ssim_face for row in faces if not math.isnan(row.ssim_face)]
+    aligned_ssim = [row.ssim_aligned for row in faces if not math.isnan(row.ssim_aligned)]
     per_judge = {}
     for name in _judge_names(faces):
         verdicts = [verdict["protected"] for row in faces for verdict in row.judges
@@ -707,5 +736,6 @@ def summarise(rows: Sequence[FaceReport]) -> dict[str, float | int]:
         "below_stealth_target": sum(row.stealth_met is False for row in faces),
         "mean_similarity": float(np.mean(similarities)) if similarities else math.nan,
         "mean_ssim_face": float(np.mean(face_ssim)) if face_ssim else math.nan,
+        "mean_ssim_aligned": float(np.mean(aligned_ssim)) if aligned_ssim else math.nan,
         **per_judge,
     }

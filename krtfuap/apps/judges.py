@@ -58,7 +58,8 @@ class Judge:
         Parameters
         ----------
         original, cloaked : numpy.ndarray
-            ``(H, W, 3)`` uint8 RGB, the photo before and after (read back from its file).
+            ``(H, W, 3)`` uint8 RGB, the photo before and after (read back from its file); the
+            cloaked photo may be a resized copy (``(H', W', 3)``, the same aspect).
         face : PhotoFace
             The face in ``original``.
         found_again : PhotoFace or None
@@ -162,7 +163,8 @@ class DlibJudge(Judge):
         before = self._descriptor(original, np.asarray(face.box, float), 0.3)
         if before is None:
             return math.nan, None
-        after = self._descriptor(cloaked, np.asarray(face.box, float), 0.3)
+        resized = cloaked.shape[1] / original.shape[1]  # a photo a platform resized: the box shrinks with it
+        after = self._descriptor(cloaked, np.asarray(face.box, float) * resized, 0.3)
         if after is None:
             return math.nan, True
         similarity = -float(np.linalg.norm(before - after))

