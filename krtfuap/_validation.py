@@ -400,12 +400,14 @@ class FaceModelLike(Constraint):
 
 
 class SequenceOf(Constraint):
-    """A non-empty list or tuple whose every item ``admits`` accepts, described in messages by ``description``.
+    """A non-empty list or tuple whose every item is of one kind, described in messages by ``description``.
 
     Parameters
     ----------
-    admits : callable
-        ``item -> bool``: whether one item is of the wanted kind (e.g. a ``(model, threshold)`` pair).
+    admits : callable or Constraint
+        ``item -> bool``: whether one item is of the wanted kind (e.g. a ``(model, threshold)`` pair); or a
+        :class:`Constraint` every item must meet (its kind and its range, e.g. an :class:`Interval`), whose
+        refusal of an item names the item's position.
     description : str
         What the sequence holds, e.g. ``"a list of (torch.nn.Module, float) pairs"``.
     """
@@ -413,11 +415,21 @@ class SequenceOf(Constraint):
     def __init__(self, admits, *, description: str) -> None:
         self.admits, self.description = admits, description
 
+    def _admits_item(self, item: object) -> bool:
+        return self.admits.admits_type(item) if isinstance(self.admits, Constraint) else self.admits(item)
+
     def admits_type(self, value: object) -> bool:
-        return isinstance(value, (list, tuple)) and all(self.admits(item) for item in value)
+        return isinstance(value, (list, tuple)) and all(self._admits_item(item) for item in value)
 
     def problem(self, value: object) -> str | None:
-        return "is an empty list; pass at least one item or None." if not value else None
+        if not value:
+            return "is an empty list; pass at least one item or None."
+        if isinstance(self.admits, Constraint):
+            for index, item in enumerate(value):
+                problem = self.admits.problem(item)
+                if problem is not None:
+                    return f"item {index} {problem or f'must be {self.admits.describe()}, got {item!r}.'}"
+        return None
 
     def describe(self) -> str:
         return self.description

@@ -24,8 +24,9 @@ from krtfuap.diversity import RandomResizePad
 from krtfuap.engine import Solver
 from krtfuap.estimator import PerturbationEstimator
 from krtfuap.key_regions import KeyRegions
-from krtfuap.losses import ADVERSARIAL_LOSSES, DirectionLoss
-from krtfuap.metrics import cosine_similarity, fooled_by_similarity, ssim
+from krtfuap.losses import ADVERSARIAL_LOSSES, DirectionLoss, worst_member_loss
+from krtfuap.metrics import cosine_similarity, fooled_by_similarity, member_count, ssim
+from krtfuap.models.ensemble import member_similarities
 from krtfuap.perturbation import MaskedPerturbation
 from krtfuap.stealth import StealthLossLike, resolve_stealth_loss
 
@@ -165,7 +166,18 @@ class UAPAttack(PerturbationEstimator):
     adversarial_loss : {"direction", "cosine", "euclidean"}
         The paper's direction loss or the ablations of Table 5 (see
         :mod:`krtfuap.losses`; on normalised embeddings ``"cosine"`` is the
-        direction loss at half the weight).
+        direction loss at half the weight). With one threshold per model the
+        loss per face is instead :func:`krtfuap.losses.worst_member_loss` over
+        the members' cosine similarities (a smooth maximum of each one's
+        excess over its threshold, so a member the others outvote still gets
+        the gradient; for members that agree, the direction loss's gradient),
+        and this must stay ``"direction"``.
+    ensemble_margin : float
+        With one threshold per model: how far below its own threshold every
+        member must be, ``>= 0``, before ``skip_fooled`` leaves a face out of the
+        adversarial loss (the fooling rate still counts a face fooled at the
+        thresholds themselves; it moves the value of the worst-member loss,
+        not its gradient). Unused with one threshold.
     key_regions : KeyRegions or None
         ``None`` (the default) leaves the whole budget to every pixel (the
         paper's Table 3 ablation, a global perturbation). A
@@ -243,7 +255,10 @@ class UAPAttack(PerturbationEstimator):
         ``M0``, ``warped_mask_`` is ``Mf`` and ``flow_`` the learned flow
         (zeros without key regions or with ``KeyRegions(learn_flow=False)``).
         ``history_`` records per step, besides the shared keys, ``loss``,
-        ``adversarial_loss``, ``stealth_loss`` and ``stealth_weight``.
+        ``adversarial_loss``, ``stealth_loss`` and ``stealth_weight``. With one
+        threshold per model, ``fooling_rate`` counts the faces every model
+        misses and ``mean_similarity`` is the mean over the models, in
+        ``history_``, ``epoch_scores_`` and :meth:`evaluate` alike.
     stealth_weight_ : float
         The stealth weight at the end of the fit (the adapted value when
         ``target_ssim`` is set).
@@ -256,6 +271,7 @@ class UAPAttack(PerturbationEstimator):
         "stealth_loss": [Options("ssim", "vgg"), IsCallable("a callable (adversarial, clean) -> scalar"), None],
         "stealth_adapt_rate": [Interval(float, 0, None)],
         "adversarial_loss": [Options(*ADVERSARIAL_LOSSES)],
+        "ensemble_margin": [Interval(float, 0, None, hint=" (a cosine margin)")],
         "key_regions": [InstanceOf(KeyRegions, description="a krtfuap.KeyRegions"), None],
         "skip_fooled": [Boolean()],
         "lr": [Interval(float, 0, None, closed="neither")],
@@ -266,6 +282,8 @@ class UAPAttack(PerturbationEstimator):
         "init_scale": [Interval(float, 0, None)],
         "lowpass_size": [Interval(int, 1), None],
     }
+    # ensemble_margin acts only with one threshold per model, which no file older than it holds.
+    _silent_defaults: ClassVar[tuple[str, ...]] = ("ensemble_margin",)
 
     def __init__(
         self,
@@ -278,6 +296,7 @@ class UAPAttack(PerturbationEstimator):
         stealth_loss: StealthLossLike | None = "ssim",
         stealth_adapt_rate: float = 0.02,
         adversarial_loss: str = "direction",
+        ensemble_margin: float = 0.05,
         key_regions: KeyRegions | None = None,
         skip_fooled: bool = True,
         target_fooling_rate: float = 0.8,
@@ -335,6 +354,12 @@ class UAPAttack(PerturbationEstimator):
         super()._check_params_together()
         if self.target_ssim is not None and self.stealth_loss is None:
             raise ValueError("target_ssim needs a stealth loss to adapt; set stealth_loss='ssim' (or another).")
+        if member_count(self.threshold) is not None and self.adversarial_loss != "direction":
+            raise ValueError(
+                f"adversarial_loss={self.adversarial_loss!r} applies to one threshold; with one threshold per model "
+                "the loss is the worst member's excess over its threshold (krtfuap.losses.worst_member_loss): leave "
+                "adversarial_loss='direction', or pass one threshold."
+            )
 
     def _stealth_target(self) -> float | None:
         return self.target_ssim
@@ -387,6 +412,7 @@ class UAPAttack(PerturbationEstimator):
             embed=embed,
             threshold=threshold,
             adversarial_loss=DirectionLoss(self.adversarial_loss, reduction="none"),
+            ensemble_margin=float(self.ensemble_margin),
             stealth_loss=stealth_loss,
             stealth_weight=stealth_weight,
             target_ssim=self.target_ssim,
@@ -403,15 +429,21 @@ class UAPAttack(PerturbationEstimator):
 
 
 class _KeyRegionSolver(Solver):
-    """KRT-FUAP's update: Adam on noise and flow of a :class:`MaskedPerturbation`, loss = adversarial + lambda * stealth."""
+    """KRT-FUAP's update: Adam on noise and flow of a :class:`MaskedPerturbation`, loss = adversarial + lambda * stealth.
+
+    ``threshold`` is one number, or a tuple of one per member of the
+    :class:`~krtfuap.models.ensemble.MemberwiseEmbedder` behind ``embed`` (then the adversarial
+    loss is :func:`~krtfuap.losses.worst_member_loss` over the members' similarities).
+    """
 
     def __init__(
         self,
         perturbation: MaskedPerturbation,
         *,
         embed: Callable[[torch.Tensor], torch.Tensor],
-        threshold: float,
+        threshold: float | tuple[float, ...],
         adversarial_loss: DirectionLoss,
+        ensemble_margin: float,
         stealth_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
         stealth_weight: float,
         target_ssim: float | None,
@@ -426,7 +458,9 @@ class _KeyRegionSolver(Solver):
         self.module = perturbation
         self.embed = embed
         self.threshold = threshold
+        self.members = member_count(threshold)
         self.adversarial_loss = adversarial_loss
+        self.ensemble_margin = ensemble_margin
         self.stealth_loss = stealth_loss
         self.stealth_weight = stealth_weight
         self.target_ssim = target_ssim
@@ -444,11 +478,10 @@ class _KeyRegionSolver(Solver):
     def step(self, images: torch.Tensor, clean_embeddings: torch.Tensor) -> dict[str, float]:
         adversarial = (images + self.module()).clamp(0.0, 1.0)
         embeddings = self.embed(self.diversity(self._augmented(adversarial)))
-        similarity = cosine_similarity(embeddings.detach(), clean_embeddings)
+        similarity, per_face = self._similarity_and_loss(embeddings, clean_embeddings)
         fooled = fooled_by_similarity(similarity, self.threshold)
-        per_face = self.adversarial_loss(embeddings, clean_embeddings)
         if self.skip_fooled:
-            per_face = per_face * (~fooled).to(per_face.dtype)
+            per_face = per_face * (~self._done(similarity, fooled)).to(per_face.dtype)
         adversarial_term = per_face.mean()
         if self.stealth_loss is not None:
             stealth_term = self.stealth_loss(adversarial, images)
@@ -471,6 +504,25 @@ class _KeyRegionSolver(Solver):
             "mean_similarity": similarity.mean().item(),
             "ssim": batch_ssim,
         }
+
+    def _similarity_and_loss(
+        self, embeddings: torch.Tensor, clean_embeddings: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The similarity of each perturbed face to its clean self, detached (``(B,)``, or ``(B, M)`` one
+        column per member), and its adversarial loss ``(B,)``."""
+        if self.members is None:
+            similarity = cosine_similarity(embeddings.detach(), clean_embeddings)
+            return similarity, self.adversarial_loss(embeddings, clean_embeddings)
+        similarities = member_similarities(embeddings, clean_embeddings, self.members)
+        loss = worst_member_loss(similarities, list(self.threshold), margin=self.ensemble_margin, reduction="none")
+        return similarities.detach(), loss
+
+    def _done(self, similarity: torch.Tensor, fooled: torch.Tensor) -> torch.Tensor:
+        """Faces ``skip_fooled`` leaves out ``(B,)``: the fooled ones; with one threshold per member, those whose
+        every member is ``ensemble_margin`` below its threshold."""
+        if self.members is None:
+            return fooled
+        return fooled_by_similarity(similarity, [value - self.ensemble_margin for value in self.threshold])
 
     def _augmented(self, adversarial: torch.Tensor) -> torch.Tensor:
         """The adversarial batch as the photo pipeline of ``augment`` delivers it to the model."""

@@ -454,6 +454,7 @@ class DeepFoolUAP(PerturbationEstimator):
     Others as in :class:`krtfuap.estimator.PerturbationEstimator`.
     """
 
+    _takes_member_thresholds: ClassVar[bool] = False  # its update judges the mean similarity only
     _parameter_constraints: ClassVar[dict[str, list]] = {
         **PerturbationEstimator._parameter_constraints,
         "overshoot": [Interval(float, 0, None, hint=" (a margin below the threshold)")],
@@ -524,6 +525,7 @@ class FGUAP(PerturbationEstimator):
     Others as in :class:`krtfuap.estimator.PerturbationEstimator`.
     """
 
+    _takes_member_thresholds: ClassVar[bool] = False  # its update judges the mean similarity only
     _parameter_constraints: ClassVar[dict[str, list]] = {
         **PerturbationEstimator._parameter_constraints,
         "lr": [Interval(float, 0, None, closed="neither")],
@@ -606,6 +608,7 @@ class FrequencyUAP(PerturbationEstimator):
     Others as in :class:`krtfuap.estimator.PerturbationEstimator`.
     """
 
+    _takes_member_thresholds: ClassVar[bool] = False  # its update judges the mean similarity only
     _parameter_constraints: ClassVar[dict[str, list]] = {
         **PerturbationEstimator._parameter_constraints,
         "keep_fraction": [Interval(float, 0, 1, closed="right", hint=" (share of frequencies per axis)")],

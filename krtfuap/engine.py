@@ -41,6 +41,7 @@ from krtfuap._files import replace_atomically
 from krtfuap._ops import call_model
 from krtfuap._validation import InstanceOf, Interval, check_embeddings, check_params, load_torch_file
 from krtfuap.distributed import any_rank, is_main_process, mean_over_ranks
+from krtfuap.metrics import member_count
 from krtfuap.scoring import PerturbationScore, score_batch
 
 __all__ = ["frozen", "Solver", "FitLoop", "FitResult", "selection_key", "STEP_RECORD_KEYS",
@@ -230,8 +231,10 @@ class FitLoop:
     embed : callable
         The frozen face model as called while fitting, ``(B, 3, H, W)`` ->
         ``(B, D)`` (with the estimator's mixed-precision and memory-format options).
-    threshold : float
-        Verification threshold of the fooling rate.
+    threshold : float or tuple of float
+        Verification threshold of the fooling rate; a tuple, one per member of the
+        :class:`krtfuap.models.ensemble.MemberwiseEmbedder` behind ``embed``: a face is
+        fooled when every member is below its own (:class:`krtfuap.scoring.PerturbationScore`).
     device : torch.device
         Where batches go, as float32: the perturbation is added in float32 and
         ``embed`` casts to the model's dtype.
@@ -264,7 +267,7 @@ class FitLoop:
     """
 
     embed: Callable[[torch.Tensor], torch.Tensor]
-    threshold: float
+    threshold: float | tuple[float, ...]
     device: torch.device
     max_epochs: int
     max_time: float | None = None
@@ -324,7 +327,8 @@ class FitLoop:
         def score(perturbation: torch.Tensor, epoch: int) -> dict[str, float]:
             meter = PerturbationScore(self.threshold)
             for images, clean in self._clean_batches(data, epoch, cache):
-                meter.update(score_batch(self.embed, images, perturbation, clean_embeddings=clean))
+                meter.update(score_batch(self.embed, images, perturbation, clean_embeddings=clean,
+                                         n_members=member_count(self.threshold)))
             meter.sync(self.device)
             return meter.compute()
 

@@ -57,6 +57,7 @@ from krtfuap._validation import (
     Interval,
     PathLike,
     RandomStateLike,
+    SequenceOf,
     check_embeddings,
     check_images,
     check_param,
@@ -64,8 +65,8 @@ from krtfuap._validation import (
 )
 from krtfuap.distributed import is_main_process
 from krtfuap.engine import FitLoop, FitResult, Solver, frozen
-from krtfuap.metrics import calibrate_threshold, pair_similarities
-from krtfuap.models.ensemble import EnsembleEmbedder
+from krtfuap.metrics import calibrate_threshold, member_count, pair_similarities
+from krtfuap.models.ensemble import EnsembleEmbedder, MemberwiseEmbedder
 from krtfuap.scoring import score_perturbation
 from krtfuap.threads import torch_threads
 
@@ -90,10 +91,15 @@ _MACHINE_LOCAL = ("checkpoint_path", "device", "num_threads")
 _NOT_FINGERPRINTED = ("max_epochs", "max_time", "max_steps", "target_fooling_rate", "checkpoint_path", "checkpoint_every",
                       "verbose", "device", "num_threads")
 
+#: A verification threshold: a cosine similarity.
+_COSINE_THRESHOLD = Interval(float, -1, 1, hint=" (a cosine similarity)")
+#: A verification threshold, or one per model of an ensemble.
+_THRESHOLDS = [_COSINE_THRESHOLD, SequenceOf(_COSINE_THRESHOLD, description="a list of those (one per model)")]
+
 #: Parameters of every estimator (scikit-learn ``_parameter_constraints`` style: name -> accepted kinds).
 COMMON_CONSTRAINTS: dict[str, list] = {
     "model": [FaceModelLike()],
-    "threshold": [Interval(float, -1, 1, hint=" (a cosine similarity)"), None],
+    "threshold": [*_THRESHOLDS, None],
     "epsilon": [Interval(float, 0, 1, closed="right", hint=" (images are in [0, 1])")],
     "batch_size": [Interval(int, 1)],
     "random_state": [RandomStateLike(), None],
@@ -124,15 +130,21 @@ model : torch.nn.Module or list of torch.nn.Module
     :class:`krtfuap.models.FaceEmbedder`). Only its output is used; its
     weights, training flags and ``requires_grad`` are left as they were, and
     :func:`sklearn.base.clone` shares it (never copies it). A list fits one
-    perturbation against an ensemble
-    (:class:`krtfuap.models.ensemble.EnsembleEmbedder`: the similarity is the
-    mean of the members' cosine similarities).""",
+    perturbation against an ensemble: with one threshold, judged on the mean
+    of the members' cosine similarities
+    (:class:`krtfuap.models.ensemble.EnsembleEmbedder`); with one threshold
+    per model, each member on its own (see ``threshold``).""",
     "threshold": """\
-threshold : float, optional
+threshold : float, list of float or None
     Verification threshold ``t`` on cosine similarity, in ``[-1, 1]``: a face
     is fooled when ``cos(F(x + v), F(x)) < t``. ``None`` calibrates it in
     ``fit`` from the ``pairs`` given there (best accuracy on
-    genuine/impostor pairs).""",
+    genuine/impostor pairs; for a list of models, one threshold on their
+    mean similarity). With a list of models, a list (or tuple) of thresholds,
+    one per model in the same order, judges each member on its own: a face
+    is fooled only when every member's similarity is below its own threshold
+    (the fooling rate, the stopping rule, ``evaluate``). ``UAPAttack`` and
+    ``RandomNoiseUAP`` take it; the other baselines take one threshold.""",
     "epsilon": """\
 epsilon : float
     l_inf budget of the perturbation on ``[0, 1]`` images, in ``(0, 1]`` (paper: 0.08).""",
@@ -268,13 +280,16 @@ def _description(value: object) -> str:
 
 
 def _json_param(value: object) -> object:
-    """A parameter as a file holds it: JSON values as they are (numpy scalars as Python ones), paths and
-    devices as strings, a dataclass of such values as ``{"type", "fields"}``, anything else as
-    ``{"not_saved": description}``."""
+    """A parameter as a file holds it: JSON values as they are (numpy scalars as Python ones, a list or
+    tuple of them as a list), paths and devices as strings, a dataclass of such values as
+    ``{"type", "fields"}``, anything else as ``{"not_saved": description}``."""
     if isinstance(value, np.generic):
         value = value.item()
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    plain = (bool, int, float, str, np.generic)
+    if isinstance(value, (list, tuple)) and all(isinstance(item, plain) for item in value):
+        return [_json_param(item) for item in value]
     if isinstance(value, (os.PathLike, torch.device)):
         return str(os.fspath(value)) if isinstance(value, os.PathLike) else str(value)
     if isinstance(value, NotSaved):
@@ -312,8 +327,8 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
         The key-region mask ``(H, W)``, the warped mask ``(H, W)``, the flow
         ``(2, H, W)`` and the noise ``(3, H, W)`` behind ``perturbation_``
         (ones, ones, zeros and ``perturbation_`` for a global perturbation).
-    threshold_ : float
-        The verification threshold used.
+    threshold_ : float or tuple of float
+        The verification threshold used (one per model when ``threshold`` gave one per model).
     fooling_rate_, ssim_ : float
         Fooling rate and mean SSIM of ``perturbation_`` on the fit data (or
         the ``validation`` faces), measured without gradient after the
@@ -342,6 +357,12 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
     """
 
     _parameter_constraints: ClassVar[dict[str, list]] = {**COMMON_CONSTRAINTS, **FIT_LOOP_CONSTRAINTS}
+    #: Whether the update rule judges each model of a list on its own threshold (``threshold`` a list);
+    #: the fit loop, scoring and persistence always can.
+    _takes_member_thresholds: ClassVar[bool] = True
+    #: Parameters added after format 2 that change nothing in a fit saved before they existed (e.g. one
+    #: that acts only with values older files cannot hold): ``load`` gives them today's default silently.
+    _silent_defaults: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -379,6 +400,12 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
 
     def _check_params_together(self) -> None:
         """Rules that involve several parameters (after each one is checked alone)."""
+        if member_count(self.threshold) is not None and not self._takes_member_thresholds:
+            raise ValueError(
+                f"threshold gives one value per model, but {type(self).__name__} takes one threshold (judged on "
+                "the ensemble's mean similarity); pass threshold=t, or fit UAPAttack to judge each model on its own."
+            )
+        _check_one_threshold_per_model(self.model, self.threshold, "threshold")
         if self.amp and not (self._device().type == "cuda" and torch.cuda.is_bf16_supported()):
             raise ValueError(
                 f"amp=True needs a CUDA GPU with bfloat16 support (compute capability >= 8.0); fitting on "
@@ -386,11 +413,15 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
             )
 
     # --------------------------------------------------------------- the model
-    def _embedder(self) -> nn.Module:
-        """The face model; a list of models becomes one :class:`~krtfuap.models.ensemble.EnsembleEmbedder`."""
-        if isinstance(self.model, (list, tuple)):
+    def _embedder(self, threshold: float | tuple[float, ...] | None = None) -> nn.Module:
+        """The face model as fit and scoring call it: one model as it is; a list of models one
+        :class:`~krtfuap.models.ensemble.EnsembleEmbedder` (the mean similarity), or a
+        :class:`~krtfuap.models.ensemble.MemberwiseEmbedder` when ``threshold`` gives one value per model."""
+        if not isinstance(self.model, (list, tuple)):
+            return self.model
+        if member_count(threshold) is None:
             return EnsembleEmbedder(self.model)
-        return self.model
+        return MemberwiseEmbedder(self.model)
 
     def _device(self) -> torch.device:
         if self.device is not None:
@@ -422,8 +453,10 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
 
         return embed
 
-    def _calibrated_threshold(self, pairs: Iterable | None) -> tuple[float, float | None]:
-        """``(threshold, accuracy on the pairs or None)``."""
+    def _calibrated_threshold(self, pairs: Iterable | None) -> tuple[float | tuple[float, ...], float | None]:
+        """``(threshold, accuracy on the pairs or None)``; one threshold per model as a tuple."""
+        if member_count(self.threshold) is not None:
+            return tuple(float(value) for value in self.threshold), None
         if self.threshold is not None:
             return float(self.threshold), None
         if pairs is None:
@@ -437,10 +470,12 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
 
     # ------------------------------------------------------------ to override
     def _make_solver(
-        self, data: FitData, device: torch.device, generator: torch.Generator, embed, threshold: float,
+        self, data: FitData, device: torch.device, generator: torch.Generator, embed,
+        threshold: float | tuple[float, ...],
     ) -> tuple[Solver, dict[str, Any]]:
         """Build the update rule for faces of size ``data.size``; return it and extra learned attributes to
-        set (e.g. ``mask_``).
+        set (e.g. ``mask_``). ``threshold`` is a tuple, one per model, when ``embed`` is a
+        :class:`~krtfuap.models.ensemble.MemberwiseEmbedder`'s.
 
         Tensors among those attributes are fixed inputs of the fit and enter the checkpoint fingerprint.
         """
@@ -527,7 +562,7 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
         seed = int(check_random_state(self.random_state).randint(2**31 - 1))
         generator = torch.Generator().manual_seed(seed)
         device = self._device()
-        model = self._embedder()
+        model = self._embedder(self.threshold)
         memory_format = torch.channels_last if self.channels_last else torch.preserve_format
         try:
             with torch_threads(self.num_threads), frozen(model):
@@ -554,7 +589,9 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
         self._set_fitted(result, learned, threshold, accuracy, solver, time.perf_counter() - fit_started)
         return self
 
-    def _fingerprint(self, data: FitData, threshold: float, learned: dict[str, Any]) -> dict[str, Any]:
+    def _fingerprint(
+        self, data: FitData, threshold: float | tuple[float, ...], learned: dict[str, Any]
+    ) -> dict[str, Any]:
         """What determines the result of a fit: parameters, threshold, fixed inputs and a digest of the data."""
         params = {
             name: _json_param(value) for name, value in self.get_params(deep=False).items()
@@ -565,11 +602,12 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
         for name in sorted(k for k, v in learned.items() if isinstance(v, torch.Tensor)):
             digest.update(name.encode())
             digest.update(learned[name].detach().float().cpu().numpy().round(6).tobytes())
-        return {**params, "threshold_": round(threshold, 9), "n_faces": count, "data_digest": digest.hexdigest()[:16]}
+        rounded = round(threshold, 9) if member_count(threshold) is None else [round(value, 9) for value in threshold]
+        return {**params, "threshold_": rounded, "n_faces": count, "data_digest": digest.hexdigest()[:16]}
 
     def _set_fitted(
-        self, result: FitResult, learned: dict[str, torch.Tensor], threshold: float, accuracy: float | None,
-        solver: Solver, fit_time: float,
+        self, result: FitResult, learned: dict[str, torch.Tensor], threshold: float | tuple[float, ...],
+        accuracy: float | None, solver: Solver, fit_time: float,
     ) -> None:
         """Set every learned attribute at once, from a completed fit."""
         snapshot = dict(result.snapshot)
@@ -634,7 +672,8 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
         Returns
         -------
         dict
-            ``fooling_rate`` (share with ``cos(F(x + v), F(x)) < threshold_``),
+            ``fooling_rate`` (share with ``cos(F(x + v), F(x)) < threshold_``; with one
+            threshold per model, every model below its own),
             ``mean_similarity``, ``ssim`` and ``psnr`` (means over faces; SSIM
             as scikit-image computes it) and ``n_images``
             (:func:`krtfuap.scoring.score_perturbation`).
@@ -647,7 +686,8 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
             )
         check_params({"model": self.model, "device": self.device, "num_threads": self.num_threads},
                      self._parameter_constraints)
-        model = self._embedder()
+        _check_one_threshold_per_model(self.model, self.threshold_, "threshold_")
+        model = self._embedder(self.threshold_)
         with torch_threads(self.num_threads), frozen(model):
             return score_perturbation(
                 model, X, self.perturbation_, self.threshold_, batch_size=self.batch_size, device=self._device(),
@@ -779,7 +819,8 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
                 f"{cls.__name__} does not take); load it with {saved_by}.load."
             )
         missing = [
-            name for name in cls._get_param_names() if name not in params and name not in ("model", *_MACHINE_LOCAL)
+            name for name in cls._get_param_names()
+            if name not in params and name not in ("model", *_MACHINE_LOCAL, *cls._silent_defaults)
         ]
         if missing:
             origin = "an older krtfuap (format 1)" if file_format != _FORMAT else saved_by
@@ -800,6 +841,8 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
             check_param("threshold_", fitted.get("threshold_"), _FITTED_CONSTRAINTS["threshold_"])
         except (TypeError, ValueError) as error:
             raise ValueError(f"{path} holds invalid fitted values ({error}). {fix}") from error
+        if member_count(fitted.get("threshold_")) is not None:
+            fitted["threshold_"] = tuple(fitted["threshold_"])  # JSON holds the per-model thresholds as a list
         for name, value in fitted.items():
             setattr(attack, name, value)
         attack.history_ = history
@@ -838,7 +881,7 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
 
 #: What :meth:`PerturbationEstimator.load` accepts for the fit's summary.
 _FITTED_CONSTRAINTS = {
-    "threshold_": [Interval(float, -1, 1)],
+    "threshold_": _THRESHOLDS,
     "fooling_rate_": [Interval(float, -1, 1), None],
     "ssim_": [Interval(float, -1, 1), None],
     "n_iter_": [Interval(int, -1), None],
@@ -847,6 +890,24 @@ _FITTED_CONSTRAINTS = {
     "stop_reason_": [InstanceOf(str, description="a string"), None],
     "fit_time_": [Interval(float, 0), None],
 }
+
+
+def _check_one_threshold_per_model(model: object, threshold: object, name: str) -> None:
+    """Refuse thresholds given one per model (a list) that do not match the list of models one to one."""
+    count = member_count(threshold)
+    if count is None:
+        return
+    if not isinstance(model, (list, tuple)):
+        other = " (or one number as threshold=t)" if name == "threshold" else ""
+        raise ValueError(
+            f"{name} gives {count} thresholds, one per model, but model is a single face model; pass model as the "
+            f"list of the {count} models they belong to, in the same order{other}."
+        )
+    if len(model) != count:
+        raise ValueError(
+            f"{name} gives {count} thresholds for {len(model)} models; give one cosine threshold per model, in the "
+            "order of the list of models."
+        )
 
 
 def _check_writable(path: str | os.PathLike, name: str) -> None:

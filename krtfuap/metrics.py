@@ -2,7 +2,8 @@
 
 * the fooling criterion, decided in one place (:func:`fooled_by_similarity`,
   :func:`is_fooled`): a face is fooled when ``cos(F(x + v), F(x)) < t``, the
-  verification threshold (paper Eq. 1); the fooling rate is the share fooled;
+  verification threshold (paper Eq. 1); with one threshold per ensemble member, when every
+  member's similarity is below its own; the fooling rate is the share fooled;
 * threshold calibration on genuine / impostor pairs (best accuracy, TAR at FAR);
 * SSIM (standard definition, valid region; kornia) and PSNR; LPIPS with the optional
   ``lpips`` package (``pip install "krtfuap[lpips]"``).
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ from krtfuap.imagenet import load_imagenet_state_dict
 
 __all__ = [
     "cosine_similarity",
+    "member_count",
     "fooled_by_similarity",
     "is_fooled",
     "fooling_rate",
@@ -46,7 +48,13 @@ def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(a, b, dim=1)
 
 
-def fooled_by_similarity(similarity: torch.Tensor | float, threshold: float) -> torch.Tensor:
+def member_count(threshold: float | Sequence[float]) -> int | None:
+    """How many ensemble members ``threshold`` judges apart: ``M`` for a list or tuple of ``M``
+    thresholds (one per member), ``None`` for one number (one threshold for the whole model)."""
+    return len(threshold) if isinstance(threshold, (list, tuple)) else None
+
+
+def fooled_by_similarity(similarity: torch.Tensor | float, threshold: float | Sequence[float]) -> torch.Tensor:
     """The fooling criterion: which faces no longer match their clean selves (paper Eq. 1).
 
     Every part of the library that decides "fooled" calls this function (or
@@ -56,27 +64,41 @@ def fooled_by_similarity(similarity: torch.Tensor | float, threshold: float) -> 
     Parameters
     ----------
     similarity : torch.Tensor or float
-        ``cos(F(x + v), F(x))`` per face, any shape (usually ``(B,)``), in ``[-1, 1]``.
-    threshold : float
-        Verification threshold ``t`` on cosine similarity: same person when ``>= t``.
+        ``cos(F(x + v), F(x))`` per face, any shape (usually ``(B,)``), in ``[-1, 1]``. With
+        ``M`` thresholds, ``(..., M)``: the last axis holds each ensemble member's similarity.
+    threshold : float or sequence of float
+        Verification threshold ``t`` on cosine similarity: same person when ``>= t``. A list
+        or tuple gives each of ``M`` ensemble members its own: a face is fooled only when
+        every member's similarity is below that member's threshold.
 
     Returns
     -------
     torch.Tensor
-        Bool, the shape of ``similarity``, on its device: True where ``similarity < t``
-        (strictly; a similarity equal to ``t`` still matches, and NaN is never fooled).
-        The comparison is made in float64, so a float32, float16 or bfloat16 similarity
-        is judged against the threshold exactly as given, not against a rounded copy.
+        Bool, the shape of ``similarity`` (without its member axis for ``M`` thresholds), on
+        its device: True where ``similarity < t`` (strictly; a similarity equal to ``t``
+        still matches, and NaN is never fooled). The comparison is made in float64, so a
+        float32, float16 or bfloat16 similarity is judged against the threshold exactly as
+        given, not against a rounded copy.
 
     Raises
     ------
     ValueError
-        If ``threshold`` is NaN (it would fool no face).
+        If a threshold is NaN (it would fool no face), or ``M`` thresholds meet a
+        similarity whose last axis is not of length ``M``.
     """
-    threshold = float(threshold)
-    if math.isnan(threshold):
+    members = member_count(threshold)
+    thresholds = [float(value) for value in (threshold if members is not None else [threshold])]
+    if any(math.isnan(value) for value in thresholds):
         raise ValueError("threshold is NaN; give the verification threshold as a number, e.g. threshold=0.3.")
-    return torch.as_tensor(similarity, dtype=torch.float64) < threshold
+    similarity = torch.as_tensor(similarity, dtype=torch.float64)
+    if members is None:
+        return similarity < thresholds[0]
+    if similarity.ndim == 0 or similarity.shape[-1] != members:
+        raise ValueError(
+            f"{members} thresholds, one per ensemble member, need similarities of shape (..., {members}), one "
+            f"column per member; got shape {tuple(similarity.shape)}."
+        )
+    return (similarity < torch.tensor(thresholds, dtype=torch.float64, device=similarity.device)).all(dim=-1)
 
 
 def is_fooled(adversarial: torch.Tensor, clean: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -7,7 +7,9 @@ module, so all numbers share one definition:
 * **similarity**: ``cos(F(clip(x + v, 0, 1)), F(x))`` per face;
 * **fooling rate**: share of faces whose similarity is below the verification
   threshold ``t`` (paper Eq. 1), as :func:`krtfuap.metrics.fooled_by_similarity`
-  decides it;
+  decides it; with one threshold per ensemble member (the embeddings a
+  :class:`krtfuap.models.ensemble.MemberwiseEmbedder`'s), every member's similarity
+  below its own, and the mean similarity the mean over members;
 * **SSIM**: the standard definition (Wang et al. 2004; Gaussian window 11,
   sigma 1.5, over the valid region only, as scikit-image computes it), the mean
   over the three channels, per face (:func:`krtfuap.metrics.ssim`);
@@ -22,7 +24,7 @@ torchmetrics metric; :func:`score_perturbation` runs both over a dataset.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -31,7 +33,8 @@ from torch import nn
 from krtfuap._batches import ImageData, iter_image_batches
 from krtfuap._ops import call_model
 from krtfuap._validation import check_embeddings
-from krtfuap.metrics import cosine_similarity, fooled_by_similarity, psnr, ssim
+from krtfuap.metrics import cosine_similarity, fooled_by_similarity, member_count, psnr, ssim
+from krtfuap.models.ensemble import member_similarities
 
 __all__ = ["score_adversarial", "score_batch", "PerturbationScore", "score_perturbation"]
 
@@ -42,7 +45,7 @@ Embed = Callable[[torch.Tensor], torch.Tensor]
 @torch.no_grad()
 def score_adversarial(
     embed: Embed | nn.Module, images: torch.Tensor, adversarial: torch.Tensor, *,
-    clean_embeddings: torch.Tensor | None = None,
+    clean_embeddings: torch.Tensor | None = None, n_members: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-face scores of adversarial faces against their clean originals.
 
@@ -62,12 +65,16 @@ def score_adversarial(
     clean_embeddings : torch.Tensor, optional
         ``(B, D)`` embeddings the similarity is measured against, when already
         known (saves a forward pass); default: those of ``images``.
+    n_members : int, optional
+        ``M`` when ``embed`` is a :class:`krtfuap.models.ensemble.MemberwiseEmbedder` of ``M``
+        members whose similarities are judged apart; ``None``: one similarity per face.
 
     Returns
     -------
     dict of torch.Tensor
-        ``similarity`` (``cos(F(adversarial), clean embedding)``), ``ssim``, ``psnr``
-        (of ``adversarial`` against ``images``): each ``(B,)`` float32 on the images' device.
+        ``similarity`` (``cos(F(adversarial), clean embedding)``; ``(B, M)``, each member's,
+        with ``n_members``), ``ssim``, ``psnr`` (of ``adversarial`` against ``images``): each
+        ``(B,)`` float32 on the images' device.
     """
     if adversarial.shape != images.shape:
         raise ValueError(
@@ -77,8 +84,12 @@ def score_adversarial(
     if clean_embeddings is None:
         clean_embeddings = check_embeddings(call_model(embed, images), len(images))
     perturbed = check_embeddings(call_model(embed, adversarial), len(images))
+    if n_members is None:
+        similarity = cosine_similarity(perturbed.float(), clean_embeddings.float())
+    else:
+        similarity = member_similarities(perturbed.float(), clean_embeddings.float(), n_members)
     return {
-        "similarity": cosine_similarity(perturbed.float(), clean_embeddings.float()),
+        "similarity": similarity,
         "ssim": ssim(adversarial.float(), images.float()),
         "psnr": psnr(adversarial.float(), images.float()),
     }
@@ -91,11 +102,12 @@ def score_batch(
     perturbation: torch.Tensor,
     *,
     clean_embeddings: torch.Tensor | None = None,
+    n_members: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-face scores of one batch under one universal perturbation.
 
     :func:`score_adversarial` of the faces ``clip(images + perturbation, 0, 1)``;
-    ``embed``, ``images``, ``clean_embeddings`` and the result are as there.
+    ``embed``, ``images``, ``clean_embeddings``, ``n_members`` and the result are as there.
 
     Parameters
     ----------
@@ -103,7 +115,7 @@ def score_batch(
         ``(3, H, W)`` (or broadcastable), on the images' device.
     """
     adversarial = (images + perturbation.to(images.dtype)).clamp(0.0, 1.0)
-    return score_adversarial(embed, images, adversarial, clean_embeddings=clean_embeddings)
+    return score_adversarial(embed, images, adversarial, clean_embeddings=clean_embeddings, n_members=n_members)
 
 
 class PerturbationScore:
@@ -111,9 +123,11 @@ class PerturbationScore:
 
     Parameters
     ----------
-    threshold : float
+    threshold : float or sequence of float
         Verification threshold ``t``: a face is fooled when its similarity is ``< t``
-        (:func:`krtfuap.metrics.fooled_by_similarity`).
+        (:func:`krtfuap.metrics.fooled_by_similarity`). ``M`` thresholds, one per ensemble
+        member: the batches' similarities are ``(B, M)``, a face is fooled when every member
+        is below its own, and its similarity counts as the mean over members.
 
     Examples
     --------
@@ -125,7 +139,7 @@ class PerturbationScore:
     _FIELDS = ("fooled", "similarity", "ssim", "psnr", "n_images")
 
     def __init__(self, threshold: float) -> None:
-        self.threshold = float(threshold)
+        self.threshold = float(threshold) if member_count(threshold) is None else tuple(map(float, threshold))
         self.reset()
 
     def reset(self) -> None:
@@ -135,9 +149,12 @@ class PerturbationScore:
     def update(self, scores: dict[str, torch.Tensor]) -> None:
         """Add one batch's per-face ``similarity``, ``ssim`` and ``psnr`` (as :func:`score_adversarial` returns)."""
         similarity = scores["similarity"].detach().double().cpu()
+        fooled = fooled_by_similarity(similarity, self.threshold)
+        if similarity.ndim == 2:  # one column per member
+            similarity = similarity.mean(dim=1)
         self._sums += torch.stack(
             [
-                fooled_by_similarity(similarity, self.threshold).double().sum(),
+                fooled.double().sum(),
                 similarity.sum(),
                 scores["ssim"].detach().double().cpu().sum(),
                 scores["psnr"].detach().double().cpu().sum(),
@@ -187,7 +204,7 @@ def score_perturbation(
     embed: Embed | nn.Module,
     X: ImageData,
     perturbation: torch.Tensor,
-    threshold: float,
+    threshold: float | Sequence[float],
     *,
     batch_size: int = 64,
     device: torch.device | str | None = None,
@@ -203,8 +220,9 @@ def score_perturbation(
         ``(N, 3, H, W)`` faces in ``[0, 1]`` or a re-iterable loader of batches.
     perturbation : torch.Tensor
         ``(3, H, W)``.
-    threshold : float
-        Verification threshold on cosine similarity.
+    threshold : float or sequence of float
+        Verification threshold on cosine similarity; ``M`` thresholds, one per member of the
+        :class:`krtfuap.models.ensemble.MemberwiseEmbedder` ``embed`` (see :class:`PerturbationScore`).
     batch_size : int
         Batch size when ``X`` is one tensor.
     device : torch.device or str, optional
@@ -229,5 +247,6 @@ def score_perturbation(
                 f"X has faces of size {tuple(images.shape[-2:])} but the perturbation was fitted on "
                 f"{tuple(perturbation.shape[-2:])}; align the faces to that size first."
             )
-        score.update(score_batch(embed, images.to(device, torch.float32), perturbation))
+        score.update(score_batch(embed, images.to(device, torch.float32), perturbation,
+                                 n_members=member_count(threshold)))
     return score.compute()

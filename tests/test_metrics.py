@@ -95,6 +95,32 @@ def test_fooled_by_similarity_keeps_the_shape_and_takes_a_plain_float():
         fooled_by_similarity(similarity, math.nan)
 
 
+def test_with_one_threshold_per_member_a_face_is_fooled_only_when_every_member_is():
+    # (faces, members): face 0 fools both, face 1 fools member 0 only, face 2 is at member 1's threshold.
+    similarity = torch.tensor([[0.1, 0.2], [0.1, 0.9], [0.2, 0.5], [0.6, 0.1]])
+    thresholds = [0.3, 0.5]
+    assert fooled_by_similarity(similarity, thresholds).tolist() == [True, False, False, False]
+    # The mean similarity against the mean threshold would call face 2 fooled: its member 1 still matches.
+    assert bool(similarity[2].mean() < sum(thresholds) / 2)
+    assert fooled_by_similarity(similarity, tuple(thresholds)).tolist() == [True, False, False, False]
+    with pytest.raises(ValueError, match=r"2 thresholds, one per ensemble member, need similarities of shape "
+                                         r"\(\.\.\., 2\).*got shape \(4, 3\)"):
+        fooled_by_similarity(torch.zeros(4, 3), thresholds)
+    with pytest.raises(ValueError, match="threshold is NaN"):
+        fooled_by_similarity(similarity, [0.3, math.nan])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    similarity=st.lists(st.lists(st.floats(-1, 1), min_size=3, max_size=3), min_size=1, max_size=6),
+    thresholds=st.lists(st.floats(-1, 1), min_size=3, max_size=3),
+)
+def test_per_member_thresholds_fool_exactly_where_every_single_threshold_does(similarity, thresholds):
+    similarity = torch.tensor(similarity, dtype=torch.float64)
+    each = torch.stack([fooled_by_similarity(similarity[:, m], t) for m, t in enumerate(thresholds)], dim=1)
+    assert fooled_by_similarity(similarity, thresholds).tolist() == each.all(dim=1).tolist()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_fooled_by_similarity_judges_low_precision_against_the_exact_threshold(dtype):
     """Comparing in the similarity's own dtype would round the threshold onto the similarity and

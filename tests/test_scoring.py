@@ -118,6 +118,18 @@ def test_zero_perturbation_fools_nobody_and_psnr_is_infinite(model):
     assert result["psnr"] == math.inf
 
 
+def test_a_score_with_one_threshold_per_member_counts_a_face_fooled_only_when_every_member_is():
+    score = PerturbationScore(threshold=[0.3, 0.5])
+    # Face 0 fools both members, face 1 only the first; face 2's mean similarity is below the mean
+    # threshold, yet its first member still matches: not fooled.
+    similarity = torch.tensor([[0.1, 0.2], [0.1, 0.9], [0.35, 0.3]])
+    assert similarity[2].mean() < 0.4 and similarity[2, 0] >= 0.3
+    score.update({"similarity": similarity, "ssim": torch.ones(3), "psnr": torch.full((3,), 30.0)})
+    result = score.compute()
+    assert result["fooling_rate"] == pytest.approx(1 / 3)
+    assert result["mean_similarity"] == pytest.approx(similarity.double().mean().item())
+
+
 def test_threshold_is_strict():
     """Fooled means similarity ``< t``: a face exactly at the threshold still matches."""
     score = PerturbationScore(threshold=0.5)
