@@ -40,20 +40,14 @@ from krtfuap.metrics import ssim
 from krtfuap.models import INSIGHTFACE_MBF_THRESHOLD, SFACE_THRESHOLD, load_face_model
 from krtfuap.pretrained import default_cloak
 
-#: Technique name -> PhotoCloak keywords (on top of the defaults).
+#: Technique name -> PhotoCloak keywords (on top of today's defaults: CLOAK_DEFAULTS).
 TECHNIQUES: dict[str, dict] = {
+    "before issue 20": {"smoothing": 0.0, "refine_steps": 30, "refine_lr": 0.008},
+    "+ smoothing 1": {"refine_steps": 30, "refine_lr": 0.008},
     "default": {},
-    "downscale": {"downscale": (0.5, 1.0)},
-    "smooth1": {"smoothing": 1.0},
-    "smooth2": {"smoothing": 2.0},
-    "smooth2+downscale": {"smoothing": 2.0, "downscale": (0.5, 1.0)},
-    "smooth0.5": {"smoothing": 0.5},
-    "smooth1.5": {"smoothing": 1.5},
-    "smooth1+downscale0.75": {"smoothing": 1.0, "downscale": (0.75, 1.0)},
-    "smooth1+steps45": {"smoothing": 1.0, "refine_steps": 45},
-    "smooth1+target0.935": {"smoothing": 1.0, "target_ssim": 0.935},
-    "smooth1+steps45+target0.935": {"smoothing": 1.0, "refine_steps": 45, "target_ssim": 0.935},
-    "target0.95": {"target_ssim": 0.95},
+    "default, no smoothing": {"smoothing": 0.0},
+    "default + downscale 0.7-1": {"downscale": (0.7, 1.0)},
+    "default, target_ssim 0.95": {"target_ssim": 0.95},
 }
 
 #: Ways from the cloak to a recogniser: name -> (side scale, JPEG quality).

@@ -9,8 +9,14 @@ differentiably on the face's own region (:class:`krtfuap.photo_face.PhotoFace`):
 
 paste (:func:`krtfuap.paste.warp_to_region`, feathered at the square's border)
 -> the simulated save (:func:`krtfuap.augment.save_and_realign`: 8-bit rounding,
-JPEG at a random quality on the photo's 16-pixel macroblock grid, 8-bit
-rounding, re-alignment with a little jitter) -> model.
+with ``downscale`` a resize to a random smaller size as a platform's, JPEG at a
+random quality on the photo's 16-pixel macroblock grid, 8-bit rounding,
+re-alignment with a little jitter) -> model.
+
+The learnt change is blurred (``smoothing``, a Gaussian sigma in aligned-face
+pixels) before it is added: a low-frequency change transfers better to
+recognisers the refinement never saw and survives a resize better (measured in
+``docs/cloak.rst``).
 
 The loss per face (its *objective*) is the paper's direction loss between the
 embedding of that result and the clean face's (with several surrogate models,

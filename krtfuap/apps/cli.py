@@ -263,6 +263,16 @@ def _add_cloak_parser(commands: argparse._SubParsersAction) -> None:
     cloak.add_argument("--verify-weights", default=None, metavar="PATH", help="weights file of --verify-model")
     cloak.add_argument("--verify-threshold", type=_similarity, default=None, metavar="T",
                        help="cosine threshold of --verify-model (default: the attack's own threshold)")
+    cloak.add_argument("--judge", nargs="+", default=[], metavar="NAME",
+                       help="further recognisers that judge every face, each a report column marked white box "
+                       "(a surrogate) or black box: dlib_resnet (needs dlib) or a face model name as "
+                       "--verify-model takes")
+    cloak.add_argument("--judge-weights", nargs="+", default=None, metavar="PATH",
+                       help="weights file of each --judge model, in the same order ('-': the default; ignored "
+                       "for dlib_resnet)")
+    cloak.add_argument("--judge-threshold", nargs="+", type=_similarity, default=None, metavar="T",
+                       help="cosine threshold of each --judge model (default: the model's own constant; "
+                       "ignored for dlib_resnet, whose tolerance is 0.6)")
     cloak.add_argument("--no-verify", action="store_true", help="only write the photos")
     cloak.add_argument("--min-score", type=_probability, default=CLOAK_DEFAULTS.min_score,
                        help="detector score to cloak a face (default: %(default)s)")
@@ -290,6 +300,31 @@ def _surrogates(args: argparse.Namespace, attack, weights: list[str | None]) -> 
     members = [(load_face_model(name, path), threshold)
                for name, path, threshold in zip(further, weights[1:], thresholds)]
     return [(attack.model, attack.threshold_), *members]
+
+
+def _judges(args: argparse.Namespace, loaded: dict[str, object]) -> list:
+    """The ``--judge`` recognisers; a model already ``loaded`` (a surrogate, by name) is reused, so the
+    report marks it white box."""
+    from krtfuap.apps.judges import DlibJudge, ModelJudge
+    from krtfuap.models import FACE_MODEL_THRESHOLDS as known
+    from krtfuap.models import load_face_model
+
+    weights = args.judge_weights or ["-"] * len(args.judge)
+    thresholds = args.judge_threshold or [known.get(name) for name in args.judge]
+    if len(weights) != len(args.judge) or len(thresholds) != len(args.judge):
+        raise ValueError(f"--judge names {len(args.judge)} recogniser(s): give --judge-weights and "
+                         "--judge-threshold one value per name, in the same order ('-' for a default weights file).")
+    judges = []
+    for name, path, threshold in zip(args.judge, weights, thresholds):
+        if name == "dlib_resnet":
+            judges.append(DlibJudge())
+            continue
+        if threshold is None:
+            raise ValueError(f"--judge {name} has no built-in threshold; pass --judge-threshold with one cosine "
+                             "threshold per --judge name.")
+        model = loaded.get(name) if path == "-" else None
+        judges.append(ModelJudge(name, model or load_face_model(name, None if path == "-" else path), threshold))
+    return judges
 
 
 def _run_cloak(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
@@ -321,7 +356,9 @@ def _run_cloak(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
     else:
         attack = UAPAttack.load(args.attack, model=attack_model)
     surrogates = _surrogates(args, attack, weights) if len(args.attack_model) > 1 and args.refine_steps else None
-    cloak = PhotoCloak(attack, min_score=args.min_score, model=model, threshold=args.verify_threshold,
+    loaded = dict(zip(args.attack_model, [member for member, _ in surrogates or [(attack.model, None)]]))
+    judges = _judges(args, loaded) if not args.no_verify else None
+    cloak = PhotoCloak(attack, min_score=args.min_score, model=model, threshold=args.verify_threshold, judges=judges,
                        refine_steps=args.refine_steps, surrogates=surrogates, refine_from=args.refine_from,
                        refine_colour=not args.refine_luminance, target_ssim=args.target_ssim,
                        smoothing=args.smoothing, downscale=tuple(args.downscale), num_threads=args.threads)

@@ -316,6 +316,8 @@ class PhotoCloak:
         Where the refinement starts: from no perturbation (measured as strong,
         stealthier and better at fooling other models) or from the attack's universal
         perturbation.
+    refine_lr : float
+        The refinement's Adam learning rate, in image units (``> 0``).
     refine_colour : bool
         Let the refinement change R, G and B apart; False: one luminance change
         (fine grain instead of coloured texture, a little weaker).
@@ -353,6 +355,7 @@ class PhotoCloak:
         "threshold": [Interval(float, -1.0, 1.0, hint=" (a cosine similarity)"), None],
         "refine_steps": [Interval(int, 0, None, hint=" (0: no refinement)")],
         "refine_from": [Options("zero", "cloak")],
+        "refine_lr": [Interval(float, 0.0, None, closed="right")],
         "refine_colour": [Boolean()],
         "downscale": [SequenceOf(lambda item: isinstance(item, (int, float)) and 0.0 < item <= 1.0,
                                  description="a (low, high) range of side scales within (0, 1]")],
@@ -378,6 +381,7 @@ class PhotoCloak:
         threshold: float | None = None,
         refine_steps: int = _DEFAULTS.refine_steps,
         refine_from: str = _DEFAULTS.refine_from,
+        refine_lr: float = _DEFAULTS.lr,
         refine_colour: bool = _DEFAULTS.refine_colour,
         downscale: tuple[float, float] = _DEFAULTS.downscale,
         smoothing: float = _DEFAULTS.smoothing,
@@ -415,6 +419,7 @@ class PhotoCloak:
         self.threshold = float(threshold) if threshold is not None else getattr(attack, "threshold_", None)
         self.refine_steps = refine_steps
         self.refine_from = refine_from
+        self.refine_lr = refine_lr
         self.refine_colour = refine_colour
         self.downscale = downscale
         self.smoothing = smoothing
@@ -469,7 +474,7 @@ class PhotoCloak:
             start = perturbation if self.refine_from == "cloak" else torch.zeros_like(perturbation)
             refined = refine_on_photo(
                 photo_to_tensor(image).to(device), start.to(device), faces, models, epsilon=epsilon,
-                threshold=thresholds, feather=self.feather, steps=self.refine_steps,
+                threshold=thresholds, feather=self.feather, steps=self.refine_steps, lr=float(self.refine_lr),
                 target_ssim=self.target_ssim, downscale=tuple(self.downscale), smoothing=float(self.smoothing),
                 colour=self.refine_colour, generator=generator,
             )

@@ -1,0 +1,73 @@
+"""Does a universal perturbation fitted on some face models fool a model left out of the fit? (issue 20)
+
+Fits :class:`krtfuap.UAPAttack` on faces of one half of the identities of ``../shared/assets/faces``
+against the models named by ``--fit``, under a ``--max-time`` budget, and scores the perturbation
+(:func:`krtfuap.scoring.score_perturbation`) on faces of the other half (people never seen while
+fitting) for every model of ``--judge``: fooling rate against that model's own threshold (calibrated,
+best accuracy, on pairs of the fitting identities), and SSIM / PSNR of the perturbed faces (standard
+definitions). A model of ``--fit`` is white box (``*``); the others are left out of the fit. One
+Markdown row per setting of ``--lowpass`` (the perturbation band-limited to a grid of that side;
+0: full resolution).
+
+Example (2-core CPU, one run per direction)::
+
+    python benchmarks/universal_transfer.py --fit insightface_mbf --judge foamliu_mobilefacenet \\
+        --max-time 600 --lowpass 0 28
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+from _common import calibrated_threshold, held_out_split, load_model
+
+from krtfuap import UAPAttack
+from krtfuap.scoring import score_perturbation
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fit", nargs="+", default=["insightface_mbf"], help="models the perturbation is fitted on")
+    parser.add_argument("--judge", nargs="+", default=["insightface_mbf", "foamliu_mobilefacenet"])
+    parser.add_argument("--lowpass", nargs="+", type=int, default=[0], help="lowpass_size (0: none)")
+    parser.add_argument("--target-ssim", type=float, default=0.93)
+    parser.add_argument("--max-time", type=float, default=600.0)
+    parser.add_argument("--fit-faces", type=int, default=600)
+    parser.add_argument("--test-faces", type=int, default=400)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    split = held_out_split(args.fit_faces, args.test_faces, 2000, args.seed)
+    models = {name: load_model(name) for name in dict.fromkeys(args.fit + args.judge)}
+    thresholds = {name: calibrated_threshold(model, split.calibration) for name, model in models.items()}
+    print(f"fit on {' + '.join(args.fit)} ({len(split.fit_faces)} faces), judged on {len(split.test_faces)} faces "
+          f"of held-out people; thresholds {', '.join(f'{n} {t:.3f}' for n, t in thresholds.items())}; "
+          f"target_ssim {args.target_ssim}, max_time {args.max_time:.0f} s, torch threads {args.threads}; "
+          f"load average at start {os.getloadavg()[0]:.2f}\n")
+    judges = [f"{name}{'*' if name in args.fit else ''}" for name in args.judge]
+    print(f"| lowpass | {' | '.join(f'fooling rate {name}' for name in judges)} | SSIM | PSNR dB | fit s | load |")
+    print("|---|" + "---|" * len(judges) + "---|---|---|---|")
+    for lowpass in args.lowpass:
+        fitted = [models[name] for name in args.fit]
+        threshold = [thresholds[name] for name in args.fit]
+        attack = UAPAttack(fitted[0] if len(fitted) == 1 else fitted,
+                           threshold=threshold[0] if len(fitted) == 1 else threshold,
+                           target_ssim=args.target_ssim, max_time=args.max_time, random_state=args.seed,
+                           lowpass_size=lowpass or None, num_threads=args.threads)
+        started = time.perf_counter()
+        attack.fit(split.fit_faces)
+        seconds = time.perf_counter() - started
+        scores = [score_perturbation(models[name], split.test_faces, attack.perturbation_, thresholds[name])
+                  for name in args.judge]
+        cells = " | ".join(f"{score['fooling_rate']:.3f}" for score in scores)
+        print(f"| {lowpass or '-'} | {cells} | {scores[0]['ssim']:.3f} | {scores[0]['psnr']:.1f} | {seconds:.0f} | "
+              f"{os.getloadavg()[0]:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
