@@ -17,6 +17,7 @@ from processes import TIMEOUT_S
 
 from krtfuap.apps.cli import main
 from krtfuap.attack import UAPAttack
+from krtfuap.cloak_defaults import CLOAK_DEFAULTS
 from krtfuap.key_regions import KeyRegions
 from krtfuap.models import INSIGHTFACE_MBF_THRESHOLD
 from krtfuap.pretrained import default_cloak_path
@@ -80,7 +81,7 @@ def test_demo_with_the_ready_cloak(tmp_path: Path, capsys: pytest.CaptureFixture
     header = printed[printed.index(headline) + 1]
     assert header.index("dlib_resnet (black box)") < header.index("w600k_mbf (white box)")
     assert results["cloak"] == "krtfuap.pretrained.default_cloak()" and results["quality"] == 85
-    assert results["refine_steps"] == 30
+    assert results["refine_steps"] == CLOAK_DEFAULTS.refine_steps
     # The universal cloak moves faces further from themselves than noise of the same budget does, and
     # refining it on each face moves them further still.
     summary = results["summary"]

@@ -357,7 +357,7 @@ def _run_cloak(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
         attack = UAPAttack.load(args.attack, model=attack_model)
     surrogates = _surrogates(args, attack, weights) if len(args.attack_model) > 1 and args.refine_steps else None
     loaded = dict(zip(args.attack_model, [member for member, _ in surrogates or [(attack.model, None)]]))
-    judges = _judges(args, loaded) if not args.no_verify else None
+    judges = (_judges(args, loaded) or None) if not args.no_verify else None
     cloak = PhotoCloak(attack, min_score=args.min_score, model=model, threshold=args.verify_threshold, judges=judges,
                        refine_steps=args.refine_steps, surrogates=surrogates, refine_from=args.refine_from,
                        refine_colour=not args.refine_luminance, target_ssim=args.target_ssim,
