@@ -292,9 +292,8 @@ def _state_keys(similarities: torch.Tensor, objective: torch.Tensor, settings: _
     if settings.thresholds is None:
         misses = [False] * len(objective)
     else:
-        fooled = [fooled_by_similarity(similarities[:, index], threshold - settings.margin)
-                  for index, threshold in enumerate(settings.thresholds)]
-        misses = (~torch.stack(fooled, dim=1).all(dim=1)).tolist()
+        margined = [threshold - settings.margin for threshold in settings.thresholds]
+        misses = (~fooled_by_similarity(similarities, margined)).tolist()
     return list(zip(misses, objective.tolist()))
 
 
