@@ -48,6 +48,7 @@ TECHNIQUES: dict[str, dict] = {
     "default, no smoothing": {"smoothing": 0.0},
     "default + downscale 0.7-1": {"downscale": (0.7, 1.0)},
     "default, target_ssim 0.95": {"target_ssim": 0.95},
+    "default, luminance only": {"refine_colour": False},
 }
 
 #: Ways from the cloak to a recogniser: name -> (side scale, JPEG quality).
