@@ -316,7 +316,9 @@ def _through_the_save(
     drawn_quality = (low + (high - low) * torch.rand(1, generator=generator)).to(device)
     realign = _realign_jitter(size, *settings.jitter, generator).to(device=device, dtype=torch.float32)
     smallest, largest = settings.downscale
-    scale = 1.0 if smallest == largest == 1.0 else smallest + (largest - smallest) * torch.rand(1, generator=generator).item()
+    scale = 1.0  # no draw without a resize: results without one stay as they were
+    if (smallest, largest) != (1.0, 1.0):
+        scale = smallest + (largest - smallest) * torch.rand(1, generator=generator).item()
     decoded, face = save_and_realign(cloaked, realign @ region.to_face, (size, size), drawn_quality,
                                      padding_mode="zeros", scale=scale)
     if decoded.shape[-2:] != cloaked.shape[-2:]:  # shrunk: the stealth is judged on the full-size save

@@ -126,7 +126,8 @@ def test_reproducible_and_the_model_is_left_as_it_was() -> None:
 
 def _high_frequency_share(change: torch.Tensor) -> float:
     """The share of a change's energy in differences between neighbouring pixels (0: constant)."""
-    across = (change[..., :, 1:] - change[..., :, :-1]).pow(2).mean() + (change[..., 1:, :] - change[..., :-1, :]).pow(2).mean()
+    across = ((change[..., :, 1:] - change[..., :, :-1]).pow(2).mean()
+              + (change[..., 1:, :] - change[..., :-1, :]).pow(2).mean())
     return (across / change.pow(2).mean()).item()
 
 

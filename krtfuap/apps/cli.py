@@ -375,7 +375,8 @@ def _run_cloak(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
             if row.status == "no face":
                 print(f"no face found in {row.photo}: copied unchanged")
         protected = (f"; protected {summary['protected']} of {summary['faces']} "
-                     f"(mean similarity {summary['mean_similarity']:.3f}, face-box SSIM {summary['mean_ssim_face']:.3f}, "
+                     f"(mean similarity {summary['mean_similarity']:.3f}, "
+                     f"face-box SSIM {summary['mean_ssim_face']:.3f}, "
                      f"aligned-crop SSIM {summary['mean_ssim_aligned']:.3f}), "
                      f"{summary['below_stealth_target']} below the stealth target {args.target_ssim}"
                      if not args.no_verify else "")
