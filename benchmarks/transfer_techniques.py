@@ -33,10 +33,9 @@ import numpy as np
 from PIL import Image
 from surrogate_ensembles import FOAMLIU_THRESHOLD, FOAMLIU_WEIGHTS, held_out_photos
 
-from krtfuap.alignment import align_face, photo_to_tensor
-from krtfuap.apps.cloak import PhotoCloak, read_photo
+from krtfuap.alignment import photo_to_tensor
+from krtfuap.apps.cloak import PhotoCloak, aligned_ssim, box_scores, read_photo
 from krtfuap.apps.judges import DlibJudge, ModelJudge, best_overlapping
-from krtfuap.metrics import ssim
 from krtfuap.models import INSIGHTFACE_MBF_THRESHOLD, SFACE_THRESHOLD, load_face_model
 from krtfuap.pretrained import default_cloak
 
@@ -63,15 +62,6 @@ def through(image: np.ndarray, scale: float, quality: int) -> np.ndarray:
     buffer = io.BytesIO()
     photo.save(buffer, format="JPEG", quality=quality)
     return np.asarray(Image.open(buffer).convert("RGB"))
-
-
-def stealth(original: np.ndarray, cloaked: np.ndarray, face) -> tuple[float, float]:
-    """Face-box SSIM at the photo's resolution and aligned-crop SSIM of one face."""
-    top, left, bottom, right = face.box_pixels
-    clean, changed = photo_to_tensor(original)[None], photo_to_tensor(cloaked)[None]
-    box = ssim(changed[..., top:bottom, left:right], clean[..., top:bottom, left:right]).item()
-    crops = [photo_to_tensor(align_face(image, face.keypoints))[None] for image in (cloaked, original)]
-    return box, ssim(*crops).item()
 
 
 def main() -> None:
@@ -121,9 +111,9 @@ def main() -> None:
                         if verdict is not None:
                             protected[f"{judge.name} {way}"].append(verdict)
                     if way == "q85":
-                        box, aligned = stealth(original, received, face)
-                        box_ssims.append(box)
-                        aligned_ssims.append(aligned)
+                        clean, changed = photo_to_tensor(original)[None], photo_to_tensor(received)[None]
+                        box_ssims.append(box_scores(clean, changed, face)["ssim_face"])
+                        aligned_ssims.append(aligned_ssim(original, received, face))
         cells = []
         for column in columns:
             star = "*" if column.split()[0] in args.surrogates else ""

@@ -64,7 +64,7 @@ from krtfuap.metrics import cosine_similarity, fooled_by_similarity, ssim
 from krtfuap.paste import feather_window, warp_to_region
 from krtfuap.photo_face import PhotoFace, as_photo_faces
 
-__all__ = ["refine_on_photo"]
+__all__ = ["check_downscale", "refine_on_photo"]
 
 #: What the numeric and boolean arguments of :func:`refine_on_photo` accept.
 _ARGUMENT_CONSTRAINTS: dict[str, list] = {
@@ -370,5 +370,10 @@ def _check_arguments(
         raise ValueError(f"quality must be a range (low, high) within [1, 100], got {quality}.")
     if min(jitter) < 0.0:
         raise ValueError(f"jitter (shift in pixels, turn in degrees) must be >= 0, got {jitter}.")
+    check_downscale(downscale)
+
+
+def check_downscale(downscale: Sequence[float]) -> None:
+    """Refuse a ``downscale`` that is not a ``(low, high)`` range of side scales within ``(0, 1]``."""
     if len(downscale) != 2 or not 0.0 < downscale[0] <= downscale[1] <= 1.0:
         raise ValueError(f"downscale must be a range (low, high) within (0, 1] (side scales), got {downscale}.")

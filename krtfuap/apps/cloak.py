@@ -55,13 +55,15 @@ from krtfuap.datasets import is_image_file, load_image
 from krtfuap.metrics import psnr, ssim
 from krtfuap.paste import paste_perturbation
 from krtfuap.photo_face import PhotoFace, locate_face
-from krtfuap.refine import refine_on_photo
+from krtfuap.refine import check_downscale, refine_on_photo
 from krtfuap.threads import default_num_threads, torch_threads
 
 __all__ = [
     "CloakReport",
     "FaceReport",
     "PhotoCloak",
+    "aligned_ssim",
+    "box_scores",
     "plan_outputs",
     "read_photo",
     "summarise",
@@ -397,9 +399,7 @@ class PhotoCloak:
         for index, (_, surrogate_threshold) in enumerate(surrogates or []):
             check_param(f"surrogates[{index}] threshold", surrogate_threshold,
                         [Interval(float, -1.0, 1.0, hint=" (a cosine similarity)")])
-        if len(downscale) != 2 or downscale[0] > downscale[1]:
-            raise ValueError(f"downscale must be a (low, high) range of side scales within (0, 1], low <= high, "
-                             f"got {downscale}.")
+        check_downscale(downscale)
         names = [judge.name for judge in judges or []]
         if len(set(names)) != len(names):
             raise ValueError(f"judges must have different names (they name report columns), got {names}.")
@@ -527,8 +527,8 @@ class PhotoCloak:
                 result = {"redetected": match is not None, "threshold": self.threshold,
                           "white_box": self._is_white_box(self.model)}
                 result["similarity"], result["protected"] = verifier.judge(original, cloaked, face, match)
-                result.update(_box_scores(clean_photo, cloaked_photo, face))
-                result["ssim_aligned"] = _aligned_ssim(original, cloaked, face)
+                result.update(box_scores(clean_photo, cloaked_photo, face))
+                result["ssim_aligned"] = aligned_ssim(original, cloaked, face)
                 result.update(photo_scores)
                 result["target_ssim"] = self.target_ssim
                 result["stealth_met"] = _stealth_met(result["ssim_face"], self.target_ssim)
@@ -691,8 +691,9 @@ def _psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
     return math.inf if torch.equal(images, reference) else psnr(images, reference).item()
 
 
-def _box_scores(clean: torch.Tensor, cloaked: torch.Tensor, face: PhotoFace) -> dict[str, float]:
-    """SSIM and PSNR over the face's box (clipped to the photo), ``(1, 3, H, W)`` photos in ``[0, 1]``."""
+def box_scores(clean: torch.Tensor, cloaked: torch.Tensor, face: PhotoFace) -> dict[str, float]:
+    """SSIM and PSNR over the face's box (clipped to the photo), ``(1, 3, H, W)`` photos in ``[0, 1]``
+    (NaN for a box under 2 pixels a side): ``ssim_face`` and ``psnr_face`` of the report."""
     top, left, bottom, right = face.box_pixels
     if bottom - top < 2 or right - left < 2:
         return {"ssim_face": math.nan, "psnr_face": math.nan}
@@ -700,8 +701,9 @@ def _box_scores(clean: torch.Tensor, cloaked: torch.Tensor, face: PhotoFace) -> 
     return {"ssim_face": ssim(a, b).item(), "psnr_face": _psnr(a, b)}
 
 
-def _aligned_ssim(original: np.ndarray, cloaked: np.ndarray, face: PhotoFace) -> float:
-    """SSIM of the ``S x S`` crops of the two photos aligned on the original's keypoints."""
+def aligned_ssim(original: np.ndarray, cloaked: np.ndarray, face: PhotoFace) -> float:
+    """SSIM of the ``S x S`` crops of two ``(H, W, 3)`` uint8 photos aligned on the original's keypoints:
+    ``ssim_aligned`` of the report."""
     crops = photo_to_tensor(np.stack([align_face(image, face.keypoints, face.size) for image in (cloaked, original)]))
     return ssim(crops[:1], crops[1:]).item()
 
@@ -723,7 +725,7 @@ def summarise(rows: Sequence[FaceReport]) -> dict[str, float | int]:
     judged = [row for row in faces if row.protected is not None]
     similarities = [row.similarity for row in judged if not math.isnan(row.similarity)]
     face_ssim = [row.ssim_face for row in faces if not math.isnan(row.ssim_face)]
-    aligned_ssim = [row.ssim_aligned for row in faces if not math.isnan(row.ssim_aligned)]
+    aligned_ssims = [row.ssim_aligned for row in faces if not math.isnan(row.ssim_aligned)]
     per_judge = {}
     for name in _judge_names(faces):
         verdicts = [verdict["protected"] for row in faces for verdict in row.judges
@@ -741,6 +743,6 @@ def summarise(rows: Sequence[FaceReport]) -> dict[str, float | int]:
         "below_stealth_target": sum(row.stealth_met is False for row in faces),
         "mean_similarity": float(np.mean(similarities)) if similarities else math.nan,
         "mean_ssim_face": float(np.mean(face_ssim)) if face_ssim else math.nan,
-        "mean_ssim_aligned": float(np.mean(aligned_ssim)) if aligned_ssim else math.nan,
+        "mean_ssim_aligned": float(np.mean(aligned_ssims)) if aligned_ssims else math.nan,
         **per_judge,
     }
