@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 from surrogate_ensembles import FOAMLIU_THRESHOLD, FOAMLIU_WEIGHTS, held_out_photos
 
+from krtfuap import UAPAttack
 from krtfuap.alignment import photo_to_tensor
 from krtfuap.apps.cloak import PhotoCloak, aligned_ssim, box_scores, read_photo
 from krtfuap.apps.judges import DlibJudge, ModelJudge, best_overlapping
@@ -48,6 +49,7 @@ TECHNIQUES: dict[str, dict] = {
     "default + downscale 0.7-1": {"downscale": (0.7, 1.0)},
     "default, target_ssim 0.95": {"target_ssim": 0.95},
     "default, luminance only": {"refine_colour": False},
+    "universal, pasted": {"refine_steps": 0},
 }
 
 #: Ways from the cloak to a recogniser: name -> (side scale, JPEG quality).
@@ -72,6 +74,9 @@ def main() -> None:
                         choices=["insightface_mbf", "sface", "foamliu_mobilefacenet"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cloak", default=None, help="a saved UAPAttack to start from (default: the ready cloak); "
+                        "with the technique 'universal, pasted' it is judged as it is, e.g. one written by "
+                        "universal_transfer.py --save")
     args = parser.parse_args()
 
     models = {"insightface_mbf": (load_face_model("insightface_mbf"), INSIGHTFACE_MBF_THRESHOLD),
@@ -82,10 +87,11 @@ def main() -> None:
         if "sface" in args.surrogates:
             raise
     judges = [ModelJudge(name, model, threshold) for name, (model, threshold) in models.items()] + [DlibJudge()]
-    attack = default_cloak(model=models["insightface_mbf"][0])
+    attack = default_cloak(model=models["insightface_mbf"][0]) if args.cloak is None else UAPAttack.load(args.cloak)
     photos = held_out_photos(args.photos, args.seed)
     surrogates = [models[name] for name in args.surrogates]
-    print(f"{len(photos)} held-out photos; surrogates {' + '.join(args.surrogates)}; torch threads {args.threads}; "
+    print(f"{len(photos)} held-out photos; perturbation {args.cloak or 'the ready cloak'}; surrogates "
+          f"{' + '.join(args.surrogates)}; torch threads {args.threads}; "
           f"load average at start {os.getloadavg()[0]:.2f}\n")
     columns = [f"{judge.name} {way}" for way in WAYS for judge in judges]
     print(f"| technique | faces | {' | '.join(columns)} | face-box SSIM | aligned SSIM | s / face | load |")

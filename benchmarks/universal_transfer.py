@@ -13,6 +13,9 @@ Example (2-core CPU, one run per direction)::
 
     python benchmarks/universal_transfer.py --fit insightface_mbf --judge foamliu_mobilefacenet \\
         --max-time 600 --lowpass 0 28
+
+``--options input_diversity=0.7`` passes further keywords to every fit; ``--save FILE`` keeps the
+fitted attack (``transfer_techniques.py --cloak FILE`` pastes it into photos for dlib's ResNet).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import time
 
 import torch
 from _common import calibrated_threshold, held_out_split, load_model
+from engine_speed import parse_value
 
 from krtfuap import UAPAttack
 from krtfuap.scoring import score_perturbation
@@ -39,7 +43,11 @@ def main() -> None:
     parser.add_argument("--test-faces", type=int, default=400)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--options", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="further UAPAttack keywords for every fit, e.g. input_diversity=0.7")
+    parser.add_argument("--save", default=None, help="save the (last) fitted attack here (UAPAttack.save)")
     args = parser.parse_args()
+    options = {key: parse_value(value) for key, value in (option.split("=", 1) for option in args.options)}
     torch.set_num_threads(args.threads)
 
     split = held_out_split(args.fit_faces, args.test_faces, 2000, args.seed)
@@ -47,7 +55,8 @@ def main() -> None:
     thresholds = {name: calibrated_threshold(model, split.calibration) for name, model in models.items()}
     print(f"fit on {' + '.join(args.fit)} ({len(split.fit_faces)} faces), judged on {len(split.test_faces)} faces "
           f"of held-out people; thresholds {', '.join(f'{n} {t:.3f}' for n, t in thresholds.items())}; "
-          f"target_ssim {args.target_ssim}, max_time {args.max_time:.0f} s, torch threads {args.threads}; "
+          f"target_ssim {args.target_ssim}, max_time {args.max_time:.0f} s, options {options or 'none'}, "
+          f"torch threads {args.threads}; "
           f"load average at start {os.getloadavg()[0]:.2f}\n")
     judges = [f"{name}{'*' if name in args.fit else ''}" for name in args.judge]
     print(f"| lowpass | {' | '.join(f'fooling rate {name}' for name in judges)} | SSIM | PSNR dB | fit s | load |")
@@ -58,7 +67,7 @@ def main() -> None:
         attack = UAPAttack(fitted[0] if len(fitted) == 1 else fitted,
                            threshold=threshold[0] if len(fitted) == 1 else threshold,
                            target_ssim=args.target_ssim, max_time=args.max_time, random_state=args.seed,
-                           lowpass_size=lowpass or None, num_threads=args.threads)
+                           lowpass_size=lowpass or None, num_threads=args.threads, **options)
         started = time.perf_counter()
         attack.fit(split.fit_faces)
         seconds = time.perf_counter() - started
@@ -67,6 +76,8 @@ def main() -> None:
         cells = " | ".join(f"{score['fooling_rate']:.3f}" for score in scores)
         print(f"| {lowpass or '-'} | {cells} | {scores[0]['ssim']:.3f} | {scores[0]['psnr']:.1f} | {seconds:.0f} | "
               f"{os.getloadavg()[0]:.2f} |", flush=True)
+        if args.save:
+            attack.save(args.save)
 
 
 if __name__ == "__main__":

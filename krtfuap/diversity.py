@@ -32,13 +32,16 @@ def resize_and_pad(images: torch.Tensor, size: tuple[int, int], top: int, left: 
     Returns
     -------
     torch.Tensor
-        ``(B, C, H, W)``, differentiable with respect to ``images``.
+        ``(B, C, H, W)``, differentiable with respect to ``images``; within the range of ``images``
+        and zero (bilinear weights can round a value one float step past its neighbours, which an
+        image model checking ``[0, 1]`` refuses).
     """
     height, width = images.shape[-2:]
     h, w = size
     if not (0 < h <= height and 0 < w <= width and 0 <= top <= height - h and 0 <= left <= width - w):
         raise ValueError(f"Cannot place a {h}x{w} image at ({top}, {left}) on a {height}x{width} canvas.")
     shrunk = F.interpolate(images, size=(h, w), mode="bilinear", align_corners=False)
+    shrunk = shrunk.clamp(images.min().detach(), images.max().detach())
     return F.pad(shrunk, (left, width - w - left, top, height - h - top))
 
 

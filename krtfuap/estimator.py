@@ -717,6 +717,12 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
             perturbation (75 KB at 112x112), not for inspecting or continuing the fit.
         """
         check_is_fitted(self, "perturbation_")
+        missing = [name for name in _SAVED_TENSORS if not hasattr(self, name)]
+        if missing and not compact:
+            raise ValueError(
+                f"This attack has no {', '.join(missing)} (it was loaded from a compact file, which keeps only "
+                "perturbation_); save it with compact=True."
+            )
         if not is_main_process():
             return
         params = {name: _json_param(value) for name, value in self.get_params(deep=False).items()}

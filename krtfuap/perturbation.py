@@ -9,7 +9,7 @@ from torch import nn
 from krtfuap._ops import straight_through_clamp
 from krtfuap.flow import FlowUnit, FlowWarp
 
-__all__ = ["rescale_mask", "masked_perturbation", "lowpass", "MaskedPerturbation"]
+__all__ = ["rescale_mask", "masked_perturbation", "lowpass", "limit_rms", "psnr_to_rms", "MaskedPerturbation"]
 
 
 def rescale_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -80,11 +80,41 @@ def lowpass(perturbation: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)[0]
 
 
+def limit_rms(perturbation: torch.Tensor, rms: float) -> torch.Tensor:
+    """Scale ``perturbation`` down, as a whole, so that its root-mean-square is at most ``rms``.
+
+    An l2 budget beside the l_inf one: the PSNR of ``x + v`` against ``x`` is
+    ``-20 log10(rms(v))`` on ``[0, 1]`` images (higher where clipping to ``[0, 1]``
+    removes some of ``v``), so ``rms = psnr_to_rms(p)`` keeps every image at or above
+    ``p`` dB. Scaling down keeps the input's l_inf ball and sign pattern.
+
+    Parameters
+    ----------
+    perturbation : torch.Tensor
+        Any shape; the mean runs over all its elements.
+    rms : float
+        Largest root-mean-square, ``> 0``, on the image's scale.
+
+    Returns
+    -------
+    torch.Tensor
+        Same shape, dtype and device, differentiable; the input itself when it is already within.
+    """
+    current = perturbation.pow(2).mean().clamp_min(torch.finfo(perturbation.dtype).tiny).sqrt()
+    return perturbation * (rms / current).clamp(max=1.0)
+
+
+def psnr_to_rms(psnr: float) -> float:
+    """The root-mean-square difference, on ``[0, 1]`` images, at which PSNR is ``psnr`` dB: ``10 ** (-psnr / 20)``."""
+    return 10.0 ** (-psnr / 20.0)
+
+
 class MaskedPerturbation(nn.Module):
     """Learnable noise shaped by a (optionally flow-warped) key-region mask.
 
     ``v = clip(rescale(Flow(M0)) * n, -epsilon, epsilon)`` (paper Eq. 7), then,
-    with ``lowpass_size``, :func:`lowpass` of it.
+    with ``lowpass_size``, :func:`lowpass` of it, then, with ``rms_budget``,
+    :func:`limit_rms` of that.
 
     Parameters
     ----------
@@ -109,6 +139,9 @@ class MaskedPerturbation(nn.Module):
         Band-limit ``v`` to a grid of this side (:func:`lowpass`), so that it
         survives being pasted into a photo at a smaller size; ``None``: full
         resolution (paper).
+    rms_budget : float, optional
+        Largest root-mean-square of ``v``, ``> 0`` (an l2 budget: :func:`psnr_to_rms`
+        turns a PSNR floor into it); ``None``: the l_inf budget alone (paper).
 
     Attributes
     ----------
@@ -132,6 +165,7 @@ class MaskedPerturbation(nn.Module):
         height: int | None = None,
         width: int | None = None,
         lowpass_size: int | None = None,
+        rms_budget: float | None = None,
     ) -> None:
         super().__init__()
         if not epsilon > 0:
@@ -146,8 +180,11 @@ class MaskedPerturbation(nn.Module):
         whole = isinstance(lowpass_size, int) and not isinstance(lowpass_size, bool)
         if lowpass_size is not None and not (whole and lowpass_size >= 1):
             raise ValueError(f"lowpass_size must be a whole number of pixels >= 1 or None, got {lowpass_size!r}.")
+        if rms_budget is not None and not rms_budget > 0:
+            raise ValueError(f"rms_budget must be > 0 (a root-mean-square on [0, 1] images) or None, got {rms_budget}.")
         self.epsilon = float(epsilon)
         self.lowpass_size = lowpass_size
+        self.rms_budget = None if rms_budget is None else float(rms_budget)
         self.register_buffer("base_mask", mask.detach().float().clone())
         noise = (torch.rand(3, height, width, generator=generator) * 2 - 1) * (init_scale * self.epsilon)
         self.noise = nn.Parameter(noise)
@@ -162,7 +199,9 @@ class MaskedPerturbation(nn.Module):
     def forward(self) -> torch.Tensor:
         """The perturbation ``v``, shape ``(3, H, W)`` in ``[-epsilon, epsilon]``."""
         perturbation = masked_perturbation(self.noise, self.warped_mask(), self.epsilon)
-        return perturbation if self.lowpass_size is None else lowpass(perturbation, self.lowpass_size)
+        if self.lowpass_size is not None:
+            perturbation = lowpass(perturbation, self.lowpass_size)
+        return perturbation if self.rms_budget is None else limit_rms(perturbation, self.rms_budget)
 
     @torch.no_grad()
     def project_(self) -> None:

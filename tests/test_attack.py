@@ -110,6 +110,11 @@ def test_compact_save_keeps_the_perturbation_in_half_the_bytes_and_inside_the_bu
     assert not hasattr(loaded, "flow_")
     x = faces(3, seed=7)
     assert (loaded.transform(x) - fitted.transform(x)).abs().max() <= 2e-4
+    with pytest.raises(ValueError, match=r"no mask_, warped_mask_, flow_, noise_ .*save it with compact=True"):
+        loaded.save(tmp_path / "again.safetensors")
+    assert not (tmp_path / "again.safetensors").exists()
+    loaded.save(tmp_path / "again.safetensors", compact=True)
+    assert torch.allclose(UAPAttack.load(tmp_path / "again.safetensors").perturbation_, loaded.perturbation_, atol=2e-4)
 
 
 def test_load_refuses_other_files(tmp_path):
@@ -195,6 +200,26 @@ def test_lowpass_size_band_limits_the_fitted_perturbation():
 
     assert fine_detail(coarse) < 0.25 * fine_detail(full)
     assert coarse.abs().max() <= 0.08 + 1e-6 and coarse.abs().mean() > 0.01
+
+
+def test_min_psnr_keeps_every_perturbed_face_at_or_above_it():
+    x = faces()
+    loud = quick_attack(key_regions=None, lr=0.05, stealth_loss=None).fit(x)
+    assert loud.evaluate(x)["psnr"] < 30  # without the floor the fit goes far below it
+    quiet = quick_attack(key_regions=None, lr=0.05, stealth_loss=None, min_psnr=34.0).fit(x)
+    adversarial = (x + quiet.perturbation_).clamp(0, 1)
+    assert psnr(adversarial, x).min().item() >= 34.0 - 1e-3
+    assert quiet.perturbation_.pow(2).mean().sqrt().item() == pytest.approx(10 ** (-34 / 20), rel=1e-3)
+    assert quiet.evaluate(x)["mean_similarity"] < 0.999  # it still attacks, inside the smaller budget
+
+
+def test_table1_holds_both_stealth_floors_of_the_papers_table():
+    x = faces()
+    attack = UAPAttack.table1(TinyEmbedder(), threshold=0.9, max_epochs=3, batch_size=8, random_state=0, lr=0.05)
+    assert (attack.target_ssim, attack.min_psnr, attack.key_regions) == (0.93, 32.0, None)
+    assert UAPAttack.table1(TinyEmbedder(), min_psnr=34.0).min_psnr == 34.0  # every keyword overridable
+    adversarial = (x + attack.fit(x).perturbation_).clamp(0, 1)
+    assert psnr(adversarial, x).min().item() >= 32.0 - 1e-3
 
 
 def test_masker_options():

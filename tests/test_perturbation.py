@@ -3,7 +3,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from krtfuap.perturbation import MaskedPerturbation, lowpass, masked_perturbation, rescale_mask
+from krtfuap.metrics import psnr as psnr_metric
+
+from krtfuap.perturbation import (
+    MaskedPerturbation,
+    limit_rms,
+    lowpass,
+    masked_perturbation,
+    psnr_to_rms,
+    rescale_mask,
+)
 
 
 @settings(max_examples=50, deadline=None)
@@ -110,3 +119,51 @@ def test_lowpassed_noise_gets_a_gradient_and_bad_sizes_are_refused():
     for bad in (0, 2.5, True):
         with pytest.raises(ValueError, match="lowpass_size"):
             MaskedPerturbation(None, height=16, width=16, lowpass_size=bad)
+
+
+@settings(max_examples=40, deadline=None)
+@given(rms=st.floats(1e-4, 0.2), scale=st.floats(1e-3, 3.0), seed=st.integers(0, 2**16))
+def test_limit_rms_caps_the_root_mean_square_and_only_ever_scales_down(rms, scale, seed):
+    values = scale * torch.randn(3, 9, 7, generator=torch.Generator().manual_seed(seed))
+    limited = limit_rms(values, rms)
+    assert limited.pow(2).mean().sqrt() <= rms * (1 + 1e-5)
+    assert (limited.abs() <= values.abs()).all()  # never leaves the l_inf ball, never flips a sign
+    assert (limited * values >= 0).all()
+    if values.pow(2).mean().sqrt() <= rms:
+        assert torch.equal(limited, values)
+    else:  # on the budget's edge, not further inside
+        assert limited.pow(2).mean().sqrt() == pytest.approx(rms, rel=1e-5)
+
+
+def test_limit_rms_of_zeros_is_zeros_with_a_finite_gradient():
+    zeros = torch.zeros(3, 4, 4, requires_grad=True)
+    limited = limit_rms(zeros, 0.01)
+    limited.sum().backward()
+    assert torch.equal(limited, torch.zeros(3, 4, 4)) and torch.isfinite(zeros.grad).all()
+
+
+def test_psnr_to_rms_is_the_psnr_of_that_difference():
+    clean = torch.full((1, 3, 8, 8), 0.5)
+    for psnr in (20.0, 32.0, 40.0):
+        changed = clean + psnr_to_rms(psnr) * torch.tensor([1.0, -1.0]).repeat(96).reshape(1, 3, 8, 8)
+        assert psnr_metric(changed, clean).item() == pytest.approx(psnr, abs=1e-3)
+
+
+@settings(max_examples=20, deadline=None)
+@given(psnr=st.floats(25.0, 45.0), seed=st.integers(0, 2**16), key_regions=st.booleans())
+def test_rms_budget_keeps_the_module_within_both_budgets(psnr, seed, key_regions):
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.rand(16, 16, generator=generator) if key_regions else None
+    module = MaskedPerturbation(mask, epsilon=0.08, height=16, width=16, rms_budget=psnr_to_rms(psnr),
+                                generator=generator)
+    perturbation = module()
+    assert perturbation.abs().max() <= 0.08 * (1 + 1e-6)
+    assert perturbation.pow(2).mean().sqrt() <= psnr_to_rms(psnr) * (1 + 1e-5)
+    perturbation.sum().backward()
+    assert module.noise.grad.abs().sum() > 0
+
+
+def test_bad_rms_budget_is_refused():
+    for bad in (0.0, -0.01):
+        with pytest.raises(ValueError, match="rms_budget must be > 0"):
+            MaskedPerturbation(None, height=8, width=8, rms_budget=bad)
