@@ -209,7 +209,10 @@ class UAPAttack(PerturbationEstimator):
     input_diversity : float
         Probability per step, in ``[0, 1]``, of feeding the model a randomly shrunk and
         zero-padded copy of the adversarial batch (Xie et al. 2019, see
-        :mod:`krtfuap.diversity`). ``0`` turns it off; meant to help transfer.
+        :mod:`krtfuap.diversity`). ``0`` turns it off. For transfer to models left out of
+        the fit: with ``1.0`` and ``diversity_min_scale=0.8``, a fit on ``w600k_mbf`` fooled
+        foamliu MobileFaceNet on 0.438 of held-out faces instead of 0.163, one on foamliu
+        fooled ``w600k_mbf`` no more than without (``benchmarks/RESULTS.md`` 8c).
     diversity_min_scale : float
         Smallest shrink factor of input diversity, in ``(0, 1]``.
     augment : {"photo", "round_trip"}, callable or None
