@@ -42,13 +42,15 @@ from krtfuap.pretrained import default_cloak
 
 #: Technique name -> PhotoCloak keywords (on top of today's defaults: CLOAK_DEFAULTS).
 TECHNIQUES: dict[str, dict] = {
-    "before issue 20": {"smoothing": 0.0, "refine_steps": 30, "refine_lr": 0.008},
-    "+ smoothing 1": {"refine_steps": 30, "refine_lr": 0.008},
+    "before issue 20": {"smoothing": 0.0, "refine_steps": 30, "refine_lr": 0.008, "input_diversity": 0.0},
+    "+ smoothing 1": {"refine_steps": 30, "refine_lr": 0.008, "input_diversity": 0.0},
+    "45 steps, lr .012, no smoothing": {"smoothing": 0.0, "input_diversity": 0.0},
+    "smoothing 1, 45 steps, lr .012": {"input_diversity": 0.0},
+    "smoothing 1, 45 steps, lr .012 + downscale 0.7-1": {"downscale": (0.7, 1.0), "input_diversity": 0.0},
+    "smoothing 1, 45 steps, lr .012, target_ssim 0.95": {"target_ssim": 0.95, "input_diversity": 0.0},
+    "smoothing 1, 45 steps, lr .012, luminance only": {"refine_colour": False, "input_diversity": 0.0},
     "default": {},
-    "default, no smoothing": {"smoothing": 0.0},
-    "default + downscale 0.7-1": {"downscale": (0.7, 1.0)},
     "default, target_ssim 0.95": {"target_ssim": 0.95},
-    "default, luminance only": {"refine_colour": False},
     "universal, pasted": {"refine_steps": 0},
 }
 

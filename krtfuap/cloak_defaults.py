@@ -49,6 +49,10 @@ class CloakDefaults:
         Range of the side scale the refinement's simulated save shrinks the photo to at every step.
     smoothing : float
         Gaussian sigma, in aligned-face pixels, of the blur on the refinement's learnt change.
+    input_diversity : float
+        Probability per refinement step that the faces reach the models shrunk and zero-padded.
+    diversity_min_scale : float
+        Smallest side scale of that shrink.
     margin : float
         Cosine margin below the threshold by which a refinement state must fool the model to count
         as fooling when the best state is chosen.
@@ -74,6 +78,8 @@ class CloakDefaults:
     jitter: tuple[float, float] = (1.0, 1.5)
     downscale: tuple[float, float] = (1.0, 1.0)
     smoothing: float = 1.0
+    input_diversity: float = 1.0
+    diversity_min_scale: float = 0.9
     margin: float = 0.1
     random_state: int = 0
     write_quality: int = 95

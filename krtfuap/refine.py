@@ -16,7 +16,10 @@ re-alignment with a little jitter) -> model.
 The learnt change is blurred (``smoothing``, a Gaussian sigma in aligned-face
 pixels) before it is added: a low-frequency change transfers better to
 recognisers the refinement never saw and survives a resize better (measured in
-``docs/cloak.rst``).
+``docs/cloak.rst``). With ``input_diversity`` each step's faces are also shrunk to a
+random side scale and zero-padded back before the models
+(:class:`krtfuap.diversity.RandomResizePad`), which holds better through a
+platform's resize (``docs/cloak.rst``).
 
 The loss per face (its *objective*) is the paper's direction loss between the
 embedding of that result and the clean face's (with several surrogate models,
@@ -58,6 +61,7 @@ from torch import nn
 from krtfuap._validation import Boolean, Interval, check_images, check_param, check_params
 from krtfuap.augment import jpeg, quantize, save_and_realign, similarity_matrices, warp_to_face
 from krtfuap.cloak_defaults import CLOAK_DEFAULTS
+from krtfuap.diversity import RandomResizePad
 from krtfuap.engine import frozen
 from krtfuap.losses import direction_loss, worst_member_loss
 from krtfuap.metrics import cosine_similarity, fooled_by_similarity, ssim
@@ -77,6 +81,8 @@ _ARGUMENT_CONSTRAINTS: dict[str, list] = {
     "margin": [Interval(float, 0.0, None)],
     "colour": [Boolean()],
     "smoothing": [Interval(float, 0.0, None, hint=" (aligned-face pixels; 0: no smoothing)")],
+    "input_diversity": [Interval(float, 0.0, 1.0, hint=" (a probability per step)")],
+    "diversity_min_scale": [Interval(float, 0.0, 1.0, closed="right")],
 }
 
 _DEFAULTS = CLOAK_DEFAULTS
@@ -138,6 +144,8 @@ def refine_on_photo(
     jitter: tuple[float, float] = _DEFAULTS.jitter,
     downscale: tuple[float, float] = _DEFAULTS.downscale,
     smoothing: float = _DEFAULTS.smoothing,
+    input_diversity: float = _DEFAULTS.input_diversity,
+    diversity_min_scale: float = _DEFAULTS.diversity_min_scale,
     colour: bool = _DEFAULTS.refine_colour,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
@@ -192,6 +200,12 @@ def refine_on_photo(
         Gaussian sigma, in aligned-face pixels, of a blur applied to the learnt change (a
         low-frequency change, which transfers to other recognisers and survives a resize better);
         ``0``: none.
+    input_diversity : float
+        Probability per step, in ``[0, 1]``, that the faces go to the models shrunk to a random side
+        scale in ``[diversity_min_scale, 1]`` and zero-padded back (the same draw for all faces of
+        the step; the scoring of states sees them so too). ``0``: never.
+    diversity_min_scale : float
+        Smallest side scale of that shrink, in ``(0, 1]``.
     colour : bool
         Learn a change per channel; False: one change shared by R, G and B (added to
         the starting perturbation, which keeps its own colour).
@@ -207,7 +221,7 @@ def refine_on_photo(
     """
     models, thresholds = _surrogates(model, threshold)
     _check_arguments(photo, perturbation, epsilon, thresholds, steps, lr, target_ssim, stealth_weight, margin,
-                     quality, jitter, downscale, smoothing, colour)
+                     quality, jitter, downscale, smoothing, colour, input_diversity, diversity_min_scale)
     work = photo.float()
     start = perturbation.to(device=photo.device, dtype=torch.float32)
     window = feather_window(start.shape[-1], feather, device=photo.device)
@@ -220,7 +234,7 @@ def refine_on_photo(
         changes = [torch.zeros(channels, *region.clean.shape[-2:], device=work.device) for region in regions]
         if steps and regions:
             settings = _Settings(epsilon, thresholds, target_ssim, stealth_weight, margin, quality, jitter,
-                                 tuple(downscale))
+                                 tuple(downscale), RandomResizePad(input_diversity, diversity_min_scale, generator))
             changes = _best_changes(regions, changes, models, settings, steps, lr, generator)
     delta = torch.zeros_like(work)
     with torch.no_grad():
@@ -241,6 +255,7 @@ class _Settings:
     quality: tuple[float, float]
     jitter: tuple[float, float]
     downscale: tuple[float, float]
+    diversity: RandomResizePad  # what the models see of each step's faces
 
 
 def _best_changes(
@@ -256,7 +271,7 @@ def _best_changes(
     best_keys = [(True, math.inf)] * len(regions)
     for step in range(steps + 1):  # the state before each step, and the last one
         saved = [_through_the_save(region, change, settings, generator) for region, change in zip(regions, changes)]
-        faces = torch.cat([face for face, _ in saved])
+        faces = settings.diversity(torch.cat([face for face, _ in saved]))
         embeddings = [model(faces) for model in models]  # one batched pass per model
         similarities = torch.stack([cosine_similarity(e.float(), r.float()) for e, r in zip(embeddings, references)],
                                    dim=1)  # (B, M)
@@ -351,6 +366,7 @@ def _check_arguments(
     photo: torch.Tensor, perturbation: torch.Tensor, epsilon: float, thresholds: tuple[float, ...] | None, steps: int,
     lr: float, target_ssim: float, stealth_weight: float, margin: float, quality: tuple[float, float],
     jitter: tuple[float, float], downscale: tuple[float, float], smoothing: float, colour: bool,
+    input_diversity: float, diversity_min_scale: float,
 ) -> None:
     if photo.ndim != 3 or photo.shape[0] != 3:
         raise ValueError(f"photo must have shape (3, H, W) (RGB), got {tuple(photo.shape)}.")
@@ -361,7 +377,8 @@ def _check_arguments(
         raise ValueError("perturbation contains NaN or inf values; pass a fitted attack's perturbation_.")
     check_params(
         dict(epsilon=epsilon, steps=steps, lr=lr, target_ssim=target_ssim, stealth_weight=stealth_weight,
-             margin=margin, smoothing=smoothing, colour=colour),
+             margin=margin, smoothing=smoothing, colour=colour, input_diversity=input_diversity,
+             diversity_min_scale=diversity_min_scale),
         _ARGUMENT_CONSTRAINTS,
     )
     for value in thresholds or [None]:

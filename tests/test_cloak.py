@@ -374,12 +374,15 @@ def test_the_refinement_keywords_reach_the_refinement(detector, noise_attack, ph
     image, _ = read_photo(photos["yaoming.jpg"])
     PhotoCloak(noise_attack, detector, refine_steps=2).cloak(image)
     PhotoCloak(noise_attack, detector, refine_steps=3, refine_lr=0.02, smoothing=0.0, downscale=(0.6, 0.9),
-               target_ssim=0.96).cloak(image)
-    defaults = {key: seen[0][key] for key in ("lr", "smoothing", "downscale")}
+               target_ssim=0.96, input_diversity=0.7, diversity_min_scale=0.8).cloak(image)
+    keys = ("lr", "smoothing", "downscale", "input_diversity", "diversity_min_scale")
+    defaults = {key: seen[0][key] for key in keys}
     assert defaults == {"lr": CLOAK_DEFAULTS.lr, "smoothing": CLOAK_DEFAULTS.smoothing,
-                        "downscale": CLOAK_DEFAULTS.downscale}
-    chosen = {key: seen[1][key] for key in ("steps", "lr", "smoothing", "downscale", "target_ssim")}
-    assert chosen == {"steps": 3, "lr": 0.02, "smoothing": 0.0, "downscale": (0.6, 0.9), "target_ssim": 0.96}
+                        "downscale": CLOAK_DEFAULTS.downscale, "input_diversity": CLOAK_DEFAULTS.input_diversity,
+                        "diversity_min_scale": CLOAK_DEFAULTS.diversity_min_scale}
+    chosen = {key: seen[1][key] for key in ("steps", "target_ssim", *keys)}
+    assert chosen == {"steps": 3, "lr": 0.02, "smoothing": 0.0, "downscale": (0.6, 0.9), "target_ssim": 0.96,
+                      "input_diversity": 0.7, "diversity_min_scale": 0.8}
     with pytest.raises(ValueError, match="downscale must be a"):
         PhotoCloak(noise_attack, detector, downscale=(0.9, 0.6))
     with pytest.raises((TypeError, ValueError), match="downscale"):

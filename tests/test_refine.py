@@ -141,6 +141,33 @@ def test_smoothing_makes_a_low_frequency_change_within_budget() -> None:
     assert _high_frequency_share(smooth) < 0.5 * _high_frequency_share(sharp)
 
 
+def test_input_diversity_shows_the_models_shrunk_faces_and_keeps_the_budget() -> None:
+    photo, faces, zero = _photo(seed=10), [_keypoints(0.9, 30, 20)], torch.zeros(3, 112, 112)
+    seen: list[torch.Tensor] = []
+
+    class Recording(TinyEmbedder):
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            seen.append(images.detach().clone())
+            return super().forward(images)
+
+    def refine(**options) -> torch.Tensor:
+        seen.clear()
+        return refine_on_photo(photo, zero, faces, Recording(), epsilon=0.05, steps=3, lr=0.02,
+                               generator=torch.Generator().manual_seed(0), **options)
+
+    def padded(images: torch.Tensor) -> bool:  # a zero row or column along some edge of every face
+        edges = (images[..., 0, :], images[..., -1, :], images[..., :, 0], images[..., :, -1])
+        return any(bool((edge == 0).all()) for edge in edges)
+
+    plain = refine()
+    assert not any(padded(images) for images in seen)
+    assert torch.equal(refine(input_diversity=0.0), plain)
+    varied = refine(input_diversity=1.0, diversity_min_scale=0.5)
+    reference, *steps = seen  # the clean face's embedding is taken as it is, every step's faces shrunk
+    assert not padded(reference) and len(steps) == 4 and all(padded(images) for images in steps)
+    assert (varied - plain).abs().max() > 1e-3 and (varied - photo).abs().max() <= 0.05 + 1e-6
+
+
 def test_a_simulated_resize_changes_the_refinement_and_keeps_the_budget() -> None:
     photo, faces, zero = _photo(seed=9), [_keypoints(0.9, 30, 20)], torch.zeros(3, 112, 112)
 
@@ -180,6 +207,8 @@ def test_float64_photos_and_faces_outside_the_photo() -> None:
         ({"downscale": (0.0, 1.0)}, "downscale must be a range"),
         ({"downscale": (0.9, 0.5)}, "downscale must be a range"),
         ({"smoothing": -1.0}, "smoothing must be"),
+        ({"input_diversity": 1.5}, "input_diversity must be"),
+        ({"diversity_min_scale": 0.0}, "diversity_min_scale must be"),
     ],
 )
 def test_bad_arguments_are_named(options: dict, message: str) -> None:

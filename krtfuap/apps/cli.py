@@ -253,6 +253,10 @@ def _add_cloak_parser(commands: argparse._SubParsersAction) -> None:
                        metavar=("LOW", "HIGH"),
                        help="range of the side scale the refinement's simulated save shrinks the photo to, as a "
                        "platform's resize (default: %(default)s; 1 1: no resize)")
+    cloak.add_argument("--input-diversity", type=_probability, default=CLOAK_DEFAULTS.input_diversity, metavar="P",
+                       help="probability per refinement step that the faces reach the surrogates shrunk by up to "
+                       f"{100 * (1 - CLOAK_DEFAULTS.diversity_min_scale):.0f}%% and zero-padded: holds better through a "
+                       "platform's resize (default: %(default)s)")
     cloak.add_argument("--format", choices=("png", "jpeg"), default=None,
                        help="written format (default: JPEG for JPEG inputs, PNG otherwise)")
     cloak.add_argument("--quality", type=_quality, default=CLOAK_DEFAULTS.write_quality,
@@ -361,7 +365,8 @@ def _run_cloak(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
     cloak = PhotoCloak(attack, min_score=args.min_score, model=model, threshold=args.verify_threshold, judges=judges,
                        refine_steps=args.refine_steps, surrogates=surrogates, refine_from=args.refine_from,
                        refine_colour=not args.refine_luminance, target_ssim=args.target_ssim,
-                       smoothing=args.smoothing, downscale=tuple(args.downscale), num_threads=args.threads)
+                       smoothing=args.smoothing, downscale=tuple(args.downscale),
+                       input_diversity=args.input_diversity, num_threads=args.threads)
     report = os.path.join(args.output, "cloak-report.csv")
     try:
         rows = cloak.cloak_files(args.inputs, args.output, file_format=args.format, quality=args.quality,

@@ -328,6 +328,11 @@ class PhotoCloak:
         photo to at every step (a platform's resize); ``(1, 1)``: none.
     smoothing : float
         Gaussian sigma, in aligned-face pixels, of the blur on the refined change (``>= 0``; 0: none).
+    input_diversity : float
+        Probability per refinement step, in ``[0, 1]``, that the faces reach the surrogates shrunk to
+        a random side scale in ``[diversity_min_scale, 1]`` and zero-padded back; 0: never.
+    diversity_min_scale : float
+        Smallest side scale of that shrink, in ``(0, 1]``.
     surrogates : sequence of (torch.nn.Module, float), optional
         The face models the refinement works against, each with its cosine threshold in
         ``[-1, 1]`` (one batched pass per model and step; the loss pushes the worst member below
@@ -362,6 +367,8 @@ class PhotoCloak:
         "downscale": [SequenceOf(lambda item: isinstance(item, (int, float)) and 0.0 < item <= 1.0,
                                  description="a (low, high) range of side scales within (0, 1]")],
         "smoothing": [Interval(float, 0.0, None, hint=" (aligned-face pixels)")],
+        "input_diversity": [Interval(float, 0.0, 1.0, hint=" (a probability per step)")],
+        "diversity_min_scale": [Interval(float, 0.0, 1.0, closed="right")],
         "surrogates": [SequenceOf(_is_model_and_threshold,
                                   description="a list of (torch.nn.Module, threshold) pairs"), None],
         "judges": [SequenceOf(lambda item: isinstance(item, Judge),
@@ -387,6 +394,8 @@ class PhotoCloak:
         refine_colour: bool = _DEFAULTS.refine_colour,
         downscale: tuple[float, float] = _DEFAULTS.downscale,
         smoothing: float = _DEFAULTS.smoothing,
+        input_diversity: float = _DEFAULTS.input_diversity,
+        diversity_min_scale: float = _DEFAULTS.diversity_min_scale,
         surrogates: Sequence[tuple[torch.nn.Module, float]] | None = None,
         judges: Sequence[Judge] | None = None,
         target_ssim: float = _DEFAULTS.target_ssim,
@@ -423,6 +432,8 @@ class PhotoCloak:
         self.refine_colour = refine_colour
         self.downscale = downscale
         self.smoothing = smoothing
+        self.input_diversity = input_diversity
+        self.diversity_min_scale = diversity_min_scale
         self.surrogates = surrogates
         self.judges = judges
         self.target_ssim = float(target_ssim)
@@ -476,6 +487,7 @@ class PhotoCloak:
                 photo_to_tensor(image).to(device), start.to(device), faces, models, epsilon=epsilon,
                 threshold=thresholds, feather=self.feather, steps=self.refine_steps, lr=float(self.refine_lr),
                 target_ssim=self.target_ssim, downscale=tuple(self.downscale), smoothing=float(self.smoothing),
+                input_diversity=float(self.input_diversity), diversity_min_scale=float(self.diversity_min_scale),
                 colour=self.refine_colour, generator=generator,
             )
             return tensor_to_photo(refined.cpu()), faces
