@@ -51,6 +51,7 @@ TECHNIQUES: dict[str, dict] = {
     "smoothing 1, 45 steps, lr .012, luminance only": {"refine_colour": False, "input_diversity": 0.0},
     "default": {},
     "default, target_ssim 0.95": {"target_ssim": 0.95},
+    "default, input diversity scale 0.8-1": {"diversity_min_scale": 0.8},
     "universal, pasted": {"refine_steps": 0},
 }
 
