@@ -36,6 +36,7 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -59,9 +60,14 @@ def parse_value(text: str) -> object:
             return text
 
 
+def parse_keywords(items: Iterable[str]) -> dict[str, object]:
+    """Keyword arguments written as ``KEY=VALUE`` items, each value read by :func:`parse_value`."""
+    return {key: parse_value(value) for key, value in (item.split("=", 1) for item in items)}
+
+
 def make_attack(config: str, model: torch.nn.Module, threshold: float, common: dict) -> UAPAttack:
     config, *extras = config.split(",")
-    common = {**common, **{key: parse_value(value) for key, value in (extra.split("=", 1) for extra in extras)}}
+    common = {**common, **parse_keywords(extras)}
     if "key_regions" in common:  # key_regions=True: the paper's key regions, KeyRegions()
         common["key_regions"] = KeyRegions() if common["key_regions"] else None
     if config == "paper":

@@ -119,8 +119,9 @@ def main() -> None:
                         _, verdict = judge.judge(original, received, face, match)
                         if verdict is not None:
                             protected[f"{judge.name} {way}"].append(verdict)
-                    if way == "q85":
-                        clean, changed = photo_to_tensor(original)[None], photo_to_tensor(received)[None]
+                if way == "q85":  # stealth of the photo as saved: both photos as tensors once, every face on them
+                    clean, changed = photo_to_tensor(original)[None], photo_to_tensor(received)[None]
+                    for face in faces:
                         box_ssims.append(box_scores(clean, changed, face)["ssim_face"])
                         aligned_ssims.append(aligned_ssim(original, received, face))
         cells = []

@@ -26,7 +26,7 @@ import time
 
 import torch
 from _common import calibrated_threshold, held_out_split, load_model
-from engine_speed import parse_value
+from engine_speed import parse_keywords
 
 from krtfuap import UAPAttack
 from krtfuap.scoring import score_perturbation
@@ -47,7 +47,7 @@ def main() -> None:
                         help="further UAPAttack keywords for every fit, e.g. input_diversity=0.7")
     parser.add_argument("--save", default=None, help="save the (last) fitted attack here (UAPAttack.save)")
     args = parser.parse_args()
-    options = {key: parse_value(value) for key, value in (option.split("=", 1) for option in args.options)}
+    options = parse_keywords(args.options)
     torch.set_num_threads(args.threads)
 
     split = held_out_split(args.fit_faces, args.test_faces, 2000, args.seed)
