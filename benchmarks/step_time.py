@@ -2,12 +2,12 @@
 
 What is timed
 -------------
-* **step**: ``UAPAttack._step`` called directly, on one batch, with the objects
-  ``fit`` builds (built-in key-region mask, learned flow, direction loss, SSIM
-  stealth loss, Adam). It is the whole per-batch work of ``fit``: clean
-  embeddings (no grad), perturbation (flow warp of the mask), adversarial
-  forward + backward, stealth loss, Adam step + projection, one extra SSIM of the
-  batch for ``history_``, and five ``.item()`` reads.
+* **step**: one update of the fit loop, timed directly: the clean batch's
+  embeddings (no grad) and the solver's ``step`` built by ``UAPAttack`` with its
+  defaults and the SSIM stealth loss (``_make_solver``, the object ``fit`` builds:
+  perturbation, adversarial forward + backward, stealth loss, Adam step +
+  projection, one extra SSIM of the batch for ``history_`` and the ``.item()``
+  reads of its record).
 * **floor**: the work no implementation of the algorithm can skip: one forward of
   the clean batch without grad, plus one forward + backward of the perturbed batch
   through the face model and the stealth loss (here ``1 - SSIM``), with the
@@ -15,8 +15,8 @@ What is timed
 * **fit(1 batch)** (unless ``--no-fit``): the public ``fit`` on a single batch with
   ``max_epochs=1``: one step plus fit's fixed set-up (masker, module building).
 * breakdown of what the step adds to the floor: the extra no-grad SSIM for
-  ``history_``, the perturbation module forward + backward (flow warp) and the
-  Adam step + projection, each timed alone.
+  ``history_``, the perturbation module forward + backward (a flow warp only
+  with key regions) and the Adam step + projection, each timed alone.
 
 Every number is the median of ``--repeats`` timed calls after ``--warmup`` calls;
 step, floor and the breakdown are called in turn within each repeat (so load from
@@ -48,12 +48,11 @@ from typing import Callable
 import torch
 from torch import nn
 
+from krtfuap._batches import FitData
 from krtfuap.attack import UAPAttack
 from krtfuap.losses import DirectionLoss
-from krtfuap.masks import KeyRegionMasker
 from krtfuap.metrics import ssim
 from krtfuap.models import FaceEmbedder, iresnet50, load_foamliu_mobilefacenet, load_insightface_mbf
-from krtfuap.perturbation import MaskedPerturbation
 from krtfuap.stealth import resolve_stealth_loss
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "shared" / "assets" / "models"
@@ -166,20 +165,18 @@ def measure(
     images = torch.rand(batch_size, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)).to(device)
 
     # The objects fit() builds for one run.
-    mask = KeyRegionMasker().fit(images.cpu()).mask_
-    perturbation = MaskedPerturbation(
-        mask, epsilon=EPSILON, learn_flow=True, generator=torch.Generator().manual_seed(0)
-    ).to(device)
+    attack = UAPAttack(model, threshold=THRESHOLD, stealth_loss=args.stealth, epsilon=EPSILON, batch_size=batch_size)
+    embed = attack._embed_function(model)
+    solver, _ = attack._make_solver(FitData(images.cpu(), batch_size), device, torch.Generator().manual_seed(0),
+                                    embed, THRESHOLD)
+    perturbation, optimizer = solver.module, solver.optimizer
     adversarial_loss = DirectionLoss("direction", reduction="none")
     stealth_loss, stealth_weight = resolve_stealth_loss(args.stealth, None)
-    if isinstance(stealth_loss, nn.Module):
-        stealth_loss = stealth_loss.to(device)
-    optimizer = torch.optim.Adam(perturbation.parameters(), lr=0.01)
-    attack = UAPAttack(model, threshold=THRESHOLD, stealth_loss=args.stealth, epsilon=EPSILON, batch_size=batch_size)
-    attack.threshold_ = THRESHOLD
 
     def step() -> None:
-        attack._step(images, perturbation, adversarial_loss, stealth_loss, stealth_weight, optimizer)
+        with torch.no_grad():
+            clean = embed(images)
+        solver.step(images, clean)
 
     # Floor: what the algorithm cannot avoid.
     delta = perturbation().detach().clone().requires_grad_(True)
@@ -287,7 +284,7 @@ def main() -> None:
     models = available_models(args.models)
     print(
         f"torch {torch.__version__}; device {device_name}; {SIZE}x{SIZE} faces; stealth loss {args.stealth}; "
-        f"median of {args.repeats} after {args.warmup} warm-up; step = UAPAttack._step timed directly\n"
+        f"median of {args.repeats} after {args.warmup} warm-up; step = one fit-loop update (clean embeddings + the solver's step) timed directly\n"
     )
     header = "| model | device | batch | step ms | floor ms | step/floor | extra SSIM ms | perturbation ms | Adam+project ms |"
     align = "|---|---|---|---|---|---|---|---|---|"
