@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from tests.fakes import TinyEmbedder
+from fakes import TinyEmbedder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
