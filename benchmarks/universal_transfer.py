@@ -59,8 +59,9 @@ def main() -> None:
           f"torch threads {args.threads}; "
           f"load average at start {os.getloadavg()[0]:.2f}\n")
     judges = [f"{name}{'*' if name in args.fit else ''}" for name in args.judge]
-    print(f"| lowpass | {' | '.join(f'fooling rate {name}' for name in judges)} | SSIM | PSNR dB | fit s | load |")
-    print("|---|" + "---|" * len(judges) + "---|---|---|---|")
+    rates = " | ".join(f"fooling rate {name}" for name in judges)
+    print(f"| lowpass | {rates} | SSIM | PSNR dB | fit s | stop | load |")
+    print("|---|" + "---|" * len(judges) + "---|---|---|---|---|")
     for lowpass in args.lowpass:
         fitted = [models[name] for name in args.fit]
         threshold = [thresholds[name] for name in args.fit]
@@ -74,8 +75,8 @@ def main() -> None:
         scores = [score_perturbation(models[name], split.test_faces, attack.perturbation_, thresholds[name])
                   for name in args.judge]
         cells = " | ".join(f"{score['fooling_rate']:.3f}" for score in scores)
-        print(f"| {lowpass or '-'} | {cells} | {scores[0]['ssim']:.3f} | {scores[0]['psnr']:.1f} | {seconds:.0f} | "
-              f"{os.getloadavg()[0]:.2f} |", flush=True)
+        print(f"| {lowpass or '-'} | {cells} | {scores[0]['ssim']:.4f} | {scores[0]['psnr']:.1f} | {seconds:.0f} | "
+              f"{attack.stop_reason_} | {os.getloadavg()[0]:.2f} |", flush=True)
         if args.save:
             attack.save(args.save)
 
