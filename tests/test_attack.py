@@ -222,6 +222,17 @@ def test_table1_holds_both_stealth_floors_of_the_papers_table():
     assert psnr(adversarial, x).min().item() >= 32.0 - 1e-3
 
 
+def test_transferable_feeds_the_model_shrunk_faces_at_every_step():
+    attack = UAPAttack.transferable(TinyEmbedder(), threshold=0.9)
+    assert (attack.input_diversity, attack.diversity_min_scale, attack.key_regions) == (1.0, 0.8, None)
+    assert UAPAttack.transferable(TinyEmbedder(), diversity_min_scale=0.7).diversity_min_scale == 0.7
+    x = faces()
+    plain = UAPAttack(TinyEmbedder(), threshold=0.9, max_epochs=2, batch_size=8, random_state=0, lr=0.05).fit(x)
+    diverse = UAPAttack.transferable(TinyEmbedder(), threshold=0.9, max_epochs=2, batch_size=8, random_state=0,
+                                     lr=0.05).fit(x)
+    assert not torch.equal(plain.perturbation_, diverse.perturbation_)  # the shrunk batches changed the fit
+
+
 def test_masker_options():
     x = faces()
     mask = torch.zeros(SIZE, SIZE)
