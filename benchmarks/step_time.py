@@ -13,7 +13,7 @@ What is timed
   through the face model and the stealth loss (here ``1 - SSIM``), with the
   perturbation as a plain leaf tensor.
 * **fit(1 batch)** (unless ``--no-fit``): the public ``fit`` on a single batch with
-  ``max_epochs=1``: one step plus fit's fixed set-up (masker, module building).
+  ``max_epochs=1``: one step plus fit's fixed set-up (checks, module building).
 * breakdown of what the step adds to the floor: the extra no-grad SSIM for
   ``history_``, the perturbation module forward + backward (a flow warp only
   with key regions) and the Adam step + projection, each timed alone.
@@ -284,7 +284,8 @@ def main() -> None:
     models = available_models(args.models)
     print(
         f"torch {torch.__version__}; device {device_name}; {SIZE}x{SIZE} faces; stealth loss {args.stealth}; "
-        f"median of {args.repeats} after {args.warmup} warm-up; step = one fit-loop update (clean embeddings + the solver's step) timed directly\n"
+        f"median of {args.repeats} after {args.warmup} warm-up; "
+        "step = one fit-loop update (clean embeddings + the solver's step) timed directly\n"
     )
     header = "| model | device | batch | step ms | floor ms | step/floor | extra SSIM ms | perturbation ms | Adam+project ms |"
     align = "|---|---|---|---|---|---|---|---|---|"
