@@ -68,10 +68,11 @@ from krtfuap.metrics import cosine_similarity, fooled_by_similarity, ssim
 from krtfuap.paste import feather_window, warp_to_region
 from krtfuap.photo_face import PhotoFace, as_photo_faces
 
-__all__ = ["check_downscale", "refine_on_photo"]
+__all__ = ["ARGUMENT_CONSTRAINTS", "check_downscale", "refine_on_photo"]
 
-#: What the numeric and boolean arguments of :func:`refine_on_photo` accept.
-_ARGUMENT_CONSTRAINTS: dict[str, list] = {
+#: What the numeric and boolean arguments of :func:`refine_on_photo` accept (``PhotoCloak`` checks the
+#: same names against these at construction).
+ARGUMENT_CONSTRAINTS: dict[str, list] = {
     "epsilon": [Interval(float, 0.0, 1.0, closed="right", hint=" (images are in [0, 1])")],
     "threshold": [Interval(float, -1.0, 1.0, hint=" (a cosine similarity)"), None],
     "steps": [Interval(int, 0, None, hint=" (0: paste without refining)")],
@@ -379,10 +380,10 @@ def _check_arguments(
         dict(epsilon=epsilon, steps=steps, lr=lr, target_ssim=target_ssim, stealth_weight=stealth_weight,
              margin=margin, smoothing=smoothing, colour=colour, input_diversity=input_diversity,
              diversity_min_scale=diversity_min_scale),
-        _ARGUMENT_CONSTRAINTS,
+        ARGUMENT_CONSTRAINTS,
     )
     for value in thresholds or [None]:
-        check_param("threshold", value, _ARGUMENT_CONSTRAINTS["threshold"])
+        check_param("threshold", value, ARGUMENT_CONSTRAINTS["threshold"])
     if not 1.0 <= quality[0] <= quality[1] <= 100.0:
         raise ValueError(f"quality must be a range (low, high) within [1, 100], got {quality}.")
     if min(jitter) < 0.0:

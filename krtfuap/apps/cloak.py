@@ -55,6 +55,7 @@ from krtfuap.datasets import is_image_file, load_image
 from krtfuap.metrics import psnr, ssim
 from krtfuap.paste import paste_perturbation
 from krtfuap.photo_face import PhotoFace, locate_face
+from krtfuap.refine import ARGUMENT_CONSTRAINTS as REFINE_CONSTRAINTS
 from krtfuap.refine import check_downscale, refine_on_photo
 from krtfuap.threads import default_num_threads, torch_threads
 
@@ -359,21 +360,21 @@ class PhotoCloak:
         "min_size": [Interval(float, 0.0, None, hint=" (pixels)")],
         "feather": [Interval(float, 0.0, None, hint=" (aligned-face pixels)")],
         "model": [FaceModelLike(), None],
-        "threshold": [Interval(float, -1.0, 1.0, hint=" (a cosine similarity)"), None],
+        "threshold": REFINE_CONSTRAINTS["threshold"],
         "refine_steps": [Interval(int, 0, None, hint=" (0: no refinement)")],
         "refine_from": [Options("zero", "cloak")],
-        "refine_lr": [Interval(float, 0.0, None, closed="right")],
-        "refine_colour": [Boolean()],
+        "refine_lr": REFINE_CONSTRAINTS["lr"],
+        "refine_colour": REFINE_CONSTRAINTS["colour"],
         "downscale": [SequenceOf(lambda item: isinstance(item, (int, float)) and 0.0 < item <= 1.0,
                                  description="a (low, high) range of side scales within (0, 1]")],
-        "smoothing": [Interval(float, 0.0, None, hint=" (aligned-face pixels)")],
-        "input_diversity": [Interval(float, 0.0, 1.0, hint=" (a probability per step)")],
-        "diversity_min_scale": [Interval(float, 0.0, 1.0, closed="right")],
+        "smoothing": REFINE_CONSTRAINTS["smoothing"],
+        "input_diversity": REFINE_CONSTRAINTS["input_diversity"],
+        "diversity_min_scale": REFINE_CONSTRAINTS["diversity_min_scale"],
         "surrogates": [SequenceOf(_is_model_and_threshold,
                                   description="a list of (torch.nn.Module, threshold) pairs"), None],
         "judges": [SequenceOf(lambda item: isinstance(item, Judge),
                               description="a list of krtfuap.apps.judges.Judge (ModelJudge, DlibJudge)"), None],
-        "target_ssim": [Interval(float, 0.0, 1.0, closed="right")],
+        "target_ssim": REFINE_CONSTRAINTS["target_ssim"],
         "random_state": [Interval(int, 0, None), None],
         "num_threads": [Interval(int, 1, None), None],
     }
