@@ -14,8 +14,8 @@ surrogate) and ``dlib_resnet`` (dlib's own detection, landmarks and chip, tolera
 surrogate, so black box). Stealth is measured on the q85 photo against the clean one with standard
 SSIM (:func:`krtfuap.metrics.ssim`, scikit-image's definition): on the detector's face box at the
 photo's resolution (not enlarged) and on the 112x112 crop both photos give on the original's
-keypoints. Prints one Markdown row per technique with the seconds of cloaking per face and the
-load average.
+keypoints; and with the perceptual HaarPSI (:func:`krtfuap.metrics.haarpsi`) on the face box.
+Prints one Markdown row per technique with the seconds of cloaking per face and the load average.
 
 Example (2-core CPU, one torch thread)::
 
@@ -97,12 +97,13 @@ def main() -> None:
           f"{' + '.join(args.surrogates)}; torch threads {args.threads}; "
           f"load average at start {os.getloadavg()[0]:.2f}\n")
     columns = [f"{judge.name} {way}" for way in WAYS for judge in judges]
-    print(f"| technique | faces | {' | '.join(columns)} | face-box SSIM | aligned SSIM | s / face | load |")
-    print("|---|---|" + "---|" * len(columns) + "---|---|---|---|")
+    print(f"| technique | faces | {' | '.join(columns)} | face-box SSIM | face-box HaarPSI | aligned SSIM | s / face "
+          "| load |")
+    print("|---|---|" + "---|" * len(columns) + "---|---|---|---|---|")
     for technique in args.techniques:
         cloak = PhotoCloak(attack, surrogates=surrogates, num_threads=args.threads, **TECHNIQUES[technique])
         protected = {column: [] for column in columns}
-        box_ssims, aligned_ssims, seconds, faces_seen = [], [], 0.0, 0
+        box_ssims, box_haarpsis, aligned_ssims, seconds, faces_seen = [], [], [], 0.0, 0
         for path in photos:
             original, _ = read_photo(path)
             started = time.perf_counter()
@@ -122,7 +123,9 @@ def main() -> None:
                 if way == "q85":  # stealth of the photo as saved: both photos as tensors once, every face on them
                     clean, changed = photo_to_tensor(original)[None], photo_to_tensor(received)[None]
                     for face in faces:
-                        box_ssims.append(box_scores(clean, changed, face)["ssim_face"])
+                        scores = box_scores(clean, changed, face)
+                        box_ssims.append(scores["ssim_face"])
+                        box_haarpsis.append(scores["haarpsi_face"])
                         aligned_ssims.append(aligned_ssim(original, received, face))
         cells = []
         for column in columns:
@@ -130,7 +133,8 @@ def main() -> None:
             values = protected[column]
             cells.append(f"{np.mean(values):.3f}{star} ({len(values)})" if values else "-")
         print(f"| {technique} | {faces_seen} | {' | '.join(cells)} | {np.mean(box_ssims):.3f} | "
-              f"{np.mean(aligned_ssims):.3f} | {seconds / max(faces_seen, 1):.2f} | {os.getloadavg()[0]:.2f} |",
+              f"{np.mean(box_haarpsis):.3f} | {np.mean(aligned_ssims):.3f} | {seconds / max(faces_seen, 1):.2f} | "
+              f"{os.getloadavg()[0]:.2f} |",
               flush=True)
 
 

@@ -6,6 +6,7 @@ import csv
 import hashlib
 import inspect
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -18,10 +19,10 @@ from wrong_values import wrong_type, wrong_values
 
 from krtfuap.alignment import align_face, photo_to_tensor, sample_photos
 import krtfuap.apps.cloak as cloak_module
-from krtfuap.apps.cloak import PhotoCloak, plan_outputs, read_photo, summarise, write_report
+from krtfuap.apps.cloak import PhotoCloak, box_scores, plan_outputs, read_photo, summarise, write_report
 from krtfuap.baselines import RandomNoiseUAP
 from krtfuap.cloak_defaults import CLOAK_DEFAULTS
-from krtfuap.metrics import ssim
+from krtfuap.metrics import haarpsi, ssim
 from krtfuap.photo_face import PhotoFace, face_to_photo_matrix
 
 
@@ -400,6 +401,31 @@ def test_the_report_gives_the_aligned_crop_ssim_beside_the_face_box_ssim(tmp_pat
         assert row.ssim_aligned == pytest.approx(ssim(crops[:1], crops[1:]).item(), abs=1e-6)
         assert row.ssim_aligned != pytest.approx(row.ssim_face, abs=1e-3)
     assert summarise(rows)["mean_ssim_aligned"] == pytest.approx(np.mean([row.ssim_aligned for row in rows]))
+
+
+def test_the_report_gives_the_face_box_haarpsi_beside_its_ssim(tmp_path, detector, noise_attack, photos) -> None:
+    cloak = PhotoCloak(noise_attack, detector, model=TinyEmbedder(), threshold=0.999, refine_steps=0)
+    rows = cloak.cloak_files([photos["yaoming.jpg"]], tmp_path / "out", quality=85)
+    original, _ = read_photo(photos["yaoming.jpg"])
+    written, _ = read_photo(tmp_path / "out" / "yaoming.jpg")
+    clean, changed = photo_to_tensor(original)[None], photo_to_tensor(written)[None]
+    for row, face in zip(rows, cloak.detect(original)):
+        top, left, bottom, right = face.box_pixels
+        box = (slice(None), slice(None), slice(top, bottom), slice(left, right))
+        assert row.haarpsi_face == pytest.approx(haarpsi(changed[box], clean[box]).item(), abs=1e-6)
+        assert 0 < row.haarpsi_face < 1
+    assert summarise(rows)["mean_haarpsi_face"] == pytest.approx(np.mean([row.haarpsi_face for row in rows]))
+    assert "haarpsi_face" in (tmp_path / "out" / "cloak-report.csv").read_text().splitlines()[0].split(",")
+
+
+def test_a_face_box_too_small_for_haarpsi_reports_it_as_nan() -> None:
+    photo = torch.rand(1, 3, 64, 64)
+    changed = (photo + 0.01).clamp(0, 1)
+    small = PhotoFace(box=np.array([10.0, 10.0, 40.0, 22.0]), score=1.0, keypoints=np.zeros((5, 2)),
+                      photo_to_face=np.eye(3), face_to_photo=np.eye(3), photo_size=(64, 64), size=112,
+                      box_pixels=(10, 10, 22, 40), region=None)  # 12 rows, 30 columns
+    scores = box_scores(photo, changed, small)
+    assert math.isnan(scores["haarpsi_face"]) and not math.isnan(scores["ssim_face"])
 
 
 def test_judges_add_columns_marked_white_or_black_box(tmp_path, detector, noise_attack, photos) -> None:

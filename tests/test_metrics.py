@@ -23,6 +23,7 @@ from krtfuap.metrics import (
     embed,
     fooled_by_similarity,
     fooling_rate,
+    haarpsi,
     is_fooled,
     pair_similarities,
     psnr,
@@ -370,6 +371,56 @@ def test_ssim_decreases_with_noise_per_image():
     assert out.shape == (3,)
     assert out[0] > out[1] > out[2]
     assert (out <= 1 + 1e-5).all()
+
+
+def test_haarpsi_identical_is_one_and_falls_with_noise_per_image():
+    torch.manual_seed(0)
+    reference = torch.rand(1, 3, 48, 48).repeat(3, 1, 1, 1)
+    noise = torch.randn(1, 3, 48, 48)
+    images = (reference + noise * torch.tensor([0.0, 0.02, 0.2]).view(3, 1, 1, 1)).clamp(0, 1)
+    out = haarpsi(images, reference)
+    assert out.shape == (3,)
+    assert out[0] == pytest.approx(1.0, abs=1e-5)
+    assert out[0] > out[1] > out[2]
+
+
+def test_haarpsi_sees_a_change_of_colour_that_keeps_the_brightness():
+    torch.manual_seed(0)
+    reference = (0.3 + 0.4 * torch.rand(1, 3, 48, 48))
+    # Y = 0.299 R + 0.587 G + 0.114 B is unchanged by this shift: only the chrominance moves.
+    shift = torch.tensor([0.587, -0.299, 0.0]).view(1, 3, 1, 1) * 0.2
+    assert (shift.flatten() @ torch.tensor([0.299, 0.587, 0.114])).abs() < 1e-6
+    coloured = (reference + shift * torch.randn(1, 1, 48, 48)).clamp(0, 1)
+    assert haarpsi(coloured, reference).item() < 0.99
+
+
+def test_haarpsi_is_differentiable_in_the_images():
+    reference = torch.rand(2, 3, 32, 32)
+    images = (reference + 0.05 * torch.randn_like(reference)).clamp(0, 1).requires_grad_(True)
+    haarpsi(images, reference).sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(("images", "reference", "message"), [
+    (torch.rand(1, 3, 16, 16) * 2, torch.rand(1, 3, 16, 16), r"images must be in \[0, 1\]"),
+    (torch.rand(1, 3, 16, 16), torch.rand(1, 1, 16, 16), "reference must have shape"),
+    (torch.rand(2, 3, 16, 16), torch.rand(1, 3, 16, 16), "must have the same shape"),
+    (torch.rand(1, 3, 15, 64), torch.rand(1, 3, 15, 64), "at least 16 pixels a side"),
+])
+def test_haarpsi_refuses_inputs_it_cannot_score(images, reference, message):
+    with pytest.raises(ValueError, match=message):
+        haarpsi(images, reference)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**16), size=st.integers(16, 40), amount=st.floats(0.0, 1.0))
+def test_haarpsi_is_symmetric_and_within_zero_and_one(seed, size, amount):
+    generator = torch.Generator().manual_seed(seed)
+    reference = torch.rand(2, 3, size, size, generator=generator)
+    images = (reference + amount * (torch.rand(reference.shape, generator=generator) - 0.5)).clamp(0, 1)
+    forward, backward = haarpsi(images, reference), haarpsi(reference, images)
+    torch.testing.assert_close(forward, backward, atol=1e-5, rtol=0)
+    assert ((forward >= 0) & (forward <= 1 + 1e-5)).all()
 
 
 def test_ssim_window_size():

@@ -382,6 +382,7 @@ def _run_cloak(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
         protected = (f"; protected {summary['protected']} of {summary['faces']} "
                      f"(mean similarity {summary['mean_similarity']:.3f}, "
                      f"face-box SSIM {summary['mean_ssim_face']:.3f}, "
+                     f"face-box HaarPSI {summary['mean_haarpsi_face']:.3f}, "
                      f"aligned-crop SSIM {summary['mean_ssim_aligned']:.3f}), "
                      f"{summary['below_stealth_target']} below the stealth target {args.target_ssim}"
                      if not args.no_verify else "")

@@ -52,7 +52,7 @@ from krtfuap.alignment import SCRFDDetector, align_face, detect_faces, photo_to_
 from krtfuap.cloak_defaults import CLOAK_DEFAULTS
 from krtfuap.apps.judges import Judge, ModelJudge, best_overlapping
 from krtfuap.datasets import is_image_file, load_image
-from krtfuap.metrics import psnr, ssim
+from krtfuap.metrics import HAARPSI_MIN_SIZE, haarpsi, psnr, ssim
 from krtfuap.paste import paste_perturbation
 from krtfuap.photo_face import PhotoFace, locate_face
 from krtfuap.refine import ARGUMENT_CONSTRAINTS as REFINE_CONSTRAINTS
@@ -81,7 +81,8 @@ class FaceReport:
     """What happened to one face (or to a photo without faces or that failed, ``face = -1``), one row of the report.
 
     ``ssim_face`` is standard SSIM (:func:`krtfuap.metrics.ssim`) over the detector's face box at the
-    photo's own resolution; ``ssim_aligned`` over the ``S x S`` crops both photos give on the
+    photo's own resolution, ``haarpsi_face`` the perceptual HaarPSI (:func:`krtfuap.metrics.haarpsi`,
+    1: no visible change) over the same box; ``ssim_aligned`` over the ``S x S`` crops both photos give on the
     original's keypoints (what a recogniser sees; lower, as the crop enlarges a small face).
     ``stealth_met`` says whether ``ssim_face`` after the real save is at least ``target_ssim`` less
     :attr:`~krtfuap.cloak_defaults.CloakDefaults.stealth_tolerance` (None when not verified).
@@ -105,6 +106,7 @@ class FaceReport:
     protected: bool | None = None
     ssim_face: float = math.nan
     psnr_face: float = math.nan
+    haarpsi_face: float = math.nan
     ssim_aligned: float = math.nan
     ssim_photo: float = math.nan
     psnr_photo: float = math.nan
@@ -521,7 +523,7 @@ class PhotoCloak:
         list of dict
             Per face: ``redetected``, ``similarity`` (cosine of the two embeddings; NaN if the
             face is not found again), ``threshold``, ``protected`` (similarity below it, or not
-            found), ``ssim_face``/``psnr_face`` over the face's box, ``ssim_aligned`` over the aligned
+            found), ``ssim_face``/``psnr_face``/``haarpsi_face`` over the face's box, ``ssim_aligned`` over the aligned
             crops, ``ssim_photo``/``psnr_photo``,
             ``target_ssim``, ``stealth_met``, ``white_box`` and ``judges`` (see :class:`FaceReport`).
         """
@@ -705,13 +707,15 @@ def _psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def box_scores(clean: torch.Tensor, cloaked: torch.Tensor, face: PhotoFace) -> dict[str, float]:
-    """SSIM and PSNR over the face's box (clipped to the photo), ``(1, 3, H, W)`` photos in ``[0, 1]``
-    (NaN for a box under 2 pixels a side): ``ssim_face`` and ``psnr_face`` of the report."""
+    """SSIM, PSNR and HaarPSI over the face's box (clipped to the photo), ``(1, 3, H, W)`` photos in
+    ``[0, 1]``: ``ssim_face``, ``psnr_face`` and ``haarpsi_face`` of the report (NaN for a box under 2
+    pixels a side; HaarPSI NaN under :data:`~krtfuap.metrics.HAARPSI_MIN_SIZE`)."""
     top, left, bottom, right = face.box_pixels
     if bottom - top < 2 or right - left < 2:
-        return {"ssim_face": math.nan, "psnr_face": math.nan}
+        return {"ssim_face": math.nan, "psnr_face": math.nan, "haarpsi_face": math.nan}
     a, b = cloaked[..., top:bottom, left:right], clean[..., top:bottom, left:right]
-    return {"ssim_face": ssim(a, b).item(), "psnr_face": _psnr(a, b)}
+    perceptual = haarpsi(a, b).item() if min(a.shape[-2:]) >= HAARPSI_MIN_SIZE else math.nan
+    return {"ssim_face": ssim(a, b).item(), "psnr_face": _psnr(a, b), "haarpsi_face": perceptual}
 
 
 def aligned_ssim(original: np.ndarray, cloaked: np.ndarray, face: PhotoFace) -> float:
@@ -731,13 +735,14 @@ def _progress(plan: list, enabled: bool):
 
 def summarise(rows: Sequence[FaceReport]) -> dict[str, float | int]:
     """Counts and means over a report: photos, faces, errors, protected share, faces below the stealth target,
-    mean similarity, face-box and aligned-crop SSIM, and ``protection_rate_<name>`` and ``judged_<name>`` per further judge (the
-    share over the faces it judged, and how many those were: a judge that finds no face in the original gives
-    no verdict)."""
+    mean similarity, face-box SSIM and HaarPSI, aligned-crop SSIM, and ``protection_rate_<name>`` and
+    ``judged_<name>`` per further judge (the share over the faces it judged, and how many those were: a judge
+    that finds no face in the original gives no verdict)."""
     faces = [row for row in rows if row.status == "cloaked"]
     judged = [row for row in faces if row.protected is not None]
     similarities = [row.similarity for row in judged if not math.isnan(row.similarity)]
     face_ssim = [row.ssim_face for row in faces if not math.isnan(row.ssim_face)]
+    face_haarpsi = [row.haarpsi_face for row in faces if not math.isnan(row.haarpsi_face)]
     aligned_ssims = [row.ssim_aligned for row in faces if not math.isnan(row.ssim_aligned)]
     per_judge = {}
     for name in _judge_names(faces):
@@ -756,6 +761,7 @@ def summarise(rows: Sequence[FaceReport]) -> dict[str, float | int]:
         "below_stealth_target": sum(row.stealth_met is False for row in faces),
         "mean_similarity": float(np.mean(similarities)) if similarities else math.nan,
         "mean_ssim_face": float(np.mean(face_ssim)) if face_ssim else math.nan,
+        "mean_haarpsi_face": float(np.mean(face_haarpsi)) if face_haarpsi else math.nan,
         "mean_ssim_aligned": float(np.mean(aligned_ssims)) if aligned_ssims else math.nan,
         **per_judge,
     }
