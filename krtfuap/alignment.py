@@ -344,6 +344,8 @@ def tensor_to_photo(image: torch.Tensor) -> np.ndarray:
 
 def photo_to_tensor(photos: np.ndarray) -> torch.Tensor:
     """``(H, W, 3)`` or ``(N, H, W, 3)`` uint8 RGB -> ``(3, H, W)`` or ``(N, 3, H, W)`` float32 in ``[0, 1]``."""
+    if not photos.flags.writeable:  # e.g. np.asarray(PIL image): torch warns on read-only memory
+        photos = photos.copy()
     return torch.from_numpy(photos).movedim(-1, -3).float().div_(255.0).contiguous()
 
 

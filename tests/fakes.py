@@ -1,4 +1,4 @@
-"""Stand-ins shared by the tests: a tiny face model, random faces, a quick attack.
+"""Stand-ins shared by the tests: a tiny face model, random faces, a quick attack, a small Keras file.
 
 Imported as ``from fakes import ...`` (pytest puts ``tests/`` on ``sys.path``). Nothing here
 touches the global torch RNG: every random draw comes from a local ``torch.Generator``.
@@ -6,6 +6,7 @@ touches the global torch RNG: every random draw comes from a local ``torch.Gener
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -111,3 +112,69 @@ def placed_keypoints(scale: float, angle: float = 0.0, shift: tuple[float, float
     scaled by ``scale``, turned by ``angle`` radians about the template's origin, moved by ``shift``."""
     rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
     return ARCFACE_TEMPLATE_112 @ (scale * rotation).T + np.asarray(shift)
+
+
+# Keras 2 stores a Lambda's function as marshalled bytecode; this stand-in is not valid bytecode, so a
+# loader that tried to run it would fail.
+_NOT_BYTECODE = ["bm90IGJ5dGVjb2Rl\n", None, None]
+
+
+def _layer(kind: str, name: str, inbound: list[str], **config) -> dict:
+    nodes = [[[source, 0, 0, {}] for source in inbound]] if inbound else []
+    return {"class_name": kind, "name": name, "config": {"name": name, **config}, "inbound_nodes": nodes}
+
+
+def small_keras_model(rng: np.random.Generator, channels: int = 2) -> tuple[dict, dict[str, list[np.ndarray]]]:
+    """A Keras-2-style graph touching every supported layer, random weights: ``(B, 8, 8, channels)`` -> ``(B, 4)``.
+
+    Returns the ``model_config`` dict and the weights by layer name, as :func:`read_keras_h5` does.
+    """
+    layers = [
+        _layer("InputLayer", "in", [], batch_input_shape=[None, 8, 8, channels]),
+        # 8 -> 4 with "same" padding: TensorFlow pads one pixel after, none before (asymmetric).
+        _layer("Conv2D", "c1", ["in"], filters=3, kernel_size=[3, 3], strides=[2, 2], padding="same",
+               data_format="channels_last", dilation_rate=[1, 1], groups=1, activation="relu", use_bias=True),
+        _layer("BatchNormalization", "bn1", ["c1"], axis=[3], epsilon=0.001, center=True, scale=False),
+        _layer("Conv2D", "c2", ["in"], filters=2, kernel_size=[1, 1], strides=[2, 2], padding="valid",
+               data_format="channels_last", dilation_rate=[1, 1], groups=1, activation="linear", use_bias=False),
+        _layer("Concatenate", "cat", ["bn1", "c2"], axis=3),
+        _layer("Lambda", "lam", ["cat"], function=_NOT_BYTECODE, function_type="lambda", arguments={"scale": 0.25}),
+        _layer("Add", "add", ["cat", "lam"]),
+        _layer("Activation", "act", ["add"], activation="relu"),
+        _layer("MaxPooling2D", "pool", ["act"], pool_size=[3, 3], strides=[2, 2], padding="same",
+               data_format="channels_last"),
+        _layer("GlobalAveragePooling2D", "gap", ["pool"], data_format="channels_last", keepdims=False),
+        _layer("Dropout", "drop", ["gap"], rate=0.2),
+        _layer("Dense", "dense", ["drop"], units=4, activation="linear", use_bias=True),
+        _layer("BatchNormalization", "bn2", ["dense"], axis=[1], epsilon=0.001, center=True, scale=True),
+    ]
+    config = {"class_name": "Functional", "config": {
+        "name": "small", "layers": layers, "input_layers": [["in", 0, 0]], "output_layers": [["bn2", 0, 0]]}}
+    positive = lambda *shape: rng.uniform(0.5, 1.5, shape).astype(np.float32)  # noqa: E731
+    normal = lambda *shape: rng.normal(0.0, 1.0, shape).astype(np.float32)  # noqa: E731
+    weights = {
+        "c1": [normal(3, 3, channels, 3), normal(3)],
+        "bn1": [normal(3), normal(3), positive(3)],  # beta, moving mean, moving variance (scale=False)
+        "c2": [normal(1, 1, channels, 2)],
+        "dense": [normal(5, 4), normal(4)],
+        "bn2": [positive(4), normal(4), normal(4), positive(4)],  # gamma, beta, mean, variance
+    }
+    return config, weights
+
+
+def write_keras_h5(path, config: dict, weights: dict[str, list[np.ndarray]]) -> None:
+    """Write ``config`` and ``weights`` in Keras 2's whole-model HDF5 layout (needs ``h5py``)."""
+    import h5py
+
+    with h5py.File(path, "w") as handle:
+        handle.attrs["model_config"] = json.dumps(config)
+        handle.attrs["keras_version"] = "2.16.0"
+        group = handle.create_group("model_weights")
+        for layer in config["config"]["layers"]:
+            name = layer["name"]
+            layer_group = group.create_group(name)
+            arrays = weights.get(name, [])
+            names = [f"{name}/w{index}:0" for index in range(len(arrays))]
+            layer_group.attrs["weight_names"] = [n.encode() for n in names]
+            for weight_name, array in zip(names, arrays):
+                layer_group.create_dataset(weight_name, data=array)

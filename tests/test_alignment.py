@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from krtfuap.alignment import (
     align_face,
     detect_and_align,
     estimate_similarity,
+    photo_to_tensor,
     sample_photos,
 )
 from krtfuap.datasets import FaceFolder
@@ -214,3 +216,12 @@ def test_realigning_a_shared_face_reproduces_it(shared_assets: Path, detector: S
         errors.append((realigned[0] - face).abs().mean().item())
     # measured on 100 random faces: mean 0.032 (8/255), max 0.093
     assert max(errors) < 0.1 and np.mean(errors) < 0.06, errors
+
+
+def test_photo_to_tensor_takes_read_only_photos_without_warning() -> None:
+    photo = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
+    photo.flags.writeable = False  # as np.asarray(PIL.Image) gives
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tensor = photo_to_tensor(photo)
+    assert tensor.shape == (3, 4, 5) and tensor[2, 0, 0] == 2 / 255
