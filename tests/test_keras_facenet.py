@@ -7,12 +7,11 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from fakes import small_keras_model, write_keras_h5
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from real_models import check_real_face_model
 
-from krtfuap.datasets import FaceFolder, PairDataset, filter_pairs, read_pairs, split_identities
 from krtfuap.models import (
     FACE_MODEL_NAMES,
     FACE_MODEL_THRESHOLDS,
@@ -23,7 +22,6 @@ from krtfuap.models import (
 )
 from krtfuap.models.keras_facenet import PerImageStandardization
 
-PAIRS_PER_KIND = 20
 
 
 @settings(max_examples=30, deadline=None)
@@ -99,30 +97,6 @@ def facenet():
     return load_keras_facenet()
 
 
-@pytest.fixture(scope="module")
-def held_out_pairs(shared_assets):
-    """PAIRS_PER_KIND genuine then PAIRS_PER_KIND impostor pairs of people the threshold was not calibrated on."""
-    faces = shared_assets / "faces"
-    _, held_out = split_identities(FaceFolder(faces).identities, 0.5, random_state=0)
-    pairs = filter_pairs(read_pairs(faces / "pairs.csv"), held_out)
-    chosen = [p for p in pairs if p[2]][:PAIRS_PER_KIND] + [p for p in pairs if not p[2]][:PAIRS_PER_KIND]
-    dataset = PairDataset(chosen, faces)
-    a, b, same = zip(*(dataset[i] for i in range(len(dataset))))
-    return torch.stack(a), torch.stack(b), torch.stack(same)
-
-
 @pytest.mark.real
 def test_facenet_is_frozen_differentiable_and_verifies_held_out_pairs(held_out_pairs, facenet):
-    a, b, same = held_out_pairs
-    assert not facenet.training and not any(p.requires_grad for p in facenet.parameters())
-    x = a[:2].clone().requires_grad_(True)
-    embeddings = facenet(x)
-    assert embeddings.shape == (2, 128)
-    embeddings.norm(dim=1).sum().backward()
-    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
-
-    with torch.no_grad():
-        cosine = F.cosine_similarity(facenet(a), facenet(b), dim=1)
-    accuracy = ((cosine >= KERAS_FACENET_THRESHOLD) == same).float().mean().item()
-    assert accuracy >= 0.9, (accuracy, cosine[same].tolist(), cosine[~same].tolist())
-    assert cosine[same].mean() > cosine[~same].mean() + 0.3
+    check_real_face_model(facenet, held_out_pairs, KERAS_FACENET_THRESHOLD, dim=128)

@@ -5,12 +5,10 @@ import re
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from real_models import check_real_face_model
 
-from krtfuap.datasets import FaceFolder, PairDataset, filter_pairs, read_pairs, split_identities
 from krtfuap.models import FACE_MODEL_NAMES, SFACE_THRESHOLD, load_face_model, load_sface, sface_model_path
 
-PAIRS_PER_KIND = 20
 SFACE_FILE = "face_recognition_sface_2021dec.onnx"
 
 
@@ -53,18 +51,6 @@ def sface():
     return load_sface()
 
 
-@pytest.fixture(scope="module")
-def held_out_pairs(shared_assets):
-    """PAIRS_PER_KIND genuine then PAIRS_PER_KIND impostor pairs of people the threshold was not calibrated on."""
-    faces = shared_assets / "faces"
-    _, held_out = split_identities(FaceFolder(faces).identities, 0.5, random_state=0)
-    pairs = filter_pairs(read_pairs(faces / "pairs.csv"), held_out)
-    chosen = [p for p in pairs if p[2]][:PAIRS_PER_KIND] + [p for p in pairs if not p[2]][:PAIRS_PER_KIND]
-    dataset = PairDataset(chosen, faces)
-    a, b, same = zip(*(dataset[i] for i in range(len(dataset))))
-    return torch.stack(a), torch.stack(b), torch.stack(same)
-
-
 @pytest.mark.real
 def test_sface_matches_onnxruntime_given_rgb_0_255(held_out_pairs, sface):
     onnxruntime = pytest.importorskip("onnxruntime", reason='onnxruntime comes with pip install "krtfuap[apps]"')
@@ -79,16 +65,4 @@ def test_sface_matches_onnxruntime_given_rgb_0_255(held_out_pairs, sface):
 
 @pytest.mark.real
 def test_sface_is_frozen_differentiable_and_verifies_held_out_pairs(held_out_pairs, sface):
-    a, b, same = held_out_pairs
-    assert not sface.training and not any(p.requires_grad for p in sface.parameters())
-    x = a[:2].clone().requires_grad_(True)
-    embeddings = sface(x)
-    assert embeddings.shape == (2, 128)
-    embeddings.norm(dim=1).sum().backward()
-    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
-
-    with torch.no_grad():
-        cosine = F.cosine_similarity(sface(a), sface(b), dim=1)
-    accuracy = ((cosine >= SFACE_THRESHOLD) == same).float().mean().item()
-    assert accuracy >= 0.9, (accuracy, cosine[same].tolist(), cosine[~same].tolist())
-    assert cosine[same].mean() > cosine[~same].mean() + 0.3
+    check_real_face_model(sface, held_out_pairs, SFACE_THRESHOLD, dim=128)
