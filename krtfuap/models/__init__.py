@@ -76,7 +76,8 @@ the fitting identities; 0.994 on the held-out identities' pairs at this threshol
 
 #: Names :func:`load_face_model` accepts.
 FACE_MODEL_NAMES = (
-    "foamliu_mobilefacenet", "insightface_mbf", "sface", "keras_facenet", "iresnet18", "iresnet34", "iresnet50", "iresnet100"
+    "foamliu_mobilefacenet", "insightface_mbf", "sface", "keras_facenet",
+    "iresnet18", "iresnet34", "iresnet50", "iresnet100",
 )
 
 #: The measured verification thresholds of the models whose weights ship in a package, by the name

@@ -3,10 +3,10 @@
 A Keras 2 ``model.save("model.h5")`` file holds the model's layer graph as JSON
 (the ``model_config`` attribute) and each layer's weights as arrays under
 ``model_weights``. :class:`KerasGraph` rebuilds that graph from ``torch.nn``
-layers, keeping Keras' arithmetic (TensorFlow's ``"same"`` padding, which puts
+layers, keeping Keras' definitions (TensorFlow's ``"same"`` padding, which puts
 the odd extra pixel after, not before; batch normalisation with Keras' epsilon),
-so the outputs match TensorFlow's to float rounding and gradients flow to the
-input.
+and gradients flow to the input. The tests check it against a float64 NumPy
+re-implementation of those definitions (TensorFlow is not needed, and not used).
 
 Only the layers that convolutional face recognisers such as FaceNet's
 Inception-ResNet-v1 use are supported: ``InputLayer``, ``Conv2D``,
@@ -319,10 +319,13 @@ class KerasGraph(nn.Module):
         self._fold_batch_norms()
 
     def _fold_batch_norms(self) -> None:
+        """Fold each batch norm that alone reads a linear convolution into it (the norm becomes identity)."""
         readers = Counter(source for _, inbound in self.order for source in inbound)
         for name, inbound in self.order:
             norm = self.layers[_key(name)]
             if not isinstance(norm, _BatchNorm) or len(inbound) != 1 or readers[inbound[0]] != 1:
+                continue
+            if inbound[0] == self.output_name:  # the convolution's own output is the model's
                 continue
             conv = self.layers[_key(inbound[0])]
             if isinstance(conv, _Conv2D) and conv.activation is _linear and _channel_axis(norm.axis, 4) == 1:
