@@ -23,9 +23,10 @@ def test_channels_last_gives_the_same_fit_on_cpu(shuffle):
     fast.fit(faces())
     assert fast.model.net[0].weight.is_contiguous(memory_format=torch.channels_last)
     # Convolutions in another memory format round differently, and Adam amplifies rounding over
-    # the steps, by how much depends on the path: agree to 1e-4 in the data's order and to 2e-4
-    # shuffled (epsilon is 0.08; measured: 1.1e-4 at most shuffled).
-    torch.testing.assert_close(fast.perturbation_, plain.perturbation_, atol=2e-4 if shuffle else 1e-4, rtol=0)
+    # the steps, by how much depends on the path and the CPU's kernels: agree to 1e-4 in the data's
+    # order and to 5e-4 shuffled (epsilon is 0.08; measured shuffled: 1.1e-4 at most on one CPU,
+    # 2.4e-4 on one element of 3072 on an AMD EPYC).
+    torch.testing.assert_close(fast.perturbation_, plain.perturbation_, atol=5e-4 if shuffle else 1e-4, rtol=0)
     assert fast.perturbation_.is_contiguous()
     assert [r["fooling_rate"] for r in fast.history_] == [r["fooling_rate"] for r in plain.history_]
 
