@@ -150,6 +150,13 @@ class UAPAttack(PerturbationEstimator):
         at or above ``target_ssim`` while the fooling rate is maximised; the
         perturbation returned is the best one scored that meets it. Works with
         every ``stealth_loss`` (not with ``None``). ``None``: a fixed ``stealth_weight``.
+    target_ssim_start : float, optional
+        With ``target_ssim``, a lower SSIM the adaptation aims at first, in ``(0, target_ssim]``:
+        the aim rises linearly from it to ``target_ssim`` over the first half of the fit's
+        learning-rate decay (``lr_decay_steps``; with ``lr_decay_steps=None`` it stays at
+        ``target_ssim``), so the perturbation takes shape before the stealth target holds it. Only
+        perturbations that meet ``target_ssim`` itself are preferred when the result is chosen.
+        ``None``: ``target_ssim`` from the first step.
     stealth_weight : float, optional
         ``lambda`` of the stealth loss, ``>= 0`` (the starting value when ``target_ssim``
         is set); ``None`` uses the loss's default (3 for ``"ssim"``, 0.05
@@ -277,6 +284,7 @@ class UAPAttack(PerturbationEstimator):
     _parameter_constraints: ClassVar[dict[str, list]] = {
         **PerturbationEstimator._parameter_constraints,
         "target_ssim": [Interval(float, 0, 1, closed="neither"), None],
+        "target_ssim_start": [Interval(float, 0, 1, closed="neither"), None],
         "stealth_weight": [Interval(float, 0, None), None],
         "stealth_loss": [Options("ssim", "vgg"), IsCallable("a callable (adversarial, clean) -> scalar"), None],
         "stealth_adapt_rate": [Interval(float, 0, None)],
@@ -295,7 +303,8 @@ class UAPAttack(PerturbationEstimator):
     }
     # ensemble_margin acts only with one threshold per model, which no file older than it holds.
     # min_psnr (None: no l2 budget) likewise came after format 2's first files.
-    _silent_defaults: ClassVar[tuple[str, ...]] = ("ensemble_margin", "min_psnr")
+    # target_ssim_start (None: the target from the first step) came later still.
+    _silent_defaults: ClassVar[tuple[str, ...]] = ("ensemble_margin", "min_psnr", "target_ssim_start")
 
     def __init__(
         self,
@@ -304,6 +313,7 @@ class UAPAttack(PerturbationEstimator):
         threshold: float | None = None,
         epsilon: float = 0.08,
         target_ssim: float | None = None,
+        target_ssim_start: float | None = None,
         stealth_weight: float | None = None,
         stealth_loss: StealthLossLike | None = "ssim",
         stealth_adapt_rate: float = 0.02,
@@ -402,6 +412,9 @@ class UAPAttack(PerturbationEstimator):
         super()._check_params_together()
         if self.target_ssim is not None and self.stealth_loss is None:
             raise ValueError("target_ssim needs a stealth loss to adapt; set stealth_loss='ssim' (or another).")
+        if self.target_ssim_start is not None and (self.target_ssim is None or self.target_ssim_start > self.target_ssim):
+            raise ValueError(f"target_ssim_start={self.target_ssim_start} needs a target_ssim at or above it (got "
+                             f"target_ssim={self.target_ssim}); set target_ssim, or leave target_ssim_start=None.")
         if member_count(self.threshold) is not None and self.adversarial_loss != "direction":
             raise ValueError(
                 f"adversarial_loss={self.adversarial_loss!r} applies to one threshold; with one threshold per model "
@@ -465,6 +478,7 @@ class UAPAttack(PerturbationEstimator):
             stealth_loss=stealth_loss,
             stealth_weight=stealth_weight,
             target_ssim=self.target_ssim,
+            target_ssim_start=self.target_ssim_start,
             adapt_rate=float(self.stealth_adapt_rate),
             skip_fooled=bool(self.skip_fooled),
             diversity=RandomResizePad(self.input_diversity, self.diversity_min_scale, generator=generator),
@@ -496,6 +510,7 @@ class _KeyRegionSolver(Solver):
         stealth_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
         stealth_weight: float,
         target_ssim: float | None,
+        target_ssim_start: float | None,
         adapt_rate: float,
         skip_fooled: bool,
         diversity: RandomResizePad,
@@ -513,6 +528,7 @@ class _KeyRegionSolver(Solver):
         self.stealth_loss = stealth_loss
         self.stealth_weight = stealth_weight
         self.target_ssim = target_ssim
+        self.target_ssim_start = target_ssim_start
         self.adapt_rate = adapt_rate
         self.skip_fooled = skip_fooled
         self.diversity = diversity
@@ -594,8 +610,15 @@ class _KeyRegionSolver(Solver):
                 group["lr"] = base_lr * factor
         if self.target_ssim is not None:
             self.stealth_weight = adapt_stealth_weight(
-                self.stealth_weight, record["ssim"], self.target_ssim + _SSIM_MARGIN, self.adapt_rate
+                self.stealth_weight, record["ssim"], self._aim(progress) + _SSIM_MARGIN, self.adapt_rate
             )
+
+    def _aim(self, progress: float | None) -> float:
+        """The SSIM the adaptation aims at ``progress`` of the way through the learning-rate decay: from
+        ``target_ssim_start`` up to ``target_ssim`` at half of it (``target_ssim`` without either)."""
+        if self.target_ssim_start is None or progress is None:
+            return self.target_ssim
+        return self.target_ssim_start + (self.target_ssim - self.target_ssim_start) * min(1.0, 2.0 * progress)
 
     @torch.no_grad()
     def perturbation(self) -> torch.Tensor:

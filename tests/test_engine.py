@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from fakes import TinyEmbedder, tiny_attack
+from fakes import TinyEmbedder, tiny_attack, untimed
 from fakes import random_faces as faces
 from torch import nn
 
@@ -248,6 +248,27 @@ def test_target_ssim_holds_on_the_fit_faces(stealth_loss):
     assert attack.stealth_weight_ > 0.01  # the weight had to grow to meet the target
     weights = [record["stealth_weight"] for record in attack.history_]
     assert weights[0] == 0.01 and len(set(weights)) > 1
+
+
+def test_target_ssim_start_aims_lower_first_and_still_returns_a_perturbation_that_meets_the_target():
+    coarse = torch.rand(24, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    X = torch.nn.functional.interpolate(coarse, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+    common = dict(threshold=0.98, stealth_loss="ssim", stealth_weight=0.01, target_ssim=0.9, init_scale=1.0,
+                  max_steps=48, max_epochs=100, target_fooling_rate=1.0, random_state=0)
+    direct = make(UAPAttack, **common).fit(X)
+    warmed = make(UAPAttack, target_ssim_start=0.8, **common).fit(X)
+    same = make(UAPAttack, target_ssim_start=0.9, **common).fit(X)
+    second_weights = [fit.history_[1]["stealth_weight"] for fit in (direct, warmed)]
+    assert second_weights[1] < second_weights[0]  # the same first batch, a lower aim: a smaller weight after it
+    assert warmed.ssim_ >= 0.9 and warmed.evaluate(X)["ssim"] >= 0.9  # the result meets the target itself
+    assert untimed(same.history_) == untimed(direct.history_)  # a start at the target is no warm-up
+
+
+def test_target_ssim_start_needs_a_target_at_or_above_it():
+    X = faces(8)
+    for bad in (dict(target_ssim_start=0.9), dict(target_ssim=0.9, target_ssim_start=0.95)):
+        with pytest.raises(ValueError, match="target_ssim_start"):
+            make(UAPAttack, **bad).fit(X)
 
 
 # ----------------------------------------------------------------- fitted state
