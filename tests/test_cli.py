@@ -308,9 +308,11 @@ def test_fit_command_fits_and_saves(tmp_path: Path) -> None:
     keyed = UAPAttack.load(output)
     assert keyed.key_regions == KeyRegions() and 0 < keyed.mask_.mean() < 1
     assert main(["fit", str(root), "--output", str(output), "--max-time", "0.01", "--augment", "round_trip",
-                 "--lowpass-size", "56", "--threshold", "0.3", "--quiet"]) == 0
+                 "--lowpass-size", "56", "--threshold", "0.3", "--target-ssim", "0.95", "--target-ssim-start", "0.91",
+                 "--quiet"]) == 0
     for_photos = UAPAttack.load(output)
     assert for_photos.augment == "round_trip" and for_photos.lowpass_size == 56
+    assert (for_photos.target_ssim, for_photos.target_ssim_start) == (0.95, 0.91)
 
 
 def test_fit_command_refuses_a_folder_as_output(tmp_path: Path, capsys) -> None:

@@ -413,6 +413,9 @@ def _add_fit_parser(commands: argparse._SubParsersAction) -> None:
     fit.add_argument("--max-faces", type=_positive_int, default=1000, help="faces to fit on (default: %(default)s)")
     fit.add_argument("--max-time", type=_non_negative, default=600.0, help="seconds of fitting (default: %(default)s)")
     fit.add_argument("--target-ssim", type=_open_probability, default=0.93, help="stealth target (default: %(default)s)")
+    fit.add_argument("--target-ssim-start", type=_open_probability, default=None, metavar="S",
+                     help="aim at this lower SSIM first, rising to --target-ssim over the first half of the fit "
+                     "(e.g. 0.91 with --target-ssim 0.95)")
     fit.add_argument("--augment", choices=("round_trip", "photo", "none"), default="none",
                      help="round_trip: fit through pasting into a photo, JPEG and re-alignment (for cloaking photos); "
                      "photo: through random JPEG, rescaling and re-alignment (default: %(default)s)")
@@ -456,7 +459,7 @@ def _run_fit(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
         raise ValueError(f"{args.faces} has no pairs.csv to calibrate {args.model}'s threshold: pass --threshold T.")
     attack = UAPAttack(
         load_face_model(args.model, args.weights), threshold=threshold, epsilon=args.epsilon,
-        target_ssim=args.target_ssim, augment=None if args.augment == "none" else args.augment,
+        target_ssim=args.target_ssim, target_ssim_start=args.target_ssim_start, augment=None if args.augment == "none" else args.augment,
         lowpass_size=args.lowpass_size, key_regions=KeyRegions() if args.key_regions else None,
         target_fooling_rate=1.0, max_time=args.max_time or None, random_state=args.seed,
         device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), num_threads=args.threads,
