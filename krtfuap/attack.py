@@ -412,7 +412,8 @@ class UAPAttack(PerturbationEstimator):
         super()._check_params_together()
         if self.target_ssim is not None and self.stealth_loss is None:
             raise ValueError("target_ssim needs a stealth loss to adapt; set stealth_loss='ssim' (or another).")
-        if self.target_ssim_start is not None and (self.target_ssim is None or self.target_ssim_start > self.target_ssim):
+        start, target = self.target_ssim_start, self.target_ssim
+        if start is not None and (target is None or start > target):
             raise ValueError(f"target_ssim_start={self.target_ssim_start} needs a target_ssim at or above it (got "
                              f"target_ssim={self.target_ssim}); set target_ssim, or leave target_ssim_start=None.")
         if member_count(self.threshold) is not None and self.adversarial_loss != "direction":

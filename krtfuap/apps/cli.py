@@ -459,7 +459,8 @@ def _run_fit(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
         raise ValueError(f"{args.faces} has no pairs.csv to calibrate {args.model}'s threshold: pass --threshold T.")
     attack = UAPAttack(
         load_face_model(args.model, args.weights), threshold=threshold, epsilon=args.epsilon,
-        target_ssim=args.target_ssim, target_ssim_start=args.target_ssim_start, augment=None if args.augment == "none" else args.augment,
+        target_ssim=args.target_ssim, target_ssim_start=args.target_ssim_start,
+        augment=None if args.augment == "none" else args.augment,
         lowpass_size=args.lowpass_size, key_regions=KeyRegions() if args.key_regions else None,
         target_fooling_rate=1.0, max_time=args.max_time or None, random_state=args.seed,
         device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), num_threads=args.threads,
