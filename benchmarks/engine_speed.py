@@ -99,6 +99,7 @@ def main() -> None:
     parser.add_argument("--goal-ssim", type=float, default=0.93)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--device", default="cpu", help="where the models run (e.g. cuda)")
     parser.add_argument("--json", type=Path, default=None, help="write every curve here")
     parser.add_argument("--figure", type=Path, default=None, help="draw the held-out FR/SSIM points here")
     parser.add_argument("--plot-only", type=Path, nargs="+", default=None, metavar="JSON",
@@ -115,14 +116,15 @@ def main() -> None:
     print(f"fit: {len(fit_faces)} faces of {len(split.fit_identities)} identities; held-out: {len(test_faces)} "
           f"faces of {len(split.test_identities)} other identities; epsilon 0.08; max_time {args.max_time:.0f} s; "
           f"max_epochs {args.max_epochs}; "
-          f"torch threads {torch.get_num_threads()}; load average at start {os.getloadavg()[0]:.2f}\n")
+          f"torch threads {torch.get_num_threads()}; device {args.device}; "
+          f"load average at start {os.getloadavg()[0]:.2f}\n")
     goals = " | ".join(f"steps / s to FR {goal:g}" for goal in args.goal_fr)
     print(f"| model | t | config | {goals} | fit steps | fit s | returned: held-out FR | "
           f"SSIM | PSNR | fit FR | fit SSIM | final stealth weight | load |")
     print("|---|---|---|" + "---|" * len(args.goal_fr) + "---|---|---|---|---|---|---|---|---|")
     curves = []
     for name in args.models:
-        model = load_model(name)
+        model = load_model(name).to(args.device)
         threshold = calibrated_threshold(model, split.calibration)
         for config in args.configs:
             curve: list[dict] = []

@@ -363,6 +363,9 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
     #: Parameters added after format 2 that change nothing in a fit saved before they existed (e.g. one
     #: that acts only with values older files cannot hold): ``load`` gives them today's default silently.
     _silent_defaults: ClassVar[tuple[str, ...]] = ()
+    #: Parameters added after format 2 whose default is not what a fit before them did: ``load`` gives a
+    #: file without one this value (the behaviour its fit had), silently.
+    _values_before: ClassVar[dict[str, Any]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -826,7 +829,8 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
             )
         missing = [
             name for name in cls._get_param_names()
-            if name not in params and name not in ("model", *_MACHINE_LOCAL, *cls._silent_defaults)
+            if name not in params
+            and name not in ("model", *_MACHINE_LOCAL, *cls._silent_defaults, *cls._values_before)
         ]
         if missing:
             origin = "an older krtfuap (format 1)" if file_format != _FORMAT else saved_by
@@ -835,7 +839,7 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
                 f"{cls.__name__} takes today's defaults for them (they may differ from what the fit used).",
                 UserWarning, stacklevel=2,
             )
-        attack = cls(model, **params)
+        attack = cls(model, **{**cls._values_before, **params})
         try:
             attack._check_loaded_params()
         except (TypeError, ValueError) as error:

@@ -303,10 +303,14 @@ def test_fit_command_fits_and_saves(tmp_path: Path) -> None:
     attack = UAPAttack.load(output)
     assert attack.threshold_ == 0.3 and attack.n_iter_ >= 1 and attack.perturbation_.abs().max() <= 0.08
     assert attack.key_regions is None and torch.equal(attack.mask_, torch.ones(112, 112))
+    assert attack.target_ssim_start == "auto"
     assert main(["fit", str(root), "--output", str(output), "--max-time", "0.01", "--key-regions",
                  "--threshold", "0.3", "--quiet"]) == 0
     keyed = UAPAttack.load(output)
     assert keyed.key_regions == KeyRegions() and 0 < keyed.mask_.mean() < 1
+    assert main(["fit", str(root), "--output", str(output), "--max-time", "0.01", "--threshold", "0.3",
+                 "--target-ssim-start", "none", "--quiet"]) == 0
+    assert UAPAttack.load(output).target_ssim_start is None
     assert main(["fit", str(root), "--output", str(output), "--max-time", "0.01", "--augment", "round_trip",
                  "--lowpass-size", "56", "--threshold", "0.3", "--target-ssim", "0.95", "--target-ssim-start", "0.91",
                  "--quiet"]) == 0

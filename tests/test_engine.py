@@ -11,7 +11,7 @@ from fakes import random_faces as faces
 from torch import nn
 
 from krtfuap._ops import call_model
-from krtfuap.attack import UAPAttack, adapt_stealth_weight
+from krtfuap.attack import AUTO_WARM_UP, UAPAttack, adapt_stealth_weight
 from krtfuap.key_regions import KeyRegions
 from krtfuap.baselines import FGUAP, DeepFoolUAP, FrequencyUAP, RandomNoiseUAP
 from krtfuap._batches import FitData
@@ -255,13 +255,29 @@ def test_target_ssim_start_aims_lower_first_and_still_returns_a_perturbation_tha
     X = torch.nn.functional.interpolate(coarse, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
     common = dict(threshold=0.98, stealth_loss="ssim", stealth_weight=0.01, target_ssim=0.9, init_scale=1.0,
                   max_steps=48, max_epochs=100, target_fooling_rate=1.0, random_state=0)
-    direct = make(UAPAttack, **common).fit(X)
+    direct = make(UAPAttack, target_ssim_start=None, **common).fit(X)
     warmed = make(UAPAttack, target_ssim_start=0.8, **common).fit(X)
     same = make(UAPAttack, target_ssim_start=0.9, **common).fit(X)
     second_weights = [fit.history_[1]["stealth_weight"] for fit in (direct, warmed)]
     assert second_weights[1] < second_weights[0]  # the same first batch, a lower aim: a smaller weight after it
     assert warmed.ssim_ >= 0.9 and warmed.evaluate(X)["ssim"] >= 0.9  # the result meets the target itself
     assert untimed(same.history_) == untimed(direct.history_)  # a start at the target is no warm-up
+
+
+def test_the_default_warm_up_starts_0_06_below_the_target_and_needs_no_target():
+    X = faces(16)
+    common = dict(threshold=0.98, stealth_loss="ssim", stealth_weight=0.01, target_ssim=0.9, max_steps=6,
+                  target_fooling_rate=1.0, random_state=0)
+    auto = make(UAPAttack, **common).fit(X)
+    assert auto.target_ssim_start == "auto" and AUTO_WARM_UP == 0.06
+    explicit = make(UAPAttack, target_ssim_start=0.9 - AUTO_WARM_UP, **common).fit(X)
+    assert untimed(auto.history_) == untimed(explicit.history_)
+    assert untimed(auto.history_) != untimed(make(UAPAttack, target_ssim_start=None, **common).fit(X).history_)
+    make(UAPAttack, target_ssim=None, max_steps=2).fit(X)  # "auto" without a target: no warm-up, no error
+    # Limited by max_epochs alone, the fit's length is unknown: no warm-up, so a short fit still aims at the target.
+    by_epochs = {**common, "max_steps": None, "max_epochs": 1}
+    assert untimed(make(UAPAttack, **by_epochs).fit(X).history_) == untimed(
+        make(UAPAttack, target_ssim_start=None, **by_epochs).fit(X).history_)
 
 
 def test_target_ssim_start_needs_a_target_at_or_above_it():

@@ -239,6 +239,19 @@ def test_a_format_1_file_loads_and_names_what_it_takes_from_todays_defaults(tmp_
     assert torch.equal(loaded.perturbation_, attack.perturbation_)
 
 
+def test_a_file_from_before_the_warm_up_loads_as_fitted_without_one(tmp_path):
+    attack = UAPAttack(TinyEmbedder(), threshold=0.5, target_ssim=0.9, max_epochs=1, batch_size=4).fit(faces())
+    path, old = tmp_path / "new.safetensors", tmp_path / "old.safetensors"
+    attack.save(path)
+    assert UAPAttack.load(path).target_ssim_start == "auto"
+    params = json.loads(_metadata(path)["params"])
+    del params["target_ssim_start"]
+    _rewrite(path, old, params=json.dumps(params))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: the value is the one its fit had
+        assert UAPAttack.load(old).target_ssim_start is None
+
+
 def test_a_random_noise_file_of_format_1_drops_the_stopping_rules_it_never_used(tmp_path):
     attack = baselines.RandomNoiseUAP(TinyEmbedder(), threshold=0.5, batch_size=4, random_state=0).fit(faces())
     path, old = tmp_path / "new.safetensors", tmp_path / "old.safetensors"

@@ -44,7 +44,8 @@ def test_the_ready_cloak_file_carries_its_true_parameters_and_the_fitted_bits() 
         stored = handle.get_tensor("perturbation_")
     assert metadata["format"] == "krtfuap.UAPAttack/2" and metadata["krtfuap_version"] == krtfuap.__version__
     # Every parameter but those added since, which change nothing in a fit saved before them.
-    assert set(json.loads(metadata["params"])) == set(UAPAttack(None).get_params()) - set(UAPAttack._silent_defaults)
+    added = {*UAPAttack._silent_defaults, *UAPAttack._values_before}
+    assert set(json.loads(metadata["params"])) == set(UAPAttack(None).get_params()) - added
     assert stored.dtype == torch.float16
     assert hashlib.sha256(stored.numpy().tobytes()).hexdigest() == PERTURBATION_SHA256
     with warnings.catch_warnings():
@@ -52,6 +53,7 @@ def test_the_ready_cloak_file_carries_its_true_parameters_and_the_fitted_bits() 
         cloak = pretrained.default_cloak(model=None)
     # examples/fit_default_cloak.py fitted it with these (shuffle=False: the faces in a fixed order).
     assert cloak.shuffle is False and cloak.key_regions is None and cloak.lowpass_size is None
+    assert cloak.target_ssim_start is None  # fitted before the warm-up existed
     assert (cloak.max_steps, cloak.lr_decay_steps, cloak.random_state, cloak.batch_size) == (1200, 1200, 0, 10)
     assert torch.equal(cloak.perturbation_, stored.float())
 

@@ -70,6 +70,13 @@ def _open_probability(text: str) -> float:
     return value
 
 
+def _warm_up_start(text: str) -> float | str | None:
+    """``auto``, ``none`` or an SSIM in ``(0, 1)``."""
+    if text.lower() in ("auto", "none"):
+        return None if text.lower() == "none" else "auto"
+    return _open_probability(text)
+
+
 def _similarity(text: str) -> float:
     return _number(text, float, -1.0, high=1.0)
 
@@ -413,9 +420,9 @@ def _add_fit_parser(commands: argparse._SubParsersAction) -> None:
     fit.add_argument("--max-faces", type=_positive_int, default=1000, help="faces to fit on (default: %(default)s)")
     fit.add_argument("--max-time", type=_non_negative, default=600.0, help="seconds of fitting (default: %(default)s)")
     fit.add_argument("--target-ssim", type=_open_probability, default=0.93, help="stealth target (default: %(default)s)")
-    fit.add_argument("--target-ssim-start", type=_open_probability, default=None, metavar="S",
-                     help="aim at this lower SSIM first, rising to --target-ssim over the first half of the fit "
-                     "(e.g. 0.91 with --target-ssim 0.95)")
+    fit.add_argument("--target-ssim-start", type=_warm_up_start, default="auto", metavar="S",
+                     help="aim at this lower SSIM first, rising to --target-ssim over the first half of the fit; "
+                     "auto: 0.06 below it; none: no warm-up (default: %(default)s)")
     fit.add_argument("--augment", choices=("round_trip", "photo", "none"), default="none",
                      help="round_trip: fit through pasting into a photo, JPEG and re-alignment (for cloaking photos); "
                      "photo: through random JPEG, rescaling and re-alignment (default: %(default)s)")
