@@ -229,7 +229,7 @@ class UAPAttack(PerturbationEstimator):
         the fit: with ``1.0`` and ``diversity_min_scale=0.8`` (:meth:`transferable`), a fit on
         ``w600k_mbf`` run to its target fooling rate fooled foamliu MobileFaceNet on 0.52-0.54 of
         held-out faces instead of 0.163; one on foamliu fooled ``w600k_mbf`` on 0.290 instead of
-        0.182 (``benchmarks/RESULTS.md`` 8c, 8d).
+        0.182 (``benchmarks/RESULTS.md`` 8c, 8d; fits without the stealth warm-up).
     diversity_min_scale : float
         Smallest shrink factor of input diversity, in ``(0, 1]``.
     augment : {"photo", "round_trip"}, callable or None
