@@ -303,14 +303,14 @@ def test_fit_command_fits_and_saves(tmp_path: Path) -> None:
     attack = UAPAttack.load(output)
     assert attack.threshold_ == 0.3 and attack.n_iter_ >= 1 and attack.perturbation_.abs().max() <= 0.08
     assert attack.key_regions is None and torch.equal(attack.mask_, torch.ones(112, 112))
-    assert attack.target_ssim_start == "auto"
+    assert attack.target_ssim_start == "auto" and attack.lr == 0.01
     assert main(["fit", str(root), "--output", str(output), "--max-time", "0.01", "--key-regions",
                  "--threshold", "0.3", "--quiet"]) == 0
     keyed = UAPAttack.load(output)
     assert keyed.key_regions == KeyRegions() and 0 < keyed.mask_.mean() < 1
     assert main(["fit", str(root), "--output", str(output), "--max-time", "0.01", "--threshold", "0.3",
-                 "--target-ssim-start", "none", "--quiet"]) == 0
-    assert UAPAttack.load(output).target_ssim_start is None
+                 "--target-ssim-start", "none", "--lr", "0.02", "--quiet"]) == 0
+    assert UAPAttack.load(output).target_ssim_start is None and UAPAttack.load(output).lr == 0.02
     assert main(["fit", str(root), "--output", str(output), "--max-time", "0.01", "--augment", "round_trip",
                  "--lowpass-size", "56", "--threshold", "0.3", "--target-ssim", "0.95", "--target-ssim-start", "0.91",
                  "--quiet"]) == 0
@@ -396,6 +396,7 @@ def test_benchmark_reports_a_folder_without_pairs(tmp_path: Path, capsys: pytest
     (["fit", ".", "--output", "o", "--epsilon", "nan"], "--epsilon: must be a finite number"),
     (["fit", ".", "--output", "o", "--max-faces", "2.5"], "--max-faces: expected an integer"),
     (["fit", ".", "--output", "o", "--target-ssim", "1"], "--target-ssim: must be in (0, 1)"),
+    (["fit", ".", "--output", "o", "--lr", "0"], "--lr: must be > 0.0"),
     (["cloak", "a.jpg", "--output", "o", "--verify-threshold", "2"], "--verify-threshold: must be in [-1.0, 1.0]"),
     (["cloak", "a.jpg", "--output", "o", "--threads", "0"], "--threads: must be >= 1"),
     (["demo", "--threads", "two"], "--threads: expected an integer"),

@@ -51,6 +51,10 @@ def _epsilon(text: str) -> float:
     return _number(text, float, 0.0, open_low=True, high=1.0)
 
 
+def _positive(text: str) -> float:
+    return _number(text, float, 0.0, open_low=True)
+
+
 def _positive_int(text: str) -> int:
     return _number(text, int, 1)
 
@@ -429,6 +433,9 @@ def _add_fit_parser(commands: argparse._SubParsersAction) -> None:
     fit.add_argument("--lowpass-size", type=_positive_int, default=None, metavar="N",
                      help="band-limit the perturbation to an N x N grid (e.g. 72: survives photos better)")
     fit.add_argument("--epsilon", type=_epsilon, default=0.08, help="l_inf budget (default: %(default)s)")
+    fit.add_argument("--lr", type=_positive, default=0.01,
+                     help="Adam learning rate of the perturbation, decayed to a tenth over the fit; 0.02 fooled "
+                     "more held-out faces at --target-ssim 0.95 (default: %(default)s)")
     fit.add_argument("--key-regions", action="store_true",
                      help="shape the perturbation by the paper's key-region mask and flow (default: a global "
                      "perturbation, measured stronger at the same SSIM)")
@@ -466,7 +473,7 @@ def _run_fit(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
         raise ValueError(f"{args.faces} has no pairs.csv to calibrate {args.model}'s threshold: pass --threshold T.")
     attack = UAPAttack(
         load_face_model(args.model, args.weights), threshold=threshold, epsilon=args.epsilon,
-        target_ssim=args.target_ssim, target_ssim_start=args.target_ssim_start,
+        target_ssim=args.target_ssim, target_ssim_start=args.target_ssim_start, lr=args.lr,
         augment=None if args.augment == "none" else args.augment,
         lowpass_size=args.lowpass_size, key_regions=KeyRegions() if args.key_regions else None,
         target_fooling_rate=1.0, max_time=args.max_time or None, random_state=args.seed,
