@@ -310,7 +310,8 @@ def test_fit_command_fits_and_saves(tmp_path: Path) -> None:
     assert keyed.key_regions == KeyRegions() and 0 < keyed.mask_.mean() < 1
     assert main(["fit", str(root), "--output", str(output), "--max-time", "0.01", "--threshold", "0.3",
                  "--target-ssim-start", "none", "--lr", "0.02", "--quiet"]) == 0
-    assert UAPAttack.load(output).target_ssim_start is None and UAPAttack.load(output).lr == 0.02
+    unwarmed = UAPAttack.load(output)
+    assert unwarmed.target_ssim_start is None and unwarmed.lr == 0.02
     assert main(["fit", str(root), "--output", str(output), "--max-time", "0.01", "--augment", "round_trip",
                  "--lowpass-size", "56", "--threshold", "0.3", "--target-ssim", "0.95", "--target-ssim-start", "0.91",
                  "--quiet"]) == 0
