@@ -209,8 +209,9 @@ class UAPAttack(PerturbationEstimator):
     [[stopping]]
     lr : float
         Adam learning rate of the noise, ``> 0`` (paper: 0.01); also of the flow
-        unless ``KeyRegions.flow_lr`` is set. 0.02 fooled more held-out faces in fits
-        of a few hundred steps, not in longer ones (``benchmarks/RESULTS.md``, 8k).
+        unless ``KeyRegions.flow_lr`` is set. 0.02 fooled more held-out faces of
+        ``w600k_mbf`` and, in fits of a few hundred steps, of foamliu's MobileFaceNet
+        (``benchmarks/RESULTS.md``, 8k).
     lr_decay_steps : int, "auto" or None
         Cosine-decay both learning rates to a tenth over this many update
         steps, then hold them there (:func:`cosine_decay`). ``"auto"`` (the
