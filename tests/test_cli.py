@@ -369,6 +369,17 @@ def test_each_subcommand_has_its_own_parser_function() -> None:
         assert callable(args.run) and args.run.__name__ == f"_run_{command}"
 
 
+def test_fit_command_repeats_the_attacks_own_defaults() -> None:
+    """``--epsilon`` and ``--lr`` repeat ``UAPAttack``'s defaults as literals (the parser imports no torch)."""
+    import inspect
+
+    from krtfuap.apps.cli import build_parser
+
+    args = build_parser().parse_args(["fit", ".", "--output", "o"])
+    parameters = inspect.signature(UAPAttack).parameters
+    assert (args.epsilon, args.lr) == (parameters["epsilon"].default, parameters["lr"].default)
+
+
 @pytest.mark.real
 def test_benchmark_command_writes_the_report(shared_assets: Path, tmp_path: Path) -> None:
     status = main([
