@@ -27,6 +27,7 @@ from krtfuap.key_regions import KeyRegions
 from krtfuap.losses import ADVERSARIAL_LOSSES, DirectionLoss, worst_member_loss
 from krtfuap.metrics import cosine_similarity, fooled_by_similarity, member_count, ssim
 from krtfuap.models.ensemble import member_similarities
+from krtfuap.optim import OPTIMIZERS, make_optimizer
 from krtfuap.perturbation import MaskedPerturbation, psnr_to_rms
 from krtfuap.stealth import StealthLossLike, resolve_stealth_loss
 
@@ -207,8 +208,13 @@ class UAPAttack(PerturbationEstimator):
         Algorithm 1, line 7: only faces that are not yet fooled contribute to
         the adversarial loss of a step (paper: True).
     [[stopping]]
+    optimizer : {"adam", "tensorwise_adam"}
+        The update of noise and flow (:mod:`krtfuap.optim`). ``"adam"`` (paper): each element's
+        step divided by its own running root-mean-square, so every pixel moves about ``lr``.
+        ``"tensorwise_adam"`` (:class:`krtfuap.optim.TensorwiseAdam`): one running root-mean-square
+        for the whole tensor, so the step keeps the gradient's shape.
     lr : float
-        Adam learning rate of the noise, ``> 0`` (paper: 0.01); also of the flow
+        Learning rate of the noise, ``> 0`` (paper: 0.01); also of the flow
         unless ``KeyRegions.flow_lr`` is set. 0.02 fooled more held-out faces of
         ``w600k_mbf`` and, in fits of a few hundred steps, of foamliu's MobileFaceNet
         (``benchmarks/RESULTS.md``, 8k).
@@ -303,6 +309,7 @@ class UAPAttack(PerturbationEstimator):
         "ensemble_margin": [Interval(float, 0, None, hint=" (a cosine margin)")],
         "key_regions": [InstanceOf(KeyRegions, description="a krtfuap.KeyRegions"), None],
         "skip_fooled": [Boolean()],
+        "optimizer": [Options(*OPTIMIZERS)],
         "lr": [Interval(float, 0, None, closed="neither")],
         "lr_decay_steps": [Interval(int, 1), Options("auto"), None],
         "input_diversity": [Interval(float, 0, 1)],
@@ -315,8 +322,8 @@ class UAPAttack(PerturbationEstimator):
     # ensemble_margin acts only with one threshold per model, which no file older than it holds.
     # min_psnr (None: no l2 budget) likewise came after format 2's first files.
     _silent_defaults: ClassVar[tuple[str, ...]] = ("ensemble_margin", "min_psnr")
-    # Files saved before target_ssim_start existed were fitted without a warm-up.
-    _values_before: ClassVar[dict[str, Any]] = {"target_ssim_start": None}
+    # Files saved before target_ssim_start existed were fitted without a warm-up, before optimizer with Adam.
+    _values_before: ClassVar[dict[str, Any]] = {"target_ssim_start": None, "optimizer": "adam"}
 
     def __init__(
         self,
@@ -337,6 +344,7 @@ class UAPAttack(PerturbationEstimator):
         max_epochs: int = 50,
         max_time: float | None = None,
         max_steps: int | None = None,
+        optimizer: Literal["adam", "tensorwise_adam"] = "adam",
         lr: float = 0.01,
         lr_decay_steps: int | Literal["auto"] | None = "auto",
         input_diversity: float = 0.0,
@@ -379,7 +387,7 @@ class UAPAttack(PerturbationEstimator):
             stealth_loss="vgg", stealth_weight=0.05, target_ssim=None, target_ssim_start=None,
             key_regions=KeyRegions(),
             skip_fooled=True, init_scale=1.0, lowpass_size=None, min_psnr=None,
-            lr=0.01, lr_decay_steps=None, batch_size=10, shuffle=False, target_fooling_rate=0.8,
+            optimizer="adam", lr=0.01, lr_decay_steps=None, batch_size=10, shuffle=False, target_fooling_rate=0.8,
             adversarial_loss="direction",
         )
         recipe.update(overrides)
@@ -509,6 +517,7 @@ class UAPAttack(PerturbationEstimator):
             skip_fooled=bool(self.skip_fooled),
             diversity=RandomResizePad(self.input_diversity, self.diversity_min_scale, generator=generator),
             augment=resolve_augment(self.augment, generator),
+            optimizer=self.optimizer,
             lr=float(self.lr),
             flow_lr=float(flow_lr),
             lr_progress=self._lr_progress,
@@ -518,7 +527,8 @@ class UAPAttack(PerturbationEstimator):
 
 
 class _KeyRegionSolver(Solver):
-    """KRT-FUAP's update: Adam on noise and flow of a :class:`MaskedPerturbation`, loss = adversarial + lambda * stealth.
+    """KRT-FUAP's update: Adam (or another :mod:`krtfuap.optim` optimiser) on noise and flow of a
+    :class:`MaskedPerturbation`, loss = adversarial + lambda * stealth.
 
     ``threshold`` is one number, or a tuple of one per member of the
     :class:`~krtfuap.models.ensemble.MemberwiseEmbedder` behind ``embed`` (then the adversarial
@@ -541,6 +551,7 @@ class _KeyRegionSolver(Solver):
         skip_fooled: bool,
         diversity: RandomResizePad,
         augment: Callable[[torch.Tensor], torch.Tensor] | None,
+        optimizer: Literal["adam", "tensorwise_adam"],
         lr: float,
         flow_lr: float,
         lr_progress: Callable[[int, float], float | None],
@@ -562,7 +573,7 @@ class _KeyRegionSolver(Solver):
         groups = [{"params": [perturbation.noise], "lr": lr}]
         if perturbation.flow_warp is not None:
             groups.append({"params": list(perturbation.flow_warp.parameters()), "lr": flow_lr})
-        self.optimizer = torch.optim.Adam(groups)
+        self.optimizer = make_optimizer(optimizer, groups)
         self.base_lrs = [group["lr"] for group in groups]
         self.lr_progress = lr_progress
 

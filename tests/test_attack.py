@@ -15,6 +15,7 @@ from krtfuap.attack import UAPAttack
 from krtfuap.key_regions import KeyRegions
 from krtfuap.masks import KeyRegionMasker
 from krtfuap.metrics import psnr, ssim
+from krtfuap.optim import OPTIMIZERS
 
 SIZE = 32
 
@@ -46,10 +47,12 @@ def test_perturbation_within_budget_and_output_in_range(fitted):
     assert adversarial.dtype == x.dtype
 
 
-@settings(max_examples=6, deadline=None)
-@given(epsilon=st.floats(0.005, 0.3), lr=st.floats(0.001, 0.5), seed=st.integers(0, 1000))
-def test_budget_holds_for_any_epsilon_and_learning_rate(epsilon, lr, seed):
-    attack = quick_attack(epsilon=epsilon, lr=lr, max_epochs=1, random_state=seed, stealth_loss=None)
+@settings(max_examples=8, deadline=None)
+@given(epsilon=st.floats(0.005, 0.3), lr=st.floats(0.001, 0.5), seed=st.integers(0, 1000),
+       optimizer=st.sampled_from(OPTIMIZERS))
+def test_budget_holds_for_any_epsilon_learning_rate_and_optimizer(epsilon, lr, seed, optimizer):
+    attack = quick_attack(epsilon=epsilon, lr=lr, max_epochs=1, random_state=seed, stealth_loss=None,
+                          optimizer=optimizer)
     attack.fit(faces(8, seed))
     assert attack.perturbation_.abs().max() <= epsilon * (1 + 1e-6)
     assert attack.flow_.abs().max() <= 1.0
@@ -454,6 +457,24 @@ def test_lr_decay_steps_lowers_both_learning_rates_and_survives_a_resume(tmp_pat
     assert torch.equal(resumed.perturbation_, attack.perturbation_)
     with pytest.raises(ValueError, match="lr_decay_steps"):
         quick_attack(lr_decay_steps=0).fit(x)
+
+
+def test_tensorwise_adam_fits_resumes_exactly_and_differs_from_adam(tmp_path):
+    x = faces()
+    settings = dict(optimizer="tensorwise_adam", key_regions=KeyRegions(), max_epochs=3, target_fooling_rate=1.0)
+    attack = quick_attack(**settings).fit(x)
+    assert attack.n_iter_ == 6 and attack.optimizer == "tensorwise_adam"
+    adam = quick_attack(**{**settings, "optimizer": "adam"}).fit(x)
+    assert not torch.equal(attack.perturbation_, adam.perturbation_)
+    path = tmp_path / "fit.ckpt"
+    quick_attack(checkpoint_path=path, **{**settings, "max_epochs": 1}).fit(x)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    assert state["solver"]["optimizer"]["state"][0]["exp_avg_sq"].ndim == 0  # one second moment per tensor
+    resumed = quick_attack(checkpoint_path=path, **settings).fit(x, resume=True)
+    assert torch.equal(resumed.perturbation_, attack.perturbation_)
+    assert torch.equal(resumed.flow_, attack.flow_)
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        quick_attack(optimizer="sgd").fit(x)
 
 
 def test_the_default_decays_the_learning_rate_over_the_fits_budget_and_the_paper_keeps_it_constant(tmp_path):

@@ -17,6 +17,7 @@ from processes import TIMEOUT_S
 
 from krtfuap.apps.cli import main
 from krtfuap.attack import UAPAttack
+from krtfuap.optim import OPTIMIZERS
 from krtfuap.cloak_defaults import CLOAK_DEFAULTS
 from krtfuap.key_regions import KeyRegions
 from krtfuap.models import INSIGHTFACE_MBF_THRESHOLD
@@ -303,15 +304,15 @@ def test_fit_command_fits_and_saves(tmp_path: Path) -> None:
     attack = UAPAttack.load(output)
     assert attack.threshold_ == 0.3 and attack.n_iter_ >= 1 and attack.perturbation_.abs().max() <= 0.08
     assert attack.key_regions is None and torch.equal(attack.mask_, torch.ones(112, 112))
-    assert attack.target_ssim_start == "auto" and attack.lr == 0.01
+    assert attack.target_ssim_start == "auto" and attack.lr == 0.01 and attack.optimizer == "adam"
     assert main(["fit", str(root), "--output", str(output), "--max-time", "0.01", "--key-regions",
                  "--threshold", "0.3", "--quiet"]) == 0
     keyed = UAPAttack.load(output)
     assert keyed.key_regions == KeyRegions() and 0 < keyed.mask_.mean() < 1
     assert main(["fit", str(root), "--output", str(output), "--max-time", "0.01", "--threshold", "0.3",
-                 "--target-ssim-start", "none", "--lr", "0.02", "--quiet"]) == 0
+                 "--target-ssim-start", "none", "--lr", "0.02", "--optimizer", "tensorwise_adam", "--quiet"]) == 0
     unwarmed = UAPAttack.load(output)
-    assert unwarmed.target_ssim_start is None and unwarmed.lr == 0.02
+    assert unwarmed.target_ssim_start is None and unwarmed.lr == 0.02 and unwarmed.optimizer == "tensorwise_adam"
     assert main(["fit", str(root), "--output", str(output), "--max-time", "0.01", "--augment", "round_trip",
                  "--lowpass-size", "56", "--threshold", "0.3", "--target-ssim", "0.95", "--target-ssim-start", "0.91",
                  "--quiet"]) == 0
@@ -370,14 +371,18 @@ def test_each_subcommand_has_its_own_parser_function() -> None:
 
 
 def test_fit_command_repeats_the_attacks_own_defaults() -> None:
-    """``--epsilon`` and ``--lr`` repeat ``UAPAttack``'s defaults as literals (the parser imports no torch)."""
+    """``--epsilon``, ``--lr`` and ``--optimizer`` repeat ``UAPAttack``'s defaults and choices as literals (the
+    parser imports no torch)."""
     import inspect
 
     from krtfuap.apps.cli import build_parser
 
     args = build_parser().parse_args(["fit", ".", "--output", "o"])
     parameters = inspect.signature(UAPAttack).parameters
-    assert (args.epsilon, args.lr) == (parameters["epsilon"].default, parameters["lr"].default)
+    assert (args.epsilon, args.lr, args.optimizer) == tuple(
+        parameters[name].default for name in ("epsilon", "lr", "optimizer"))
+    for name in OPTIMIZERS:
+        assert build_parser().parse_args(["fit", ".", "--output", "o", "--optimizer", name]).optimizer == name
 
 
 @pytest.mark.real

@@ -252,6 +252,20 @@ def test_a_file_from_before_the_warm_up_loads_as_fitted_without_one(tmp_path):
         assert UAPAttack.load(old).target_ssim_start is None
 
 
+def test_a_file_from_before_the_optimizer_choice_loads_as_fitted_with_adam(tmp_path):
+    attack = UAPAttack(TinyEmbedder(), threshold=0.5, optimizer="tensorwise_adam", max_epochs=1,
+                       batch_size=4).fit(faces())
+    path, old = tmp_path / "new.safetensors", tmp_path / "old.safetensors"
+    attack.save(path)
+    assert UAPAttack.load(path).optimizer == "tensorwise_adam"
+    params = json.loads(_metadata(path)["params"])
+    del params["optimizer"]
+    _rewrite(path, old, params=json.dumps(params))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: the value is the one its fit had
+        assert UAPAttack.load(old).optimizer == "adam"
+
+
 def test_a_random_noise_file_of_format_1_drops_the_stopping_rules_it_never_used(tmp_path):
     attack = baselines.RandomNoiseUAP(TinyEmbedder(), threshold=0.5, batch_size=4, random_state=0).fit(faces())
     path, old = tmp_path / "new.safetensors", tmp_path / "old.safetensors"

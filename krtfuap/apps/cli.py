@@ -437,6 +437,9 @@ def _add_fit_parser(commands: argparse._SubParsersAction) -> None:
                      help="Adam learning rate of the perturbation, decayed to a tenth over the fit; 0.02 fooled "
                      "more held-out faces of w600k_mbf, and of others in fits of a few hundred steps "
                      "(default: %(default)s)")
+    fit.add_argument("--optimizer", choices=("adam", "tensorwise_adam"), default="adam",
+                     help="adam: every pixel steps about --lr (paper); tensorwise_adam: one root-mean-square for "
+                     "the whole perturbation, so the step keeps the gradient's shape (default: %(default)s)")
     fit.add_argument("--key-regions", action="store_true",
                      help="shape the perturbation by the paper's key-region mask and flow (default: a global "
                      "perturbation, measured stronger at the same SSIM)")
@@ -474,7 +477,8 @@ def _run_fit(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
         raise ValueError(f"{args.faces} has no pairs.csv to calibrate {args.model}'s threshold: pass --threshold T.")
     attack = UAPAttack(
         load_face_model(args.model, args.weights), threshold=threshold, epsilon=args.epsilon,
-        target_ssim=args.target_ssim, target_ssim_start=args.target_ssim_start, lr=args.lr,
+        target_ssim=args.target_ssim, target_ssim_start=args.target_ssim_start,
+        optimizer=args.optimizer, lr=args.lr,
         augment=None if args.augment == "none" else args.augment,
         lowpass_size=args.lowpass_size, key_regions=KeyRegions() if args.key_regions else None,
         target_fooling_rate=1.0, max_time=args.max_time or None, random_state=args.seed,
