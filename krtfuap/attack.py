@@ -327,7 +327,7 @@ class UAPAttack(PerturbationEstimator):
     # ensemble_margin acts only with one threshold per model, which no file older than it holds.
     # min_psnr (None: no l2 budget) likewise came after format 2's first files.
     _silent_defaults: ClassVar[tuple[str, ...]] = ("ensemble_margin", "min_psnr")
-    # Files saved before target_ssim_start existed were fitted without a warm-up, before optimizer with Adam.
+    # Files saved before target_ssim_start existed were fitted without a warm-up; before optimizer, with Adam.
     _values_before: ClassVar[dict[str, Any]] = {"target_ssim_start": None, "optimizer": "adam"}
 
     def __init__(

@@ -13,7 +13,7 @@ stays independent of the loss's scale, as Adam's does.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
@@ -60,7 +60,8 @@ class TensorwiseAdam(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps})
 
     @torch.no_grad()
-    def step(self, closure=None):  # noqa: D102 - torch.optim.Optimizer.step
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        """One update of every parameter that has a gradient; ``closure`` re-evaluates the loss, as in torch."""
         loss = None
         if closure is not None:
             with torch.enable_grad():

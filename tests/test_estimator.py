@@ -239,31 +239,24 @@ def test_a_format_1_file_loads_and_names_what_it_takes_from_todays_defaults(tmp_
     assert torch.equal(loaded.perturbation_, attack.perturbation_)
 
 
-def test_a_file_from_before_the_warm_up_loads_as_fitted_without_one(tmp_path):
-    attack = UAPAttack(TinyEmbedder(), threshold=0.5, target_ssim=0.9, max_epochs=1, batch_size=4).fit(faces())
+@pytest.mark.parametrize(
+    "name, fitted_with, value_before",
+    [
+        ("target_ssim_start", dict(target_ssim=0.9), None),  # files before the warm-up were fitted without one
+        ("optimizer", dict(optimizer="tensorwise_adam"), "adam"),  # and before the choice, with Adam
+    ],
+)
+def test_a_file_from_before_a_parameter_loads_as_it_was_fitted(tmp_path, name, fitted_with, value_before):
+    attack = UAPAttack(TinyEmbedder(), threshold=0.5, max_epochs=1, batch_size=4, **fitted_with).fit(faces())
     path, old = tmp_path / "new.safetensors", tmp_path / "old.safetensors"
     attack.save(path)
-    assert UAPAttack.load(path).target_ssim_start == "auto"
+    assert getattr(UAPAttack.load(path), name) == attack.get_params()[name]
     params = json.loads(_metadata(path)["params"])
-    del params["target_ssim_start"]
+    del params[name]
     _rewrite(path, old, params=json.dumps(params))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning: the value is the one its fit had
-        assert UAPAttack.load(old).target_ssim_start is None
-
-
-def test_a_file_from_before_the_optimizer_choice_loads_as_fitted_with_adam(tmp_path):
-    attack = UAPAttack(TinyEmbedder(), threshold=0.5, optimizer="tensorwise_adam", max_epochs=1,
-                       batch_size=4).fit(faces())
-    path, old = tmp_path / "new.safetensors", tmp_path / "old.safetensors"
-    attack.save(path)
-    assert UAPAttack.load(path).optimizer == "tensorwise_adam"
-    params = json.loads(_metadata(path)["params"])
-    del params["optimizer"]
-    _rewrite(path, old, params=json.dumps(params))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no warning: the value is the one its fit had
-        assert UAPAttack.load(old).optimizer == "adam"
+        assert getattr(UAPAttack.load(old), name) == value_before
 
 
 def test_a_random_noise_file_of_format_1_drops_the_stopping_rules_it_never_used(tmp_path):
