@@ -215,9 +215,9 @@ class UAPAttack(PerturbationEstimator):
         for the whole tensor, so the step keeps the gradient's shape. With ``lr=0.02`` it fooled more
         held-out faces of ``w600k_mbf`` in short fits (260 steps at ``target_ssim=0.95``, four seeds:
         mean 0.503 against 0.349 with the defaults, 0.439 with Adam at 0.02) and in the seed-0 fits
-        of 600 s at 0.93 (0.840 against 0.730) and under :meth:`table1` (0.777 against 0.680-0.720);
-        over two more seeds at full length it was level with Adam, and on foamliu MobileFaceNet's
-        seed 0 behind (0.717 against 0.780 at 0.93): ``benchmarks/RESULTS.md`` 8l.
+        of 600 s at 0.93 (0.840 against 0.730) and of 700 steps under :meth:`table1` (0.777 against
+        0.680-0.720); over two more seeds at full length it was level with Adam, and on foamliu
+        MobileFaceNet's seed 0 behind (0.717 against 0.780 at 0.93): ``benchmarks/RESULTS.md`` 8l.
     lr : float
         Learning rate of the noise, ``> 0`` (paper: 0.01); also of the flow
         unless ``KeyRegions.flow_lr`` is set. 0.02 fooled more held-out faces of
