@@ -20,9 +20,6 @@ import torch
 
 __all__ = ["OPTIMIZERS", "TensorwiseAdam", "make_optimizer"]
 
-#: Names ``UAPAttack(optimizer=...)`` takes.
-OPTIMIZERS = ("adam", "tensorwise_adam")
-
 
 class TensorwiseAdam(torch.optim.Optimizer):
     """Adam whose second-moment estimate is one number per parameter tensor.
@@ -85,12 +82,17 @@ class TensorwiseAdam(torch.optim.Optimizer):
         return loss
 
 
+#: Optimiser classes by the name ``UAPAttack(optimizer=...)`` takes.
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam,
+    "tensorwise_adam": TensorwiseAdam,
+}
+
+
 def make_optimizer(
     kind: Literal["adam", "tensorwise_adam"], params: Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 ) -> torch.optim.Optimizer:
-    """The optimiser named ``kind`` (one of :data:`OPTIMIZERS`) over ``params``, learning rates from the groups."""
-    if kind == "adam":
-        return torch.optim.Adam(params)
-    if kind == "tensorwise_adam":
-        return TensorwiseAdam(params)
-    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {kind!r}.")
+    """The optimiser named ``kind`` (a key of :data:`OPTIMIZERS`) over ``params``, learning rates from the groups."""
+    if kind not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {tuple(OPTIMIZERS)}, got {kind!r}.")
+    return OPTIMIZERS[kind](params)

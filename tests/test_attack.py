@@ -49,7 +49,7 @@ def test_perturbation_within_budget_and_output_in_range(fitted):
 
 @settings(max_examples=8, deadline=None)
 @given(epsilon=st.floats(0.005, 0.3), lr=st.floats(0.001, 0.5), seed=st.integers(0, 1000),
-       optimizer=st.sampled_from(OPTIMIZERS))
+       optimizer=st.sampled_from(sorted(OPTIMIZERS)))
 def test_budget_holds_for_any_epsilon_learning_rate_and_optimizer(epsilon, lr, seed, optimizer):
     attack = quick_attack(epsilon=epsilon, lr=lr, max_epochs=1, random_state=seed, stealth_loss=None,
                           optimizer=optimizer)

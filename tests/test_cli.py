@@ -17,10 +17,10 @@ from processes import TIMEOUT_S
 
 from krtfuap.apps.cli import main
 from krtfuap.attack import UAPAttack
-from krtfuap.optim import OPTIMIZERS
 from krtfuap.cloak_defaults import CLOAK_DEFAULTS
 from krtfuap.key_regions import KeyRegions
 from krtfuap.models import INSIGHTFACE_MBF_THRESHOLD
+from krtfuap.optim import OPTIMIZERS
 from krtfuap.pretrained import default_cloak_path
 
 @pytest.fixture(scope="module")

@@ -434,7 +434,7 @@ def _add_fit_parser(commands: argparse._SubParsersAction) -> None:
                      help="band-limit the perturbation to an N x N grid (e.g. 72: survives photos better)")
     fit.add_argument("--epsilon", type=_epsilon, default=0.08, help="l_inf budget (default: %(default)s)")
     fit.add_argument("--lr", type=_positive, default=0.01,
-                     help="Adam learning rate of the perturbation, decayed to a tenth over the fit; 0.02 fooled "
+                     help="learning rate of the perturbation (of --optimizer), decayed to a tenth over the fit; 0.02 fooled "
                      "more held-out faces of w600k_mbf, and of others in fits of a few hundred steps "
                      "(default: %(default)s)")
     fit.add_argument("--optimizer", choices=("adam", "tensorwise_adam"), default="adam",
