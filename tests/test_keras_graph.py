@@ -8,49 +8,24 @@ import torch
 
 from fakes import small_keras_model as small_model
 from fakes import write_keras_h5
+from numpy_ops import conv2d, max_pool_same
 
 from krtfuap.models.keras_graph import KerasGraph, read_keras_h5
 
 h5py = pytest.importorskip("h5py", reason="h5py is needed to write Keras HDF5 files (pip install h5py)")
 
-def _conv_same_or_valid(x: np.ndarray, kernel: np.ndarray, stride: int, same: bool) -> np.ndarray:
-    """Channels-last 2-D convolution (cross-correlation) as TensorFlow defines it, written out in loops."""
-    size, k = x.shape[1], kernel.shape[0]
-    if same:
-        out = -(-size // stride)
-        total = max((out - 1) * stride + k - size, 0)
-        x = np.pad(x, ((0, 0), (total // 2, total - total // 2), (total // 2, total - total // 2), (0, 0)))
-    else:
-        out = (size - k) // stride + 1
-    result = np.zeros((x.shape[0], out, out, kernel.shape[3]))
-    for i in range(out):
-        for j in range(out):
-            patch = x[:, i * stride:i * stride + k, j * stride:j * stride + k, :]
-            result[:, i, j, :] = np.einsum("bhwc,hwcf->bf", patch, kernel)
-    return result
-
-
-def _max_pool_same(x: np.ndarray, k: int, stride: int) -> np.ndarray:
-    size = x.shape[1]
-    out = -(-size // stride)
-    total = max((out - 1) * stride + k - size, 0)
-    pad = (total // 2, total - total // 2)
-    x = np.pad(x, ((0, 0), pad, pad, (0, 0)), constant_values=-np.inf)
-    return np.stack([np.stack([x[:, i * stride:i * stride + k, j * stride:j * stride + k, :].max(axis=(1, 2))
-                               for j in range(out)], 1) for i in range(out)], 1)
-
 
 def reference(x: np.ndarray, weights: dict[str, list[np.ndarray]]) -> np.ndarray:
     """The small model's output computed in float64 NumPy, channels last."""
-    c1 = np.maximum(_conv_same_or_valid(x, weights["c1"][0], 2, same=True) + weights["c1"][1], 0.0)
+    c1 = np.maximum(conv2d(x, weights["c1"][0], 2, same=True) + weights["c1"][1], 0.0)
     beta, mean, variance = weights["bn1"]
     bn1 = (c1 - mean) / np.sqrt(variance + 0.001) + beta
-    c2 = _conv_same_or_valid(x, weights["c2"][0], 2, same=False)
+    c2 = conv2d(x, weights["c2"][0], 2, same=False)
     gamma, mean, variance = weights["bn3"]
     bn3 = (c2 - mean) / np.sqrt(variance + 0.001) * gamma
     cat = np.concatenate([bn1, bn3], axis=3)
     act = np.maximum(cat + 0.25 * cat, 0.0)
-    gap = _max_pool_same(act, 3, 2).mean(axis=(1, 2))
+    gap = max_pool_same(act, 3, 2).mean(axis=(1, 2))
     dense = gap @ weights["dense"][0] + weights["dense"][1]
     gamma, beta, mean, variance = weights["bn2"]
     return (dense - mean) / np.sqrt(variance + 0.001) * gamma + beta

