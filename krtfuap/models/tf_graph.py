@@ -241,21 +241,21 @@ def _broadcast_constant(constant: torch.Tensor, other: torch.Tensor) -> torch.Te
 
 
 class TensorFlowGraph(nn.Module):
-    """The part of a frozen TensorFlow graph that computes ``output`` from ``input``, in PyTorch.
+    """The part of a frozen TensorFlow graph that computes one node from the input images, in PyTorch.
 
     Parameters
     ----------
     nodes : sequence of GraphNode
         The graph (see :func:`read_graph_def`).
-    input : str
+    input_node : str
         Name of the ``Placeholder`` node the images go to.
-    output : str
+    output_node : str
         Name of the node whose value ``forward`` returns.
 
     Raises
     ------
     ValueError
-        If ``input`` or ``output`` is not in the graph, a node ``output`` depends on
+        If ``input_node`` or ``output_node`` is not in the graph, a node the output depends on
         uses an operation outside :data:`SUPPORTED_OPS` or attributes this runner
         does not implement (NCHW data format, dilation, transposed inputs to
         ``MatMul``, training-mode batch normalisation), or a node has no source.
@@ -263,20 +263,22 @@ class TensorFlowGraph(nn.Module):
     Notes
     -----
     ``forward`` takes ``(B, C, H, W)`` (where TensorFlow takes ``(B, H, W, C)``) and
-    returns the output's value, ``(B, D)`` for an embedding model. The constants are
-    buffers (no parameters): the graph is frozen by construction.
+    returns the output's value, ``(B, D)`` for an embedding model. ``Reshape`` keeps the first
+    axis as the batch whatever size the frozen shape gives it (frozen graphs often hold shapes
+    traced with a batch of 1). The constants are buffers (no parameters): the graph is frozen by
+    construction.
     """
 
-    def __init__(self, nodes: Sequence[GraphNode], input: str, output: str) -> None:
+    def __init__(self, nodes: Sequence[GraphNode], input_node: str, output_node: str) -> None:
         super().__init__()
         by_name = {node.name: node for node in nodes}
-        for role, name in (("input", input), ("output", output)):
+        for role, name in (("input", input_node), ("output", output_node)):
             if name not in by_name:
                 raise ValueError(f"The graph has no {role} node {name!r}.")
-        self.input_name, self.output_name = input, output
+        self.input_name, self.output_name = input_node, output_node
         self.plan: list[tuple[str, str, tuple[str, ...], dict[str, Any]]] = []
         self._buffer_of: dict[str, str] = {}
-        for node in self._needed(by_name, output):
+        for node in self._needed(by_name, output_node):
             if node.op not in SUPPORTED_OPS:
                 raise ValueError(
                     f"Node {node.name!r} is a {node.op}, which TensorFlowGraph does not support "
@@ -285,7 +287,7 @@ class TensorFlowGraph(nn.Module):
             _check_attributes(node)
             if node.op == "Const":
                 self._add_constant(node, by_name)
-            elif node.name != input:
+            elif node.name != input_node:
                 self.plan.append((node.name, node.op, node.inputs, node.attrs))
 
     @staticmethod
@@ -406,4 +408,6 @@ def _check_attributes(node: GraphNode) -> None:
     if node.op == "FusedBatchNorm" and attrs.get("is_training", True):
         problems.append("training-mode batch normalisation")
     if problems:
-        raise ValueError(f"Node {node.name!r} ({node.op}) uses {', '.join(problems)}, which TensorFlowGraph does not support.")
+        raise ValueError(
+            f"Node {node.name!r} ({node.op}) uses {', '.join(problems)}, which TensorFlowGraph does not support."
+        )
