@@ -108,3 +108,11 @@ def test_read_refuses_a_missing_file_and_one_that_is_not_a_graph(tmp_path):
     truncated.write_bytes(truncated.read_bytes()[:200])
     with pytest.raises(ValueError, match="not a binary TensorFlow GraphDef"):
         read_graph_def(truncated)
+
+
+def test_an_axis_or_shape_must_be_an_integer_constant(tmp_path):
+    def float_axis(node):
+        return (node[0], node[1], node[2], {**node[3], "value": np.array(3.0, np.float32)}) if node[0] == "axis" else node
+
+    with pytest.raises(ValueError, match=r"Node 'cat' \(ConcatV2\): its axis or shape 'axis' must be an integer"):
+        _graph(tmp_path, edit=float_axis)

@@ -276,9 +276,12 @@ class TensorFlowGraph(nn.Module):
             if name not in by_name:
                 raise ValueError(f"The graph has no {role} node {name!r}.")
         self.input_name, self.output_name = input_node, output_node
-        self.plan: list[tuple[str, str, tuple[str, ...], dict[str, Any]]] = []
+        # Per computed node: name, op, tensor inputs, attributes, and the integer operand (axis or shape).
+        self.plan: list[tuple[str, str, tuple[str, ...], dict[str, Any], tuple[int, ...]]] = []
         self._buffer_of: dict[str, str] = {}
-        for node in self._needed(by_name, output_node):
+        needed = self._needed(by_name, output_node)
+        kernels = _kernels_only(needed)
+        for node in needed:
             if node.op not in SUPPORTED_OPS:
                 raise ValueError(
                     f"Node {node.name!r} is a {node.op}, which TensorFlowGraph does not support "
@@ -286,9 +289,9 @@ class TensorFlowGraph(nn.Module):
                 )
             _check_attributes(node)
             if node.op == "Const":
-                self._add_constant(node, by_name)
+                self._add_constant(node, transpose=node.name in kernels)
             elif node.name != input_node:
-                self.plan.append((node.name, node.op, node.inputs, node.attrs))
+                self.plan.append((node.name, node.op, *_split_integer_operand(node, by_name), node.attrs))
 
     @staticmethod
     def _needed(by_name: Mapping[str, GraphNode], output: str) -> list[GraphNode]:
@@ -310,13 +313,13 @@ class TensorFlowGraph(nn.Module):
             stack.extend((source, False) for source in reversed(by_name[name].inputs) if source not in seen)
         return order
 
-    def _add_constant(self, node: GraphNode, by_name: Mapping[str, GraphNode]) -> None:
+    def _add_constant(self, node: GraphNode, *, transpose: bool) -> None:
+        """Register a ``Const`` node's tensor as a buffer; a convolution kernel goes from HWIO to OIHW."""
         value = node.attrs.get("value")
         if not isinstance(value, np.ndarray):
             raise ValueError(f"Const node {node.name!r} holds no tensor.")
-        readers = [other for other in by_name.values() if node.name in other.inputs]
-        if readers and all(reader.op == "Conv2D" and reader.inputs[1] == node.name for reader in readers):
-            value = value.transpose(3, 2, 0, 1)  # HWIO -> OIHW
+        if transpose:
+            value = value.transpose(3, 2, 0, 1)
         tensor = torch.from_numpy(np.ascontiguousarray(value))
         if tensor.is_floating_point():
             tensor = tensor.float()
@@ -329,17 +332,15 @@ class TensorFlowGraph(nn.Module):
     def _value(self, name: str, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return values[name] if name in values else getattr(self, self._buffer_of[name])
 
-    def _constant(self, name: str) -> list[int]:
-        return [int(v) for v in getattr(self, self._buffer_of[name]).flatten().tolist()]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Run the graph on ``x`` of shape ``(B, C, H, W)``; returns the output node's value."""
         values: dict[str, torch.Tensor] = {self.input_name: x}
-        for name, op, inputs, attrs in self.plan:
-            values[name] = self._run(op, [self._value(source, values) for source in inputs], inputs, attrs)
+        for name, op, inputs, operand, attrs in self.plan:
+            values[name] = self._run(op, [self._value(source, values) for source in inputs], inputs, operand, attrs)
         return values[self.output_name]
 
-    def _run(self, op: str, args: list[torch.Tensor], inputs: Sequence[str], attrs: Mapping[str, Any]) -> torch.Tensor:
+    def _run(self, op: str, args: list[torch.Tensor], inputs: Sequence[str], operand: tuple[int, ...],
+             attrs: Mapping[str, Any]) -> torch.Tensor:
         if op == "Identity":
             return args[0]
         if op == "Conv2D":
@@ -360,7 +361,7 @@ class TensorFlowGraph(nn.Module):
             return F.relu(args[0])
         if op == "ConcatV2":
             rank = args[0].dim()
-            return torch.cat(args[:-1], dim=_channels_first_axis(self._constant(inputs[-1])[0], rank))
+            return torch.cat(args, dim=_channels_first_axis(operand[0], rank))
         if op in ("Add", "AddV2", "Mul", "Maximum"):
             left, right = args
             if inputs[0] in self._buffer_of:
@@ -376,10 +377,10 @@ class TensorFlowGraph(nn.Module):
             return torch.rsqrt(args[0])
         if op == "Sum":
             rank = args[0].dim()
-            axes = [_channels_first_axis(axis, rank) for axis in self._constant(inputs[1])]
+            axes = [_channels_first_axis(axis, rank) for axis in operand]
             return args[0].sum(dim=axes, keepdim=bool(attrs.get("keep_dims", False)))
         if op == "Reshape":
-            shape = [args[0].shape[0], *self._constant(inputs[1])[1:]]  # the batch axis stays the batch
+            shape = [args[0].shape[0], *operand[1:]]  # the batch axis stays the batch
             return _nchw(_nhwc(args[0]).reshape(shape))
         if op == "MatMul":
             return args[0] @ args[1]
@@ -389,6 +390,31 @@ class TensorFlowGraph(nn.Module):
         shift = offset - mean * factor
         shape = (1, -1, 1, 1) if x.dim() == 4 else (1, -1)
         return x * factor.view(shape) + shift.view(shape)
+
+
+def _kernels_only(nodes: Sequence[GraphNode]) -> set[str]:
+    """Names that ``nodes`` read only as a ``Conv2D`` kernel (their second input)."""
+    kernels = {node.inputs[1] for node in nodes if node.op == "Conv2D"}
+    other = {source for node in nodes for index, source in enumerate(node.inputs)
+             if not (node.op == "Conv2D" and index == 1)}
+    return kernels - other
+
+
+# The ops whose last input is an integer constant (an axis or a shape), read once when the plan is made.
+_INTEGER_OPERAND_OPS = ("ConcatV2", "Sum", "Reshape")
+
+
+def _split_integer_operand(
+    node: GraphNode, by_name: Mapping[str, GraphNode]
+) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """``node``'s tensor inputs, and the values of its integer-constant input (empty for other ops)."""
+    if node.op not in _INTEGER_OPERAND_OPS:
+        return node.inputs, ()
+    *tensors, source = node.inputs
+    value = by_name[source].attrs.get("value") if by_name[source].op == "Const" else None
+    if not isinstance(value, np.ndarray) or value.dtype.kind not in "iu":
+        raise ValueError(f"Node {node.name!r} ({node.op}): its axis or shape {source!r} must be an integer Const.")
+    return tuple(tensors), tuple(int(v) for v in value.ravel())
 
 
 def _check_attributes(node: GraphNode) -> None:
