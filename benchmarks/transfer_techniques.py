@@ -18,6 +18,8 @@ SSIM (:func:`krtfuap.metrics.ssim`, scikit-image's definition): on the detector'
 photo's resolution (not enlarged) and on the 112x112 crop both photos give on the original's
 keypoints; and with the perceptual HaarPSI (:func:`krtfuap.metrics.haarpsi`) on the face box.
 Prints one Markdown row per technique with the seconds of cloaking per face and the load average.
+The photos are cloaked with :meth:`~krtfuap.apps.cloak.PhotoCloak.cloak_many`, ``--batch-faces``
+faces refined together (as ``krtfuap cloak`` does; 1: one photo at a time).
 
 Example (2-core CPU, one torch thread)::
 
@@ -81,6 +83,8 @@ def main() -> None:
                                  "foamliu_mobilefacenet"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch-faces", type=int, default=None,
+                        help="faces refined together (default: PhotoCloak's, CLOAK_DEFAULTS.batch_faces)")
     parser.add_argument("--cloak", default=None, help="a saved UAPAttack to start from (default: the ready cloak); "
                         "with the technique 'universal, pasted' it is judged as it is, e.g. one written by "
                         "universal_transfer.py --save")
@@ -99,22 +103,23 @@ def main() -> None:
     photos = held_out_photos(args.photos, args.seed)
     surrogates = [models[name] for name in args.surrogates]
     print(f"{len(photos)} held-out photos; perturbation {args.cloak or 'the ready cloak'}; surrogates "
-          f"{' + '.join(args.surrogates)}; torch threads {args.threads}; "
+          f"{' + '.join(args.surrogates)}; torch threads {args.threads}; batch faces {args.batch_faces or 'default'}; "
           f"load average at start {os.getloadavg()[0]:.2f}\n")
     columns = [f"{judge.name} {way}" for way in WAYS for judge in judges]
     print(f"| technique | faces | {' | '.join(columns)} | face-box SSIM | face-box HaarPSI | aligned SSIM | s / face "
           "| load |")
     print("|---|---|" + "---|" * len(columns) + "---|---|---|---|---|")
     for technique in args.techniques:
-        cloak = PhotoCloak(attack, surrogates=surrogates, num_threads=args.threads, **TECHNIQUES[technique])
+        batching = {} if args.batch_faces is None else {"batch_faces": args.batch_faces}
+        cloak = PhotoCloak(attack, surrogates=surrogates, num_threads=args.threads, **batching, **TECHNIQUES[technique])
         protected = {column: [] for column in columns}
-        box_ssims, box_haarpsis, aligned_ssims, seconds, faces_seen = [], [], [], 0.0, 0
-        for path in photos:
-            original, _ = read_photo(path)
-            started = time.perf_counter()
-            cloaked, faces = cloak.cloak(original)
-            seconds += time.perf_counter() - started
-            faces_seen += len(faces)
+        box_ssims, box_haarpsis, aligned_ssims = [], [], []
+        originals = [read_photo(path)[0] for path in photos]
+        started = time.perf_counter()
+        results = cloak.cloak_many(originals)
+        seconds = time.perf_counter() - started
+        faces_seen = sum(len(faces) for _, faces in results)
+        for original, (cloaked, faces) in zip(originals, results):
             for way, (scale, quality) in WAYS.items():
                 received = through(cloaked, scale, quality)
                 found = cloak.detect(received)

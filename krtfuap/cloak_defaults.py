@@ -32,6 +32,10 @@ class CloakDefaults:
         :func:`krtfuap.pretrained.default_surrogates`.
     refine_steps : int
         Adam steps that make a perturbation for each face (0: paste the universal one).
+    batch_faces : int
+        Faces ``krtfuap cloak`` refines together, gathered from consecutive photos: one batched pass
+        per model and step over all of them, which costs a CPU far less per face than one pass per
+        photo (:func:`krtfuap.refine.refine_on_photos`).
     refine_from : str
         Where the refinement starts: ``"zero"`` or ``"cloak"`` (the universal perturbation).
     refine_colour : bool
@@ -74,6 +78,7 @@ class CloakDefaults:
     feather: float = 6.0
     surrogates: tuple[str, ...] = ("insightface_mbf", "facenet_casia")
     refine_steps: int = 45
+    batch_faces: int = 16
     refine_from: str = "zero"
     refine_colour: bool = True
     lr: float = 0.012

@@ -40,6 +40,13 @@ two of the same kind the lower objective. Without a ``threshold`` the lower
 objective decides alone. So a step that makes a face worse (a JPEG draw that
 breaks it, an overshoot) is never what is returned.
 
+**Several photos at once.** :func:`refine_on_photos` refines the faces of several
+photos together: one batched pass per model and step over all their faces, which
+on a CPU costs far less per face than a pass per photo (``benchmarks/RESULTS.md``).
+Each photo keeps its own random draws (its own generator, and its own input-diversity
+draw per step), so a photo's result is what :func:`refine_on_photo` gives it alone,
+up to floating-point rounding of the batched passes.
+
 Unlike the universal perturbation, the result is made for this photo and judged
 by the models it was refined against (a white-box setting): a recogniser of
 another family sees a weaker cloak (an ensemble of surrogates narrows the gap:
@@ -68,7 +75,7 @@ from krtfuap.metrics import cosine_similarity, fooled_by_similarity, ssim
 from krtfuap.paste import feather_window, warp_to_region
 from krtfuap.photo_face import PhotoFace, as_photo_faces
 
-__all__ = ["ARGUMENT_CONSTRAINTS", "check_downscale", "refine_on_photo"]
+__all__ = ["ARGUMENT_CONSTRAINTS", "check_downscale", "refine_on_photo", "refine_on_photos"]
 
 #: What the numeric and boolean arguments of :func:`refine_on_photo` accept (``PhotoCloak`` checks the
 #: same names against these at construction).
@@ -220,28 +227,105 @@ def refine_on_photo(
         it only inside the faces' aligned squares, by at most ``epsilon``; each face's
         change is its best scored state.
     """
+    return refine_on_photos(
+        [photo], perturbation, [faces], model, epsilon=epsilon, threshold=threshold, feather=feather, steps=steps,
+        lr=lr, target_ssim=target_ssim, stealth_weight=stealth_weight, margin=margin, quality=quality, jitter=jitter,
+        downscale=downscale, smoothing=smoothing, input_diversity=input_diversity,
+        diversity_min_scale=diversity_min_scale, colour=colour, generators=[generator],
+    )[0]
+
+
+def refine_on_photos(
+    photos: Sequence[torch.Tensor],
+    perturbation: torch.Tensor,
+    faces: Sequence[Sequence[PhotoFace | np.ndarray] | np.ndarray],
+    model: nn.Module | Sequence[nn.Module],
+    *,
+    epsilon: float,
+    threshold: float | Sequence[float] | None = None,
+    feather: float = _DEFAULTS.feather,
+    steps: int = _DEFAULTS.refine_steps,
+    lr: float = _DEFAULTS.lr,
+    target_ssim: float = _DEFAULTS.target_ssim,
+    stealth_weight: float = _DEFAULTS.stealth_weight,
+    margin: float = _DEFAULTS.margin,
+    quality: tuple[float, float] = _DEFAULTS.jpeg_quality,
+    jitter: tuple[float, float] = _DEFAULTS.jitter,
+    downscale: tuple[float, float] = _DEFAULTS.downscale,
+    smoothing: float = _DEFAULTS.smoothing,
+    input_diversity: float = _DEFAULTS.input_diversity,
+    diversity_min_scale: float = _DEFAULTS.diversity_min_scale,
+    colour: bool = _DEFAULTS.refine_colour,
+    generators: Sequence[torch.Generator | None] | None = None,
+) -> list[torch.Tensor]:
+    """:func:`refine_on_photo` for several photos at once: one batched pass per model and step over all their faces.
+
+    Every keyword not described here is :func:`refine_on_photo`'s, with the same meaning and default.
+
+    Parameters
+    ----------
+    photos : sequence of torch.Tensor
+        ``(3, H_i, W_i)`` RGB in ``[0, 1]``, all on one device (sizes may differ).
+    faces : sequence
+        One entry per photo, each what :func:`refine_on_photo` takes as ``faces`` for it.
+    generators : sequence of torch.Generator or None, optional
+        One CPU generator per photo for its draws (None entries, or None: unseeded). With
+        each photo's generator seeded as :func:`refine_on_photo`'s would be, each photo gets
+        what :func:`refine_on_photo` gives it alone, up to floating-point rounding.
+
+    Returns
+    -------
+    list of torch.Tensor
+        One ``(3, H_i, W_i)`` in ``[0, 1]`` per photo, as :func:`refine_on_photo` returns it.
+
+    Raises
+    ------
+    ValueError
+        If ``faces`` or ``generators`` does not give one entry per photo, the photos are on different
+        devices, or as :func:`refine_on_photo` says.
+    """
     models, thresholds = _surrogates(model, threshold)
-    _check_arguments(photo, perturbation, epsilon, thresholds, steps, lr, target_ssim, stealth_weight, margin,
-                     quality, jitter, downscale, smoothing, colour, input_diversity, diversity_min_scale)
-    work = photo.float()
-    start = perturbation.to(device=photo.device, dtype=torch.float32)
-    window = feather_window(start.shape[-1], feather, device=photo.device)
-    located = [face for face in as_photo_faces(faces, work.shape[-2:], start.shape[-1]) if face.region is not None]
+    if len(faces) != len(photos):
+        raise ValueError(f"faces must give one entry (that photo's faces) per photo: {len(faces)} for "
+                         f"{len(photos)} photos.")
+    generators = [None] * len(photos) if generators is None else list(generators)
+    if len(generators) != len(photos):
+        raise ValueError(f"generators must give one generator (or None) per photo: {len(generators)} for "
+                         f"{len(photos)} photos.")
+    for index, photo in enumerate(photos):
+        _check_photo(photo, name="photo" if len(photos) == 1 else f"photos[{index}]")
+    if len({photo.device for photo in photos}) > 1:
+        raise ValueError(f"photos must all be on one device, got {sorted({str(photo.device) for photo in photos})}.")
+    _check_arguments(perturbation, epsilon, thresholds, steps, lr, target_ssim, stealth_weight, margin, quality,
+                     jitter, downscale, smoothing, colour, input_diversity, diversity_min_scale)
+    works = [photo.float() for photo in photos]
+    device = works[0].device if works else torch.device("cpu")
+    start = perturbation.to(device=device, dtype=torch.float32)
+    window = feather_window(start.shape[-1], feather, device=device)
+    located = [[face for face in as_photo_faces(photo_faces, work.shape[-2:], start.shape[-1])
+                if face.region is not None] for work, photo_faces in zip(works, faces)]
     with ExitStack() as stack:
         for member in models:
             stack.enter_context(frozen(member))
-        regions = [_prepare(work, start, window, face, models, smoothing) for face in located]
+        regions = [[_prepare(work, start, window, face, models, smoothing) for face in photo_faces]
+                   for work, photo_faces in zip(works, located)]
         channels = 3 if colour else 1
-        changes = [torch.zeros(channels, *region.clean.shape[-2:], device=work.device) for region in regions]
-        if steps and regions:
+        changes = [[torch.zeros(channels, *region.clean.shape[-2:], device=device) for region in photo_regions]
+                   for photo_regions in regions]
+        if steps and any(regions):
             settings = _Settings(epsilon, thresholds, target_ssim, stealth_weight, margin, quality, jitter,
-                                 tuple(downscale), RandomResizePad(input_diversity, diversity_min_scale, generator))
-            changes = _best_changes(regions, changes, models, settings, steps, lr, generator)
-    delta = torch.zeros_like(work)
-    with torch.no_grad():
-        for region, change in zip(regions, changes):
-            delta[:, region.face.rows, region.face.cols] += _perturb(region, change, epsilon)
-    return (work + delta.clamp_(-epsilon, epsilon)).clamp_(0.0, 1.0).to(photo.dtype)
+                                 tuple(downscale))
+            draws = [_PhotoDraws(generator, RandomResizePad(input_diversity, diversity_min_scale, generator))
+                     for generator in generators]
+            changes = _best_changes(regions, changes, models, settings, draws, steps, lr)
+    refined = []
+    for work, photo, photo_regions, photo_changes in zip(works, photos, regions, changes):
+        delta = torch.zeros_like(work)
+        with torch.no_grad():
+            for region, change in zip(photo_regions, photo_changes):
+                delta[:, region.face.rows, region.face.cols] += _perturb(region, change, epsilon)
+        refined.append((work + delta.clamp_(-epsilon, epsilon)).clamp_(0.0, 1.0).to(photo.dtype))
+    return refined
 
 
 @dataclass(frozen=True)
@@ -256,38 +340,55 @@ class _Settings:
     quality: tuple[float, float]
     jitter: tuple[float, float]
     downscale: tuple[float, float]
-    diversity: RandomResizePad  # what the models see of each step's faces
+
+
+@dataclass(frozen=True)
+class _PhotoDraws:
+    """One photo's source of random draws: its save simulations, and what the models see of its faces."""
+
+    generator: torch.Generator | None
+    diversity: RandomResizePad  # one draw per step for all the photo's faces
 
 
 def _best_changes(
-    regions: list[_FaceWork], changes: list[torch.Tensor], models: Sequence[nn.Module], settings: _Settings,
-    steps: int, lr: float, generator: torch.Generator | None,
-) -> list[torch.Tensor]:
-    """Adam steps on every face's change together; each face's best scored state (module docstring)."""
-    for change in changes:
-        change.requires_grad_(True)
-    references = [torch.cat([region.references[index] for region in regions]) for index in range(len(models))]
-    optimizer = torch.optim.Adam(changes, lr=lr)
-    best = [change.detach().clone() for change in changes]
-    best_keys = [(True, math.inf)] * len(regions)
+    regions: list[list[_FaceWork]], changes: list[list[torch.Tensor]], models: Sequence[nn.Module],
+    settings: _Settings, draws: Sequence[_PhotoDraws], steps: int, lr: float,
+) -> list[list[torch.Tensor]]:
+    """Adam steps on every face's change together (faces grouped by photo); each face's best scored state."""
+    flat_regions = [region for photo_regions in regions for region in photo_regions]
+    flat_changes = [change.requires_grad_(True) for photo_changes in changes for change in photo_changes]
+    references = [torch.cat([region.references[index] for region in flat_regions]) for index in range(len(models))]
+    optimizer = torch.optim.Adam(flat_changes, lr=lr)
+    best = [change.detach().clone() for change in flat_changes]
+    best_keys = [(True, math.inf)] * len(flat_regions)
     for step in range(steps + 1):  # the state before each step, and the last one
-        saved = [_through_the_save(region, change, settings, generator) for region, change in zip(regions, changes)]
-        faces = settings.diversity(torch.cat([face for face, _ in saved]))
+        batch, box_ssim = [], []
+        for photo_regions, photo_changes, photo_draws in zip(regions, changes, draws):
+            if not photo_regions:
+                continue
+            saved = [_through_the_save(region, change, settings, photo_draws.generator)
+                     for region, change in zip(photo_regions, photo_changes)]
+            batch.append(photo_draws.diversity(torch.cat([face for face, _ in saved])))
+            box_ssim += [ssim_value for _, ssim_value in saved]
+        faces = torch.cat(batch)
         embeddings = [model(faces) for model in models]  # one batched pass per model
         similarities = torch.stack([cosine_similarity(e.float(), r.float()) for e, r in zip(embeddings, references)],
                                    dim=1)  # (B, M)
-        box_ssim = torch.cat([ssim_value for _, ssim_value in saved])
         objective = _adversarial_objective(embeddings, references, similarities, settings)
-        objective = objective + settings.stealth_weight * torch.relu(settings.target_ssim - box_ssim)
+        objective = objective + settings.stealth_weight * torch.relu(settings.target_ssim - torch.cat(box_ssim))
         for index, key in enumerate(_state_keys(similarities.detach(), objective.detach(), settings)):
             if key < best_keys[index]:
-                best_keys[index], best[index] = key, changes[index].detach().clone()
+                best_keys[index], best[index] = key, flat_changes[index].detach().clone()
         if step == steps:
             break
         optimizer.zero_grad()
         objective.sum().backward()
         optimizer.step()
-    return best
+    grouped, taken = [], 0
+    for photo_regions in regions:
+        grouped.append(best[taken:taken + len(photo_regions)])
+        taken += len(photo_regions)
+    return grouped
 
 
 def _adversarial_objective(
@@ -363,15 +464,19 @@ def _surrogates(
     return models, thresholds
 
 
+def _check_photo(photo: torch.Tensor, *, name: str) -> None:
+    if not isinstance(photo, torch.Tensor) or photo.ndim != 3 or photo.shape[0] != 3:
+        shape = tuple(photo.shape) if isinstance(photo, torch.Tensor) else type(photo).__name__
+        raise ValueError(f"{name} must have shape (3, H, W) (RGB), got {shape}.")
+    check_images(photo[None], name=name)
+
+
 def _check_arguments(
-    photo: torch.Tensor, perturbation: torch.Tensor, epsilon: float, thresholds: tuple[float, ...] | None, steps: int,
+    perturbation: torch.Tensor, epsilon: float, thresholds: tuple[float, ...] | None, steps: int,
     lr: float, target_ssim: float, stealth_weight: float, margin: float, quality: tuple[float, float],
     jitter: tuple[float, float], downscale: tuple[float, float], smoothing: float, colour: bool,
     input_diversity: float, diversity_min_scale: float,
 ) -> None:
-    if photo.ndim != 3 or photo.shape[0] != 3:
-        raise ValueError(f"photo must have shape (3, H, W) (RGB), got {tuple(photo.shape)}.")
-    check_images(photo[None], name="photo")
     if perturbation.ndim != 3 or perturbation.shape[0] != 3 or perturbation.shape[1] != perturbation.shape[2]:
         raise ValueError(f"perturbation must have shape (3, S, S), got {tuple(perturbation.shape)}.")
     if not torch.isfinite(perturbation).all():

@@ -144,13 +144,13 @@ def _cloak_yaoming(tmp_path: Path, monkeypatch, *options: str) -> list[tuple[int
     from krtfuap.alignment import sample_photos
 
     photo = next(path for path in sample_photos() if path.name == "yaoming.jpg")
-    refine_on_photo, seen = cloak_module.refine_on_photo, []
+    refine_on_photos, seen = cloak_module.refine_on_photos, []
 
     def record(*arguments, **keywords):
         seen.append((len(arguments[3]), keywords["threshold"]))
-        return refine_on_photo(*arguments, **keywords)
+        return refine_on_photos(*arguments, **keywords)
 
-    monkeypatch.setattr(cloak_module, "refine_on_photo", record)
+    monkeypatch.setattr(cloak_module, "refine_on_photos", record)
     assert main(["cloak", str(photo), "--output", str(tmp_path / "out"), *options, "--refine-steps", "1",
                  "--quiet"]) == 0
     assert (tmp_path / "out" / "yaoming.jpg").is_file()
@@ -185,7 +185,7 @@ def test_cloak_command_passes_the_refinement_options_on(tmp_path: Path, monkeypa
 
     photo = next(path for path in sample_photos() if path.name == "yaoming.jpg")
     seen = []
-    monkeypatch.setattr(cloak_module, "refine_on_photo", lambda image, *_, **options: seen.append(options) or image)
+    monkeypatch.setattr(cloak_module, "refine_on_photos", lambda images, *_, **options: seen.append(options) or images)
     assert main(["cloak", str(photo), "--output", str(tmp_path / "out"), "--no-verify", "--quiet", "--smoothing", "0.5",
                  "--downscale", "0.6", "0.9", "--input-diversity", "0.7"]) == 0
     assert seen and {key: seen[0][key] for key in ("smoothing", "downscale", "input_diversity")} == {
@@ -243,14 +243,14 @@ def test_cloak_command_reports_a_photo_that_fails_inside_and_cloaks_the_others(m
     from krtfuap.apps.cloak import PhotoCloak
 
     shapes = _three_photos(tmp_path / "in")
-    real_cloak = PhotoCloak.cloak
+    real_cloak = PhotoCloak.cloak_detected
 
-    def fails_on_players(self, image):
-        if image.shape == shapes["players.jpg"]:
+    def fails_with_players(self, images, faces):  # a batch holding players fails; then players alone
+        if any(image.shape == shapes["players.jpg"] for image in images):
             raise RuntimeError("images must be in [0, 1], got values in [0, 1.00000012]")
-        return real_cloak(self, image)
+        return real_cloak(self, images, faces)
 
-    monkeypatch.setattr(PhotoCloak, "cloak", fails_on_players)
+    monkeypatch.setattr(PhotoCloak, "cloak_detected", fails_with_players)
     status = main(["cloak", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--attack", str(mbf_attack),
                    "--refine-steps", "1", "--threads", "1", "--quiet"])
     err = capsys.readouterr().err
@@ -271,16 +271,16 @@ def test_an_interrupted_cloak_command_leaves_a_report_of_what_it_did(mbf_attack:
     from krtfuap.apps.cloak import PhotoCloak
 
     shapes = _three_photos(tmp_path / "in")
-    real_cloak = PhotoCloak.cloak
+    real_cloak = PhotoCloak.cloak_detected
 
-    def interrupted_on_players(self, image):
-        if image.shape == shapes["players.jpg"]:
+    def interrupted_on_players(self, images, faces):
+        if any(image.shape == shapes["players.jpg"] for image in images):
             raise KeyboardInterrupt
-        return real_cloak(self, image)
+        return real_cloak(self, images, faces)
 
-    monkeypatch.setattr(PhotoCloak, "cloak", interrupted_on_players)
+    monkeypatch.setattr(PhotoCloak, "cloak_detected", interrupted_on_players)
     status = main(["cloak", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--attack", str(mbf_attack),
-                   "--refine-steps", "1", "--quiet"])
+                   "--refine-steps", "1", "--batch-faces", "1", "--quiet"])
     err = capsys.readouterr().err
     assert status == 130 and "interrupted" in err and "cloak-report.csv lists the photos done" in err
     report = json.loads((tmp_path / "out" / "cloak-report.json").read_text())

@@ -234,15 +234,57 @@ def test_every_parameter_is_checked_by_name_before_any_model_runs(detector, nois
             PhotoCloak(noise_attack, **{"detector": detector, **good, parameter: wrong})
 
 
+def test_face_batches_are_consecutive_photos_up_to_the_limit() -> None:
+    assert cloak_module.face_batches([1, 2, 0, 5, 9, 1], 4) == [[0, 1, 2], [3], [4], [5]]
+    assert cloak_module.face_batches([0, 0, 3, 1], 2) == [[0, 1, 2], [3]]  # photos without faces cost nothing
+    assert cloak_module.face_batches([], 8) == []
+
+
+def test_photos_cloaked_together_get_what_each_gets_alone(detector, noise_attack, photos) -> None:
+    images = [read_photo(photos[name])[0] for name in ("yaoming.jpg", "gdp.jpg")]
+    images.append(np.full((120, 160, 3), 90, dtype=np.uint8))  # no face
+    cloak = PhotoCloak(noise_attack, detector, refine_steps=3, batch_faces=100)
+    together = cloak.cloak_many(images)
+    for image, (cloaked, faces) in zip(images, together):
+        alone, alone_faces = cloak.cloak(image)
+        assert len(faces) == len(alone_faces)
+        assert np.abs(cloaked.astype(int) - alone.astype(int)).max() <= 1  # rounding of the batched passes
+    assert len(together[1][1]) >= 5 and np.array_equal(together[2][0], images[2])
+
+
+def test_cloak_files_refines_consecutive_photos_together(tmp_path, detector, noise_attack, photos,
+                                                         monkeypatch) -> None:
+    source = tmp_path / "in"
+    source.mkdir()
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        shutil.copy(photos["yaoming.jpg"], source / name)  # one face each
+    calls = []
+    real = cloak_module.refine_on_photos
+
+    def counting(photos, *args, **kwargs):
+        calls.append(len(photos))
+        return real(photos, *args, **kwargs)
+
+    monkeypatch.setattr(cloak_module, "refine_on_photos", counting)
+    outputs = {}
+    for batch_faces in (2, 1):
+        cloak = PhotoCloak(noise_attack, detector, refine_steps=1, batch_faces=batch_faces)
+        rows = cloak.cloak_files([source], tmp_path / f"out{batch_faces}", verify=False)
+        assert [row.status for row in rows] == ["cloaked"] * 3
+        outputs[batch_faces] = [read_photo(tmp_path / f"out{batch_faces}" / name)[0] for name in ("a.jpg", "b.jpg")]
+    assert calls == [2, 1, 1, 1, 1]
+    assert np.abs(outputs[2][0].astype(int) - outputs[1][0].astype(int)).max() <= 2  # JPEG of a 1-level change
+
+
 def test_threads_are_set_for_the_run_and_restored(detector, noise_attack, photos, monkeypatch) -> None:
     seen = []
-    real = cloak_module.refine_on_photo
+    real = cloak_module.refine_on_photos
 
     def counting(*args, **kwargs):
         seen.append(torch.get_num_threads())
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(cloak_module, "refine_on_photo", counting)
+    monkeypatch.setattr(cloak_module, "refine_on_photos", counting)
     image, _ = read_photo(photos["yaoming.jpg"])
     before = torch.get_num_threads()
     wanted = 2 if before == 1 else 1
@@ -258,15 +300,15 @@ def test_one_photo_that_fails_is_reported_and_the_others_go_on(tmp_path, detecto
     for name in ("gdp.jpg", "yaoming.jpg"):
         shutil.copy(photos[name], source / name)
     cloak = PhotoCloak(noise_attack, detector, model=TinyEmbedder(), threshold=0.999, refine_steps=1)
-    real_cloak = PhotoCloak.cloak
+    real_cloak = PhotoCloak.cloak_detected
 
-    def fails_on_gdp(self, image):
-        if image.shape == read_photo(photos["gdp.jpg"])[0].shape:
+    def fails_with_gdp(self, images, faces):  # the batch of both fails; then gdp alone
+        if any(image.shape == read_photo(photos["gdp.jpg"])[0].shape for image in images):
             raise RuntimeError("an internal error")
-        return real_cloak(self, image)
+        return real_cloak(self, images, faces)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(PhotoCloak, "cloak", fails_on_gdp)
+        patch.setattr(PhotoCloak, "cloak_detected", fails_with_gdp)
         rows = cloak.cloak_files([source], tmp_path / "out")
     failed = [row for row in rows if row.status == "error"]
     assert [Path(row.photo).name for row in failed] == ["gdp.jpg"] and failed[0].output == ""
@@ -285,17 +327,17 @@ def test_an_interrupted_run_keeps_a_report_of_the_photos_done(tmp_path, detector
     source.mkdir()
     for name in ("gdp.jpg", "players.jpg", "yaoming.jpg"):
         shutil.copy(photos[name], source / name)
-    cloak = PhotoCloak(noise_attack, detector, model=TinyEmbedder(), threshold=0.999, refine_steps=0)
-    real_cloak = PhotoCloak.cloak
+    cloak = PhotoCloak(noise_attack, detector, model=TinyEmbedder(), threshold=0.999, refine_steps=0, batch_faces=1)
+    real_cloak = PhotoCloak.cloak_detected
     players = read_photo(photos["players.jpg"])[0].shape
 
-    def interrupted_on_players(self, image):
-        if image.shape == players:
+    def interrupted_on_players(self, images, faces):
+        if any(image.shape == players for image in images):
             raise KeyboardInterrupt
-        return real_cloak(self, image)
+        return real_cloak(self, images, faces)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(PhotoCloak, "cloak", interrupted_on_players)
+        patch.setattr(PhotoCloak, "cloak_detected", interrupted_on_players)
         with pytest.raises(KeyboardInterrupt):
             cloak.cloak_files([source], tmp_path / "out")
     report = json.loads((tmp_path / "out" / "cloak-report.json").read_text())
@@ -356,11 +398,11 @@ def test_the_photo_cloak_parameter_table_covers_its_whole_signature() -> None:
 def test_surrogates_are_what_the_refinement_works_against(detector, noise_attack, photos, monkeypatch) -> None:
     seen = []
 
-    def record(photo, start, faces, model, **options):
+    def record(photos, start, faces, model, **options):
         seen.append((model, options["threshold"]))
-        return photo
+        return photos
 
-    monkeypatch.setattr(cloak_module, "refine_on_photo", record)
+    monkeypatch.setattr(cloak_module, "refine_on_photos", record)
     image, _ = read_photo(photos["yaoming.jpg"])
     other = TinyEmbedder(seed=3)
     PhotoCloak(noise_attack, detector, refine_steps=2).cloak(image)
@@ -371,7 +413,7 @@ def test_surrogates_are_what_the_refinement_works_against(detector, noise_attack
 
 def test_the_refinement_keywords_reach_the_refinement(detector, noise_attack, photos, monkeypatch) -> None:
     seen = []
-    monkeypatch.setattr(cloak_module, "refine_on_photo", lambda photo, *_, **options: seen.append(options) or photo)
+    monkeypatch.setattr(cloak_module, "refine_on_photos", lambda photos, *_, **options: seen.append(options) or photos)
     image, _ = read_photo(photos["yaoming.jpg"])
     PhotoCloak(noise_attack, detector, refine_steps=2).cloak(image)
     PhotoCloak(noise_attack, detector, refine_steps=3, refine_lr=0.02, smoothing=0.0, downscale=(0.6, 0.9),

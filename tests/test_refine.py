@@ -17,7 +17,7 @@ from krtfuap.alignment import ARCFACE_TEMPLATE_112, align_face, photo_to_tensor,
 from krtfuap.metrics import cosine_similarity
 from krtfuap.paste import paste_perturbation
 from krtfuap.photo_face import face_to_photo_matrix, locate_face
-from krtfuap.refine import refine_on_photo
+from krtfuap.refine import refine_on_photo, refine_on_photos
 
 
 def _keypoints(scale: float, x: float, y: float) -> np.ndarray:
@@ -355,10 +355,9 @@ def test_a_member_far_below_its_threshold_adds_no_push() -> None:
 
 
 def test_a_state_counts_as_fooling_only_when_every_member_is_fooled() -> None:
-    from krtfuap.diversity import RandomResizePad
     from krtfuap.refine import _Settings, _state_keys
 
-    settings = _Settings(0.08, (0.3, 0.5), 0.9, 1.0, 0.05, (80.0, 95.0), (1.0, 1.0), (1.0, 1.0), RandomResizePad(0.0))
+    settings = _Settings(0.08, (0.3, 0.5), 0.9, 1.0, 0.05, (80.0, 95.0), (1.0, 1.0), (1.0, 1.0))
     similarities = torch.tensor([[0.2, 0.4], [0.2, 0.46], [0.26, 0.1]])
     keys = _state_keys(similarities, torch.tensor([1.0, 0.5, 0.2]), settings)
     assert [miss for miss, _ in keys] == [False, True, True]
@@ -376,3 +375,39 @@ def test_bad_surrogate_ensembles_are_named(models: int, threshold, error, messag
     with pytest.raises(error, match=message):
         refine_on_photo(_photo(), torch.zeros(3, 112, 112), [_keypoints(0.6, 30, 30)], members, epsilon=0.08,
                         threshold=threshold)
+
+
+class _RowWise(torch.nn.Module):
+    """An embedder whose every row depends on that face alone, bit for bit, whatever the batch."""
+
+    def forward(self, faces: torch.Tensor) -> torch.Tensor:
+        return torch.stack([faces[:, 0, ::4, ::4].mean((-2, -1)), faces[:, 1, 20:60, 30:90].mean((-2, -1)),
+                            faces[:, 2, 50:, :56].mean((-2, -1)), faces[:, 0, 70:, 40:].mean((-2, -1))], dim=1)
+
+
+def test_several_photos_at_once_give_each_what_it_gets_alone() -> None:
+    photos = [_photo(seed=1), _photo(140, 180, seed=2), _photo(seed=3)]
+    faces = [[_keypoints(0.6, 40, 30), _keypoints(0.4, 130, 60)], [], [_keypoints(0.7, 60, 10)]]
+    options = dict(epsilon=0.06, steps=4, lr=0.02, threshold=0.9, input_diversity=0.7)
+    alone = [refine_on_photo(photo, torch.zeros(3, 112, 112), photo_faces, _RowWise(),
+                             generator=torch.Generator().manual_seed(3), **options)
+             for photo, photo_faces in zip(photos, faces)]
+    together = refine_on_photos(photos, torch.zeros(3, 112, 112), faces, _RowWise(),
+                                generators=[torch.Generator().manual_seed(3) for _ in photos], **options)
+    assert len(together) == 3
+    for one, other, photo in zip(alone, together, photos):
+        assert torch.allclose(one, other, atol=1e-6)
+    assert torch.equal(together[1], photos[1])  # no face: unchanged
+    assert (together[0] - photos[0]).abs().max() > 0.01
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (dict(faces=[[]]), r"faces must give one entry .* 1 for 2 photos"),
+    (dict(generators=[None]), r"generators must give one generator .* 1 for 2 photos"),
+    (dict(photos=[_photo(), torch.rand(1, 8, 8)]), r"photos\[1\] must have shape \(3, H, W\)"),
+])
+def test_bad_photo_batches_are_named(arguments: dict, message: str) -> None:
+    given = dict(photos=[_photo(), _photo(seed=1)], faces=[[], []]) | arguments
+    with pytest.raises(ValueError, match=message):
+        refine_on_photos(given.pop("photos"), torch.zeros(3, 112, 112), given.pop("faces"), TinyEmbedder(),
+                         epsilon=0.08, **given)

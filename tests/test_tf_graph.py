@@ -67,6 +67,17 @@ def test_only_the_nodes_the_output_needs_are_built(tmp_path):
         TensorFlowGraph(read_graph_def(tmp_path / "graph.pb"), "input", "unused")
 
 
+def test_a_bias_add_is_folded_into_the_convolution_it_alone_reads(tmp_path):
+    graph, weights = _graph(tmp_path)
+    plan = {name: (op, inputs) for name, op, inputs, *_ in graph.plan}
+    assert "c1" not in plan and plan["c1/bias"] == ("Conv2D", ("input", "w1", "b1"))
+    # a convolution that is the output keeps its own node and no bias
+    x = np.random.default_rng(3).uniform(0.0, 1.0, (2, 10, 10, 3))
+    alone = TensorFlowGraph(read_graph_def(tmp_path / "graph.pb"), "input", "c1")
+    got = alone(torch.from_numpy(x).float().permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    np.testing.assert_allclose(got.detach().numpy(), conv2d(x, weights["w1"], 2, same=True), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("name, attrs, problem", [
     ("c2", {"data_format": b"NCHW"}, "data format other than NHWC"),
     ("c2", {"dilations": [1, 2, 2, 1]}, "dilation"),

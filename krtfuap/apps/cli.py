@@ -252,6 +252,9 @@ def _add_cloak_parser(commands: argparse._SubParsersAction) -> None:
                        help="gradient steps adapting the cloak to each face through a simulated JPEG save "
                        "(default: %(default)s, about 5 s per face on 2 CPU cores with the default surrogates; 0: paste "
                        "the universal cloak)")
+    cloak.add_argument("--batch-faces", type=_positive_int, default=CLOAK_DEFAULTS.batch_faces, metavar="N",
+                       help="most faces, from consecutive photos, refined together in one batched pass per model "
+                       "and step (default: %(default)s; faster per face; a photo's result does not depend on it)")
     cloak.add_argument("--refine-from", choices=("zero", "cloak"), default=CLOAK_DEFAULTS.refine_from,
                        help="start the refinement from zero or from the attack's universal perturbation "
                        "(default: %(default)s)")
@@ -378,8 +381,8 @@ def _run_cloak(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
     loaded = dict(zip(args.attack_model, [member for member, _ in surrogates or [(attack.model, None)]]))
     judges = (_judges(args, loaded) or None) if not args.no_verify else None
     cloak = PhotoCloak(attack, min_score=args.min_score, model=model, threshold=args.verify_threshold, judges=judges,
-                       refine_steps=args.refine_steps, surrogates=surrogates, refine_from=args.refine_from,
-                       refine_colour=not args.refine_luminance, target_ssim=args.target_ssim,
+                       refine_steps=args.refine_steps, batch_faces=args.batch_faces, surrogates=surrogates,
+                       refine_from=args.refine_from, refine_colour=not args.refine_luminance, target_ssim=args.target_ssim,
                        smoothing=args.smoothing, downscale=tuple(args.downscale),
                        input_diversity=args.input_diversity, num_threads=args.threads)
     report = os.path.join(args.output, "cloak-report.csv")

@@ -56,7 +56,7 @@ from krtfuap.metrics import HAARPSI_MIN_SIZE, haarpsi, psnr, ssim
 from krtfuap.paste import paste_perturbation
 from krtfuap.photo_face import PhotoFace, locate_face
 from krtfuap.refine import ARGUMENT_CONSTRAINTS as REFINE_CONSTRAINTS
-from krtfuap.refine import check_downscale, refine_on_photo
+from krtfuap.refine import check_downscale, refine_on_photos
 from krtfuap.threads import default_num_threads, torch_threads
 
 __all__ = [
@@ -317,6 +317,12 @@ class PhotoCloak:
         the surrogates (:func:`krtfuap.refine.refine_on_photo`, which returns each
         face's best scored state; 40-70 ms per face and step on two CPU cores); 0: paste
         the universal perturbation as it is (instant, but little of it survives a JPEG save).
+    batch_faces : int
+        Most faces refined together (``>= 1``): :meth:`cloak_many` and :meth:`cloak_files` gather
+        consecutive photos while they hold at most this many faces and refine them in one batched
+        pass per model and step (:func:`krtfuap.refine.refine_on_photos`), which on a CPU costs far
+        less per face than a pass per photo; a photo with more faces goes alone. A photo's result does not
+        depend on the photos beside it (up to floating-point rounding).
     refine_from : {"zero", "cloak"}
         Where the refinement starts: from no perturbation (measured as strong,
         stealthier and better at fooling other models) or from the attack's universal
@@ -364,6 +370,7 @@ class PhotoCloak:
         "model": [FaceModelLike(), None],
         "threshold": REFINE_CONSTRAINTS["threshold"],
         "refine_steps": [Interval(int, 0, None, hint=" (0: no refinement)")],
+        "batch_faces": [Interval(int, 1, None, hint=" (faces refined together)")],
         "refine_from": [Options("zero", "cloak")],
         "refine_lr": REFINE_CONSTRAINTS["lr"],
         "refine_colour": REFINE_CONSTRAINTS["colour"],
@@ -392,6 +399,7 @@ class PhotoCloak:
         model: torch.nn.Module | None = None,
         threshold: float | None = None,
         refine_steps: int = _DEFAULTS.refine_steps,
+        batch_faces: int = _DEFAULTS.batch_faces,
         refine_from: str = _DEFAULTS.refine_from,
         refine_lr: float = _DEFAULTS.lr,
         refine_colour: bool = _DEFAULTS.refine_colour,
@@ -430,6 +438,7 @@ class PhotoCloak:
         self.model = model if model is not None else getattr(attack, "model", None)
         self.threshold = float(threshold) if threshold is not None else getattr(attack, "threshold_", None)
         self.refine_steps = refine_steps
+        self.batch_faces = batch_faces
         self.refine_from = refine_from
         self.refine_lr = refine_lr
         self.refine_colour = refine_colour
@@ -472,28 +481,74 @@ class PhotoCloak:
         faces : list of PhotoFace
             The faces cloaked.
         """
+        return self.cloak_many([image])[0]
+
+    def cloak_many(self, images: Sequence[np.ndarray]) -> list[tuple[np.ndarray, list[PhotoFace]]]:
+        """Cloak every face of several photos, refining up to ``batch_faces`` faces together.
+
+        Parameters
+        ----------
+        images : sequence of numpy.ndarray
+            ``(H_i, W_i, 3)`` uint8 RGB photos.
+
+        Returns
+        -------
+        list of (numpy.ndarray, list of PhotoFace)
+            Per photo, what :meth:`cloak` returns for it (the same, up to floating-point rounding).
+        """
         with self._threads():
-            faces = self.detect(image)
-            if not faces:
-                return image.copy(), faces
+            faces = [self.detect(image) for image in images]
+            cloaked: list[np.ndarray] = []
+            for group in face_batches([len(photo_faces) for photo_faces in faces], self.batch_faces):
+                cloaked += self.cloak_detected([images[index] for index in group], [faces[index] for index in group])
+        return list(zip(cloaked, faces))
+
+    def cloak_detected(self, images: Sequence[np.ndarray], faces: Sequence[Sequence[PhotoFace]]) -> list[np.ndarray]:
+        """Cloak the given faces of photos, all refined together (one batch, whatever its size).
+
+        Parameters
+        ----------
+        images : sequence of numpy.ndarray
+            ``(H_i, W_i, 3)`` uint8 RGB photos.
+        faces : sequence of sequence of PhotoFace
+            Per photo, the faces to cloak (:meth:`detect`); a photo without any comes back as a copy.
+
+        Returns
+        -------
+        list of numpy.ndarray
+            The cloaked photos, ``(H_i, W_i, 3)`` uint8 RGB, in order.
+        """
+        if len(faces) != len(images):
+            raise ValueError(f"faces must give one list per photo: {len(faces)} for {len(images)} photos.")
+        with self._threads():
             perturbation = self.attack.perturbation_.float()
             epsilon = float(self.attack.epsilon)
+            with_faces = [index for index, photo_faces in enumerate(faces) if photo_faces]
+            cloaked = [image.copy() for image in images]
+            if not with_faces:
+                return cloaked
             if not self.refine_steps:
-                pasted = paste_perturbation(photo_to_tensor(image), perturbation.cpu(), faces, epsilon=epsilon,
-                                            feather=self.feather)
-                return tensor_to_photo(pasted), faces
+                for index in with_faces:
+                    pasted = paste_perturbation(photo_to_tensor(images[index]), perturbation.cpu(), faces[index],
+                                                epsilon=epsilon, feather=self.feather)
+                    cloaked[index] = tensor_to_photo(pasted)
+                return cloaked
             models, thresholds = self._surrogate_models()
             device = next(models[0].parameters(), perturbation).device
-            generator = None if self.random_state is None else torch.Generator().manual_seed(self.random_state)
+            generators = [None if self.random_state is None else torch.Generator().manual_seed(self.random_state)
+                          for _ in with_faces]  # each photo draws as it would alone
             start = perturbation if self.refine_from == "cloak" else torch.zeros_like(perturbation)
-            refined = refine_on_photo(
-                photo_to_tensor(image).to(device), start.to(device), faces, models, epsilon=epsilon,
-                threshold=thresholds, feather=self.feather, steps=self.refine_steps, lr=float(self.refine_lr),
-                target_ssim=self.target_ssim, downscale=tuple(self.downscale), smoothing=float(self.smoothing),
+            refined = refine_on_photos(
+                [photo_to_tensor(images[index]).to(device) for index in with_faces], start.to(device),
+                [faces[index] for index in with_faces], models, epsilon=epsilon, threshold=thresholds,
+                feather=self.feather, steps=self.refine_steps, lr=float(self.refine_lr), target_ssim=self.target_ssim,
+                downscale=tuple(self.downscale), smoothing=float(self.smoothing),
                 input_diversity=float(self.input_diversity), diversity_min_scale=float(self.diversity_min_scale),
-                colour=self.refine_colour, generator=generator,
+                colour=self.refine_colour, generators=generators,
             )
-            return tensor_to_photo(refined.cpu()), faces
+            for index, photo in zip(with_faces, refined):
+                cloaked[index] = tensor_to_photo(photo.cpu())
+            return cloaked
 
     def _surrogate_models(self) -> tuple[list[torch.nn.Module], list[float] | float | None]:
         """The models the refinement works against, and their thresholds."""
@@ -618,51 +673,151 @@ class PhotoCloak:
         Path(output).mkdir(parents=True, exist_ok=True)
         written = CloakReport(output, [judge.name for judge in self.judges or []] if verify else ()) if report else None
         rows: list[FaceReport] = []
-        with self._threads():
-            for source, target in _progress(plan, progress):
-                photo_rows = self._cloak_one(source, target, file_format, quality, verify)
+
+        def finish(window: list[list[FaceReport] | _Detected]) -> None:
+            for photo_rows in self._finish(window, file_format, quality, verify):
                 for row in photo_rows:
                     if row.status == "error":
                         _say(f"error: {row.photo}: {row.message}", progress)
                 if written is not None:
                     written.add(photo_rows)
-                rows += photo_rows
+                rows.extend(photo_rows)
+                bar.update(1)
+
+        with self._threads(), _progress(len(plan), progress) as bar:
+            window: list[list[FaceReport] | _Detected] = []  # photos read, in order, not yet finished
+            for source, target in plan:
+                item = self._read_and_detect(source, target)
+                waiting = sum(len(other.faces) for other in window if isinstance(other, _Detected))
+                if isinstance(item, _Detected) and waiting and waiting + len(item.faces) > self.batch_faces:
+                    finish(window)
+                    window = []
+                window.append(item)
+            finish(window)
         return rows
 
-    def _cloak_one(self, source: Path, target: Path, file_format: str | None, quality: int, verify: bool) -> list[FaceReport]:
-        """The rows of one photo; an ``error`` row (and no output left behind) if any step fails."""
-        stage = "reading"
+    def _read_and_detect(self, source: Path, target: Path) -> list[FaceReport] | _Detected:
+        """A photo read with its faces found, or its finished rows (no face: copied; or an error)."""
         try:
             image, icc_profile = read_photo(source)
-            stage = "cloaking"
-            cloaked, faces = self.cloak(image)
+        except Exception as error:  # the message alone: an unreadable file says what it is
+            return [FaceReport(str(source), "", -1, "error", message=_detail(error))]
+        stage = "detecting"
+        try:
+            faces = self.detect(image)
             if not faces:
                 stage = "copying"
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(source, target)
                 return [FaceReport(str(source), str(target), -1, "no face", message="no face found; copied unchanged")]
-            stage = "writing"
-            chosen = file_format or ("jpeg" if source.suffix.lower() in (".jpg", ".jpeg") else "png")
-            write_photo(target, cloaked, file_format=chosen, quality=quality, icc_profile=icc_profile)
-            checks: list[dict] = [{"target_ssim": self.target_ssim} for _ in faces]
+        except KeyboardInterrupt:
+            target.unlink(missing_ok=True)
+            raise
+        except Exception as error:
+            target.unlink(missing_ok=True)
+            return [_error_row(source, stage, error)]
+        return _Detected(source, target, image, icc_profile, faces)
+
+    def _finish(self, window: list[list[FaceReport] | _Detected], file_format: str | None, quality: int,
+                verify: bool) -> list[list[FaceReport]]:
+        """Per photo of ``window``, in order, its rows: the photos with faces cloaked together, written and
+        verified one by one. When the batch fails, each photo is cloaked alone, so an error is its photo's."""
+        detected = [item for item in window if isinstance(item, _Detected)]
+        try:
+            outcomes: list[np.ndarray | Exception] = list(
+                self.cloak_detected([item.image for item in detected], [item.faces for item in detected]))
+        except KeyboardInterrupt:
+            raise
+        except Exception as error:
+            outcomes = [error] if len(detected) == 1 else [self._cloak_alone(item) for item in detected]
+        cloaked_of = {id(item): outcome for item, outcome in zip(detected, outcomes)}
+        finished = []
+        for item in window:
+            if not isinstance(item, _Detected):
+                finished.append(item)
+            elif isinstance(cloaked_of[id(item)], Exception):
+                finished.append([_error_row(item.source, "cloaking", cloaked_of[id(item)])])
+            else:
+                finished.append(self._write_and_verify(item, cloaked_of[id(item)], file_format, quality, verify))
+        return finished
+
+    def _cloak_alone(self, item: _Detected) -> np.ndarray | Exception:
+        try:
+            return self.cloak_detected([item.image], [item.faces])[0]
+        except KeyboardInterrupt:
+            raise
+        except Exception as error:
+            return error
+
+    def _write_and_verify(self, item: _Detected, cloaked: np.ndarray, file_format: str | None, quality: int,
+                          verify: bool) -> list[FaceReport]:
+        """The rows of one cloaked photo; an ``error`` row (and no output left behind) if writing or verifying fails."""
+        stage = "writing"
+        try:
+            chosen = file_format or ("jpeg" if item.source.suffix.lower() in (".jpg", ".jpeg") else "png")
+            write_photo(item.target, cloaked, file_format=chosen, quality=quality, icc_profile=item.icc_profile)
+            checks: list[dict] = [{"target_ssim": self.target_ssim} for _ in item.faces]
             if verify:
                 stage = "verifying"
-                checks = self.verify(image, read_photo(target)[0], faces)
+                checks = self.verify(item.image, read_photo(item.target)[0], item.faces)
         except KeyboardInterrupt:  # stops the run; what is on disk stays what the report lists
-            if stage != "reading":
-                target.unlink(missing_ok=True)
+            item.target.unlink(missing_ok=True)
             raise
         except Exception as error:  # any other failure is this photo's alone
-            if stage != "reading":
-                target.unlink(missing_ok=True)
-            detail = str(error) if isinstance(error, (OSError, ValueError)) else f"{type(error).__name__}: {error}"
-            message = detail if stage == "reading" else f"{stage} failed: {detail}"
-            return [FaceReport(str(source), "", -1, "error", message=message)]
+            item.target.unlink(missing_ok=True)
+            return [_error_row(item.source, stage, error)]
         return [
-            FaceReport(str(source), str(target), index, "cloaked", face.score, [round(float(v), 1) for v in face.box],
-                       **check)
-            for index, (face, check) in enumerate(zip(faces, checks))
+            FaceReport(str(item.source), str(item.target), index, "cloaked", face.score,
+                       [round(float(v), 1) for v in face.box], **check)
+            for index, (face, check) in enumerate(zip(item.faces, checks))
         ]
+
+
+@dataclass
+class _Detected:
+    """A photo read and its faces found, waiting to be cloaked with the others of its batch."""
+
+    source: Path
+    target: Path
+    image: np.ndarray
+    icc_profile: bytes | None
+    faces: list[PhotoFace]
+
+
+def _error_row(source: Path, stage: str, error: Exception) -> FaceReport:
+    """The ``error`` row of a photo whose ``stage`` failed."""
+    return FaceReport(str(source), "", -1, "error", message=f"{stage} failed: {_detail(error)}")
+
+
+def _detail(error: Exception) -> str:
+    """An error's message; with its type too unless it is an ``OSError`` or ``ValueError`` (which say enough)."""
+    return str(error) if isinstance(error, (OSError, ValueError)) else f"{type(error).__name__}: {error}"
+
+
+def face_batches(face_counts: Sequence[int], batch_faces: int) -> list[list[int]]:
+    """Consecutive photo indices in groups of at most ``batch_faces`` faces (a photo with more is a group alone).
+
+    Parameters
+    ----------
+    face_counts : sequence of int
+        Faces per photo, ``>= 0``.
+    batch_faces : int
+        Most faces per group, ``>= 1``.
+
+    Returns
+    -------
+    list of list of int
+        The groups, covering ``range(len(face_counts))`` in order.
+    """
+    groups: list[list[int]] = []
+    held = 0
+    for index, count in enumerate(face_counts):
+        if not groups or (held and held + count > batch_faces):
+            groups.append([])
+            held = 0
+        groups[-1].append(index)
+        held += count
+    return groups
 
 
 def _check_attack(attack: object) -> None:
@@ -725,12 +880,11 @@ def aligned_ssim(original: np.ndarray, cloaked: np.ndarray, face: PhotoFace) -> 
     return ssim(crops[:1], crops[1:]).item()
 
 
-def _progress(plan: list, enabled: bool):
-    if not enabled:
-        return plan
+def _progress(total: int, enabled: bool):
+    """A progress bar over ``total`` photos (``update(n)`` as they finish), or one that shows nothing."""
     from tqdm import tqdm
 
-    return tqdm(plan, unit="photo", desc="cloaking")
+    return tqdm(total=total, unit="photo", desc="cloaking", disable=not enabled)
 
 
 def summarise(rows: Sequence[FaceReport]) -> dict[str, float | int]:

