@@ -1,9 +1,13 @@
-"""Photos per second of ``PhotoCloak`` (``krtfuap cloak``) for several torch thread counts, idle and beside busy work.
+"""Seconds per face of ``PhotoCloak`` (``krtfuap cloak``) for several torch thread counts, batch sizes and surrogate
+sets, idle and beside busy work.
 
 The cloak runs the refinement, the detector and the verification on the CPU. ``torch`` takes every core
 by default; beside another process that does the same, the threads outnumber the cores and each waits
 for the others. This script cloaks the same raw LFW photos (``../shared/assets/photos``; JPEG q85,
-verified, as ``krtfuap cloak`` does) once per thread count and per neighbour, side by side in one run:
+verified, as ``krtfuap cloak`` does) once per thread count, ``--batch-faces`` value (faces refined
+together) and ``--surrogates`` set (``one``: the ready cloak's ``w600k_mbf``; ``default``: what
+``krtfuap cloak`` refines against, :func:`krtfuap.pretrained.default_surrogates`) and per neighbour,
+side by side in one run:
 
 * ``nothing``: no process started by this script (the machine may still be shared: the load is printed);
 * ``a busy core``: one single-threaded Python busy loop;
@@ -12,6 +16,8 @@ verified, as ``krtfuap cloak`` does) once per thread count and per neighbour, si
 Example::
 
     python benchmarks/cloak_speed.py --photos 10 --threads 1 2
+    python benchmarks/cloak_speed.py --photos 20 --threads 2 --beside nothing --batch-faces 1 16 \
+        --surrogates default one
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from itertools import product
 from pathlib import Path
 
 import torch
@@ -29,7 +36,7 @@ import torch
 from krtfuap.alignment import SCRFDDetector
 from krtfuap.apps.cloak import PhotoCloak
 from krtfuap.cloak_defaults import CLOAK_DEFAULTS
-from krtfuap.pretrained import default_cloak
+from krtfuap.pretrained import default_cloak, default_surrogates
 
 PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "assets" / "photos"
 
@@ -58,8 +65,8 @@ def start_neighbour(code: str | None) -> subprocess.Popen | None:
     return process
 
 
-def cloak_rate(cloak: PhotoCloak, photos: list[Path]) -> float:
-    """Seconds to cloak, write and verify ``photos`` (JPEG q85), after one untimed warm-up photo."""
+def cloak_rate(cloak: PhotoCloak, photos: list[Path]) -> tuple[float, int]:
+    """Seconds to cloak, write and verify ``photos`` (JPEG q85), after one untimed warm-up photo, and the faces."""
     with tempfile.TemporaryDirectory() as folder:
         cloak.cloak_files(photos[:1], Path(folder) / "warm-up", file_format="jpeg", quality=85, report=False)
         started = time.perf_counter()
@@ -67,7 +74,7 @@ def cloak_rate(cloak: PhotoCloak, photos: list[Path]) -> float:
         elapsed = time.perf_counter() - started
     if any(row.status == "error" for row in rows):
         raise SystemExit(f"a photo failed: {[row.message for row in rows if row.status == 'error']}")
-    return elapsed
+    return elapsed, sum(row.status == "cloaked" for row in rows)
 
 
 def main() -> None:
@@ -77,6 +84,10 @@ def main() -> None:
     parser.add_argument("--beside", nargs="+", choices=list(NEIGHBOURS), default=list(NEIGHBOURS),
                         help="what runs beside the cloak")
     parser.add_argument("--refine-steps", type=int, default=CLOAK_DEFAULTS.refine_steps)
+    parser.add_argument("--batch-faces", type=int, nargs="+", default=[CLOAK_DEFAULTS.batch_faces],
+                        help="faces refined together (PhotoCloak(batch_faces=...)) to compare")
+    parser.add_argument("--surrogates", nargs="+", choices=("one", "default"), default=["one"],
+                        help="refine against w600k_mbf alone (one) or krtfuap cloak's default surrogates")
     args = parser.parse_args()
 
     photos = sorted(PHOTOS.rglob("*.jpg"))[: args.photos]
@@ -86,17 +97,21 @@ def main() -> None:
     print(f"{len(photos)} raw LFW photos, refine_steps {args.refine_steps}, JPEG q85, verified; {cores} cores; "
           f"torch {torch.__version__}; load average at start {os.getloadavg()[0]:.2f} (1 min)\n")
     detector, attack = SCRFDDetector(), default_cloak()
-    print("| beside | threads | seconds | photos/s | s/photo | load average before -> after |")
-    print("|---|---|---|---|---|---|")
+    surrogate_sets = {"one": None, "default": default_surrogates(attack)}
+    print("| beside | surrogates | threads | batch faces | seconds | faces | s/face | s/photo "
+          "| load average before -> after |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in args.beside:
         neighbour = start_neighbour(NEIGHBOURS[name])
         try:
-            for threads in args.threads:
-                cloak = PhotoCloak(attack, detector, refine_steps=args.refine_steps, num_threads=threads)
+            for surrogates, threads, batch_faces in product(args.surrogates, args.threads, args.batch_faces):
+                cloak = PhotoCloak(attack, detector, refine_steps=args.refine_steps, num_threads=threads,
+                                   batch_faces=batch_faces, surrogates=surrogate_sets[surrogates])
                 before = os.getloadavg()[0]
-                elapsed = cloak_rate(cloak, photos)
-                print(f"| {name} | {threads} | {elapsed:.1f} | {len(photos) / elapsed:.3f} | "
-                      f"{elapsed / len(photos):.2f} | {before:.2f} -> {os.getloadavg()[0]:.2f} |", flush=True)
+                elapsed, faces = cloak_rate(cloak, photos)
+                print(f"| {name} | {surrogates} | {threads} | {batch_faces} | {elapsed:.1f} | {faces} | "
+                      f"{elapsed / max(faces, 1):.2f} | {elapsed / len(photos):.2f} | "
+                      f"{before:.2f} -> {os.getloadavg()[0]:.2f} |", flush=True)
         finally:
             if neighbour is not None:
                 neighbour.kill()

@@ -77,7 +77,7 @@ def default_surrogates(attack: UAPAttack) -> list[tuple[nn.Module, float]]:
     (FaceNet trained on CASIA-WebFace) with its built-in threshold. Pass the result as
     ``PhotoCloak(attack, surrogates=default_surrogates(attack))``: one surrogate of another
     family multiplies the protection from recognisers the cloak never saw (``docs/cloak.rst``),
-    at about 2.4 times the seconds per face.
+    at about twice the seconds per face (``benchmarks/RESULTS.md`` 8n).
 
     Parameters
     ----------

@@ -348,6 +348,26 @@ def test_an_interrupted_run_keeps_a_report_of_the_photos_done(tmp_path, detector
                                                                      "gdp.jpg"]
 
 
+def test_an_interrupted_batch_leaves_nothing_of_its_photos(tmp_path, detector, noise_attack, photos) -> None:
+    """Ctrl-C while a batch is refined: none of its photos is on disk, not even the one without a face."""
+    source = tmp_path / "in"
+    source.mkdir()
+    shutil.copy(photos["yaoming.jpg"], source / "a.jpg")
+    Image.fromarray(np.full((90, 120, 3), 128, dtype=np.uint8)).save(source / "b.png")
+    shutil.copy(photos["gdp.jpg"], source / "c.jpg")
+    cloak = PhotoCloak(noise_attack, detector, model=TinyEmbedder(), threshold=0.999, refine_steps=1, batch_faces=100)
+
+    def interrupted(self, images, faces):
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(PhotoCloak, "cloak_detected", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            cloak.cloak_files([source], tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cloak-report.csv", "cloak-report.json"]
+    assert json.loads((tmp_path / "out" / "cloak-report.json").read_text()) == []
+
+
 def test_faces_below_the_stealth_target_are_flagged(tmp_path, detector, noise_attack, photos) -> None:
     """The noise is plainly visible (face SSIM well below 0.99): a 0.99 target flags every face, 0.5 none."""
     summaries = {}

@@ -223,8 +223,15 @@ def test_foamliu_mobilefacenet_loads_every_key_and_separates_identities(shared_a
     model = load_foamliu_mobilefacenet(path)
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     assert model(face_pairs[0][:2]).shape == (2, 128)
+    assert _weights_are_channels_last(model)
     genuine, impostor = _genuine_and_impostor_cosines(model, face_pairs)
     assert genuine > impostor + 0.3, (genuine, impostor)
+
+
+def _weights_are_channels_last(model: torch.nn.Module) -> bool:
+    """Every 4-D weight is stored channels-last (and there is at least one)."""
+    kernels = [p for p in model.parameters() if p.dim() == 4 and min(p.shape[1:]) > 1]
+    return bool(kernels) and all(p.is_contiguous(memory_format=torch.channels_last) for p in kernels)
 
 
 @pytest.mark.real
@@ -244,6 +251,7 @@ def test_insightface_mbf_matches_onnxruntime_on_real_faces(shared_assets, face_p
 @pytest.mark.real
 def test_insightface_mbf_is_frozen_differentiable_and_separates_identities(face_pairs, insightface_mbf):
     assert not insightface_mbf.training and not any(p.requires_grad for p in insightface_mbf.parameters())
+    assert _weights_are_channels_last(insightface_mbf)
     x = face_pairs[0][:2].clone().requires_grad_(True)
     insightface_mbf(x).norm(dim=1).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0

@@ -242,7 +242,7 @@ def _add_cloak_parser(commands: argparse._SubParsersAction) -> None:
                        "surrogates: the refinement pushes each below its threshold at once (default: "
                        "%(default)s: the ready cloak's model, then FaceNet trained on CASIA-WebFace, which lifts "
                        "the protection from recognisers the cloak never saw; name only the first for one surrogate, "
-                       "2.4 times faster)")
+                       "about twice as fast)")
     cloak.add_argument("--attack-weights", nargs="+", default=None, metavar="PATH",
                        help="weights file of each --attack-model, in the same order ('-': the model's default)")
     cloak.add_argument("--attack-threshold", nargs="+", type=_similarity, default=None, metavar="T",
@@ -250,8 +250,8 @@ def _add_cloak_parser(commands: argparse._SubParsersAction) -> None:
                        "e.g. INSIGHTFACE_MBF_THRESHOLD, SFACE_THRESHOLD); the first model's is the attack's")
     cloak.add_argument("--refine-steps", type=_non_negative_int, default=CLOAK_DEFAULTS.refine_steps, metavar="N",
                        help="gradient steps adapting the cloak to each face through a simulated JPEG save "
-                       "(default: %(default)s, about 5 s per face on 2 CPU cores with the default surrogates; 0: paste "
-                       "the universal cloak)")
+                       "(default: %(default)s; with the default surrogates about 3 s per face on 2 idle CPU cores "
+                       "with --threads 2, 5 s with one thread; 0: paste the universal cloak)")
     cloak.add_argument("--batch-faces", type=_positive_int, default=CLOAK_DEFAULTS.batch_faces, metavar="N",
                        help="most faces, from consecutive photos, refined together in one batched pass per model "
                        "and step (default: %(default)s; faster per face; a photo's result does not depend on it)")
@@ -382,8 +382,8 @@ def _run_cloak(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
     judges = (_judges(args, loaded) or None) if not args.no_verify else None
     cloak = PhotoCloak(attack, min_score=args.min_score, model=model, threshold=args.verify_threshold, judges=judges,
                        refine_steps=args.refine_steps, batch_faces=args.batch_faces, surrogates=surrogates,
-                       refine_from=args.refine_from, refine_colour=not args.refine_luminance, target_ssim=args.target_ssim,
-                       smoothing=args.smoothing, downscale=tuple(args.downscale),
+                       refine_from=args.refine_from, refine_colour=not args.refine_luminance,
+                       target_ssim=args.target_ssim, smoothing=args.smoothing, downscale=tuple(args.downscale),
                        input_diversity=args.input_diversity, num_threads=args.threads)
     report = os.path.join(args.output, "cloak-report.csv")
     try:

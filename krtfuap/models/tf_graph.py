@@ -269,8 +269,8 @@ class TensorFlowGraph(nn.Module):
     traced with a batch of 1). The constants are buffers (no parameters): the graph is frozen by
     construction. Two rewrites save passes over the activations without changing the result: a
     ``BiasAdd`` that alone reads a ``Conv2D`` becomes that convolution's bias, and ``SAME`` padding
-    that is the same on both sides is done inside the convolution (about 10 % of FaceNet's forward
-    and backward time on a CPU).
+    that is the same on both sides is done inside the convolution (7-12 % of FaceNet's forward and
+    backward time on a CPU, ``benchmarks/RESULTS.md`` 8n).
     """
 
     def __init__(self, nodes: Sequence[GraphNode], input_node: str, output_node: str) -> None:
