@@ -2,11 +2,11 @@
 
 The per-face cloak spends most of its time in forward and backward passes of its surrogates
 (gradients to the input only). This script times one such pass per face model that is
-installed, for each ``--batch-sizes`` value, with the model as it is loaded and with a copy whose
-4-D weights are stored channels-first (``torch.contiguous_format``), in turns within each repeat
-so that load from other processes hits both alike. The loaders store the MobileFaceNets'
-weights channels-last (:func:`krtfuap.models._loading.channels_last`); the ``as loaded / channels
-first`` column says what that buys. Prints the median of ``--repeats`` in milliseconds per face.
+installed, for each ``--batch-sizes`` value, with copies of the model whose 4-D weights are stored
+channels-first (``torch.contiguous_format``) and channels-last, in turns within each repeat so that
+load from other processes hits both alike. The loaders store the MobileFaceNets' weights
+channels-last (:func:`krtfuap.models._loading.channels_last`); the last column says what that
+buys each model. Prints the median of ``--repeats`` in milliseconds per face.
 
 Example (2-core CPU)::
 
@@ -54,7 +54,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, {len(os.sched_getaffinity(0))} cores; "
           f"load average at start {os.getloadavg()[0]:.2f}; median of {args.repeats}\n")
-    print("| model | batch | as loaded, ms / face | channels first, ms / face | as loaded / channels first |")
+    print("| model | batch | channels first, ms / face | channels last, ms / face | last / first |")
     print("|---|---|---|---|---|")
     for name in args.models:
         try:
@@ -62,19 +62,20 @@ def main() -> None:
         except (ModuleNotFoundError, FileNotFoundError) as error:
             print(f"| {name} | - | not available: {error} | | |")
             continue
-        first = copy.deepcopy(loaded).to(memory_format=torch.contiguous_format)
+        variants = {"first": copy.deepcopy(loaded).to(memory_format=torch.contiguous_format),
+                    "last": copy.deepcopy(loaded).to(memory_format=torch.channels_last)}
         for batch in args.batch_sizes:
             faces = torch.rand(batch, 3, 112, 112, generator=torch.Generator().manual_seed(0))
             calls = max(1, 16 // batch)
-            for model in (loaded, first):
+            for model in variants.values():
                 pass_time(model, faces, 2)  # warm-up
-            times = {"loaded": [], "first": []}
+            times: dict[str, list[float]] = {key: [] for key in variants}
             for _ in range(args.repeats):
-                times["loaded"].append(pass_time(loaded, faces, calls))
-                times["first"].append(pass_time(first, faces, calls))
-            ratio = statistics.median(a / b for a, b in zip(times["loaded"], times["first"]))
-            print(f"| {name} | {batch} | {statistics.median(times['loaded']) * 1000 / batch:.1f} | "
-                  f"{statistics.median(times['first']) * 1000 / batch:.1f} | {ratio:.2f} |", flush=True)
+                for key, model in variants.items():
+                    times[key].append(pass_time(model, faces, calls))
+            ratio = statistics.median(last / first for last, first in zip(times["last"], times["first"]))
+            print(f"| {name} | {batch} | {statistics.median(times['first']) * 1000 / batch:.1f} | "
+                  f"{statistics.median(times['last']) * 1000 / batch:.1f} | {ratio:.2f} |", flush=True)
     print(f"\nload average at end {os.getloadavg()[0]:.2f}")
 
 

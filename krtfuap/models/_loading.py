@@ -178,8 +178,9 @@ def channels_last(model: ModuleT) -> ModuleT:
     """Store ``model``'s 4-D weights channels-last (in place); the outputs stay the same up to rounding.
 
     The CPU convolutions (oneDNN) of the MobileFaceNets then skip a reorder per layer: forward and
-    backward ran 13-21 % faster for ``w600k_mbf`` and foamliu's MobileFaceNet, and not faster for
-    SFace or the Keras FaceNet (``benchmarks/model_speed.py``), so only their loaders call this.
+    backward ran 13-30 % faster for ``w600k_mbf`` and foamliu's MobileFaceNet on one and two threads,
+    where SFace gained only at 16 faces on one thread and the Keras FaceNet lost there
+    (``benchmarks/model_speed.py``, ``benchmarks/RESULTS.md`` 8n), so only their loaders call this.
 
     Parameters
     ----------
