@@ -33,9 +33,9 @@ class CloakDefaults:
     refine_steps : int
         Adam steps that make a perturbation for each face (0: paste the universal one).
     batch_faces : int
-        Faces ``krtfuap cloak`` refines together, gathered from consecutive photos: one batched pass
-        per model and step over all of them, which costs a CPU far less per face than one pass per
-        photo (:func:`krtfuap.refine.refine_on_photos`).
+        Most faces ``krtfuap cloak`` refines together, gathered from consecutive photos: one batched
+        pass per model and step over all of them, which costs a CPU far less per face than one pass
+        per photo (:func:`krtfuap.refine.refine_on_photos`; a photo with more faces goes alone).
     refine_from : str
         Where the refinement starts: ``"zero"`` or ``"cloak"`` (the universal perturbation).
     refine_colour : bool
