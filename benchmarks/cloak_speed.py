@@ -97,7 +97,7 @@ def main() -> None:
     print(f"{len(photos)} raw LFW photos, refine_steps {args.refine_steps}, JPEG q85, verified; {cores} cores; "
           f"torch {torch.__version__}; load average at start {os.getloadavg()[0]:.2f} (1 min)\n")
     detector, attack = SCRFDDetector(), default_cloak()
-    surrogate_sets = {"one": None, "default": default_surrogates(attack)}
+    surrogate_sets = {name: None if name == "one" else default_surrogates(attack) for name in args.surrogates}
     print("| beside | surrogates | threads | batch faces | seconds | faces | s/face | s/photo "
           "| load average before -> after |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -691,7 +691,7 @@ class PhotoCloak:
             for source, target in plan:
                 item = self._read_and_detect(source, target)
                 waiting = sum(len(other.faces) for other in window if isinstance(other, _Detected))
-                if isinstance(item, _Detected) and waiting and waiting + len(item.faces) > self.batch_faces:
+                if isinstance(item, _Detected) and _opens_batch(waiting, len(item.faces), self.batch_faces):
                     finish(window)
                     window = []
                 window.append(item)
@@ -821,12 +821,18 @@ def face_batches(face_counts: Sequence[int], batch_faces: int) -> list[list[int]
     groups: list[list[int]] = []
     held = 0
     for index, count in enumerate(face_counts):
-        if not groups or (held and held + count > batch_faces):
+        if not groups or _opens_batch(held, count, batch_faces):
             groups.append([])
             held = 0
         groups[-1].append(index)
         held += count
     return groups
+
+
+def _opens_batch(held: int, count: int, batch_faces: int) -> bool:
+    """Whether a photo of ``count`` faces starts a new batch after one holding ``held`` faces (a batch of
+    none takes any photo, so a photo with more than ``batch_faces`` faces goes alone)."""
+    return held > 0 and held + count > batch_faces
 
 
 def _check_attack(attack: object) -> None:

