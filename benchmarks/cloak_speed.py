@@ -6,7 +6,8 @@ by default; beside another process that does the same, the threads outnumber the
 for the others. This script cloaks the same raw LFW photos (``../shared/assets/photos``; JPEG q85,
 verified, as ``krtfuap cloak`` does) once per thread count, ``--batch-faces`` value (faces refined
 together) and ``--surrogates`` set (``one``: the ready cloak's ``w600k_mbf``; ``default``: what
-``krtfuap cloak`` refines against, :func:`krtfuap.pretrained.default_surrogates`) and per neighbour,
+``krtfuap cloak`` refines against, :func:`krtfuap.pretrained.default_surrogates`; ``default-float32`` /
+``default-bfloat16``: the same with FaceNet's convolutions in that precision) and per neighbour,
 side by side in one run:
 
 * ``nothing``: no process started by this script (the machine may still be shared: the load is printed);
@@ -53,6 +54,9 @@ NEIGHBOURS = {
     ),
 }
 
+#: ``--surrogates`` choices other than ``one``: ``default_surrogates(attack, bfloat16=...)``.
+SURROGATE_SETS = {"one": None, "default": None, "default-float32": False, "default-bfloat16": True}
+
 
 def start_neighbour(code: str | None) -> subprocess.Popen | None:
     """Start the neighbour and return once it says it runs (None: no neighbour)."""
@@ -86,8 +90,9 @@ def main() -> None:
     parser.add_argument("--refine-steps", type=int, default=CLOAK_DEFAULTS.refine_steps)
     parser.add_argument("--batch-faces", type=int, nargs="+", default=[CLOAK_DEFAULTS.batch_faces],
                         help="faces refined together (PhotoCloak(batch_faces=...)) to compare")
-    parser.add_argument("--surrogates", nargs="+", choices=("one", "default"), default=["one"],
-                        help="refine against w600k_mbf alone (one) or krtfuap cloak's default surrogates")
+    parser.add_argument("--surrogates", nargs="+", choices=list(SURROGATE_SETS), default=["one"],
+                        help="refine against w600k_mbf alone (one) or krtfuap cloak's default surrogates (default: "
+                        "FaceNet's convolutions in bfloat16 where the CPU has AMX; -float32 / -bfloat16: forced)")
     args = parser.parse_args()
 
     photos = sorted(PHOTOS.rglob("*.jpg"))[: args.photos]
@@ -97,7 +102,8 @@ def main() -> None:
     print(f"{len(photos)} raw LFW photos, refine_steps {args.refine_steps}, JPEG q85, verified; {cores} cores; "
           f"torch {torch.__version__}; load average at start {os.getloadavg()[0]:.2f} (1 min)\n")
     detector, attack = SCRFDDetector(), default_cloak()
-    surrogate_sets = {name: None if name == "one" else default_surrogates(attack) for name in args.surrogates}
+    surrogate_sets = {name: None if name == "one" else default_surrogates(attack, bfloat16=SURROGATE_SETS[name])
+                      for name in args.surrogates}
     print("| beside | surrogates | threads | batch faces | seconds | faces | s/face | s/photo "
           "| load average before -> after |")
     print("|---|---|---|---|---|---|---|---|---|")

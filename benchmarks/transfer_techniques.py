@@ -19,7 +19,9 @@ photo's resolution (not enlarged) and on the 112x112 crop both photos give on th
 keypoints; and with the perceptual HaarPSI (:func:`krtfuap.metrics.haarpsi`) on the face box.
 Prints one Markdown row per technique with the seconds of cloaking per face and the load average.
 The photos are cloaked with :meth:`~krtfuap.apps.cloak.PhotoCloak.cloak_many`, ``--batch-faces``
-faces refined together (as ``krtfuap cloak`` does; 1: one photo at a time).
+faces refined together (as ``krtfuap cloak`` does; 1: one photo at a time), the surrogates after the
+first with their convolutions in ``--surrogate-precision`` (``auto``: bfloat16 where the CPU has AMX,
+as ``krtfuap cloak``); the judges always in float32.
 
 Example (2-core CPU, one torch thread)::
 
@@ -42,6 +44,7 @@ from krtfuap.alignment import photo_to_tensor
 from krtfuap.apps.cloak import PhotoCloak, aligned_ssim, box_scores, read_photo
 from krtfuap.apps.judges import DlibJudge, ModelJudge, best_overlapping
 from krtfuap.models import FACE_MODEL_THRESHOLDS, INSIGHTFACE_MBF_THRESHOLD, load_face_model
+from krtfuap.models.precision import BFloat16Autocast, fast_bfloat16
 from krtfuap.pretrained import default_cloak
 
 #: Technique name -> PhotoCloak keywords (on top of today's defaults: CLOAK_DEFAULTS).
@@ -82,6 +85,9 @@ def main() -> None:
                         choices=["insightface_mbf", "sface", "keras_facenet", "facenet_casia",
                                  "foamliu_mobilefacenet"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--surrogate-precision", choices=("auto", "bfloat16", "float32"), default="auto",
+                        help="precision of the surrogates after the first (as krtfuap cloak's option; judges stay "
+                        "float32)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch-faces", type=int, default=None,
                         help="faces refined together (default: PhotoCloak's, CLOAK_DEFAULTS.batch_faces)")
@@ -101,9 +107,12 @@ def main() -> None:
     judges = [ModelJudge(name, model, threshold) for name, (model, threshold) in models.items()] + [DlibJudge()]
     attack = default_cloak(model=models["insightface_mbf"][0]) if args.cloak is None else UAPAttack.load(args.cloak)
     photos = held_out_photos(args.photos, args.seed)
-    surrogates = [models[name] for name in args.surrogates]
+    bfloat16 = {"auto": fast_bfloat16(), "bfloat16": True, "float32": False}[args.surrogate_precision]
+    surrogates = [models[name] for name in args.surrogates[:1]] + [
+        (BFloat16Autocast(model) if bfloat16 else model, threshold)
+        for model, threshold in (models[name] for name in args.surrogates[1:])]
     print(f"{len(photos)} held-out photos; perturbation {args.cloak or 'the ready cloak'}; surrogates "
-          f"{' + '.join(args.surrogates)}; torch threads {args.threads}; batch faces {args.batch_faces or 'default'}; "
+          f"{' + '.join(args.surrogates)} (further ones {'bfloat16' if bfloat16 else 'float32'}); torch threads {args.threads}; batch faces {args.batch_faces or 'default'}; "
           f"load average at start {os.getloadavg()[0]:.2f}\n")
     columns = [f"{judge.name} {way}" for way in WAYS for judge in judges]
     print(f"| technique | faces | {' | '.join(columns)} | face-box SSIM | face-box HaarPSI | aligned SSIM | s / face "

