@@ -60,6 +60,7 @@ TECHNIQUES: dict[str, dict] = {
     "default, target_ssim 0.95": {"target_ssim": 0.95},
     "default, input diversity scale 0.8-1": {"diversity_min_scale": 0.8},
     "default, 30 steps": {"refine_steps": 30},
+    "default, 50 steps": {"refine_steps": 50},
     "universal, pasted": {"refine_steps": 0},
 }
 
@@ -112,7 +113,8 @@ def main() -> None:
         (BFloat16Autocast(model) if bfloat16 else model, threshold)
         for model, threshold in (models[name] for name in args.surrogates[1:])]
     print(f"{len(photos)} held-out photos; perturbation {args.cloak or 'the ready cloak'}; surrogates "
-          f"{' + '.join(args.surrogates)} (further ones {'bfloat16' if bfloat16 else 'float32'}); torch threads {args.threads}; batch faces {args.batch_faces or 'default'}; "
+          f"{' + '.join(args.surrogates)} (further ones {'bfloat16' if bfloat16 else 'float32'}); torch threads "
+          f"{args.threads}; batch faces {args.batch_faces or 'default'}; "
           f"load average at start {os.getloadavg()[0]:.2f}\n")
     columns = [f"{judge.name} {way}" for way in WAYS for judge in judges]
     print(f"| technique | faces | {' | '.join(columns)} | face-box SSIM | face-box HaarPSI | aligned SSIM | s / face "

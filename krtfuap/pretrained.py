@@ -85,7 +85,7 @@ def default_surrogates(
     trained on CASIA-WebFace) with its threshold. Pass the result as
     ``PhotoCloak(attack, surrogates=default_surrogates(attack))``: one surrogate of another
     family multiplies the protection from recognisers the cloak never saw (``docs/cloak.rst``),
-    at about twice the seconds per face (``benchmarks/RESULTS.md`` 8n).
+    at more seconds per face (2.57 against 1.54 on two idle cores, ``benchmarks/RESULTS.md`` 8n, 8o).
 
     Parameters
     ----------
