@@ -54,7 +54,8 @@ NEIGHBOURS = {
     ),
 }
 
-#: ``--surrogates`` choices other than ``one``: ``default_surrogates(attack, bfloat16=...)``.
+#: ``--surrogates`` choices; each but ``one`` is ``default_surrogates(attack, bfloat16=value)``
+#: (None: as the CPU allows).
 SURROGATE_SETS = {"one": None, "default": None, "default-float32": False, "default-bfloat16": True}
 
 
