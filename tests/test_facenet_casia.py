@@ -70,3 +70,15 @@ def facenet_casia():
 @pytest.mark.real
 def test_facenet_casia_is_frozen_differentiable_and_verifies_held_out_pairs(held_out_pairs, facenet_casia):
     check_real_face_model(facenet_casia, held_out_pairs, FACENET_CASIA_THRESHOLD, dim=512)
+
+
+@pytest.mark.real
+def test_facenet_casia_in_bfloat16_verifies_as_in_float32(held_out_pairs, facenet_casia):
+    from krtfuap.models.precision import BFloat16Autocast
+
+    fast = BFloat16Autocast(facenet_casia)
+    check_real_face_model(fast, held_out_pairs, FACENET_CASIA_THRESHOLD, dim=512)
+    faces = held_out_pairs[0][:8]
+    with torch.no_grad():
+        cosine = torch.nn.functional.cosine_similarity(fast(faces), facenet_casia(faces), dim=1)
+    assert cosine.min() > 0.999

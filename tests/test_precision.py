@@ -51,6 +51,11 @@ def test_embeddings_and_input_gradients_stay_close_to_float32() -> None:
     assert not torch.equal(*embeddings)  # it really computed in another precision
 
 
+def test_the_wrapper_keeps_the_models_mode() -> None:
+    assert BFloat16Autocast(TinyEmbedder().eval()).training is False
+    assert BFloat16Autocast(TinyEmbedder().train()).training is True
+
+
 def test_full_precision_unwraps_and_leaves_other_models_alone() -> None:
     model = TinyEmbedder()
     assert full_precision(BFloat16Autocast(model)) is model

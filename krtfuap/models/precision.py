@@ -30,7 +30,8 @@ class BFloat16Autocast(nn.Module):
     Parameters
     ----------
     model : torch.nn.Module
-        Maps ``(B, 3, H, W)`` float32 RGB in ``[0, 1]`` to ``(B, D)``.
+        Maps ``(B, 3, H, W)`` float32 RGB in ``[0, 1]`` to ``(B, D)``; the wrapper takes its
+        training mode.
 
     Attributes
     ----------
@@ -43,6 +44,7 @@ class BFloat16Autocast(nn.Module):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         self.model = model
+        self.train(model.training)  # a frozen, eval-mode model stays one
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Embed ``images`` ``(B, 3, H, W)``; ``(B, D)`` float32, differentiable with respect to ``images``."""
