@@ -368,6 +368,18 @@ def test_an_interrupted_batch_leaves_nothing_of_its_photos(tmp_path, detector, n
     assert json.loads((tmp_path / "out" / "cloak-report.json").read_text()) == []
 
 
+def test_a_photo_without_a_face_waits_for_its_batch_without_its_pixels(tmp_path, detector, noise_attack,
+                                                                       photos) -> None:
+    """Photos without a face are held, in order, until the batch before them is written: only their paths."""
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.full((90, 120, 3), 128, dtype=np.uint8)).save(blank)
+    cloak = PhotoCloak(noise_attack, detector, model=TinyEmbedder(), threshold=0.999, refine_steps=0)
+    waiting = cloak._read_and_detect(blank, tmp_path / "out" / "blank.png")
+    assert waiting.faces == [] and waiting.image is None
+    with_faces = cloak._read_and_detect(photos["yaoming.jpg"], tmp_path / "out" / "yaoming.jpg")
+    assert with_faces.faces and with_faces.image.shape[-1] == 3
+
+
 def test_faces_below_the_stealth_target_are_flagged(tmp_path, detector, noise_attack, photos) -> None:
     """The noise is plainly visible (face SSIM well below 0.99): a 0.99 target flags every face, 0.5 none."""
     summaries = {}

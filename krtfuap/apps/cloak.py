@@ -712,7 +712,8 @@ class PhotoCloak:
             faces = self.detect(image)
         except Exception as error:
             return [_error_row(source, "detecting", error)]
-        return _Detected(source, target, image, icc_profile, faces)
+        # A photo without a face is only copied: its pixels need not wait in memory with the batch.
+        return _Detected(source, target, image if faces else None, icc_profile, faces)
 
     def _finish(self, window: list[list[FaceReport] | _Detected], file_format: str | None, quality: int,
                 verify: bool) -> list[list[FaceReport]]:
@@ -778,7 +779,7 @@ class _Detected:
 
     source: Path
     target: Path
-    image: np.ndarray
+    image: np.ndarray | None  # (H, W, 3) uint8 RGB; None without faces (the photo is only copied)
     icc_profile: bytes | None
     faces: list[PhotoFace]
 
