@@ -44,7 +44,7 @@ from krtfuap.alignment import photo_to_tensor
 from krtfuap.apps.cloak import PhotoCloak, aligned_ssim, box_scores, read_photo
 from krtfuap.apps.judges import DlibJudge, ModelJudge, best_overlapping
 from krtfuap.models import FACE_MODEL_THRESHOLDS, INSIGHTFACE_MBF_THRESHOLD, load_face_model
-from krtfuap.models.precision import BFloat16Autocast, fast_bfloat16
+from krtfuap.models.precision import PRECISIONS, BFloat16Autocast, use_bfloat16
 from krtfuap.pretrained import default_cloak
 
 #: Technique name -> PhotoCloak keywords (on top of today's defaults: CLOAK_DEFAULTS).
@@ -86,7 +86,7 @@ def main() -> None:
                         choices=["insightface_mbf", "sface", "keras_facenet", "facenet_casia",
                                  "foamliu_mobilefacenet"])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--surrogate-precision", choices=("auto", "bfloat16", "float32"), default="auto",
+    parser.add_argument("--surrogate-precision", choices=PRECISIONS, default="auto",
                         help="precision of the surrogates after the first (as krtfuap cloak's option; judges stay "
                         "float32)")
     parser.add_argument("--threads", type=int, default=1)
@@ -108,7 +108,7 @@ def main() -> None:
     judges = [ModelJudge(name, model, threshold) for name, (model, threshold) in models.items()] + [DlibJudge()]
     attack = default_cloak(model=models["insightface_mbf"][0]) if args.cloak is None else UAPAttack.load(args.cloak)
     photos = held_out_photos(args.photos, args.seed)
-    bfloat16 = {"auto": fast_bfloat16(), "bfloat16": True, "float32": False}[args.surrogate_precision]
+    bfloat16 = use_bfloat16(args.surrogate_precision)
     surrogates = [models[name] for name in args.surrogates[:1]] + [
         (BFloat16Autocast(model) if bfloat16 else model, threshold)
         for model, threshold in (models[name] for name in args.surrogates[1:])]

@@ -14,8 +14,10 @@ Example (2-core CPU, one run per direction)::
     python benchmarks/universal_transfer.py --fit insightface_mbf --judge foamliu_mobilefacenet \\
         --max-time 600 --lowpass 0 28
 
-``--options input_diversity=0.7`` passes further keywords to every fit; ``--save FILE`` keeps the
-fitted attack (``transfer_techniques.py --cloak FILE`` pastes it into photos for dlib's ResNet).
+``--options input_diversity=0.7`` passes further keywords to every fit; ``--bfloat16 facenet_casia``
+runs the named models of ``--fit`` under bfloat16 autocast while fitting (they judge in float32);
+``--save FILE`` keeps the fitted attack (``transfer_techniques.py --cloak FILE`` pastes it into photos
+for dlib's ResNet).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from _common import calibrated_threshold, held_out_split, load_model
 from engine_speed import parse_keywords
 
 from krtfuap import UAPAttack
+from krtfuap.models.precision import BFloat16Autocast
 from krtfuap.scoring import score_perturbation
 
 
@@ -45,9 +48,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--options", nargs="*", default=[], metavar="KEY=VALUE",
                         help="further UAPAttack keywords for every fit, e.g. input_diversity=0.7")
+    parser.add_argument("--bfloat16", nargs="*", default=[], metavar="MODEL",
+                        help="models of --fit that run in bfloat16 while fitting (judges stay float32)")
     parser.add_argument("--save", default=None, help="save the (last) fitted attack here (UAPAttack.save)")
     args = parser.parse_args()
     options = parse_keywords(args.options)
+    if set(args.bfloat16) - set(args.fit):
+        parser.error(f"--bfloat16 names models that are not fitted on: {sorted(set(args.bfloat16) - set(args.fit))}")
     torch.set_num_threads(args.threads)
 
     split = held_out_split(args.fit_faces, args.test_faces, 2000, args.seed)
@@ -56,14 +63,14 @@ def main() -> None:
     print(f"fit on {' + '.join(args.fit)} ({len(split.fit_faces)} faces), judged on {len(split.test_faces)} faces "
           f"of held-out people; thresholds {', '.join(f'{n} {t:.3f}' for n, t in thresholds.items())}; "
           f"target_ssim {args.target_ssim}, max_time {args.max_time:.0f} s, options {options or 'none'}, "
-          f"torch threads {args.threads}; "
+          f"bfloat16 while fitting: {', '.join(args.bfloat16) or 'none'}; torch threads {args.threads}; "
           f"load average at start {os.getloadavg()[0]:.2f}\n")
     judges = [f"{name}{'*' if name in args.fit else ''}" for name in args.judge]
     rates = " | ".join(f"fooling rate {name}" for name in judges)
     print(f"| lowpass | {rates} | SSIM | PSNR dB | fit s | stop | load |")
     print("|---|" + "---|" * len(judges) + "---|---|---|---|---|")
     for lowpass in args.lowpass:
-        fitted = [models[name] for name in args.fit]
+        fitted = [BFloat16Autocast(models[name]) if name in args.bfloat16 else models[name] for name in args.fit]
         threshold = [thresholds[name] for name in args.fit]
         attack = UAPAttack(fitted[0] if len(fitted) == 1 else fitted,
                            threshold=threshold[0] if len(fitted) == 1 else threshold,

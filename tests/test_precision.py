@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from fakes import TinyEmbedder
-from krtfuap.models.precision import BFloat16Autocast, fast_bfloat16, full_precision
+from krtfuap.models.precision import PRECISIONS, BFloat16Autocast, fast_bfloat16, full_precision, use_bfloat16
 
 
 class _RecordsDtype(nn.Module):
@@ -74,3 +74,22 @@ def test_fast_bfloat16_follows_the_cpus_amx_tiles(monkeypatch) -> None:
     assert fast_bfloat16() is False
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
     assert fast_bfloat16() is False  # a torch without the check: float32
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_use_bfloat16_maps_each_precision_choice(amx: bool, monkeypatch) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    assert [use_bfloat16(choice) for choice in PRECISIONS] == [amx, True, False]
+    with pytest.raises(ValueError, match="precision='half' is not one of"):
+        use_bfloat16("half")
+
+
+def test_the_cloak_command_takes_exactly_the_precision_choices() -> None:
+    from krtfuap.apps.cli import build_parser
+
+    parser = build_parser()
+    for choice in PRECISIONS:
+        assert parser.parse_args(["cloak", "in", "--output", "out", "--surrogate-precision", choice]
+                                 ).surrogate_precision == choice
+    with pytest.raises(SystemExit):
+        parser.parse_args(["cloak", "in", "--output", "out", "--surrogate-precision", "half"])

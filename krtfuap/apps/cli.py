@@ -322,8 +322,9 @@ def _surrogates(args: argparse.Namespace, attack, weights: list[str | None]) -> 
     elif len(thresholds) != len(further):
         raise ValueError(f"--attack-threshold gives {len(thresholds)} value(s) for {len(further)} further "
                          "--attack-model name(s) (the first model's threshold is the attack's); give one per model.")
-    bfloat16 = {"auto": None, "bfloat16": True, "float32": False}[args.surrogate_precision]
-    return default_surrogates(attack, further, weights=weights[1:], thresholds=thresholds, bfloat16=bfloat16)
+    from krtfuap.models.precision import use_bfloat16
+    return default_surrogates(attack, further, weights=weights[1:], thresholds=thresholds,
+                              bfloat16=use_bfloat16(args.surrogate_precision))
 
 
 def _judges(args: argparse.Namespace, loaded: dict[str, object]) -> list:

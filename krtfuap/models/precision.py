@@ -15,13 +15,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["BFloat16Autocast", "fast_bfloat16", "full_precision"]
+__all__ = ["BFloat16Autocast", "PRECISIONS", "fast_bfloat16", "full_precision", "use_bfloat16"]
+
+#: The precision choices of ``krtfuap cloak --surrogate-precision`` (see :func:`use_bfloat16`).
+PRECISIONS = ("auto", "bfloat16", "float32")
 
 
 def fast_bfloat16() -> bool:
     """Whether this CPU runs bfloat16 convolutions in hardware (it has AMX tiles)."""
     is_supported = getattr(torch.cpu, "_is_amx_tile_supported", None)
     return bool(is_supported is not None and is_supported())
+
+
+def use_bfloat16(precision: str) -> bool:
+    """Whether a precision choice of :data:`PRECISIONS` runs a surrogate in bfloat16.
+
+    ``"auto"`` is :func:`fast_bfloat16`; ``"bfloat16"`` and ``"float32"`` force it.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not one of {PRECISIONS}; pass one of them.")
+    return fast_bfloat16() if precision == "auto" else precision == "bfloat16"
 
 
 class BFloat16Autocast(nn.Module):
