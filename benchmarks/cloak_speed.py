@@ -37,6 +37,7 @@ import torch
 from krtfuap.alignment import SCRFDDetector
 from krtfuap.apps.cloak import PhotoCloak
 from krtfuap.cloak_defaults import CLOAK_DEFAULTS
+from krtfuap.models.precision import use_bfloat16
 from krtfuap.pretrained import default_cloak, default_surrogates
 
 PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "assets" / "photos"
@@ -54,9 +55,9 @@ NEIGHBOURS = {
     ),
 }
 
-#: ``--surrogates`` choices; each but ``one`` is ``default_surrogates(attack, bfloat16=value)``
-#: (None: as the CPU allows).
-SURROGATE_SETS = {"one": None, "default": None, "default-float32": False, "default-bfloat16": True}
+#: ``--surrogates`` choices; each but ``one`` is ``default_surrogates`` with its further models in
+#: that :data:`~krtfuap.models.precision.PRECISIONS` choice (``auto``: as the CPU allows).
+SURROGATE_SETS = {"one": None, "default": "auto", "default-float32": "float32", "default-bfloat16": "bfloat16"}
 
 
 def start_neighbour(code: str | None) -> subprocess.Popen | None:
@@ -103,7 +104,8 @@ def main() -> None:
     print(f"{len(photos)} raw LFW photos, refine_steps {args.refine_steps}, JPEG q85, verified; {cores} cores; "
           f"torch {torch.__version__}; load average at start {os.getloadavg()[0]:.2f} (1 min)\n")
     detector, attack = SCRFDDetector(), default_cloak()
-    surrogate_sets = {name: None if name == "one" else default_surrogates(attack, bfloat16=SURROGATE_SETS[name])
+    surrogate_sets = {name: None if name == "one" else
+                      default_surrogates(attack, bfloat16=use_bfloat16(SURROGATE_SETS[name]))
                       for name in args.surrogates}
     print("| beside | surrogates | threads | batch faces | seconds | faces | s/face | s/photo "
           "| load average before -> after |")
