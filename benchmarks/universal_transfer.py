@@ -53,8 +53,9 @@ def main() -> None:
     parser.add_argument("--save", default=None, help="save the (last) fitted attack here (UAPAttack.save)")
     args = parser.parse_args()
     options = parse_keywords(args.options)
-    if set(args.bfloat16) - set(args.fit):
-        parser.error(f"--bfloat16 names models that are not fitted on: {sorted(set(args.bfloat16) - set(args.fit))}")
+    not_fitted = sorted(set(args.bfloat16) - set(args.fit))
+    if not_fitted:
+        parser.error(f"--bfloat16 names models that are not fitted on: {not_fitted}")
     torch.set_num_threads(args.threads)
 
     split = held_out_split(args.fit_faces, args.test_faces, 2000, args.seed)

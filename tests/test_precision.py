@@ -84,7 +84,7 @@ def test_use_bfloat16_maps_each_precision_choice(amx: bool, monkeypatch) -> None
         use_bfloat16("half")
 
 
-def test_the_cloak_command_takes_exactly_the_precision_choices() -> None:
+def test_the_cloak_command_takes_exactly_the_precision_choices(capsys) -> None:
     from krtfuap.apps.cli import build_parser
 
     parser = build_parser()
@@ -93,3 +93,6 @@ def test_the_cloak_command_takes_exactly_the_precision_choices() -> None:
                                  ).surrogate_precision == choice
     with pytest.raises(SystemExit):
         parser.parse_args(["cloak", "in", "--output", "out", "--surrogate-precision", "half"])
+    # argparse lists every choice it takes when it refuses one: no more than PRECISIONS.
+    offered = ", ".join(repr(choice) for choice in PRECISIONS)
+    assert f"(choose from {offered})" in capsys.readouterr().err
