@@ -68,6 +68,7 @@ from krtfuap.engine import FitLoop, FitResult, Solver, frozen
 from krtfuap.metrics import calibrate_threshold, member_count, pair_similarities
 from krtfuap.models.ensemble import EnsembleEmbedder, MemberwiseEmbedder
 from krtfuap.scoring import score_perturbation
+from krtfuap.ssim_scaling import scale_to_ssim
 from krtfuap.threads import torch_threads
 
 __all__ = [
@@ -642,13 +643,18 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
             setattr(self, name, value)
 
     # ------------------------------------------------------------- applying
-    def transform(self, X: torch.Tensor) -> torch.Tensor:
+    def transform(self, X: torch.Tensor, *, per_face_ssim: float | None = None) -> torch.Tensor:
         """Add the learned perturbation: ``clip(X + perturbation_, 0, 1)``.
 
         Parameters
         ----------
         X : torch.Tensor
             ``(B, 3, H, W)`` RGB in ``[0, 1]``, the size the perturbation was fitted on.
+        per_face_ssim : float, optional
+            In ``(0, 1)``: scale the perturbation for each face to the largest scale whose SSIM
+            is still ``>= per_face_ssim`` (:func:`krtfuap.ssim_scaling.scale_to_ssim`, within the
+            perturbation's own l_inf bound), so that no face falls below that stealth and faces
+            whose texture hides the change take more of it. Default: the same change for every face.
 
         Returns
         -------
@@ -662,15 +668,20 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
                 f"X has size {tuple(X.shape[-2:])} but the perturbation was fitted on "
                 f"{tuple(self.perturbation_.shape[-2:])}; align the faces to that size first."
             )
-        return (X + self.perturbation_.to(device=X.device, dtype=X.dtype)).clamp(0.0, 1.0)
+        perturbation = self.perturbation_.to(device=X.device, dtype=X.dtype)
+        if per_face_ssim is not None:
+            return scale_to_ssim(X, perturbation, _checked_ssim(per_face_ssim))[0]
+        return (X + perturbation).clamp(0.0, 1.0)
 
-    def evaluate(self, X: ImageData) -> dict[str, float]:
+    def evaluate(self, X: ImageData, *, per_face_ssim: float | None = None) -> dict[str, float]:
         """Fooling rate, mean similarity, SSIM and PSNR of the perturbation on faces ``X``.
 
         Parameters
         ----------
         X : torch.Tensor or iterable
             Faces as in :meth:`fit`; judge on identities not used for fitting.
+        per_face_ssim : float, optional
+            Judge the perturbation as :meth:`transform` applies it with this ``per_face_ssim``.
 
         Returns
         -------
@@ -694,6 +705,7 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
         with torch_threads(self.num_threads), frozen(model):
             return score_perturbation(
                 model, X, self.perturbation_, self.threshold_, batch_size=self.batch_size, device=self._device(),
+                per_face_ssim=None if per_face_ssim is None else _checked_ssim(per_face_ssim),
             )
 
     # ----------------------------------------------------------- persistence
@@ -930,6 +942,14 @@ def _check_writable(path: str | os.PathLike, name: str) -> None:
         raise FileNotFoundError(f"{name}={text!r}: the folder {folder} does not exist; create it first.")
     if not os.access(folder, os.W_OK) or (os.path.exists(text) and not os.access(text, os.W_OK)):
         raise PermissionError(f"{name}={text!r} cannot be written (no permission); choose a writable place.")
+
+
+def _checked_ssim(value: object) -> float:
+    """``per_face_ssim`` as a float in ``(0, 1)``, or a ValueError that says what is expected."""
+    number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    if number is None or not 0.0 < float(number) < 1.0:
+        raise ValueError(f"per_face_ssim must be an SSIM in (0, 1) such as 0.95, or None, got {value!r}.")
+    return float(number)
 
 
 def _check_loaded_tensors(tensors: dict[str, torch.Tensor], epsilon: float, path: str, fix: str) -> None:

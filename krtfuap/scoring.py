@@ -15,6 +15,9 @@ module, so all numbers share one definition:
   over the three channels, per face (:func:`krtfuap.metrics.ssim`);
 * **PSNR** in dB on the ``[0, 1]`` scale, per face.
 
+With ``per_face_ssim`` a universal perturbation is judged as
+:func:`krtfuap.ssim_scaling.scale_to_ssim` applies it, scaled for each face to that SSIM.
+
 :func:`score_adversarial` is the functional core (per-face tensors of adversarial
 faces against their clean originals, however they were made); :func:`score_batch`
 scores one universal perturbation with it; :class:`PerturbationScore` sums them
@@ -35,6 +38,7 @@ from krtfuap._ops import call_model
 from krtfuap._validation import check_embeddings
 from krtfuap.metrics import cosine_similarity, fooled_by_similarity, member_count, psnr, ssim
 from krtfuap.models.ensemble import member_similarities
+from krtfuap.ssim_scaling import scale_to_ssim
 
 __all__ = ["score_adversarial", "score_batch", "PerturbationScore", "score_perturbation"]
 
@@ -103,6 +107,7 @@ def score_batch(
     *,
     clean_embeddings: torch.Tensor | None = None,
     n_members: int | None = None,
+    per_face_ssim: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-face scores of one batch under one universal perturbation.
 
@@ -113,8 +118,14 @@ def score_batch(
     ----------
     perturbation : torch.Tensor
         ``(3, H, W)`` (or broadcastable), on the images' device.
+    per_face_ssim : float, optional
+        Score each face with the perturbation scaled to this SSIM instead
+        (:func:`krtfuap.ssim_scaling.scale_to_ssim`, within the perturbation's own l_inf bound).
     """
-    adversarial = (images + perturbation.to(images.dtype)).clamp(0.0, 1.0)
+    if per_face_ssim is None:
+        adversarial = (images + perturbation.to(images.dtype)).clamp(0.0, 1.0)
+    else:
+        adversarial, _ = scale_to_ssim(images, perturbation, per_face_ssim)
     return score_adversarial(embed, images, adversarial, clean_embeddings=clean_embeddings, n_members=n_members)
 
 
@@ -208,6 +219,7 @@ def score_perturbation(
     *,
     batch_size: int = 64,
     device: torch.device | str | None = None,
+    per_face_ssim: float | None = None,
 ) -> dict[str, float]:
     """Fooling rate, mean similarity, SSIM and PSNR of ``perturbation`` on the faces ``X``.
 
@@ -230,6 +242,9 @@ def score_perturbation(
         parameter (the CPU without one). Faces and perturbation are added in
         float32 there; the model gets the batch in its own floating dtype
         (:func:`krtfuap._ops.call_model`), as when fitting.
+    per_face_ssim : float, optional
+        Judge each face with the perturbation scaled to its own SSIM ``per_face_ssim``
+        (:func:`krtfuap.ssim_scaling.scale_to_ssim`); default: the perturbation as it is.
 
     Returns
     -------
@@ -248,5 +263,5 @@ def score_perturbation(
                 f"{tuple(perturbation.shape[-2:])}; align the faces to that size first."
             )
         score.update(score_batch(embed, images.to(device, torch.float32), perturbation,
-                                 n_members=member_count(threshold)))
+                                 n_members=member_count(threshold), per_face_ssim=per_face_ssim))
     return score.compute()

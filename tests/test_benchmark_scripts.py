@@ -21,3 +21,17 @@ def test_step_time_measures_the_fit_loop_update_and_its_floor():
     for name in ("step", "floor", "extra_ssim", "perturbation", "adam", "fit"):
         assert row[name] > 0.0, name
     assert row["step_mem"] > 0.0 and row["floor_mem"] > 0.0
+
+
+def test_engine_speed_gives_the_lowest_face_ssim_both_ways():
+    import engine_speed
+    from fakes import random_faces
+
+    from krtfuap.metrics import ssim
+
+    faces = random_faces(12, seed=1, size=32)
+    attack = engine_speed.make_attack("target:0.9,max_steps=3", TinyEmbedder(), 0.9, {"random_state": 0})
+    attack.fit(faces)
+    uniform = engine_speed.lowest_ssim(attack, faces, None)
+    assert uniform == ssim(attack.transform(faces), faces).min().item()
+    assert engine_speed.lowest_ssim(attack, faces, 0.97) >= 0.97
