@@ -39,8 +39,8 @@ def scale_to_ssim(
     grows as ``s**2``, so the SSIM at ``s = 1`` predicts each face's scale ``s0``; a bisection on
     :func:`krtfuap.metrics.ssim` (scikit-image's SSIM) then finds it between the last scale that
     meets the target and the first that does not, of ``0, 0.8 * s0, 1.25 * s0, 2 * s0, 64`` (a face
-    still above the target at ``64`` keeps ``64``). Every returned face
-    meets the target: only scales whose SSIM was computed and met it are kept.
+    still above the target at ``64`` keeps ``64``). Every returned face meets the target: only
+    scales whose SSIM was computed and met it are kept.
 
     Parameters
     ----------
@@ -54,7 +54,7 @@ def scale_to_ssim(
         Bound on each value of the scaled change; default: the largest ``|perturbation|``, so the
         change never leaves the perturbation's own l_inf budget.
     iterations : int
-        Bisection steps, ``>= 1`` (12 narrow the scale to within 0.02 % of ``s0``).
+        Bisection steps, ``>= 1`` (12 narrow a bracket below ``2 * s0`` to within 0.02 % of ``s0``).
 
     Returns
     -------
