@@ -159,6 +159,7 @@ def main() -> None:
                 lowest = [lowest_ssim(attack, test_faces, target) for target in (None, args.per_face_ssim)]
                 scaled = (f" {lowest[0]:.4f} | {per_face['fooling_rate']:.3f} | {per_face['ssim']:.4f} | "
                           f"{lowest[1]:.4f} |")
+                final["lowest_ssim"] = lowest[0]
                 final["per_face"] = {**per_face, "lowest_ssim": lowest[1]}
             print(f"| {name} | {threshold:.3f} | {config} | {' | '.join(reached)} | {attack.n_iter_} | "
                   f"{wall:.0f} | {final['fooling_rate']:.3f} | {final['ssim']:.4f} | {final['psnr']:.2f} | "
