@@ -668,9 +668,10 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
                 f"X has size {tuple(X.shape[-2:])} but the perturbation was fitted on "
                 f"{tuple(self.perturbation_.shape[-2:])}; align the faces to that size first."
             )
+        check_param("per_face_ssim", per_face_ssim, _PER_FACE_SSIM)
         perturbation = self.perturbation_.to(device=X.device, dtype=X.dtype)
         if per_face_ssim is not None:
-            return scale_to_ssim(X, perturbation, _checked_ssim(per_face_ssim))[0]
+            return scale_to_ssim(X, perturbation, per_face_ssim)[0]
         return (X + perturbation).clamp(0.0, 1.0)
 
     def evaluate(self, X: ImageData, *, per_face_ssim: float | None = None) -> dict[str, float]:
@@ -700,12 +701,13 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
             )
         check_params({"model": self.model, "device": self.device, "num_threads": self.num_threads},
                      self._parameter_constraints)
+        check_param("per_face_ssim", per_face_ssim, _PER_FACE_SSIM)
         _check_one_threshold_per_model(self.model, self.threshold_, "threshold_")
         model = self._embedder(self.threshold_)
         with torch_threads(self.num_threads), frozen(model):
             return score_perturbation(
                 model, X, self.perturbation_, self.threshold_, batch_size=self.batch_size, device=self._device(),
-                per_face_ssim=None if per_face_ssim is None else _checked_ssim(per_face_ssim),
+                per_face_ssim=per_face_ssim,
             )
 
     # ----------------------------------------------------------- persistence
@@ -914,6 +916,10 @@ _FITTED_CONSTRAINTS = {
 }
 
 
+#: What ``transform`` and ``evaluate`` accept as ``per_face_ssim``.
+_PER_FACE_SSIM = [Interval(float, 0, 1, closed="neither", hint=" (an SSIM such as 0.95)"), None]
+
+
 def _check_one_threshold_per_model(model: object, threshold: object, name: str) -> None:
     """Refuse thresholds given one per model (a list) that do not match the list of models one to one."""
     count = member_count(threshold)
@@ -942,14 +948,6 @@ def _check_writable(path: str | os.PathLike, name: str) -> None:
         raise FileNotFoundError(f"{name}={text!r}: the folder {folder} does not exist; create it first.")
     if not os.access(folder, os.W_OK) or (os.path.exists(text) and not os.access(text, os.W_OK)):
         raise PermissionError(f"{name}={text!r} cannot be written (no permission); choose a writable place.")
-
-
-def _checked_ssim(value: object) -> float:
-    """``per_face_ssim`` as a float in ``(0, 1)``, or a ValueError that says what is expected."""
-    number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-    if number is None or not 0.0 < float(number) < 1.0:
-        raise ValueError(f"per_face_ssim must be an SSIM in (0, 1) such as 0.95, or None, got {value!r}.")
-    return float(number)
 
 
 def _check_loaded_tensors(tensors: dict[str, torch.Tensor], epsilon: float, path: str, fix: str) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from krtfuap._validation import Interval, check_param
 from krtfuap.metrics import ssim
 
 __all__ = ["scale_to_ssim"]
@@ -63,10 +64,8 @@ def scale_to_ssim(
     scales : torch.Tensor
         ``(B,)`` the scale ``s`` of each face, in ``[0, 64]``.
     """
-    if not 0.0 < float(target_ssim) < 1.0:
-        raise ValueError(f"target_ssim must be in (0, 1), got {target_ssim!r}.")
-    if int(iterations) < 1:
-        raise ValueError(f"iterations must be >= 1, got {iterations!r}.")
+    check_param("target_ssim", target_ssim, [Interval(float, 0, 1, closed="neither")])
+    check_param("iterations", iterations, [Interval(int, 1)])
     perturbation = perturbation.to(images.dtype)
     bound = float(perturbation.abs().max()) if epsilon is None else float(epsilon)
 
@@ -86,7 +85,7 @@ def scale_to_ssim(
         low = torch.where(above & ~settled, candidate, low)
         high = torch.where(~above & ~settled, candidate, high)
         settled |= ~above
-    for _ in range(int(iterations)):
+    for _ in range(iterations):
         middle = (low + high) / 2.0
         above = meets(middle)
         low = torch.where(above, middle, low)

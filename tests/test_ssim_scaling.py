@@ -76,14 +76,23 @@ def test_a_zero_perturbation_changes_nothing():
     assert torch.equal(scales, torch.full((3,), 64.0))
 
 
-@pytest.mark.parametrize("target", [0.0, 1.0, 1.5, float("nan")])
-def test_a_target_outside_zero_one_is_refused(target):
-    with pytest.raises(ValueError, match=r"target_ssim must be in \(0, 1\)"):
+@pytest.mark.parametrize(
+    ("target", "error", "message"),
+    [
+        (0.0, ValueError, r"target_ssim must be a number in \(0, 1\), got 0.0\."),
+        (1.0, ValueError, r"target_ssim must be a number in \(0, 1\), got 1.0\."),
+        (1.5, ValueError, r"target_ssim must be a number in \(0, 1\), got 1.5\."),
+        (float("nan"), ValueError, r"target_ssim must be a finite number, got nan\."),
+        ("0.9", TypeError, r"target_ssim must be a number in \(0, 1\), got '0.9' \(str\)\."),
+    ],
+)
+def test_a_target_outside_zero_one_is_refused(target, error, message):
+    with pytest.raises(error, match=message):
         scale_to_ssim(smooth_faces(2, 0), random_perturbation(0, 0.05), target)
 
 
 def test_iterations_must_be_positive():
-    with pytest.raises(ValueError, match="iterations must be >= 1"):
+    with pytest.raises(ValueError, match=r"iterations must be an int >= 1, got 0\."):
         scale_to_ssim(smooth_faces(2, 0), random_perturbation(0, 0.05), 0.9, iterations=0)
 
 
@@ -119,10 +128,24 @@ def test_evaluate_with_per_face_ssim_judges_what_transform_gives(fitted):
     assert fitted.evaluate(faces)["ssim"] == pytest.approx(ssim(fitted.transform(faces), faces).mean().item())
 
 
-@pytest.mark.parametrize("value", [0, 1, 1.2, -0.5, True, "0.95", float("nan")])
-def test_per_face_ssim_outside_zero_one_is_refused(fitted, value):
+ACCEPTED = r"per_face_ssim must be a number in \(0, 1\) \(an SSIM such as 0.95\) or None, got "
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "message"),
+    [
+        (0, ValueError, ACCEPTED + r"0\."),
+        (1, ValueError, ACCEPTED + r"1\."),
+        (1.2, ValueError, ACCEPTED + r"1.2\."),
+        (-0.5, ValueError, ACCEPTED + r"-0.5\."),
+        (float("nan"), ValueError, r"per_face_ssim must be a finite number, got nan\."),
+        (True, TypeError, ACCEPTED + r"True \(bool\)\."),
+        ("0.95", TypeError, ACCEPTED + r"'0.95' \(str\)\."),
+    ],
+)
+def test_per_face_ssim_outside_zero_one_is_refused(fitted, value, error, message):
     faces = random_faces(2, size=SIZE)
-    with pytest.raises(ValueError, match=r"per_face_ssim must be an SSIM in \(0, 1\)"):
+    with pytest.raises(error, match=message):
         fitted.transform(faces, per_face_ssim=value)
-    with pytest.raises(ValueError, match=r"per_face_ssim must be an SSIM in \(0, 1\)"):
+    with pytest.raises(error, match=message):
         fitted.evaluate(faces, per_face_ssim=value)
