@@ -9,7 +9,9 @@ table gives the first step and second at which the held-out fooling rate
 reached it with held-out mean SSIM >= ``--goal-ssim`` ("-" when never), then
 the held-out numbers of the perturbation ``fit`` returned (with ``--per-face-ssim S`` also as
 ``transform(X, per_face_ssim=S)`` applies it, scaled for each face to SSIM ``S``, and the lowest
-face's SSIM both ways). ``--figure`` draws
+face's SSIM both ways). With ``n_init=N`` in a configuration the fit steps read ``a + b + ...``,
+one term per restart, and the held-out curve holds every restart's epochs (``init`` in ``--json``,
+beside each restart's ``init_scores``). ``--figure`` draws
 the held-out fooling rate / SSIM point of every configuration (the stealth
 frontier).
 
@@ -139,7 +141,7 @@ def main() -> None:
 
             def held_out(event: dict) -> None:
                 score = score_perturbation(model, test_faces, event["perturbation"], threshold, batch_size=100)
-                curve.append({"step": event["step"], "time": event["time"], **score})
+                curve.append({"init": event.get("init", 0), "step": event["step"], "time": event["time"], **score})
 
             limits = dict(max_time=args.max_time or None, max_epochs=args.max_epochs, target_fooling_rate=1.0,
                           random_state=args.seed)
@@ -161,12 +163,14 @@ def main() -> None:
                           f"{lowest[1]:.4f} |")
                 final["lowest_ssim"] = lowest[0]
                 final["per_face"] = {**per_face, "lowest_ssim": lowest[1]}
-            print(f"| {name} | {threshold:.3f} | {config} | {' | '.join(reached)} | {attack.n_iter_} | "
+            steps = " + ".join(str(entry["n_iter"]) for entry in attack.init_scores_)  # "a + b": each restart of n_init
+            print(f"| {name} | {threshold:.3f} | {config} | {' | '.join(reached)} | {steps} | "
                   f"{wall:.0f} | {final['fooling_rate']:.3f} | {final['ssim']:.4f} | {final['psnr']:.2f} | "
                   f"{attack.fooling_rate_:.3f} | {attack.ssim_:.4f} | {weight:.3g} |{scaled} "
                   f"{os.getloadavg()[0]:.2f} |", flush=True)
             curves.append({"model": name, "threshold": threshold, "config": config, "curve": curve,
-                           "returned": final, "steps": attack.n_iter_, "seconds": wall})
+                           "returned": final, "steps": attack.n_iter_, "seconds": wall,
+                           "init_scores": attack.init_scores_, "best_init": attack.best_init_})
     if args.json:
         args.json.write_text(json.dumps(curves, indent=1))
     if args.figure:

@@ -328,7 +328,9 @@ class UAPAttack(PerturbationEstimator):
     }
     # ensemble_margin acts only with one threshold per model, which no file older than it holds.
     # min_psnr (None: no l2 budget) likewise came after format 2's first files.
-    _silent_defaults: ClassVar[tuple[str, ...]] = ("ensemble_margin", "min_psnr")
+    _silent_defaults: ClassVar[tuple[str, ...]] = (
+        *PerturbationEstimator._silent_defaults, "ensemble_margin", "min_psnr",
+    )
     # Files saved before target_ssim_start existed were fitted without a warm-up; before optimizer, with Adam.
     _values_before: ClassVar[dict[str, Any]] = {"target_ssim_start": None, "optimizer": "adam"}
 
@@ -363,6 +365,7 @@ class UAPAttack(PerturbationEstimator):
         batch_size: int = 10,
         shuffle: bool = True,
         random_state: Any = None,
+        n_init: int = 1,
         device: str | torch.device | None = None,
         amp: bool = False,
         channels_last: bool = False,

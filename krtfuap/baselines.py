@@ -400,6 +400,10 @@ class RandomNoiseUAP(PerturbationEstimator):
     ) -> None:
         store_params(self, locals())
 
+    def _restarts(self) -> int:
+        """One draw: noise has nothing to restart."""
+        return 1
+
     def _loop_settings(self) -> dict[str, Any]:
         """One scoring pass and nothing else (the loop does not step a solver that does not learn)."""
         return {"max_epochs": 1, "max_time": None, "max_steps": None, "target_fooling_rate": 1.0, "shuffle": False,
@@ -476,6 +480,7 @@ class DeepFoolUAP(PerturbationEstimator):
         batch_size: int = 32,
         shuffle: bool = False,
         random_state: Any = None,
+        n_init: int = 1,
         device: str | torch.device | None = None,
         amp: bool = False,
         channels_last: bool = False,
@@ -545,6 +550,7 @@ class FGUAP(PerturbationEstimator):
         batch_size: int = 32,
         shuffle: bool = False,
         random_state: Any = None,
+        n_init: int = 1,
         device: str | torch.device | None = None,
         amp: bool = False,
         channels_last: bool = False,
@@ -632,6 +638,7 @@ class FrequencyUAP(PerturbationEstimator):
         batch_size: int = 32,
         shuffle: bool = False,
         random_state: Any = None,
+        n_init: int = 1,
         device: str | torch.device | None = None,
         amp: bool = False,
         channels_last: bool = False,

@@ -27,6 +27,7 @@ or is interrupted leaves the previous fitted state whole.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -64,7 +65,7 @@ from krtfuap._validation import (
     check_params,
 )
 from krtfuap.distributed import is_main_process
-from krtfuap.engine import FitLoop, FitResult, Solver, frozen
+from krtfuap.engine import FitLoop, FitResult, Solver, frozen, selection_key
 from krtfuap.metrics import calibrate_threshold, member_count, pair_similarities
 from krtfuap.models.ensemble import EnsembleEmbedder, MemberwiseEmbedder
 from krtfuap.scoring import score_perturbation
@@ -85,12 +86,14 @@ _FORMAT = "krtfuap.UAPAttack/2"
 _FORMATS_READ = ("krtfuap.UAPAttack/1", _FORMAT)
 _SAVED_TENSORS = ("perturbation_", "mask_", "warped_mask_", "flow_", "noise_")
 _SAVED_FITTED = ("threshold_", "n_iter_", "n_epochs_", "fooling_rate_", "ssim_", "stop_reason_", "fit_time_", "best_epoch_")
+#: What ``init_scores_`` records of each restart, besides its ``random_state`` (learned attributes without the ``_``).
+_INIT_SCORE_KEYS = ("fooling_rate", "ssim", "n_iter", "stop_reason")
 #: Parameters about the machine that fitted, not about the perturbation: a saved file records them and
 #: ``load`` sets them to ``None``, so a loaded attack runs where it is loaded.
 _MACHINE_LOCAL = ("checkpoint_path", "device", "num_threads")
 #: Parameters that may change between an interrupted fit and its resumption.
 _NOT_FINGERPRINTED = ("max_epochs", "max_time", "max_steps", "target_fooling_rate", "checkpoint_path", "checkpoint_every",
-                      "verbose", "device", "num_threads")
+                      "verbose", "device", "num_threads", "n_init")
 
 #: A verification threshold: a cosine similarity.
 _COSINE_THRESHOLD = Interval(float, -1, 1, hint=" (a cosine similarity)")
@@ -117,6 +120,7 @@ FIT_LOOP_CONSTRAINTS: dict[str, list] = {
     "max_epochs": [Interval(int, 1)],
     "max_time": [Interval(float, 0, None, hint=" (seconds)"), None],
     "max_steps": [Interval(int, 1), None],
+    "n_init": [Interval(int, 1)],
     "shuffle": [Boolean()],
     "checkpoint_path": [PathLike(), None],
     "checkpoint_every": [Interval(int, 1)],
@@ -158,6 +162,14 @@ batch_size : int
 random_state : int, numpy RandomState or None
     Seeds every random draw of the fit (the starting perturbation, the order of
     shuffled epochs, random transforms); an int makes ``fit`` repeatable on the CPU.""",
+    "n_init": """\
+n_init : int
+    Fits from different seeds (all drawn from ``random_state``), the best one kept, as
+    scikit-learn's ``KMeans(n_init=...)``: best by the same rule that picks the returned
+    perturbation within a fit (the stealth target met first, then the highest fooling rate on
+    the fit or ``validation`` faces). ``max_time`` is the whole fit's: each restart gets
+    ``max_time / n_init``; ``max_steps`` and ``max_epochs`` hold for each restart. Not with
+    ``checkpoint_path`` (checkpoint one fit per ``random_state`` instead).""",
     "device": """\
 device : str or torch.device, optional
     Where to fit and evaluate, e.g. ``"cpu"`` or ``"cuda"`` (refused when that
@@ -222,7 +234,7 @@ checkpoint_every : int
 #: Shared parameters documented together, in this order, by one line ``[[group]]``.
 PARAMETER_GROUPS: dict[str, tuple[str, ...]] = {
     "stopping": ("target_fooling_rate", "max_epochs", "max_time", "max_steps"),
-    "fitting": ("batch_size", "shuffle", "random_state", "device", "amp", "channels_last", "num_threads",
+    "fitting": ("batch_size", "shuffle", "random_state", "n_init", "device", "amp", "channels_last", "num_threads",
                 "checkpoint_path", "checkpoint_every", "verbose"),
 }
 
@@ -355,6 +367,12 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
         ``"max_steps"``, or ``"not_learned"`` (:class:`~krtfuap.baselines.RandomNoiseUAP`).
     fit_time_ : float
         Seconds of the whole fit (threshold calibration and mask fitting included).
+    init_scores_ : list of dict
+        One entry per restart (``n_init``; one for a single fit): ``random_state`` (the seed
+        that refits that restart alone, with ``n_init=1``), ``fooling_rate``, ``ssim``, ``n_iter``
+        and ``stop_reason`` of its returned perturbation.
+    best_init_ : int
+        The restart whose perturbation (and every other learned attribute) was kept.
     """
 
     _parameter_constraints: ClassVar[dict[str, list]] = {**COMMON_CONSTRAINTS, **FIT_LOOP_CONSTRAINTS}
@@ -363,7 +381,7 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
     _takes_member_thresholds: ClassVar[bool] = True
     #: Parameters added after format 2 that change nothing in a fit saved before they existed (e.g. one
     #: that acts only with values older files cannot hold): ``load`` gives them today's default silently.
-    _silent_defaults: ClassVar[tuple[str, ...]] = ()
+    _silent_defaults: ClassVar[tuple[str, ...]] = ("n_init",)
     #: Parameters added after format 2 whose default is not what a fit before them did: ``load`` gives a
     #: file without one this value (the behaviour its fit had), silently.
     _values_before: ClassVar[dict[str, Any]] = {}
@@ -489,6 +507,10 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
         """The SSIM the returned perturbation must keep (selection and stop), or ``None`` (no target)."""
         return None
 
+    def _restarts(self) -> int:
+        """How many fits from different seeds ``fit`` runs (``n_init``)."""
+        return int(self.n_init)
+
     def _loop_settings(self) -> dict[str, Any]:
         """Keywords of :class:`~krtfuap.engine.FitLoop` from the fit-loop parameters (:data:`FIT_LOOP_CONSTRAINTS`)."""
         return {
@@ -539,8 +561,9 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
         on_epoch : callable, optional
             Called after every scored epoch with a dict ``epoch``, ``step``,
             ``time``, ``score`` (as ``epoch_scores_``) and ``perturbation`` (a
-            CPU copy), e.g. to log a held-out curve; its run time is not
-            counted in ``max_time``.
+            CPU copy), e.g. to log a held-out curve (with ``n_init > 1`` also
+            ``init``, the restart's index); its run time is not counted in
+            ``max_time``.
 
         Returns
         -------
@@ -558,6 +581,14 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
             )
         if checkpoint_path is not None:
             _check_writable(checkpoint_path, "checkpoint_path")
+        if self._restarts() > 1:
+            if checkpoint_path is not None:
+                raise ValueError(
+                    f"checkpoint_path holds one fit, but n_init={self._restarts()} runs several; checkpoint each "
+                    "restart as a fit of its own (n_init=1, one random_state and checkpoint_path each), or drop "
+                    "checkpoint_path."
+                )
+            return self._fit_restarts(X, pairs=pairs, validation=validation, on_epoch=on_epoch)
         fit_started = time.perf_counter()
         data = FitData(X, self.batch_size, shuffle=settings["shuffle"])
         checked_validation = None
@@ -591,6 +622,44 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
                   file=sys.stderr)
             raise
         self._set_fitted(result, learned, threshold, accuracy, solver, time.perf_counter() - fit_started)
+        return self
+
+    def _fit_restarts(
+        self, X: ImageData, *, pairs: Iterable | None, validation: ImageData | None,
+        on_epoch: Callable[[dict[str, Any]], None] | None,
+    ) -> "PerturbationEstimator":
+        """``n_init`` fits from seeds drawn from ``random_state``, each with ``max_time / n_init``; keep the best.
+
+        A threshold calibrated on ``pairs`` by the first restart is given to the others (``pairs`` may be
+        read once). ``on_epoch`` events carry the restart's index as ``init``.
+        """
+        started = time.perf_counter()
+        n_init = self._restarts()
+        random_state = check_random_state(self.random_state)
+        seeds = [int(random_state.randint(2**31 - 1)) for _ in range(n_init)]
+        max_time = None if self.max_time is None else float(self.max_time) / n_init
+        restarts: list[PerturbationEstimator] = []
+        threshold = self.threshold
+        for index, seed in enumerate(seeds):
+            restart = clone(self).set_params(n_init=1, random_state=seed, max_time=max_time, threshold=threshold)
+            hook = None if on_epoch is None else functools.partial(_tagged_event, on_epoch, index)
+            restarts.append(restart.fit(X, pairs=pairs if threshold is None else None, validation=validation,
+                                        on_epoch=hook))
+            threshold = restart.threshold_  # calibrated once, by the first restart
+        target = self._stealth_target()
+        keys = [selection_key(_returned_score(restart), target) for restart in restarts]
+        best_init = max(range(n_init), key=keys.__getitem__)
+        state = {name: value for name, value in vars(restarts[best_init]).items()
+                 if name.endswith("_") and not name.startswith("_")}
+        if "threshold_accuracy_" in vars(restarts[0]):
+            state["threshold_accuracy_"] = restarts[0].threshold_accuracy_
+        state.update(
+            init_scores_=[_init_score(seed, vars(restart)) for seed, restart in zip(seeds, restarts)],
+            best_init_=best_init,
+            fit_time_=time.perf_counter() - started,
+        )
+        for name, value in state.items():
+            setattr(self, name, value)
         return self
 
     def _fingerprint(
@@ -635,8 +704,10 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
             n_epochs_=result.n_epochs,
             stop_reason_=result.stop_reason,
             fit_time_=fit_time,
+            best_init_=0,
             **solver.fitted_attributes(),
         )
+        state["init_scores_"] = [_init_score(self.random_state, state)]
         if accuracy is not None:
             state["threshold_accuracy_"] = accuracy
         for name, value in state.items():
@@ -918,6 +989,21 @@ _FITTED_CONSTRAINTS = {
 
 #: What ``transform`` and ``evaluate`` accept as ``per_face_ssim``.
 _PER_FACE_SSIM = [Interval(float, 0, 1, closed="neither", hint=" (an SSIM such as 0.95)"), None]
+
+
+def _tagged_event(on_epoch: Callable[[dict[str, Any]], None], index: int, event: dict[str, Any]) -> None:
+    """Pass an ``on_epoch`` event of restart ``index`` on, with ``init`` set to that index."""
+    on_epoch({**event, "init": index})
+
+
+def _returned_score(restart: PerturbationEstimator) -> dict[str, float]:
+    """The score of a fitted restart's returned perturbation (its entry of ``epoch_scores_``)."""
+    return next(score for score in restart.epoch_scores_ if score["epoch"] == restart.best_epoch_)
+
+
+def _init_score(random_state: Any, fitted: dict[str, Any]) -> dict[str, Any]:
+    """One entry of ``init_scores_`` from a fit's learned attributes."""
+    return {"random_state": random_state, **{name: fitted[f"{name}_"] for name in _INIT_SCORE_KEYS}}
 
 
 def _check_one_threshold_per_model(model: object, threshold: object, name: str) -> None:
