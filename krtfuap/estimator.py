@@ -15,7 +15,8 @@ update rule). Everything else lives here once:
   learned attributes ending in ``_``;
 * :meth:`~PerturbationEstimator.fit`: every parameter checked before any model
   call, the data checked and batched once (:class:`krtfuap._batches.FitData`),
-  threshold calibration, the shared :class:`krtfuap.engine.FitLoop`;
+  threshold calibration, the shared :class:`krtfuap.engine.FitLoop`, and restarts from several
+  seeds (``n_init``), the best kept;
 * :meth:`~PerturbationEstimator.transform`, :meth:`~PerturbationEstimator.evaluate`
   (through :mod:`krtfuap.scoring`), :meth:`~PerturbationEstimator.save` /
   :meth:`~PerturbationEstimator.load` (every parameter, a format and the library version).

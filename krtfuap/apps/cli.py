@@ -455,7 +455,8 @@ def _add_fit_parser(commands: argparse._SubParsersAction) -> None:
                      "short fits of w600k_mbf, not foamliu's long ones (default: %(default)s)")
     fit.add_argument("--n-init", type=_positive_int, default=1, metavar="N",
                      help="fit from N seeds, each for --max-time / N, and keep the one that fools most of the "
-                     "fitting faces; the seed decides much of a fit at a high --target-ssim (default: %(default)s)")
+                     "fitting faces at --target-ssim; the seed decides much of a fit at a high target "
+                     "(default: %(default)s)")
     fit.add_argument("--key-regions", action="store_true",
                      help="shape the perturbation by the paper's key-region mask and flow (default: a global "
                      "perturbation, measured stronger at the same SSIM)")
