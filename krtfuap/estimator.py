@@ -434,6 +434,12 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
                 f"amp=True needs a CUDA GPU with bfloat16 support (compute capability >= 8.0); fitting on "
                 f"{self._device()} instead. Set amp=False."
             )
+        if self._restarts() > 1 and self._loop_settings()["checkpoint_path"] is not None:
+            raise ValueError(
+                f"checkpoint_path holds one fit, but n_init={self._restarts()} runs several; checkpoint each "
+                "restart as a fit of its own (n_init=1, one random_state and checkpoint_path each), or drop "
+                "checkpoint_path."
+            )
 
     # --------------------------------------------------------------- the model
     def _embedder(self, threshold: float | tuple[float, ...] | None = None) -> nn.Module:
@@ -583,12 +589,6 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
         if checkpoint_path is not None:
             _check_writable(checkpoint_path, "checkpoint_path")
         if self._restarts() > 1:
-            if checkpoint_path is not None:
-                raise ValueError(
-                    f"checkpoint_path holds one fit, but n_init={self._restarts()} runs several; checkpoint each "
-                    "restart as a fit of its own (n_init=1, one random_state and checkpoint_path each), or drop "
-                    "checkpoint_path."
-                )
             return self._fit_restarts(X, pairs=pairs, validation=validation, on_epoch=on_epoch)
         fit_started = time.perf_counter()
         data = FitData(X, self.batch_size, shuffle=settings["shuffle"])
