@@ -86,7 +86,10 @@ __all__ = [
 _FORMAT = "krtfuap.UAPAttack/2"
 _FORMATS_READ = ("krtfuap.UAPAttack/1", _FORMAT)
 _SAVED_TENSORS = ("perturbation_", "mask_", "warped_mask_", "flow_", "noise_")
-_SAVED_FITTED = ("threshold_", "n_iter_", "n_epochs_", "fooling_rate_", "ssim_", "stop_reason_", "fit_time_", "best_epoch_")
+_SAVED_FITTED = (
+    "threshold_", "n_iter_", "n_epochs_", "fooling_rate_", "ssim_", "stop_reason_", "fit_time_", "best_epoch_",
+    "init_scores_", "best_init_",
+)
 #: What ``init_scores_`` records of each restart, besides its ``random_state`` (learned attributes without the ``_``).
 _INIT_SCORE_KEYS = ("fooling_rate", "ssim", "n_iter", "stop_reason")
 #: Parameters about the machine that fitted, not about the perturbation: a saved file records them and
@@ -371,7 +374,9 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
     init_scores_ : list of dict
         One entry per restart (``n_init``; one for a single fit): ``random_state`` (the seed
         that refits that restart alone, with ``n_init=1``), ``fooling_rate``, ``ssim``, ``n_iter``
-        and ``stop_reason`` of its returned perturbation.
+        and ``stop_reason`` of its returned perturbation. :meth:`save` keeps it (a seed given
+        as a generator comes back from :meth:`load` as a :class:`NotSaved`); a file saved
+        before the restarts were kept loads without it.
     best_init_ : int
         The restart whose perturbation (and every other learned attribute) was kept.
     """
@@ -791,7 +796,8 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
         (``krtfuap.UAPAttack/2``), the library version (``krtfuap_version``),
         the class, **every** parameter (values a file cannot hold, such as the
         model, a callable or a tensor, as a description: :class:`NotSaved`
-        after :meth:`load`), the fit's summary and ``history_``. The file is
+        after :meth:`load`), the fit's summary (``threshold_``, ``fooling_rate_``,
+        ``ssim_``, ``n_iter_``, ``stop_reason_``, ``init_scores_``, ...) and ``history_``. The file is
         written next to ``path`` and renamed into place, so a failed save
         leaves an existing file at ``path`` unchanged. When fitting
         distributed, only rank 0 writes.
@@ -816,6 +822,9 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
             return
         params = {name: _json_param(value) for name, value in self.get_params(deep=False).items()}
         fitted = {k: getattr(self, k) for k in _SAVED_FITTED if hasattr(self, k)}
+        if "init_scores_" in fitted:  # a seed the user gave as a generator is described, as a parameter is
+            fitted["init_scores_"] = [{**entry, "random_state": _json_param(entry["random_state"])}
+                                      for entry in fitted["init_scores_"]]
         metadata = {
             "format": _FORMAT,
             "krtfuap_version": __version__,
@@ -935,6 +944,8 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
         try:
             check_params(fitted, _FITTED_CONSTRAINTS)
             check_param("threshold_", fitted.get("threshold_"), _FITTED_CONSTRAINTS["threshold_"])
+            if "init_scores_" in fitted:
+                fitted["init_scores_"] = _loaded_init_scores(fitted["init_scores_"], fitted.get("best_init_"))
         except (TypeError, ValueError) as error:
             raise ValueError(f"{path} holds invalid fitted values ({error}). {fix}") from error
         if member_count(fitted.get("threshold_")) is not None:
@@ -985,6 +996,8 @@ _FITTED_CONSTRAINTS = {
     "best_epoch_": [Interval(int, -1), None],
     "stop_reason_": [InstanceOf(str, description="a string"), None],
     "fit_time_": [Interval(float, 0), None],
+    "best_init_": [Interval(int, 0), None],
+    "init_scores_": [InstanceOf(list, description="a list")],
 }
 
 
@@ -1005,6 +1018,25 @@ def _returned_score(restart: PerturbationEstimator) -> dict[str, float]:
 def _init_score(random_state: Any, fitted: dict[str, Any]) -> dict[str, Any]:
     """One entry of ``init_scores_`` from a fit's learned attributes."""
     return {"random_state": random_state, **{name: fitted[f"{name}_"] for name in _INIT_SCORE_KEYS}}
+
+
+def _loaded_init_scores(saved: list, best_init: int | None) -> list[dict[str, Any]]:
+    """``init_scores_`` as a file holds it, checked entry by entry (a described seed becomes :class:`NotSaved`)."""
+    keys = {"random_state", *_INIT_SCORE_KEYS}
+    if not all(isinstance(entry, dict) and set(entry) == keys for entry in saved):
+        raise ValueError(f"init_scores_ must be a list of entries with the keys {sorted(keys)}")
+    if best_init is not None and best_init >= len(saved):
+        raise ValueError(f"best_init_={best_init} names no entry of init_scores_ ({len(saved)} entries)")
+    entries = []
+    for entry in saved:
+        check_params({f"{name}_": entry[name] for name in _INIT_SCORE_KEYS}, _FITTED_CONSTRAINTS)
+        seed = entry["random_state"]
+        if isinstance(seed, dict) and set(seed) == {"not_saved"}:
+            seed = NotSaved(str(seed["not_saved"]))
+        elif not (seed is None or isinstance(seed, int)):
+            raise ValueError(f"init_scores_ holds the random_state {seed!r}, which is neither a seed nor a description")
+        entries.append({**entry, "random_state": seed})
+    return entries
 
 
 def _check_one_threshold_per_model(model: object, threshold: object, name: str) -> None:

@@ -418,3 +418,50 @@ def test_n_init_prefers_a_restart_that_meets_the_stealth_target_to_one_that_fool
     assert kept in meeting and kept["fooling_rate"] == max(entry["fooling_rate"] for entry in meeting)
     # The case this seed gives: a restart below the target fooled more, and was passed over.
     assert any(entry["ssim"] < 0.9 and entry["fooling_rate"] > kept["fooling_rate"] for entry in scores)
+
+
+def test_a_saved_file_keeps_every_restarts_score_and_the_one_kept(tmp_path):
+    attack = tiny_attack(n_init=3, max_epochs=2, random_state=5).fit(faces(12))
+    path = tmp_path / "attack.safetensors"
+    attack.save(path)
+    loaded = UAPAttack.load(path)
+    assert loaded.init_scores_ == attack.init_scores_ and loaded.best_init_ == attack.best_init_
+
+
+def test_a_seed_given_as_a_generator_comes_back_described_in_init_scores(tmp_path):
+    attack = tiny_attack(random_state=np.random.RandomState(0)).fit(faces())
+    path = tmp_path / "attack.safetensors"
+    attack.save(path)
+    (entry,) = UAPAttack.load(path).init_scores_
+    assert isinstance(entry["random_state"], NotSaved) and "RandomState" in entry["random_state"].description
+    assert {k: v for k, v in entry.items() if k != "random_state"} == {
+        k: v for k, v in attack.init_scores_[0].items() if k != "random_state"}
+
+
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        (lambda fitted: fitted["init_scores_"][0].pop("ssim"), r"init_scores_ must be a list of entries with the keys"),
+        (lambda fitted: fitted.update(best_init_=5), r"best_init_=5 names no entry of init_scores_ \(1 entries\)"),
+        (lambda fitted: fitted["init_scores_"][0].update(fooling_rate=7.0), r"fooling_rate_ must be"),
+        (lambda fitted: fitted["init_scores_"][0].update(random_state=[1]), r"holds the random_state \[1\]"),
+    ],
+)
+def test_a_file_with_damaged_restart_scores_is_refused_naming_them(tmp_path, change, problem):
+    path, damaged = tmp_path / "attack.safetensors", tmp_path / "damaged.safetensors"
+    tiny_attack(random_state=0).fit(faces()).save(path)
+    fitted = json.loads(_metadata(path)["fitted"])
+    change(fitted)
+    _rewrite(path, damaged, fitted=json.dumps(fitted))
+    with pytest.raises(ValueError, match=r"holds invalid fitted values \(.*" + problem):
+        UAPAttack.load(damaged)
+
+
+def test_a_file_from_before_init_scores_loads_without_them(tmp_path):
+    path, old = tmp_path / "attack.safetensors", tmp_path / "old.safetensors"
+    tiny_attack(random_state=0).fit(faces()).save(path)
+    fitted = json.loads(_metadata(path)["fitted"])
+    del fitted["init_scores_"], fitted["best_init_"]
+    _rewrite(path, old, fitted=json.dumps(fitted))
+    loaded = UAPAttack.load(old)
+    assert not hasattr(loaded, "init_scores_") and loaded.fooling_rate_ == fitted["fooling_rate_"]
