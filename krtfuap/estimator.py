@@ -945,7 +945,7 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
             check_params(fitted, _FITTED_CONSTRAINTS)
             check_param("threshold_", fitted.get("threshold_"), _FITTED_CONSTRAINTS["threshold_"])
             if "init_scores_" in fitted:
-                fitted["init_scores_"] = _loaded_init_scores(fitted["init_scores_"], fitted.get("best_init_"))
+                fitted["init_scores_"] = cls._init_scores_from_json(fitted["init_scores_"], fitted.get("best_init_"))
         except (TypeError, ValueError) as error:
             raise ValueError(f"{path} holds invalid fitted values ({error}). {fix}") from error
         if member_count(fitted.get("threshold_")) is not None:
@@ -976,6 +976,25 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
         if kind is None or not isinstance(saved.get("fields"), dict):
             raise ValueError(f"parameter {name} holds {saved!r}, which {cls.__name__} cannot read")
         return kind(**saved["fields"])
+
+    @classmethod
+    def _init_scores_from_json(cls, saved: list, best_init: int | None) -> list[dict[str, Any]]:
+        """``init_scores_`` as a file holds it, checked entry by entry; each seed read as the parameter
+        ``random_state`` is (:meth:`_param_from_json`: a described one becomes :class:`NotSaved`)."""
+        keys = {"random_state", *_INIT_SCORE_KEYS}
+        if not all(isinstance(entry, dict) and set(entry) == keys for entry in saved):
+            raise ValueError(f"init_scores_ must be a list of entries with the keys {sorted(keys)}")
+        if best_init is not None and best_init >= len(saved):
+            raise ValueError(f"best_init_={best_init} names no entry of init_scores_ ({len(saved)} entries)")
+        entries = []
+        for entry in saved:
+            check_params({f"{name}_": entry[name] for name in _INIT_SCORE_KEYS}, _FITTED_CONSTRAINTS)
+            seed = cls._param_from_json("random_state", entry["random_state"])
+            if not (seed is None or isinstance(seed, (int, NotSaved))):
+                raise ValueError(f"init_scores_ holds the random_state {seed!r}, which is neither a seed nor a "
+                                 "description")
+            entries.append({**entry, "random_state": seed})
+        return entries
 
     def _check_loaded_params(self) -> None:
         """Check what a file gave (not the model, which a loaded attack may lack, nor the machine's settings)."""
@@ -1018,25 +1037,6 @@ def _returned_score(restart: PerturbationEstimator) -> dict[str, float]:
 def _init_score(random_state: Any, fitted: dict[str, Any]) -> dict[str, Any]:
     """One entry of ``init_scores_`` from a fit's learned attributes."""
     return {"random_state": random_state, **{name: fitted[f"{name}_"] for name in _INIT_SCORE_KEYS}}
-
-
-def _loaded_init_scores(saved: list, best_init: int | None) -> list[dict[str, Any]]:
-    """``init_scores_`` as a file holds it, checked entry by entry (a described seed becomes :class:`NotSaved`)."""
-    keys = {"random_state", *_INIT_SCORE_KEYS}
-    if not all(isinstance(entry, dict) and set(entry) == keys for entry in saved):
-        raise ValueError(f"init_scores_ must be a list of entries with the keys {sorted(keys)}")
-    if best_init is not None and best_init >= len(saved):
-        raise ValueError(f"best_init_={best_init} names no entry of init_scores_ ({len(saved)} entries)")
-    entries = []
-    for entry in saved:
-        check_params({f"{name}_": entry[name] for name in _INIT_SCORE_KEYS}, _FITTED_CONSTRAINTS)
-        seed = entry["random_state"]
-        if isinstance(seed, dict) and set(seed) == {"not_saved"}:
-            seed = NotSaved(str(seed["not_saved"]))
-        elif not (seed is None or isinstance(seed, int)):
-            raise ValueError(f"init_scores_ holds the random_state {seed!r}, which is neither a seed nor a description")
-        entries.append({**entry, "random_state": seed})
-    return entries
 
 
 def _check_one_threshold_per_model(model: object, threshold: object, name: str) -> None:
