@@ -36,6 +36,7 @@ import re
 import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable
 
 import numpy as np
@@ -172,8 +173,9 @@ n_init : int
     scikit-learn's ``KMeans(n_init=...)``: best by the same rule that picks the returned
     perturbation within a fit (the stealth target met first, then the highest fooling rate on
     the fit or ``validation`` faces). ``max_time`` is the whole fit's: each restart gets
-    ``max_time / n_init``; ``max_steps`` and ``max_epochs`` hold for each restart. Not with
-    ``checkpoint_path`` (checkpoint one fit per ``random_state`` instead).""",
+    ``max_time / n_init``; ``max_steps`` and ``max_epochs`` hold for each restart. With
+    ``checkpoint_path="fit.ckpt"`` restart ``k`` checkpoints to ``fit.init<k>.ckpt`` and
+    ``fit(X, resume=True)`` resumes each restart from its own file.""",
     "device": """\
 device : str or torch.device, optional
     Where to fit and evaluate, e.g. ``"cpu"`` or ``"cuda"`` (refused when that
@@ -439,12 +441,6 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
                 f"amp=True needs a CUDA GPU with bfloat16 support (compute capability >= 8.0); fitting on "
                 f"{self._device()} instead. Set amp=False."
             )
-        if self._restarts() > 1 and self._loop_settings()["checkpoint_path"] is not None:
-            raise ValueError(
-                f"checkpoint_path holds one fit, but n_init={self._restarts()} runs several; checkpoint each "
-                "restart as a fit of its own (n_init=1, one random_state and checkpoint_path each), or drop "
-                "checkpoint_path."
-            )
 
     # --------------------------------------------------------------- the model
     def _embedder(self, threshold: float | tuple[float, ...] | None = None) -> nn.Module:
@@ -594,7 +590,7 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
         if checkpoint_path is not None:
             _check_writable(checkpoint_path, "checkpoint_path")
         if self._restarts() > 1:
-            return self._fit_restarts(X, pairs=pairs, validation=validation, on_epoch=on_epoch)
+            return self._fit_restarts(X, pairs=pairs, validation=validation, resume=resume, on_epoch=on_epoch)
         fit_started = time.perf_counter()
         data = FitData(X, self.batch_size, shuffle=settings["shuffle"])
         checked_validation = None
@@ -631,13 +627,16 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
         return self
 
     def _fit_restarts(
-        self, X: ImageData, *, pairs: Iterable | None, validation: ImageData | None,
+        self, X: ImageData, *, pairs: Iterable | None, validation: ImageData | None, resume: bool,
         on_epoch: Callable[[dict[str, Any]], None] | None,
     ) -> "PerturbationEstimator":
         """``n_init`` fits from seeds drawn from ``random_state``, each with ``max_time / n_init``; keep the best.
 
         A threshold calibrated on ``pairs`` by the first restart is given to the others (``pairs`` may be
-        read once). ``on_epoch`` events carry the restart's index as ``init``.
+        read once). Each restart checkpoints to its own file (:func:`_restart_checkpoint_path`) and resumes
+        from it; a restart that had ended resumes at its limit at once, or within one epoch (a limit of
+        time or steps stops a fit inside an epoch, after its last checkpoint). ``on_epoch`` events carry
+        the restart's index as ``init``.
         """
         started = time.perf_counter()
         n_init = self._restarts()
@@ -648,9 +647,11 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
         threshold = self.threshold
         for index, seed in enumerate(seeds):
             restart = clone(self).set_params(n_init=1, random_state=seed, max_time=max_time, threshold=threshold)
+            if self.checkpoint_path is not None:
+                restart.set_params(checkpoint_path=_restart_checkpoint_path(self.checkpoint_path, index))
             hook = None if on_epoch is None else functools.partial(_tagged_event, on_epoch, index)
             restarts.append(restart.fit(X, pairs=pairs if threshold is None else None, validation=validation,
-                                        on_epoch=hook))
+                                        resume=resume, on_epoch=hook))
             threshold = restart.threshold_  # calibrated once, by the first restart
         target = self._stealth_target()
         keys = [selection_key(_returned_score(restart), target) for restart in restarts]
@@ -1022,6 +1023,12 @@ _FITTED_CONSTRAINTS = {
 
 #: What ``transform`` and ``evaluate`` accept as ``per_face_ssim``.
 _PER_FACE_SSIM = [Interval(float, 0, 1, closed="neither", hint=" (an SSIM such as 0.95)"), None]
+
+
+def _restart_checkpoint_path(checkpoint_path: str | os.PathLike, index: int) -> Path:
+    """Where restart ``index`` of a fit with ``n_init > 1`` checkpoints: ``fit.ckpt`` -> ``fit.init<index>.ckpt``."""
+    path = Path(checkpoint_path)
+    return path.with_name(f"{path.stem}.init{index}{path.suffix}")
 
 
 def _tagged_event(on_epoch: Callable[[dict[str, Any]], None], index: int, event: dict[str, Any]) -> None:

@@ -401,14 +401,46 @@ def test_n_init_tags_each_on_epoch_event_with_its_restart():
     assert [(event["init"], event["epoch"]) for event in events] == [(0, 0), (0, 1), (1, 0), (1, 1)]
 
 
-def test_n_init_with_a_checkpoint_is_refused_before_the_model_is_called(tmp_path):
-    model = TinyEmbedder()
-    attack = tiny_attack(model=model, n_init=2, checkpoint_path=tmp_path / "fit.pt")
-    with pytest.raises(ValueError, match=r"^checkpoint_path holds one fit, but n_init=2 runs several; checkpoint each "
-                                         r"restart as a fit of its own \(n_init=1, one random_state and "
-                                         r"checkpoint_path each\), or drop checkpoint_path\.$"):
-        attack.fit(faces())
-    assert model.calls == [] and not (tmp_path / "fit.pt").exists()
+class InterruptedEmbedder(TinyEmbedder):
+    """A :class:`TinyEmbedder` that raises ``KeyboardInterrupt`` at its forward number ``stop_at`` (from 1)."""
+
+    def __init__(self, stop_at: int) -> None:
+        super().__init__()
+        self.stop_at = stop_at
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if len(self.calls) + 1 == self.stop_at:
+            raise KeyboardInterrupt
+        return super().forward(images)
+
+
+def test_n_init_checkpoints_each_restart_to_its_own_file(tmp_path):
+    checkpoint = tmp_path / "fit.ckpt"
+    attack = tiny_attack(n_init=2, checkpoint_path=checkpoint).fit(faces())
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["fit.init0.ckpt", "fit.init1.ckpt"]
+    unsaved = tiny_attack(n_init=2).fit(faces())
+    assert torch.equal(attack.perturbation_, unsaved.perturbation_)
+    assert attack.init_scores_ == unsaved.init_scores_ and attack.best_init_ == unsaved.best_init_
+
+
+def test_n_init_resume_skips_the_ended_restart_and_continues_the_interrupted_one(tmp_path):
+    """Interrupted in the second restart's third epoch, the fit resumes there and ends as it would have."""
+    settings = dict(n_init=2, max_epochs=4, checkpoint_path=tmp_path / "fit.ckpt", random_state=4)
+    model, forwards_at = TinyEmbedder(), {}
+    reference = tiny_attack(model=model, **settings).fit(
+        faces(), on_epoch=lambda event: forwards_at.setdefault((event["init"], event["epoch"]), len(model.calls)))
+    for path in tmp_path.iterdir():
+        path.unlink()
+    # The forward after restart 1's epoch-1 event comes after its checkpoint of two epochs is on disk.
+    interrupted = tiny_attack(model=InterruptedEmbedder(stop_at=forwards_at[1, 1] + 1), **settings)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.fit(faces())
+    events = []
+    resumed = tiny_attack(**settings).fit(faces(), resume=True, on_epoch=events.append)
+    assert [(event["init"], event["epoch"]) for event in events] == [(1, 2), (1, 3)]  # restart 0 ended at once
+    assert torch.equal(resumed.perturbation_, reference.perturbation_)
+    assert untimed(resumed.history_) == untimed(reference.history_)
+    assert resumed.init_scores_ == reference.init_scores_ and resumed.best_init_ == reference.best_init_
 
 
 def test_n_init_prefers_a_restart_that_meets_the_stealth_target_to_one_that_fools_more():

@@ -460,7 +460,9 @@ def _add_fit_parser(commands: argparse._SubParsersAction) -> None:
     fit.add_argument("--key-regions", action="store_true",
                      help="shape the perturbation by the paper's key-region mask and flow (default: a global "
                      "perturbation, measured stronger at the same SSIM)")
-    fit.add_argument("--checkpoint", default=None, help="checkpoint file, written after every epoch")
+    fit.add_argument("--checkpoint", default=None,
+                     help="checkpoint file, written after every epoch (with --n-init N, one file per restart: "
+                     "NAME.init<k>.EXT)")
     fit.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     _add_seed_and_device_arguments(fit, seed_help="random seed")
     _add_threads_argument(fit)
