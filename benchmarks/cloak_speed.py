@@ -37,7 +37,6 @@ import torch
 from krtfuap.alignment import SCRFDDetector
 from krtfuap.apps.cloak import PhotoCloak
 from krtfuap.cloak_defaults import CLOAK_DEFAULTS
-from krtfuap.models.precision import use_bfloat16
 from krtfuap.pretrained import default_cloak, default_surrogates
 
 PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "assets" / "photos"
@@ -105,7 +104,7 @@ def main() -> None:
           f"torch {torch.__version__}; load average at start {os.getloadavg()[0]:.2f} (1 min)\n")
     detector, attack = SCRFDDetector(), default_cloak()
     surrogate_sets = {name: None if name == "one" else
-                      default_surrogates(attack, bfloat16=use_bfloat16(SURROGATE_SETS[name]))
+                      default_surrogates(attack, precision=SURROGATE_SETS[name])
                       for name in args.surrogates}
     print("| beside | surrogates | threads | batch faces | seconds | faces | s/face | s/photo "
           "| load average before -> after |")

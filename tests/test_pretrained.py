@@ -90,7 +90,7 @@ def test_the_default_surrogates_are_the_cloaks_model_then_facenet_on_casia(monke
     monkeypatch.setattr("krtfuap.models.load_face_model",
                         lambda name, path=None: loaded.append((name, path)) or torch.nn.Identity())
     cloak = pretrained.default_cloak(model=torch.nn.Flatten())
-    (first, first_threshold), (second, second_threshold) = pretrained.default_surrogates(cloak, bfloat16=False)
+    (first, first_threshold), (second, second_threshold) = pretrained.default_surrogates(cloak, precision="float32")
     assert first is cloak.model and first_threshold == cloak.threshold_
     assert isinstance(second, torch.nn.Identity) and second_threshold == FACENET_CASIA_THRESHOLD
     assert loaded == [("facenet_casia", None)]
@@ -108,7 +108,10 @@ def test_further_surrogates_run_in_bfloat16_where_the_cpu_does_it_in_hardware(mo
         (first, _), (second, _) = pretrained.default_surrogates(cloak)
         assert first is cloak.model  # the attack's own model, which verifies, stays as it is
         assert isinstance(second, BFloat16Autocast) is amx
-        assert isinstance(pretrained.default_surrogates(cloak, bfloat16=not amx)[1][0], BFloat16Autocast) is not amx
+        forced = "float32" if amx else "bfloat16"
+        assert isinstance(pretrained.default_surrogates(cloak, precision=forced)[1][0], BFloat16Autocast) is not amx
+    with pytest.raises(ValueError, match=r"precision='half' is not one of \('auto', 'bfloat16', 'float32'\)"):
+        pretrained.default_surrogates(cloak, precision="half")
 
 
 def test_further_surrogates_by_name_with_weights_and_thresholds(monkeypatch) -> None:
@@ -119,10 +122,10 @@ def test_further_surrogates_by_name_with_weights_and_thresholds(monkeypatch) -> 
                         lambda name, path=None: loaded.append((name, path)) or torch.nn.Identity())
     cloak = pretrained.default_cloak(model=torch.nn.Flatten())
     members = pretrained.default_surrogates(cloak, ["sface", "foamliu_mobilefacenet"], weights=[None, "foam.pt"],
-                                            thresholds=[0.3, 0.25], bfloat16=False)
+                                            thresholds=[0.3, 0.25], precision="float32")
     assert [threshold for _, threshold in members[1:]] == [0.3, 0.25]
     assert loaded == [("sface", None), ("foamliu_mobilefacenet", "foam.pt")]
-    assert pretrained.default_surrogates(cloak, ["sface"], bfloat16=False)[1][1] == SFACE_THRESHOLD
+    assert pretrained.default_surrogates(cloak, ["sface"], precision="float32")[1][1] == SFACE_THRESHOLD
     with pytest.raises(ValueError, match="foamliu_mobilefacenet has no built-in threshold; pass thresholds="):
         pretrained.default_surrogates(cloak, ["foamliu_mobilefacenet"])
     with pytest.raises(ValueError, match=r"one value per further model \(2\), got 1 and 2"):

@@ -310,7 +310,6 @@ def _add_cloak_parser(commands: argparse._SubParsersAction) -> None:
 def _surrogates(args: argparse.Namespace, attack, weights: list[str | None]) -> list[tuple]:
     """The attack's model and threshold, then each further ``--attack-model`` with its threshold."""
     from krtfuap.models import FACE_MODEL_THRESHOLDS as known
-    from krtfuap.models.precision import use_bfloat16
     from krtfuap.pretrained import default_surrogates
 
     further = args.attack_model[1:]
@@ -324,7 +323,7 @@ def _surrogates(args: argparse.Namespace, attack, weights: list[str | None]) -> 
         raise ValueError(f"--attack-threshold gives {len(thresholds)} value(s) for {len(further)} further "
                          "--attack-model name(s) (the first model's threshold is the attack's); give one per model.")
     return default_surrogates(attack, further, weights=weights[1:], thresholds=thresholds,
-                              bfloat16=use_bfloat16(args.surrogate_precision))
+                              precision=args.surrogate_precision)
 
 
 def _judges(args: argparse.Namespace, loaded: dict[str, object]) -> list:
