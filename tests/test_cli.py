@@ -306,7 +306,8 @@ def test_cloak_command_reports_a_photo_that_fails_inside_and_cloaks_the_others(m
 
 def test_an_interrupted_cloak_command_leaves_a_report_of_what_it_did(mbf_attack: Path, tmp_path: Path, monkeypatch,
                                                                     capsys) -> None:
-    """Ctrl-C during the second photo: exit status 130 and the report lists the first photo."""
+    """Ctrl-C during the second photo: exit status 130 and the report lists the first photo; --resume then
+    cloaks the other two and keeps the first."""
     from krtfuap.apps.cloak import PhotoCloak
 
     shapes = _three_photos(tmp_path / "in")
@@ -322,9 +323,18 @@ def test_an_interrupted_cloak_command_leaves_a_report_of_what_it_did(mbf_attack:
                    "--refine-steps", "1", "--batch-faces", "1", "--quiet"])
     err = capsys.readouterr().err
     assert status == 130 and "interrupted" in err and "cloak-report.csv lists the photos done" in err
+    assert "run the same command with --resume to cloak the rest" in err
     report = json.loads((tmp_path / "out" / "cloak-report.json").read_text())
     assert {Path(row["photo"]).name for row in report} == {"gdp.jpg"}
     assert (tmp_path / "out" / "gdp.jpg").is_file() and not (tmp_path / "out" / "players.jpg").exists()
+    first = (tmp_path / "out" / "gdp.jpg").read_bytes()
+    monkeypatch.setattr(PhotoCloak, "cloak_detected", real_cloak)
+    status = main(["cloak", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--attack", str(mbf_attack),
+                   "--refine-steps", "1", "--batch-faces", "1", "--quiet", "--resume"])
+    assert status == 0, capsys.readouterr().err
+    resumed = json.loads((tmp_path / "out" / "cloak-report.json").read_text())
+    assert resumed[:len(report)] == report and (tmp_path / "out" / "gdp.jpg").read_bytes() == first
+    assert {Path(row["photo"]).name for row in resumed} == {"gdp.jpg", "players.jpg", "yaoming.jpg"}
 
 
 def test_cloak_command_refuses_unsafe_or_unverifiable_runs(mbf_attack: Path, tmp_path: Path, capsys) -> None:

@@ -8,6 +8,7 @@ import inspect
 import json
 import math
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,8 @@ from wrong_values import wrong_type, wrong_values
 
 from krtfuap.alignment import align_face, photo_to_tensor, sample_photos
 import krtfuap.apps.cloak as cloak_module
-from krtfuap.apps.cloak import PhotoCloak, box_scores, plan_outputs, read_photo, summarise, write_report
+from krtfuap.apps.cloak import (PhotoCloak, box_scores, plan_outputs, read_photo, read_report, summarise,
+                                write_report)
 from krtfuap.baselines import RandomNoiseUAP
 from krtfuap.cloak_defaults import CLOAK_DEFAULTS
 from krtfuap.metrics import haarpsi, ssim
@@ -346,6 +348,119 @@ def test_an_interrupted_run_keeps_a_report_of_the_photos_done(tmp_path, detector
         assert {Path(row["photo"]).name for row in csv.DictReader(handle)} == {"gdp.jpg"}
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cloak-report.csv", "cloak-report.json",
                                                                      "gdp.jpg"]
+
+
+def _as_records(rows) -> list[dict]:
+    """Rows as the JSON report holds them (NaN as None), so that rows with NaN fields compare equal."""
+    return [cloak_module._finite_or_none(asdict(row)) for row in rows]
+
+
+def test_resume_cloaks_only_the_photos_an_interrupted_run_left(tmp_path, detector, noise_attack, photos) -> None:
+    source = tmp_path / "in"
+    source.mkdir()
+    for name in ("gdp.jpg", "players.jpg", "yaoming.jpg"):
+        shutil.copy(photos[name], source / name)
+    cloak = PhotoCloak(noise_attack, detector, model=TinyEmbedder(), threshold=0.999, refine_steps=0, batch_faces=1)
+    real_cloak = PhotoCloak.cloak_detected
+    shapes = {read_photo(photos[name])[0].shape: name for name in ("gdp.jpg", "players.jpg", "yaoming.jpg")}
+    cloaked: list[str] = []
+
+    def interrupted_on_players(self, images, faces):
+        if any(shapes[image.shape] == "players.jpg" for image in images):
+            raise KeyboardInterrupt
+        return real_cloak(self, images, faces)
+
+    def recorded(self, images, faces):
+        cloaked.extend(shapes[image.shape] for image in images)
+        return real_cloak(self, images, faces)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(PhotoCloak, "cloak_detected", interrupted_on_players)
+        with pytest.raises(KeyboardInterrupt):
+            cloak.cloak_files([source], tmp_path / "out")
+    first = read_report(tmp_path / "out")
+    done = (tmp_path / "out" / "gdp.jpg").read_bytes()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(PhotoCloak, "cloak_detected", recorded)
+        rows = cloak.cloak_files([source], tmp_path / "out", resume=True)
+    assert cloaked == ["players.jpg", "yaoming.jpg"]  # gdp.jpg, done before the interruption, is not redone
+    assert (tmp_path / "out" / "gdp.jpg").read_bytes() == done
+    assert _as_records(rows[:len(first)]) == _as_records(first)
+    assert [Path(row.photo).name for row in rows] == [Path(row.photo).name for row in read_report(tmp_path / "out")]
+    assert {Path(row.photo).name for row in rows} == {"gdp.jpg", "players.jpg", "yaoming.jpg"}
+    with open(tmp_path / "out" / "cloak-report.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == len(rows)
+
+
+def test_resume_redoes_failed_photos_and_lost_outputs(tmp_path, detector, noise_attack, photos) -> None:
+    source = tmp_path / "in"
+    source.mkdir()
+    for name in ("gdp.jpg", "yaoming.jpg"):
+        shutil.copy(photos[name], source / name)
+    cloak = PhotoCloak(noise_attack, detector, model=TinyEmbedder(), threshold=0.999, refine_steps=0)
+    cloak.cloak_files([source], tmp_path / "out")
+    (tmp_path / "out" / "gdp.jpg").unlink()
+    cloaked: list[tuple] = []
+    real_cloak = PhotoCloak.cloak_detected
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(PhotoCloak, "cloak_detected",
+                      lambda self, images, faces: cloaked.extend(image.shape for image in images)
+                      or real_cloak(self, images, faces))
+        rows = cloak.cloak_files([source], tmp_path / "out", resume=True)
+    assert cloaked == [read_photo(photos["gdp.jpg"])[0].shape]
+    assert (tmp_path / "out" / "gdp.jpg").is_file()
+    assert sorted(Path(row.photo).name for row in rows if row.face <= 0) == ["gdp.jpg", "yaoming.jpg"]
+    # A failed photo is tried again: mark yaoming's rows as errors in the report.
+    records = json.loads((tmp_path / "out" / "cloak-report.json").read_text())
+    for record in records:
+        if record["photo"].endswith("yaoming.jpg"):
+            record.update(status="error", output="")
+    (tmp_path / "out" / "cloak-report.json").write_text(json.dumps(records))
+    cloaked.clear()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(PhotoCloak, "cloak_detected",
+                      lambda self, images, faces: cloaked.extend(image.shape for image in images)
+                      or real_cloak(self, images, faces))
+        cloak.cloak_files([source], tmp_path / "out", resume=True)
+    assert cloaked == [read_photo(photos["yaoming.jpg"])[0].shape]
+
+
+def test_resume_without_a_report_cloaks_everything_and_refuses_what_it_cannot_continue(
+        tmp_path, detector, noise_attack, photos) -> None:
+    cloak = PhotoCloak(noise_attack, detector, model=TinyEmbedder(), threshold=0.999, refine_steps=0)
+    rows = cloak.cloak_files([photos["gdp.jpg"]], tmp_path / "out", resume=True)  # nothing to resume: a fresh run
+    assert {row.status for row in rows} == {"cloaked"}
+    with pytest.raises(ValueError, match=r"resume=True reads the report of the earlier run; pass report=True"):
+        cloak.cloak_files([photos["gdp.jpg"]], tmp_path / "out", resume=True, report=False)
+    from krtfuap.apps.judges import ModelJudge
+
+    judged = PhotoCloak(noise_attack, detector, model=TinyEmbedder(), threshold=0.999, refine_steps=0,
+                        judges=[ModelJudge("other", TinyEmbedder(seed=3), 0.5)])
+    with pytest.raises(ValueError, match=r"written with the judges none, this run has \['other'\]: resume with"):
+        judged.cloak_files([photos["gdp.jpg"]], tmp_path / "out", resume=True)
+    report = tmp_path / "out" / "cloak-report.json"
+    for damage, problem in [("{not json", "is not a cloak report"), ('{"a": 1}', r"not a list of rows"),
+                            ('[{"photo": "x"}]', r"row 0 has the fields \['photo'\], not a cloak report's"),
+                            (json.dumps([{**json.loads(report.read_text())[0], "judges": 3}]), "row 0 is damaged")]:
+        report.write_text(damage)
+        with pytest.raises(ValueError, match=problem + r".*; delete .*cloak-report.json to cloak every photo again"):
+            cloak.cloak_files([photos["gdp.jpg"]], tmp_path / "out", resume=True)
+
+
+def test_a_report_reads_back_as_written(tmp_path, detector, noise_attack, photos) -> None:
+    from krtfuap.apps.judges import ModelJudge
+
+    source = tmp_path / "in"
+    source.mkdir()
+    shutil.copy(photos["yaoming.jpg"], source / "a.jpg")
+    Image.fromarray(np.full((90, 120, 3), 128, dtype=np.uint8)).save(source / "b.png")  # no face: NaN fields
+    cloak = PhotoCloak(noise_attack, detector, model=TinyEmbedder(), threshold=0.999, refine_steps=0,
+                       judges=[ModelJudge("other", TinyEmbedder(seed=3), 0.5)])
+    rows = cloak.cloak_files([source], tmp_path / "out")
+    back = read_report(tmp_path / "out")
+    assert _as_records(back) == _as_records(rows)
+    assert [row.status for row in back] == ["cloaked", "no face"] and math.isnan(back[1].similarity)
+    assert isinstance(back[0].judges[0]["similarity"], float) and back[0].judges[0]["name"] == "other"
 
 
 def test_an_interrupted_batch_leaves_nothing_of_its_photos(tmp_path, detector, noise_attack, photos) -> None:

@@ -282,6 +282,9 @@ def _add_cloak_parser(commands: argparse._SubParsersAction) -> None:
                        help="written format (default: JPEG for JPEG inputs, PNG otherwise)")
     cloak.add_argument("--quality", type=_quality, default=CLOAK_DEFAULTS.write_quality,
                        help="JPEG quality 1-100 (default: %(default)s)")
+    cloak.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run into the same --output: photos its report lists as done "
+                       "(no error, output written) are kept, the rest cloaked; give the first run's options")
     cloak.add_argument("--verify-model", default=None, metavar="NAME",
                        help="face model that judges: insightface_mbf, sface, keras_facenet, facenet_casia, "
                        "foamliu_mobilefacenet, iresnet18/34/50/100 (default: --attack-model, with the attack's "
@@ -392,9 +395,10 @@ def _run_cloak(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
     report = os.path.join(args.output, "cloak-report.csv")
     try:
         rows = cloak.cloak_files(args.inputs, args.output, file_format=args.format, quality=args.quality,
-                                 verify=not args.no_verify, progress=not args.quiet)
+                                 verify=not args.no_verify, resume=args.resume, progress=not args.quiet)
     except KeyboardInterrupt:
-        print(f"krtfuap cloak: {report} lists the photos done before the interruption.", file=sys.stderr)
+        print(f"krtfuap cloak: {report} lists the photos done before the interruption; run the same command "
+              "with --resume to cloak the rest.", file=sys.stderr)
         raise
     summary = summarise(rows)
     if not args.quiet:

@@ -22,7 +22,8 @@ files and folders (:meth:`PhotoCloak.cloak_files`, behind ``krtfuap cloak``):
 
 A photo that fails at any of these steps gets an ``error`` row and the others go
 on; the report (:class:`CloakReport`) grows photo by photo, so an interrupted run
-keeps what it did. Originals are never written: outputs inside an input folder are
+keeps what it did, and ``cloak_files(..., resume=True)`` (``krtfuap cloak --resume``)
+cloaks only the photos it does not list as done. Originals are never written: outputs inside an input folder are
 refused. EXIF metadata is not copied (its orientation is applied to the pixels; GPS
 and camera data are dropped on purpose); an RGB photo's ICC colour profile is kept.
 """
@@ -38,7 +39,7 @@ import shutil
 import sys
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,7 @@ __all__ = [
     "box_scores",
     "plan_outputs",
     "read_photo",
+    "read_report",
     "summarise",
     "write_photo",
     "write_report",
@@ -222,15 +224,18 @@ class CloakReport:
         An existing folder.
     judges : sequence of str
         Names of the further judges, whose columns the CSV holds (see :class:`FaceReport`).
+    rows : sequence of FaceReport
+        Rows both files start with (a resumed run's earlier photos, :func:`read_report`).
     """
 
-    def __init__(self, folder: str | os.PathLike[str], judges: Sequence[str] = ()) -> None:
+    def __init__(self, folder: str | os.PathLike[str], judges: Sequence[str] = (),
+                 rows: Sequence[FaceReport] = ()) -> None:
         folder = Path(folder)
         self.csv_path, self.json_path = folder / "cloak-report.csv", folder / "cloak-report.json"
-        self.rows: list[FaceReport] = []
+        self.rows: list[FaceReport] = list(rows)
         self.columns = [name for name in FaceReport.__dataclass_fields__ if name != "judges"]
         self.columns += [f"{kind}_{judge}" for judge in judges for kind in ("similarity", "protected", "white_box")]
-        self.csv_path.write_text(self._csv_lines([], header=True), newline="")
+        self.csv_path.write_text(self._csv_lines(self.rows, header=True), newline="")
         self._write_json()
 
     def add(self, rows: Sequence[FaceReport]) -> None:
@@ -269,6 +274,41 @@ def _finite_or_none(value):
     if isinstance(value, list):
         return [_finite_or_none(item) for item in value]
     return value
+
+
+def read_report(folder: str | os.PathLike[str]) -> list[FaceReport]:
+    """The rows of ``folder/cloak-report.json`` as :class:`CloakReport` wrote them (``null`` read back as NaN).
+
+    Raises
+    ------
+    FileNotFoundError
+        If the folder holds no ``cloak-report.json``.
+    ValueError
+        If the file is not such a report (damaged, or of another program), naming what is wrong.
+    """
+    path = Path(folder) / "cloak-report.json"
+    fix = f"delete {path} to cloak every photo again"
+    try:
+        records = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not a cloak report ({error}); {fix}.") from error
+    if not isinstance(records, list) or not all(isinstance(record, dict) for record in records):
+        raise ValueError(f"{path} is not a cloak report (not a list of rows); {fix}.")
+    names = [item.name for item in fields(FaceReport)]
+    floats = {item.name for item in fields(FaceReport) if item.type == "float"}
+    rows = []
+    for number, record in enumerate(records):
+        if sorted(record) != sorted(names):
+            raise ValueError(f"{path}: row {number} has the fields {sorted(record)}, not a cloak report's; {fix}.")
+        verdicts = record["judges"]
+        if not (isinstance(record["photo"], str) and isinstance(record["output"], str)
+                and isinstance(verdicts, list) and all(isinstance(verdict, dict) for verdict in verdicts)):
+            raise ValueError(f"{path}: row {number} is damaged (photo, output or judges of the wrong type); {fix}.")
+        record = {key: math.nan if key in floats and value is None else value for key, value in record.items()}
+        record["judges"] = [{key: math.nan if key in ("threshold", "similarity") and value is None else value
+                             for key, value in verdict.items()} for verdict in verdicts]
+        rows.append(FaceReport(**record))
+    return rows
 
 
 def write_report(rows: Sequence[FaceReport], folder: str | os.PathLike[str]) -> tuple[Path, Path]:
@@ -635,6 +675,7 @@ class PhotoCloak:
         quality: int = _DEFAULTS.write_quality,
         verify: bool = True,
         report: bool = True,
+        resume: bool = False,
         progress: bool = False,
     ) -> list[FaceReport]:
         """Cloak photos and folders of photos into ``output``, and report every face.
@@ -659,6 +700,12 @@ class PhotoCloak:
         report : bool
             Write ``cloak-report.csv`` and ``cloak-report.json`` into ``output``, photo by photo
             (:class:`CloakReport`).
+        resume : bool
+            Continue a run into the same ``output`` (needs ``report``): a photo that the report
+            there lists without an error, and whose output file exists, is kept as it is, with its
+            rows; the others (not begun, failed, or whose output is gone) are cloaked. Rows of photos
+            that are no longer among ``inputs`` are dropped. Run it with the options of the first
+            run: they are not compared.
         progress : bool
             Show a progress bar over photos.
 
@@ -666,19 +713,27 @@ class PhotoCloak:
         -------
         list of FaceReport
             One row per face; one row with ``face = -1`` for a photo without a face
-            (copied unchanged) or one that failed (``status = "error"``).
+            (copied unchanged) or one that failed (``status = "error"``); with ``resume``, the
+            kept photos' rows first.
         """
         if file_format is not None and file_format not in _FORMATS:
             raise ValueError(f"file_format must be 'png' or 'jpeg' (or None to follow the input), got {file_format!r}.")
         check_param("quality", quality, [Interval(int, 1, 100, hint=" (JPEG quality)")])
-        for name, flag in (("verify", verify), ("report", report), ("progress", progress)):
+        for name, flag in (("verify", verify), ("report", report), ("resume", resume), ("progress", progress)):
             check_param(name, flag, [Boolean()])
+        if resume and not report:
+            raise ValueError("resume=True reads the report of the earlier run; pass report=True (the default).")
         if verify:
             self._check_judge()
         plan = plan_outputs(inputs, output, file_format)
+        judges = [judge.name for judge in self.judges or []] if verify else []
+        sources = {source.resolve() for source, _ in plan}
+        earlier = self._done_rows(output, judges) if resume else []
+        rows = [row for row in earlier if Path(row.photo).resolve() in sources]
+        done = {Path(row.photo).resolve() for row in rows}
+        plan = [(source, target) for source, target in plan if source.resolve() not in done]
         Path(output).mkdir(parents=True, exist_ok=True)
-        written = CloakReport(output, [judge.name for judge in self.judges or []] if verify else ()) if report else None
-        rows: list[FaceReport] = []
+        written = CloakReport(output, judges, rows) if report else None
 
         def finish(window: list[list[FaceReport] | _Detected]) -> None:
             for photo_rows in self._finish(window, file_format, quality, verify):
@@ -701,6 +756,22 @@ class PhotoCloak:
                 window.append(item)
             finish(window)
         return rows
+
+    @staticmethod
+    def _done_rows(output: str | os.PathLike[str], judges: list[str]) -> list[FaceReport]:
+        """The rows of ``output``'s report whose photo is done: no error row, and its output file exists."""
+        if not (Path(output) / "cloak-report.json").is_file():
+            return []
+        earlier = read_report(output)
+        if earlier and _judge_names(earlier) != judges and any(row.status == "cloaked" for row in earlier):
+            raise ValueError(
+                f"the report in {output} was written with the judges {_judge_names(earlier) or 'none'}, this run "
+                f"has {judges or 'none'}: resume with the judges (and verification) of the first run, or cloak "
+                "into a new folder."
+            )
+        failed = {row.photo for row in earlier if row.status == "error"}
+        gone = {row.photo for row in earlier if not Path(row.output).is_file()}
+        return [row for row in earlier if row.photo not in failed | gone]
 
     def _read_and_detect(self, source: Path, target: Path) -> list[FaceReport] | _Detected:
         """A photo read with its faces found (maybe none), or an ``error`` row; nothing is written yet."""
