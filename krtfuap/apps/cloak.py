@@ -23,9 +23,10 @@ files and folders (:meth:`PhotoCloak.cloak_files`, behind ``krtfuap cloak``):
 A photo that fails at any of these steps gets an ``error`` row and the others go
 on; the report (:class:`CloakReport`) grows photo by photo, so an interrupted run
 keeps what it did, and ``cloak_files(..., resume=True)`` (``krtfuap cloak --resume``)
-cloaks only the photos it does not list as done. Originals are never written: outputs inside an input folder are
-refused. EXIF metadata is not copied (its orientation is applied to the pixels; GPS
-and camera data are dropped on purpose); an RGB photo's ICC colour profile is kept.
+cloaks only the photos it does not list as done. Originals are never written: outputs
+inside an input folder are refused. EXIF metadata is not copied (its orientation is
+applied to the pixels; GPS and camera data are dropped on purpose); an RGB photo's ICC
+colour profile is kept.
 """
 
 from __future__ import annotations
