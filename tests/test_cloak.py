@@ -39,6 +39,14 @@ def photos() -> dict[str, Path]:
     return {path.name: path for path in sample_photos()}
 
 
+def _photo_folder(folder: Path, photos: dict[str, Path], names: tuple[str, ...]) -> Path:
+    """``folder`` made and holding copies of the sample photos ``names``."""
+    folder.mkdir()
+    for name in names:
+        shutil.copy(photos[name], folder / name)
+    return folder
+
+
 def _digest(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
 
@@ -297,10 +305,7 @@ def test_threads_are_set_for_the_run_and_restored(detector, noise_attack, photos
 def test_one_photo_that_fails_is_reported_and_the_others_go_on(tmp_path, detector, noise_attack, photos, capsys):
     """An error anywhere inside one photo's work (here: in the refinement) makes an error row; the report on
     disk lists every photo, and nothing is written for the failed one."""
-    source = tmp_path / "in"
-    source.mkdir()
-    for name in ("gdp.jpg", "yaoming.jpg"):
-        shutil.copy(photos[name], source / name)
+    source = _photo_folder(tmp_path / "in", photos, ("gdp.jpg", "yaoming.jpg"))
     cloak = PhotoCloak(noise_attack, detector, model=TinyEmbedder(), threshold=0.999, refine_steps=1)
     real_cloak = PhotoCloak.cloak_detected
 
@@ -325,10 +330,7 @@ def test_one_photo_that_fails_is_reported_and_the_others_go_on(tmp_path, detecto
 
 
 def test_an_interrupted_run_keeps_a_report_of_the_photos_done(tmp_path, detector, noise_attack, photos) -> None:
-    source = tmp_path / "in"
-    source.mkdir()
-    for name in ("gdp.jpg", "players.jpg", "yaoming.jpg"):
-        shutil.copy(photos[name], source / name)
+    source = _photo_folder(tmp_path / "in", photos, ("gdp.jpg", "players.jpg", "yaoming.jpg"))
     cloak = PhotoCloak(noise_attack, detector, model=TinyEmbedder(), threshold=0.999, refine_steps=0, batch_faces=1)
     real_cloak = PhotoCloak.cloak_detected
     players = read_photo(photos["players.jpg"])[0].shape
@@ -356,10 +358,7 @@ def _as_records(rows) -> list[dict]:
 
 
 def test_resume_cloaks_only_the_photos_an_interrupted_run_left(tmp_path, detector, noise_attack, photos) -> None:
-    source = tmp_path / "in"
-    source.mkdir()
-    for name in ("gdp.jpg", "players.jpg", "yaoming.jpg"):
-        shutil.copy(photos[name], source / name)
+    source = _photo_folder(tmp_path / "in", photos, ("gdp.jpg", "players.jpg", "yaoming.jpg"))
     cloak = PhotoCloak(noise_attack, detector, model=TinyEmbedder(), threshold=0.999, refine_steps=0, batch_faces=1)
     real_cloak = PhotoCloak.cloak_detected
     shapes = {read_photo(photos[name])[0].shape: name for name in ("gdp.jpg", "players.jpg", "yaoming.jpg")}
@@ -393,10 +392,7 @@ def test_resume_cloaks_only_the_photos_an_interrupted_run_left(tmp_path, detecto
 
 
 def test_resume_redoes_failed_photos_and_lost_outputs(tmp_path, detector, noise_attack, photos) -> None:
-    source = tmp_path / "in"
-    source.mkdir()
-    for name in ("gdp.jpg", "yaoming.jpg"):
-        shutil.copy(photos[name], source / name)
+    source = _photo_folder(tmp_path / "in", photos, ("gdp.jpg", "yaoming.jpg"))
     cloak = PhotoCloak(noise_attack, detector, model=TinyEmbedder(), threshold=0.999, refine_steps=0)
     cloak.cloak_files([source], tmp_path / "out")
     (tmp_path / "out" / "gdp.jpg").unlink()
