@@ -398,10 +398,13 @@ def test_resume_redoes_failed_photos_and_lost_outputs(tmp_path, detector, noise_
     (tmp_path / "out" / "gdp.jpg").unlink()
     cloaked: list[tuple] = []
     real_cloak = PhotoCloak.cloak_detected
+
+    def recorded(self, images, faces):
+        cloaked.extend(image.shape for image in images)
+        return real_cloak(self, images, faces)
+
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(PhotoCloak, "cloak_detected",
-                      lambda self, images, faces: cloaked.extend(image.shape for image in images)
-                      or real_cloak(self, images, faces))
+        patch.setattr(PhotoCloak, "cloak_detected", recorded)
         rows = cloak.cloak_files([source], tmp_path / "out", resume=True)
     assert cloaked == [read_photo(photos["gdp.jpg"])[0].shape]
     assert (tmp_path / "out" / "gdp.jpg").is_file()
@@ -414,9 +417,7 @@ def test_resume_redoes_failed_photos_and_lost_outputs(tmp_path, detector, noise_
     (tmp_path / "out" / "cloak-report.json").write_text(json.dumps(records))
     cloaked.clear()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(PhotoCloak, "cloak_detected",
-                      lambda self, images, faces: cloaked.extend(image.shape for image in images)
-                      or real_cloak(self, images, faces))
+        patch.setattr(PhotoCloak, "cloak_detected", recorded)
         cloak.cloak_files([source], tmp_path / "out", resume=True)
     assert cloaked == [read_photo(photos["yaoming.jpg"])[0].shape]
 

@@ -728,11 +728,9 @@ class PhotoCloak:
             self._check_judge()
         plan = plan_outputs(inputs, output, file_format)
         judges = [judge.name for judge in self.judges or []] if verify else []
-        sources = {source.resolve() for source, _ in plan}
-        earlier = self._done_rows(output, judges) if resume else []
-        rows = [row for row in earlier if Path(row.photo).resolve() in sources]
-        done = {Path(row.photo).resolve() for row in rows}
-        plan = [(source, target) for source, target in plan if source.resolve() not in done]
+        rows: list[FaceReport] = []
+        if resume:
+            rows, plan = self._resumed(output, judges, plan)
         Path(output).mkdir(parents=True, exist_ok=True)
         written = CloakReport(output, judges, rows) if report else None
 
@@ -759,10 +757,12 @@ class PhotoCloak:
         return rows
 
     @staticmethod
-    def _done_rows(output: str | os.PathLike[str], judges: list[str]) -> list[FaceReport]:
-        """The rows of ``output``'s report whose photo is done: no error row, and its output file exists."""
+    def _resumed(output: str | os.PathLike[str], judges: list[str], plan: list[tuple[Path, Path]]
+                 ) -> tuple[list[FaceReport], list[tuple[Path, Path]]]:
+        """What a resumed run keeps, and what it still cloaks: the rows of ``output``'s report for the photos
+        of ``plan`` that are done (no error row, and the output file exists), and the rest of ``plan``."""
         if not (Path(output) / "cloak-report.json").is_file():
-            return []
+            return [], plan
         earlier = read_report(output)
         if earlier and _judge_names(earlier) != judges and any(row.status == "cloaked" for row in earlier):
             raise ValueError(
@@ -770,9 +770,12 @@ class PhotoCloak:
                 f"has {judges or 'none'}: resume with the judges (and verification) of the first run, or cloak "
                 "into a new folder."
             )
-        failed = {row.photo for row in earlier if row.status == "error"}
-        gone = {row.photo for row in earlier if not Path(row.output).is_file()}
-        return [row for row in earlier if row.photo not in failed | gone]
+        unfinished = {row.photo for row in earlier if row.status == "error" or not Path(row.output).is_file()}
+        located = {photo: Path(photo).resolve() for photo in {row.photo for row in earlier} - unfinished}
+        sources = {source: source.resolve() for source, _ in plan}
+        done = set(located.values()) & set(sources.values())
+        rows = [row for row in earlier if located.get(row.photo) in done]
+        return rows, [(source, target) for source, target in plan if sources[source] not in done]
 
     def _read_and_detect(self, source: Path, target: Path) -> list[FaceReport] | _Detected:
         """A photo read with its faces found (maybe none), or an ``error`` row; nothing is written yet."""
