@@ -589,8 +589,26 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
             )
         if checkpoint_path is not None:
             _check_writable(checkpoint_path, "checkpoint_path")
-        if self._restarts() > 1:
-            return self._fit_restarts(X, pairs=pairs, validation=validation, resume=resume, on_epoch=on_epoch)
+        try:
+            if self._restarts() > 1:
+                return self._fit_restarts(X, pairs=pairs, validation=validation, resume=resume, on_epoch=on_epoch)
+            return self._fit_once(X, pairs=pairs, validation=validation, resume=resume, on_epoch=on_epoch)
+        except KeyboardInterrupt:
+            if checkpoint_path is not None:
+                hint = f"continue with fit(X, resume=True) from {os.fspath(checkpoint_path)}"
+            else:
+                hint = "set checkpoint_path= to be able to resume an interrupted fit"
+            print(f"{type(self).__name__}.fit interrupted; the previous fitted state is unchanged; {hint}.",
+                  file=sys.stderr)
+            raise
+
+    def _fit_once(
+        self, X: ImageData, *, pairs: Iterable | None, validation: ImageData | None, resume: bool,
+        on_epoch: Callable[[dict[str, Any]], None] | None,
+    ) -> "PerturbationEstimator":
+        """One fit from ``random_state``: :meth:`fit` after its checks, without its Ctrl-C message."""
+        settings = self._loop_settings()
+        checkpoint_path = settings["checkpoint_path"]
         fit_started = time.perf_counter()
         data = FitData(X, self.batch_size, shuffle=settings["shuffle"])
         checked_validation = None
@@ -601,28 +619,19 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
         device = self._device()
         model = self._embedder(self.threshold)
         memory_format = torch.channels_last if self.channels_last else torch.preserve_format
-        try:
-            with torch_threads(self.num_threads), frozen(model):
-                threshold, accuracy = self._calibrated_threshold(pairs)
-                embed = self._embed_function(model)
-                solver, learned = self._make_solver(data, device, generator, embed, threshold)
-                if self.channels_last:
-                    model.to(memory_format=torch.channels_last)
-                loop = FitLoop(
-                    embed=embed, threshold=threshold, device=device, target_ssim=self._stealth_target(),
-                    memory_format=memory_format, generator=generator,
-                    fingerprint=self._fingerprint(data, threshold, learned) if checkpoint_path is not None else {},
-                    description=f"{type(self).__name__} fit", verbose=self.verbose, **settings,
-                )
-                result = loop.run(data, solver, validation=checked_validation, resume=resume, on_epoch=on_epoch)
-        except KeyboardInterrupt:
-            if checkpoint_path is not None:
-                hint = f"continue with fit(X, resume=True) from {os.fspath(checkpoint_path)}"
-            else:
-                hint = "set checkpoint_path= to be able to resume an interrupted fit"
-            print(f"{type(self).__name__}.fit interrupted; the previous fitted state is unchanged; {hint}.",
-                  file=sys.stderr)
-            raise
+        with torch_threads(self.num_threads), frozen(model):
+            threshold, accuracy = self._calibrated_threshold(pairs)
+            embed = self._embed_function(model)
+            solver, learned = self._make_solver(data, device, generator, embed, threshold)
+            if self.channels_last:
+                model.to(memory_format=torch.channels_last)
+            loop = FitLoop(
+                embed=embed, threshold=threshold, device=device, target_ssim=self._stealth_target(),
+                memory_format=memory_format, generator=generator,
+                fingerprint=self._fingerprint(data, threshold, learned) if checkpoint_path is not None else {},
+                description=f"{type(self).__name__} fit", verbose=self.verbose, **settings,
+            )
+            result = loop.run(data, solver, validation=checked_validation, resume=resume, on_epoch=on_epoch)
         self._set_fitted(result, learned, threshold, accuracy, solver, time.perf_counter() - fit_started)
         return self
 
@@ -646,12 +655,14 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
         restarts: list[PerturbationEstimator] = []
         threshold = self.threshold
         for index, seed in enumerate(seeds):
-            restart = clone(self).set_params(n_init=1, random_state=seed, max_time=max_time, threshold=threshold)
-            if self.checkpoint_path is not None:
-                restart.set_params(checkpoint_path=_restart_checkpoint_path(self.checkpoint_path, index))
+            checkpoint_path = self.checkpoint_path
+            if checkpoint_path is not None:
+                checkpoint_path = _restart_checkpoint_path(checkpoint_path, index)
+            restart = clone(self).set_params(n_init=1, random_state=seed, max_time=max_time, threshold=threshold,
+                                             checkpoint_path=checkpoint_path)
             hook = None if on_epoch is None else functools.partial(_tagged_event, on_epoch, index)
-            restarts.append(restart.fit(X, pairs=pairs if threshold is None else None, validation=validation,
-                                        resume=resume, on_epoch=hook))
+            restarts.append(restart._fit_once(X, pairs=pairs if threshold is None else None, validation=validation,
+                                              resume=resume, on_epoch=hook))
             threshold = restart.threshold_  # calibrated once, by the first restart
         target = self._stealth_target()
         keys = [selection_key(_returned_score(restart), target) for restart in restarts]

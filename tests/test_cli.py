@@ -296,7 +296,7 @@ def test_cloak_command_reports_a_photo_that_fails_inside_and_cloaks_the_others(m
     assert status == 1 and "players.jpg" in err and "1.00000012" in err and "Traceback" not in err
     assert "gdp.jpg" not in err and "yaoming.jpg" not in err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cloak-report.csv", "cloak-report.json",
-                                                                     "gdp.jpg", "yaoming.jpg"]
+                                                                     "cloak-settings.json", "gdp.jpg", "yaoming.jpg"]
     with open(tmp_path / "out" / "cloak-report.csv") as handle:
         rows = list(csv.DictReader(handle))
     statuses = {Path(row["photo"]).name: row["status"] for row in rows}

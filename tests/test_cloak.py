@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
 import inspect
@@ -349,7 +350,7 @@ def test_an_interrupted_run_keeps_a_report_of_the_photos_done(tmp_path, detector
     with open(tmp_path / "out" / "cloak-report.csv") as handle:
         assert {Path(row["photo"]).name for row in csv.DictReader(handle)} == {"gdp.jpg"}
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cloak-report.csv", "cloak-report.json",
-                                                                     "gdp.jpg"]
+                                                                     "cloak-settings.json", "gdp.jpg"]
 
 
 def _as_records(rows) -> list[dict]:
@@ -444,6 +445,34 @@ def test_resume_without_a_report_cloaks_everything_and_refuses_what_it_cannot_co
             cloak.cloak_files([photos["gdp.jpg"]], tmp_path / "out", resume=True)
 
 
+def test_resume_refuses_other_options_than_the_first_runs(tmp_path, detector, noise_attack, photos) -> None:
+    source = _photo_folder(tmp_path / "in", photos, ("gdp.jpg", "yaoming.jpg"))
+    settings = dict(model=TinyEmbedder(), threshold=0.999, refine_steps=0)
+    PhotoCloak(noise_attack, detector, **settings).cloak_files([source], tmp_path / "out")
+    for changed, named in [(dict(target_ssim=0.9), "target_ssim: 0.945 then, 0.9 now"),
+                           (dict(model=TinyEmbedder(seed=3)), "model: "),
+                           (dict(threshold=0.5), "threshold: 0.999 then, 0.5 now")]:
+        with pytest.raises(ValueError, match=rf"with other options \({named}.*\): resume with the options of the "):
+            PhotoCloak(noise_attack, detector, **{**settings, **changed}).cloak_files(
+                [source], tmp_path / "out", resume=True)
+    other_attack = copy.deepcopy(noise_attack)
+    other_attack.perturbation_ = other_attack.perturbation_.flip(-1)
+    with pytest.raises(ValueError, match=r"\(perturbation: '[0-9a-f]{16}' then, '[0-9a-f]{16}' now\)"):
+        PhotoCloak(other_attack, detector, **settings).cloak_files([source], tmp_path / "out", resume=True)
+    with pytest.raises(ValueError, match=r"\(quality: 95 then, 80 now\)"):
+        PhotoCloak(noise_attack, detector, **settings).cloak_files([source], tmp_path / "out", quality=80,
+                                                                   resume=True)
+    same = PhotoCloak(noise_attack, detector, **settings).cloak_files([source], tmp_path / "out", resume=True)
+    assert len(same) == len(read_report(tmp_path / "out"))  # the same options: resumed (nothing left to do)
+    recorded = tmp_path / "out" / "cloak-settings.json"
+    recorded.write_text("[1, 2")
+    with pytest.raises(ValueError, match=r"cloak-settings.json is damaged; delete it to resume without comparing"):
+        PhotoCloak(noise_attack, detector, **settings).cloak_files([source], tmp_path / "out", resume=True)
+    recorded.unlink()  # as a run of an older krtfuap left it: resumed without comparing
+    PhotoCloak(noise_attack, detector, **{**settings, "target_ssim": 0.9}).cloak_files(
+        [source], tmp_path / "out", resume=True)
+
+
 def test_a_report_reads_back_as_written(tmp_path, detector, noise_attack, photos) -> None:
     from krtfuap.apps.judges import ModelJudge
 
@@ -476,7 +505,8 @@ def test_an_interrupted_batch_leaves_nothing_of_its_photos(tmp_path, detector, n
         patch.setattr(PhotoCloak, "cloak_detected", interrupted)
         with pytest.raises(KeyboardInterrupt):
             cloak.cloak_files([source], tmp_path / "out")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cloak-report.csv", "cloak-report.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cloak-report.csv", "cloak-report.json",
+                                                                     "cloak-settings.json"]
     assert json.loads((tmp_path / "out" / "cloak-report.json").read_text()) == []
 
 

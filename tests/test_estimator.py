@@ -423,7 +423,7 @@ def test_n_init_checkpoints_each_restart_to_its_own_file(tmp_path):
     assert attack.init_scores_ == unsaved.init_scores_ and attack.best_init_ == unsaved.best_init_
 
 
-def test_n_init_resume_skips_the_ended_restart_and_continues_the_interrupted_one(tmp_path):
+def test_n_init_resume_skips_the_ended_restart_and_continues_the_interrupted_one(tmp_path, capsys):
     """Interrupted in the second restart's third epoch, the fit resumes there and ends as it would have."""
     settings = dict(n_init=2, max_epochs=4, checkpoint_path=tmp_path / "fit.ckpt", random_state=4)
     model, forwards_at = TinyEmbedder(), {}
@@ -435,6 +435,9 @@ def test_n_init_resume_skips_the_ended_restart_and_continues_the_interrupted_one
     interrupted = tiny_attack(model=InterruptedEmbedder(stop_at=forwards_at[1, 1] + 1), **settings)
     with pytest.raises(KeyboardInterrupt):
         interrupted.fit(faces())
+    # One message, naming the file the user gave (the call that resumes), not the restart's own file.
+    message = capsys.readouterr().err
+    assert message.count("interrupted") == 1 and f"resume=True) from {tmp_path / 'fit.ckpt'}." in message
     events = []
     resumed = tiny_attack(**settings).fit(faces(), resume=True, on_epoch=events.append)
     assert [(event["init"], event["epoch"]) for event in events] == [(1, 2), (1, 3)]  # restart 0 ended at once

@@ -284,7 +284,8 @@ def _add_cloak_parser(commands: argparse._SubParsersAction) -> None:
                        help="JPEG quality 1-100 (default: %(default)s)")
     cloak.add_argument("--resume", action="store_true",
                        help="continue an interrupted run into the same --output: photos its report lists as done "
-                       "(no error, output written) are kept, the rest cloaked; give the first run's options")
+                       "(no error, output written) are kept, the rest cloaked; other options than the first run's "
+                       "are refused")
     cloak.add_argument("--verify-model", default=None, metavar="NAME",
                        help="face model that judges: insightface_mbf, sface, keras_facenet, facenet_casia, "
                        "foamliu_mobilefacenet, iresnet18/34/50/100 (default: --attack-model, with the attack's "

@@ -23,7 +23,8 @@ files and folders (:meth:`PhotoCloak.cloak_files`, behind ``krtfuap cloak``):
 A photo that fails at any of these steps gets an ``error`` row and the others go
 on; the report (:class:`CloakReport`) grows photo by photo, so an interrupted run
 keeps what it did, and ``cloak_files(..., resume=True)`` (``krtfuap cloak --resume``)
-cloaks only the photos it does not list as done. Originals are never written: outputs
+cloaks only the photos it does not list as done, with the options of the first run
+(``cloak-settings.json`` records them). Originals are never written: outputs
 inside an input folder are refused. EXIF metadata is not copied (its orientation is
 applied to the pixels; GPS and camera data are dropped on purpose); an RGB photo's ICC
 colour profile is kept.
@@ -32,6 +33,7 @@ colour profile is kept.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -77,6 +79,8 @@ __all__ = [
 ]
 
 _FORMATS = {"png": ("PNG", ".png"), "jpeg": ("JPEG", ".jpg")}
+#: The file in the output folder that records the options of a run, compared when it is resumed.
+SETTINGS_FILE = "cloak-settings.json"
 _DEFAULTS = CLOAK_DEFAULTS
 
 
@@ -261,9 +265,15 @@ class CloakReport:
 
     def _write_json(self) -> None:
         records = [_finite_or_none(asdict(row)) for row in self.rows]
-        partial = self.json_path.with_name(self.json_path.name + ".partial")
-        partial.write_text(json.dumps(records, indent=1, allow_nan=False) + "\n")  # NaN / inf -> null: strict JSON
-        os.replace(partial, self.json_path)
+        # NaN / inf -> null: strict JSON
+        _write_atomically(self.json_path, json.dumps(records, indent=1, allow_nan=False) + "\n")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` beside ``path`` and move it into place, so a reader never sees half a file."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 def _finite_or_none(value):
@@ -705,8 +715,10 @@ class PhotoCloak:
             Continue a run into the same ``output`` (needs ``report``): a photo that the report
             there lists without an error, and whose output file exists, is kept as it is, with its
             rows; the others (not begun, failed, or whose output is gone) are cloaked. Rows of photos
-            that are no longer among ``inputs`` are dropped. Run it with the options of the first
-            run: they are not compared.
+            that are no longer among ``inputs`` are dropped. A run whose options differ from the
+            first run's (``cloak-settings.json`` in ``output``: the attack's perturbation, the models'
+            weights and thresholds, every option of the cloak, ``file_format``, ``quality``,
+            ``verify``) is refused with the differences named.
         progress : bool
             Show a progress bar over photos.
 
@@ -729,10 +741,15 @@ class PhotoCloak:
         plan = plan_outputs(inputs, output, file_format)
         judges = [judge.name for judge in self.judges or []] if verify else []
         rows: list[FaceReport] = []
+        settings = self._run_settings(file_format, quality, verify) if report else {}
         if resume:
+            _check_same_settings(output, settings)
             rows, plan = self._resumed(output, judges, plan)
         Path(output).mkdir(parents=True, exist_ok=True)
-        written = CloakReport(output, judges, rows) if report else None
+        written = None
+        if report:
+            _write_atomically(Path(output) / SETTINGS_FILE, _settings_json(settings))
+            written = CloakReport(output, judges, rows)
 
         def finish(window: list[list[FaceReport] | _Detected]) -> None:
             for photo_rows in self._finish(window, file_format, quality, verify):
@@ -755,6 +772,25 @@ class PhotoCloak:
                 window.append(item)
             finish(window)
         return rows
+
+    def _run_settings(self, file_format: str | None, quality: int, verify: bool) -> dict:
+        """What decides a run's outputs, as JSON values: the attack's perturbation and each model by a digest
+        of its tensors, the cloak's options, and the options of :meth:`cloak_files` given."""
+        surrogates = self.surrogates or []
+        return {
+            "perturbation": _digest([self.attack.perturbation_]),
+            "epsilon": float(self.attack.epsilon),
+            "model": None if self.model is None else _module_digest(self.model),
+            "threshold": self.threshold,
+            "surrogates": [[_module_digest(model), float(threshold)] for model, threshold in surrogates],
+            **{name: getattr(self, name) for name in (
+                "min_score", "min_size", "feather", "refine_steps", "refine_from", "refine_lr", "refine_colour",
+                "smoothing", "input_diversity", "diversity_min_scale", "target_ssim", "random_state")},
+            "downscale": list(self.downscale),
+            "file_format": file_format,
+            "quality": quality,
+            "verify": verify,
+        }
 
     @staticmethod
     def _resumed(output: str | os.PathLike[str], judges: list[str], plan: list[tuple[Path, Path]]
@@ -924,6 +960,48 @@ def _check_attack(attack: object) -> None:
             "one (krtfuap.pretrained.default_cloak(), UAPAttack.load(path))."
         )
     check_param("attack.epsilon", getattr(attack, "epsilon", None), [Interval(float, 0.0, 1.0, closed="right")])
+
+
+def _digest(tensors: Sequence[torch.Tensor], name: str = "") -> str:
+    """A short SHA-256 of ``name`` and the values of ``tensors`` (as float32), to tell two runs' inputs apart."""
+    digest = hashlib.sha256(name.encode())
+    for tensor in tensors:
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _module_digest(module: torch.nn.Module) -> str:
+    """:func:`_digest` of a model's class name and its parameters and buffers."""
+    return _digest(list(module.state_dict().values()), type(module).__name__)
+
+
+def _settings_json(settings: dict) -> str:
+    """``settings`` as the text of ``cloak-settings.json`` (NumPy scalars as Python numbers)."""
+    return json.dumps(settings, indent=1, default=lambda value: value.item() if isinstance(value, np.generic)
+                      else repr(value)) + "\n"
+
+
+def _check_same_settings(folder: str | os.PathLike[str], settings: dict) -> None:
+    """Refuse to resume the run in ``folder`` with ``settings`` other than those it recorded, naming the
+    differences; a folder without the record (nothing to resume, or a run of an older krtfuap) passes."""
+    path = Path(folder) / SETTINGS_FILE
+    if not path.is_file():
+        return
+    try:
+        earlier = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        earlier = None
+    if not isinstance(earlier, dict):
+        raise ValueError(f"{path} is damaged; delete it to resume without comparing this run's options "
+                         "with the first run's.")
+    now = json.loads(_settings_json(settings))  # as read back: tuples as lists
+    changed = [f"{key}: {earlier.get(key)!r} then, {now.get(key)!r} now"
+               for key in sorted(set(earlier) | set(now)) if earlier.get(key) != now.get(key)]
+    if changed:
+        raise ValueError(
+            f"the run in {folder} was made with other options ({'; '.join(changed)}): resume with the "
+            "options of the first run, or cloak into a new folder."
+        )
 
 
 def _judge_names(rows: Sequence[FaceReport]) -> list[str]:
