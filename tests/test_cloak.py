@@ -449,7 +449,7 @@ def test_resume_refuses_other_options_than_the_first_runs(tmp_path, detector, no
     source = _photo_folder(tmp_path / "in", photos, ("gdp.jpg", "yaoming.jpg"))
     settings = dict(model=TinyEmbedder(), threshold=0.999, refine_steps=0)
     PhotoCloak(noise_attack, detector, **settings).cloak_files([source], tmp_path / "out")
-    for changed, named in [(dict(target_ssim=0.9), "target_ssim: 0.945 then, 0.9 now"),
+    for changed, named in [(dict(target_ssim=0.9), f"target_ssim: {CLOAK_DEFAULTS.target_ssim} then, 0.9 now"),
                            (dict(model=TinyEmbedder(seed=3)), "model: "),
                            (dict(threshold=0.5), "threshold: 0.999 then, 0.5 now")]:
         with pytest.raises(ValueError, match=rf"with other options \({named}.*\): resume with the options of the "):
@@ -459,7 +459,7 @@ def test_resume_refuses_other_options_than_the_first_runs(tmp_path, detector, no
     other_attack.perturbation_ = other_attack.perturbation_.flip(-1)
     with pytest.raises(ValueError, match=r"\(perturbation: '[0-9a-f]{16}' then, '[0-9a-f]{16}' now\)"):
         PhotoCloak(other_attack, detector, **settings).cloak_files([source], tmp_path / "out", resume=True)
-    with pytest.raises(ValueError, match=r"\(quality: 95 then, 80 now\)"):
+    with pytest.raises(ValueError, match=rf"\(quality: {CLOAK_DEFAULTS.write_quality} then, 80 now\)"):
         PhotoCloak(noise_attack, detector, **settings).cloak_files([source], tmp_path / "out", quality=80,
                                                                    resume=True)
     same = PhotoCloak(noise_attack, detector, **settings).cloak_files([source], tmp_path / "out", resume=True)
