@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from krtfuap._files import replace_atomically
 from krtfuap._validation import (
     Boolean, FaceModelLike, InstanceOf, Interval, Options, SequenceOf, check_param, check_params,
 )
@@ -265,15 +266,8 @@ class CloakReport:
 
     def _write_json(self) -> None:
         records = [_finite_or_none(asdict(row)) for row in self.rows]
-        # NaN / inf -> null: strict JSON
-        _write_atomically(self.json_path, json.dumps(records, indent=1, allow_nan=False) + "\n")
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` beside ``path`` and move it into place, so a reader never sees half a file."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)
+        text = json.dumps(records, indent=1, allow_nan=False) + "\n"  # NaN / inf -> null: strict JSON
+        replace_atomically(self.json_path, lambda partial: Path(partial).write_text(text))
 
 
 def _finite_or_none(value):
@@ -748,7 +742,8 @@ class PhotoCloak:
         Path(output).mkdir(parents=True, exist_ok=True)
         written = None
         if report:
-            _write_atomically(Path(output) / SETTINGS_FILE, _settings_json(settings))
+            text = _settings_json(settings)
+            replace_atomically(Path(output) / SETTINGS_FILE, lambda partial: Path(partial).write_text(text))
             written = CloakReport(output, judges, rows)
 
         def finish(window: list[list[FaceReport] | _Detected]) -> None:
