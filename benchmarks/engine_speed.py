@@ -48,8 +48,7 @@ from _common import calibrated_threshold, held_out_split, load_model
 
 from krtfuap.attack import UAPAttack
 from krtfuap.key_regions import KeyRegions
-from krtfuap.metrics import ssim
-from krtfuap.scoring import score_perturbation
+from krtfuap.scoring import PerturbationScore, score_batch, score_perturbation
 
 
 def parse_value(text: str) -> object:
@@ -157,12 +156,13 @@ def main() -> None:
             weight = getattr(attack, "stealth_weight_", float("nan"))
             scaled = ""
             if args.per_face_ssim:
-                per_face = attack.evaluate(test_faces, per_face_ssim=args.per_face_ssim)
-                lowest = [lowest_ssim(attack, test_faces, target) for target in (None, args.per_face_ssim)]
-                scaled = (f" {lowest[0]:.4f} | {per_face['fooling_rate']:.3f} | {per_face['ssim']:.4f} | "
-                          f"{lowest[1]:.4f} |")
-                final["lowest_ssim"] = lowest[0]
-                final["per_face"] = {**per_face, "lowest_ssim": lowest[1]}
+                final["lowest_ssim"] = score_with_lowest(model, test_faces, attack.perturbation_, threshold,
+                                                         None)["lowest_ssim"]
+                per_face = score_with_lowest(model, test_faces, attack.perturbation_, threshold,
+                                             args.per_face_ssim)
+                scaled = (f" {final['lowest_ssim']:.4f} | {per_face['fooling_rate']:.3f} | {per_face['ssim']:.4f} | "
+                          f"{per_face['lowest_ssim']:.4f} |")
+                final["per_face"] = per_face
             steps = " + ".join(str(entry["n_iter"]) for entry in attack.init_scores_)  # "a + b": each restart of n_init
             print(f"| {name} | {threshold:.3f} | {config} | {' | '.join(reached)} | {steps} | "
                   f"{wall:.0f} | {final['fooling_rate']:.3f} | {final['ssim']:.4f} | {final['psnr']:.2f} | "
@@ -177,11 +177,19 @@ def main() -> None:
         draw_frontier(curves, args.figure)
 
 
-def lowest_ssim(attack: UAPAttack, faces: torch.Tensor, per_face_ssim: float | None) -> float:
-    """The lowest SSIM of one face of ``faces`` under ``attack.transform(faces, per_face_ssim=...)``."""
+def score_with_lowest(model: torch.nn.Module, faces: torch.Tensor, perturbation: torch.Tensor, threshold: float,
+                      per_face_ssim: float | None) -> dict[str, float]:
+    """:func:`score_perturbation`'s scores of ``perturbation`` on ``faces`` (scaled for each face to
+    ``per_face_ssim`` when given, as ``transform`` applies it) and ``lowest_ssim``, the lowest face's SSIM,
+    from one scaling of each face."""
+    device = next(model.parameters()).device
+    score, lowest = PerturbationScore(threshold), 1.0
     with torch.no_grad():
-        return min(ssim(attack.transform(batch, per_face_ssim=per_face_ssim), batch).min().item()
-                   for batch in faces.split(100))
+        for batch in faces.split(100):
+            scores = score_batch(model, batch.to(device), perturbation.to(device), per_face_ssim=per_face_ssim)
+            score.update(scores)
+            lowest = min(lowest, scores["ssim"].min().item())
+    return {**score.compute(), "lowest_ssim": lowest}
 
 
 def draw_frontier(curves: list[dict], path: Path) -> None:

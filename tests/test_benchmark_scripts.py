@@ -23,15 +23,19 @@ def test_step_time_measures_the_fit_loop_update_and_its_floor():
     assert row["step_mem"] > 0.0 and row["floor_mem"] > 0.0
 
 
-def test_engine_speed_gives_the_lowest_face_ssim_both_ways():
+def test_engine_speed_scores_and_gives_the_lowest_face_ssim_both_ways():
     import engine_speed
     from fakes import random_faces
 
     from krtfuap.metrics import ssim
 
-    faces = random_faces(12, seed=1, size=32)
-    attack = engine_speed.make_attack("target:0.9,max_steps=3", TinyEmbedder(), 0.9, {"random_state": 0})
+    faces, model = random_faces(12, seed=1, size=32), TinyEmbedder()
+    attack = engine_speed.make_attack("target:0.9,max_steps=3", model, 0.9, {"random_state": 0})
     attack.fit(faces)
-    uniform = engine_speed.lowest_ssim(attack, faces, None)
-    assert uniform == ssim(attack.transform(faces), faces).min().item()
-    assert engine_speed.lowest_ssim(attack, faces, 0.97) >= 0.97
+    uniform = engine_speed.score_with_lowest(model, faces, attack.perturbation_, 0.9, None)
+    assert uniform["lowest_ssim"] == ssim(attack.transform(faces), faces).min().item()
+    scaled = engine_speed.score_with_lowest(model, faces, attack.perturbation_, 0.9, 0.97)
+    assert scaled["lowest_ssim"] >= 0.97
+    for scores, per_face_ssim in ((uniform, None), (scaled, 0.97)):
+        expected = attack.evaluate(faces, per_face_ssim=per_face_ssim)
+        assert {key: scores[key] for key in expected} == expected
