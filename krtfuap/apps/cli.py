@@ -356,7 +356,7 @@ def _judges(args: argparse.Namespace, loaded: dict[str, object]) -> list:
 
 
 def _run_cloak(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
-    from krtfuap.apps.cloak import PhotoCloak, plan_outputs, summarise
+    from krtfuap.apps.cloak import REPORT_CSV, PhotoCloak, plan_outputs, summarise
     from krtfuap.attack import UAPAttack
     from krtfuap.models import load_face_model
     from krtfuap.models.precision import full_precision
@@ -393,7 +393,7 @@ def _run_cloak(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
                        refine_from=args.refine_from, refine_colour=not args.refine_luminance,
                        target_ssim=args.target_ssim, smoothing=args.smoothing, downscale=tuple(args.downscale),
                        input_diversity=args.input_diversity, num_threads=args.threads)
-    report = os.path.join(args.output, "cloak-report.csv")
+    report = os.path.join(args.output, REPORT_CSV)
     try:
         rows = cloak.cloak_files(args.inputs, args.output, file_format=args.format, quality=args.quality,
                                  verify=not args.no_verify, resume=args.resume, progress=not args.quiet)

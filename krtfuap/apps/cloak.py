@@ -80,8 +80,9 @@ __all__ = [
 ]
 
 _FORMATS = {"png": ("PNG", ".png"), "jpeg": ("JPEG", ".jpg")}
-#: The file in the output folder that records the options of a run, compared when it is resumed.
-SETTINGS_FILE = "cloak-settings.json"
+#: The files in the output folder: the report, one row per face (CSV and JSON), and the options of the
+#: run, compared when it is resumed.
+REPORT_CSV, REPORT_JSON, SETTINGS_FILE = "cloak-report.csv", "cloak-report.json", "cloak-settings.json"
 _DEFAULTS = CLOAK_DEFAULTS
 
 
@@ -237,7 +238,7 @@ class CloakReport:
     def __init__(self, folder: str | os.PathLike[str], judges: Sequence[str] = (),
                  rows: Sequence[FaceReport] = ()) -> None:
         folder = Path(folder)
-        self.csv_path, self.json_path = folder / "cloak-report.csv", folder / "cloak-report.json"
+        self.csv_path, self.json_path = folder / REPORT_CSV, folder / REPORT_JSON
         self.rows: list[FaceReport] = list(rows)
         self.columns = [name for name in FaceReport.__dataclass_fields__ if name != "judges"]
         self.columns += [f"{kind}_{judge}" for judge in judges for kind in ("similarity", "protected", "white_box")]
@@ -291,7 +292,7 @@ def read_report(folder: str | os.PathLike[str]) -> list[FaceReport]:
     ValueError
         If the file is not such a report (damaged, or of another program), naming what is wrong.
     """
-    path = Path(folder) / "cloak-report.json"
+    path = Path(folder) / REPORT_JSON
     fix = f"delete {path} to cloak every photo again"
     try:
         records = json.loads(path.read_text())
@@ -792,7 +793,7 @@ class PhotoCloak:
                  ) -> tuple[list[FaceReport], list[tuple[Path, Path]]]:
         """What a resumed run keeps, and what it still cloaks: the rows of ``output``'s report for the photos
         of ``plan`` that are done (no error row, and the output file exists), and the rest of ``plan``."""
-        if not (Path(output) / "cloak-report.json").is_file():
+        if not (Path(output) / REPORT_JSON).is_file():
             return [], plan
         earlier = read_report(output)
         if earlier and _judge_names(earlier) != judges and any(row.status == "cloaked" for row in earlier):
