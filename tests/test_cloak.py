@@ -9,7 +9,6 @@ import inspect
 import json
 import math
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +20,8 @@ from wrong_values import wrong_type, wrong_values
 
 from krtfuap.alignment import align_face, photo_to_tensor, sample_photos
 import krtfuap.apps.cloak as cloak_module
-from krtfuap.apps.cloak import (PhotoCloak, box_scores, plan_outputs, read_photo, read_report, summarise,
-                                write_report)
+from krtfuap.apps.cloak import (FaceReport, PhotoCloak, box_scores, plan_outputs, read_photo, read_report,
+                                summarise, write_report)
 from krtfuap.baselines import RandomNoiseUAP
 from krtfuap.cloak_defaults import CLOAK_DEFAULTS
 from krtfuap.metrics import haarpsi, ssim
@@ -353,11 +352,6 @@ def test_an_interrupted_run_keeps_a_report_of_the_photos_done(tmp_path, detector
                                                                      "cloak-settings.json", "gdp.jpg"]
 
 
-def _as_records(rows) -> list[dict]:
-    """Rows as the JSON report holds them (NaN as None), so that rows with NaN fields compare equal."""
-    return [cloak_module._finite_or_none(asdict(row)) for row in rows]
-
-
 def test_resume_cloaks_only_the_photos_an_interrupted_run_left(tmp_path, detector, noise_attack, photos) -> None:
     source = _photo_folder(tmp_path / "in", photos, ("gdp.jpg", "players.jpg", "yaoming.jpg"))
     cloak = PhotoCloak(noise_attack, detector, model=TinyEmbedder(), threshold=0.999, refine_steps=0, batch_faces=1)
@@ -385,7 +379,7 @@ def test_resume_cloaks_only_the_photos_an_interrupted_run_left(tmp_path, detecto
         rows = cloak.cloak_files([source], tmp_path / "out", resume=True)
     assert cloaked == ["players.jpg", "yaoming.jpg"]  # gdp.jpg, done before the interruption, is not redone
     assert (tmp_path / "out" / "gdp.jpg").read_bytes() == done
-    assert _as_records(rows[:len(first)]) == _as_records(first)
+    assert [row.as_record() for row in rows[:len(first)]] == [row.as_record() for row in first]
     assert [Path(row.photo).name for row in rows] == [Path(row.photo).name for row in read_report(tmp_path / "out")]
     assert {Path(row.photo).name for row in rows} == {"gdp.jpg", "players.jpg", "yaoming.jpg"}
     with open(tmp_path / "out" / "cloak-report.csv") as handle:
@@ -484,9 +478,18 @@ def test_a_report_reads_back_as_written(tmp_path, detector, noise_attack, photos
                        judges=[ModelJudge("other", TinyEmbedder(seed=3), 0.5)])
     rows = cloak.cloak_files([source], tmp_path / "out")
     back = read_report(tmp_path / "out")
-    assert _as_records(back) == _as_records(rows)
+    assert [row.as_record() for row in back] == [row.as_record() for row in rows]
     assert [row.status for row in back] == ["cloaked", "no face"] and math.isnan(back[1].similarity)
     assert isinstance(back[0].judges[0]["similarity"], float) and back[0].judges[0]["name"] == "other"
+
+
+def test_a_report_row_as_recorded_holds_none_where_nothing_was_measured() -> None:
+    row = FaceReport(photo="a.jpg", output="b.jpg", face=0, status="cloaked", psnr_face=math.inf,
+                     judges=[{"name": "other", "similarity": math.nan, "protected": None}])
+    record = row.as_record()
+    assert record["psnr_face"] is None and record["similarity"] is None and record["judges"][0]["similarity"] is None
+    assert record["photo"] == "a.jpg" and record["face"] == 0
+    json.dumps(record, allow_nan=False)  # strict JSON
 
 
 def test_an_interrupted_batch_leaves_nothing_of_its_photos(tmp_path, detector, noise_attack, photos) -> None:

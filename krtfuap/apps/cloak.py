@@ -125,6 +125,10 @@ class FaceReport:
     message: str = ""
     judges: list[dict] = field(default_factory=list)
 
+    def as_record(self) -> dict:
+        """The row as ``cloak-report.json`` holds it: a dict with every NaN or infinite float as None."""
+        return _finite_or_none(asdict(self))
+
 
 def read_photo(path: str | os.PathLike[str]) -> tuple[np.ndarray, bytes | None]:
     """Decode a photo for cloaking.
@@ -266,7 +270,7 @@ class CloakReport:
         return text.getvalue()
 
     def _write_json(self) -> None:
-        records = [_finite_or_none(asdict(row)) for row in self.rows]
+        records = [row.as_record() for row in self.rows]
         text = json.dumps(records, indent=1, allow_nan=False) + "\n"  # NaN / inf -> null: strict JSON
         replace_atomically(self.json_path, lambda partial: Path(partial).write_text(text))
 
