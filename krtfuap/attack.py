@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Callable, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Iterator, Literal
 
 import torch
 from torch import nn
@@ -29,10 +29,11 @@ from krtfuap.metrics import cosine_similarity, fooled_by_similarity, member_coun
 from krtfuap.models.ensemble import member_similarities
 from krtfuap.optim import OPTIMIZERS, make_optimizer
 from krtfuap.perturbation import MaskedPerturbation, psnr_to_rms
+from krtfuap.singular import top_singular_direction
 from krtfuap.stealth import StealthLossLike, resolve_stealth_loss
 
-__all__ = ["UAPAttack", "AUTO_DECAY_STEPS", "AUTO_WARM_UP", "adapt_stealth_weight", "cosine_decay",
-           "decay_progress"]
+__all__ = ["UAPAttack", "AUTO_DECAY_STEPS", "AUTO_WARM_UP", "SINGULAR_INIT_FACES", "SINGULAR_INIT_ITERATIONS",
+           "adapt_stealth_weight", "cosine_decay", "decay_progress"]
 
 #: Bounds of an adapted stealth weight.
 _WEIGHT_RANGE = (1e-3, 1e4)
@@ -43,6 +44,8 @@ _SSIM_MARGIN = 0.0025
 AUTO_WARM_UP = 0.06
 #: Length of ``lr_decay_steps="auto"`` for a fit limited by neither ``max_steps`` nor ``max_time``.
 AUTO_DECAY_STEPS = 600
+#: Faces and power iterations of ``init="singular"`` (:func:`krtfuap.singular.top_singular_direction`).
+SINGULAR_INIT_FACES, SINGULAR_INIT_ITERATIONS = 64, 15
 
 
 def adapt_stealth_weight(weight: float, measured_ssim: float, target_ssim: float, rate: float) -> float:
@@ -263,9 +266,16 @@ class UAPAttack(PerturbationEstimator):
         other callable ``(B, 3, H, W) -> (B, 3, H, W)`` is used as given.
         The clean embeddings, the stealth loss and the scoring after each
         epoch use the untransformed faces. ``None``: off.
+    init : {"uniform", "singular"}
+        Where the noise starts. ``"uniform"``: uniform in ``[-init_scale * epsilon,
+        init_scale * epsilon]`` (paper). ``"singular"``: along the input direction that moves the
+        unit embeddings of the first 64 fit faces most (the top singular vector of their stacked
+        Jacobians, :func:`krtfuap.singular.top_singular_direction`, 15 power iterations: 45 passes over
+        64 faces, counted in ``max_time``), scaled to the uniform start's root mean square and
+        clipped to ``epsilon``; a fit that resumes from a checkpoint keeps its state.
     init_scale : float
-        The noise starts uniform in ``[-init_scale * epsilon, init_scale * epsilon]``,
-        ``init_scale >= 0`` (paper: 1).
+        Size of the start, ``>= 0`` (paper: 1): the uniform noise's bound as a fraction of
+        ``epsilon``; the singular start's root mean square is that of the uniform one.
     lowpass_size : int, optional
         Band-limit the perturbation to a grid of this side (area-averaged down,
         enlarged back bilinearly at every step, :func:`krtfuap.perturbation.lowpass`),
@@ -322,6 +332,7 @@ class UAPAttack(PerturbationEstimator):
         "input_diversity": [Interval(float, 0, 1)],
         "diversity_min_scale": [Interval(float, 0, 1, closed="right")],
         "augment": [Options(*AUGMENT_PRESETS), IsCallable("a callable (B, 3, H, W) -> (B, 3, H, W)"), None],
+        "init": [Options("uniform", "singular")],
         "init_scale": [Interval(float, 0, None)],
         "lowpass_size": [Interval(int, 1), None],
         "min_psnr": [Interval(float, 0, None, closed="neither", hint=" (dB)"), None],
@@ -332,7 +343,7 @@ class UAPAttack(PerturbationEstimator):
         *PerturbationEstimator._silent_defaults, "ensemble_margin", "min_psnr",
     )
     # Files saved before target_ssim_start existed were fitted without a warm-up; before optimizer, with Adam.
-    _values_before: ClassVar[dict[str, Any]] = {"target_ssim_start": None, "optimizer": "adam"}
+    _values_before: ClassVar[dict[str, Any]] = {"target_ssim_start": None, "optimizer": "adam", "init": "uniform"}
 
     def __init__(
         self,
@@ -359,6 +370,7 @@ class UAPAttack(PerturbationEstimator):
         input_diversity: float = 0.0,
         diversity_min_scale: float = 0.9,
         augment: str | Callable[[torch.Tensor], torch.Tensor] | None = None,
+        init: Literal["uniform", "singular"] = "uniform",
         init_scale: float = 1.0,
         lowpass_size: int | None = None,
         min_psnr: float | None = None,
@@ -396,7 +408,7 @@ class UAPAttack(PerturbationEstimator):
         recipe = dict(
             stealth_loss="vgg", stealth_weight=0.05, target_ssim=None, target_ssim_start=None,
             key_regions=KeyRegions(),
-            skip_fooled=True, init_scale=1.0, lowpass_size=None, min_psnr=None,
+            skip_fooled=True, init="uniform", init_scale=1.0, lowpass_size=None, min_psnr=None,
             optimizer="adam", lr=0.01, lr_decay_steps=None, batch_size=10, shuffle=False, target_fooling_rate=0.8,
             adversarial_loss="direction",
         )
@@ -531,6 +543,9 @@ class UAPAttack(PerturbationEstimator):
             lr=float(self.lr),
             flow_lr=float(flow_lr),
             lr_progress=self._lr_progress,
+            init=self.init,
+            init_scale=float(self.init_scale),
+            generator=generator,
         )
         learned = {"mask_": mask if mask is not None else torch.ones(height, width)}
         return solver, learned
@@ -565,6 +580,9 @@ class _KeyRegionSolver(Solver):
         lr: float,
         flow_lr: float,
         lr_progress: Callable[[int, float], float | None],
+        init: Literal["uniform", "singular"],
+        init_scale: float,
+        generator: torch.Generator,
     ) -> None:
         self.module = perturbation
         self.embed = embed
@@ -586,6 +604,9 @@ class _KeyRegionSolver(Solver):
         self.optimizer = make_optimizer(optimizer, groups)
         self.base_lrs = [group["lr"] for group in groups]
         self.lr_progress = lr_progress
+        self.init = init
+        self.init_scale = init_scale
+        self.generator = generator
 
     def step(self, images: torch.Tensor, clean_embeddings: torch.Tensor) -> dict[str, float]:
         adversarial = (images + self.module()).clamp(0.0, 1.0)
@@ -648,6 +669,24 @@ class _KeyRegionSolver(Solver):
                 "resize back inside the transform."
             )
         return augmented
+
+    def initialise_(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """With ``init="singular"``: the noise along the top singular direction of the first
+        :data:`SINGULAR_INIT_FACES` faces, at the uniform start's root mean square, clipped to epsilon."""
+        if self.init != "singular":
+            return
+        faces, count = [], 0
+        for images, _ in batches:
+            faces.append(images[:SINGULAR_INIT_FACES - count])
+            count += len(faces[-1])
+            if count == SINGULAR_INIT_FACES:
+                break
+        direction = top_singular_direction(self.embed, torch.cat(faces), n_members=self.members,
+                                           n_iterations=SINGULAR_INIT_ITERATIONS, generator=self.generator)
+        epsilon = self.module.epsilon
+        rms = self.init_scale * epsilon / math.sqrt(3.0)  # that of uniform noise in [-init_scale * eps, ...]
+        with torch.no_grad():
+            self.module.noise.copy_((direction * (rms / direction.pow(2).mean().sqrt())).clamp(-epsilon, epsilon))
 
     def after_step(self, record: dict[str, float]) -> None:
         progress = self.lr_progress(int(record["step"]) + 1, record["time"])

@@ -170,6 +170,13 @@ class Solver:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
 
+    def initialise_(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Set the starting state from the fit faces, once, before the first step of a fresh fit.
+
+        ``batches`` yields ``(images, clean embeddings)`` as :meth:`step` gets them, in the data's
+        order; take only what is needed. The time counts in ``max_time``. Default: the state as made.
+        """
+
     def broadcast_(self) -> None:
         """Make every rank start from rank 0's state (distributed fitting)."""
 
@@ -444,9 +451,10 @@ class FitLoop:
             n_iter, first_epoch, elapsed_before = state["n_iter"], state["n_epochs"], float(state["elapsed"])
             best = (selection_key(state["best_score"], self.target_ssim), state["best_score"], state["best_epoch"],
                     state["best_snapshot"])
-        else:
-            solver.broadcast_()
         started = time.perf_counter() - elapsed_before
+        if not resumed:
+            solver.initialise_(self._clean_batches(data, 0, fit_cache))
+            solver.broadcast_()
         stop_reason = "max_epochs" if solver.learns else "not_learned"
         last_epoch = first_epoch - 1
 

@@ -49,10 +49,10 @@ def test_perturbation_within_budget_and_output_in_range(fitted):
 
 @settings(max_examples=8, deadline=None)
 @given(epsilon=st.floats(0.005, 0.3), lr=st.floats(0.001, 0.5), seed=st.integers(0, 1000),
-       optimizer=st.sampled_from(sorted(OPTIMIZERS)))
-def test_budget_holds_for_any_epsilon_learning_rate_and_optimizer(epsilon, lr, seed, optimizer):
+       optimizer=st.sampled_from(sorted(OPTIMIZERS)), init=st.sampled_from(["uniform", "singular"]))
+def test_budget_holds_for_any_epsilon_learning_rate_optimizer_and_start(epsilon, lr, seed, optimizer, init):
     attack = quick_attack(epsilon=epsilon, lr=lr, max_epochs=1, random_state=seed, stealth_loss=None,
-                          optimizer=optimizer)
+                          optimizer=optimizer, init=init)
     attack.fit(faces(8, seed))
     assert attack.perturbation_.abs().max() <= epsilon * (1 + 1e-6)
     assert attack.flow_.abs().max() <= 1.0
@@ -475,6 +475,41 @@ def test_tensorwise_adam_fits_resumes_exactly_and_differs_from_adam(tmp_path):
     assert torch.equal(resumed.flow_, attack.flow_)
     with pytest.raises(ValueError, match="optimizer must be one of"):
         quick_attack(optimizer="sgd").fit(x)
+
+
+def test_the_singular_start_lies_along_the_top_direction_of_the_first_faces():
+    from krtfuap.attack import SINGULAR_INIT_FACES
+    from krtfuap.singular import top_singular_direction
+
+    model, x = TinyEmbedder(), faces(SINGULAR_INIT_FACES + 6, seed=3)
+    common = dict(threshold=0.9, stealth_loss=None, max_steps=1, lr=1e-9, epsilon=0.3, batch_size=8, random_state=0)
+    start = UAPAttack(model, init="singular", **common).fit(x).perturbation_
+    direction = top_singular_direction(model, x[:SINGULAR_INIT_FACES], generator=torch.Generator().manual_seed(5))
+    rms = 0.3 / math.sqrt(3)  # the uniform start's, then clipped to epsilon
+    expected = (direction * rms / direction.pow(2).mean().sqrt()).clamp(-0.3, 0.3)
+    sign = torch.sign((start * expected).sum())  # a singular direction's sign is arbitrary
+    torch.testing.assert_close(start, sign * expected, atol=0.01, rtol=0)  # both from 15 power iterations
+    uniform = UAPAttack(model, **common).fit(x).perturbation_
+    assert abs(torch.nn.functional.cosine_similarity(uniform.flatten(), expected.flatten(), dim=0)) < 0.1
+    assert UAPAttack(None).init == "uniform" and UAPAttack.paper(None).init == "uniform"
+
+
+def test_a_resumed_singular_start_keeps_its_state_and_equals_the_uninterrupted_fit(tmp_path, monkeypatch):
+    import krtfuap.attack as attack_module
+
+    calls = []
+    real = attack_module.top_singular_direction
+    monkeypatch.setattr(attack_module, "top_singular_direction", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = faces(16)
+    settings = dict(init="singular", threshold=-1.0, random_state=0)
+    whole = quick_attack(max_epochs=4, **settings).fit(x)
+    path = tmp_path / "fit.ckpt"
+    quick_attack(max_epochs=2, checkpoint_path=path, **settings).fit(x)
+    assert len(calls) == 2
+    resumed = quick_attack(max_epochs=4, checkpoint_path=path, **settings).fit(x, resume=True)
+    assert len(calls) == 2  # the resumed fit starts from its checkpoint, not from a new direction
+    assert torch.equal(resumed.perturbation_, whole.perturbation_)
+    assert untimed(resumed.history_) == untimed(whole.history_)
 
 
 def test_the_default_decays_the_learning_rate_over_the_fits_budget_and_the_paper_keeps_it_constant(tmp_path):
