@@ -269,10 +269,12 @@ class UAPAttack(PerturbationEstimator):
     init : {"uniform", "singular"}
         Where the noise starts. ``"uniform"``: uniform in ``[-init_scale * epsilon,
         init_scale * epsilon]`` (paper). ``"singular"``: along the input direction that moves the
-        unit embeddings of the first 64 fit faces most (the top singular vector of their stacked
-        Jacobians, :func:`krtfuap.singular.top_singular_direction`, 15 power iterations: 45 passes over
-        64 faces, counted in ``max_time``), scaled to the uniform start's root mean square and
-        clipped to ``epsilon``; a fit that resumes from a checkpoint keeps its state.
+        unit embeddings of the first 64 fit faces (all, when fewer) most (the top singular vector of
+        their stacked Jacobians, :func:`krtfuap.singular.top_singular_direction`, 15 power
+        iterations: 45 passes over 64 faces, counted in ``max_time``), scaled to the uniform start's
+        root mean square and clipped to ``epsilon``; a fit that resumes from a checkpoint keeps its
+        state. At ``target_ssim=0.95`` it fooled more held-out faces of ``w600k_mbf`` than the uniform
+        start, not consistently of foamliu (``benchmarks/RESULTS.md`` 8w).
     init_scale : float
         Size of the start, ``>= 0`` (paper: 1): the uniform noise's bound as a fraction of
         ``epsilon``; the singular start's root mean square is that of the uniform one.
