@@ -273,8 +273,8 @@ class UAPAttack(PerturbationEstimator):
         their stacked Jacobians, :func:`krtfuap.singular.top_singular_direction`, 15 power
         iterations: 45 passes over 64 faces, counted in ``max_time``), scaled to the uniform start's
         root mean square and clipped to ``epsilon``; a fit that resumes from a checkpoint keeps its
-        state. At ``target_ssim=0.95`` it fooled more held-out faces of ``w600k_mbf`` than the uniform
-        start, not consistently of foamliu (``benchmarks/RESULTS.md`` 8w).
+        state. It fooled more held-out faces of ``w600k_mbf`` than the uniform start in every fit
+        measured, of foamliu in half of them (``benchmarks/RESULTS.md`` 8w).
     init_scale : float
         Size of the start, ``>= 0`` (paper: 1): the uniform noise's bound as a fraction of
         ``epsilon``; the singular start's root mean square is that of the uniform one.
