@@ -685,10 +685,7 @@ class _KeyRegionSolver(Solver):
                 break
         direction = top_singular_direction(self.embed, torch.cat(faces), n_members=self.members,
                                            n_iterations=SINGULAR_INIT_ITERATIONS, generator=self.generator)
-        epsilon = self.module.epsilon
-        rms = self.init_scale * epsilon / math.sqrt(3.0)  # that of uniform noise in [-init_scale * eps, ...]
-        with torch.no_grad():
-            self.module.noise.copy_((direction * (rms / direction.pow(2).mean().sqrt())).clamp(-epsilon, epsilon))
+        self.module.start_along_(direction, self.init_scale)
 
     def after_step(self, record: dict[str, float]) -> None:
         progress = self.lr_progress(int(record["step"]) + 1, record["time"])

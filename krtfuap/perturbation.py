@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -202,6 +204,21 @@ class MaskedPerturbation(nn.Module):
         if self.lowpass_size is not None:
             perturbation = lowpass(perturbation, self.lowpass_size)
         return perturbation if self.rms_budget is None else limit_rms(perturbation, self.rms_budget)
+
+    @torch.no_grad()
+    def start_along_(self, direction: torch.Tensor, init_scale: float = 1.0) -> None:
+        """Set the noise to ``direction`` scaled to the root mean square of the uniform start of
+        ``init_scale`` (``init_scale * epsilon / sqrt(3)``), clipped to ``[-epsilon, epsilon]``.
+
+        Parameters
+        ----------
+        direction : torch.Tensor
+            ``(3, H, W)``, not all zero.
+        init_scale : float
+            As in the constructor, ``>= 0``.
+        """
+        rms = init_scale * self.epsilon / math.sqrt(3.0)
+        self.noise.copy_((direction * (rms / direction.pow(2).mean().sqrt())).clamp(-self.epsilon, self.epsilon))
 
     @torch.no_grad()
     def project_(self) -> None:

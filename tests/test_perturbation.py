@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -53,6 +55,25 @@ def test_module_stays_in_budget_after_arbitrary_updates(epsilon, seed, learn_flo
     assert module.noise.abs().max() <= epsilon + 1e-7
     if learn_flow:
         assert module.flow_warp.flow.abs().max() <= 1.0
+
+
+@settings(max_examples=20, deadline=None)
+@given(epsilon=st.floats(1e-3, 0.3), init_scale=st.floats(0, 2), seed=st.integers(0, 2**16))
+def test_a_start_along_a_direction_has_the_uniform_starts_size_within_the_budget(epsilon, init_scale, seed):
+    module = MaskedPerturbation(None, epsilon=epsilon, height=8, width=8,
+                                generator=torch.Generator().manual_seed(seed))
+    target_rms = init_scale * epsilon / math.sqrt(3)  # that of noise uniform in [-init_scale * eps, ...]
+    smooth = torch.linspace(-1, 1, 8).expand(3, 8, 8)
+    module.start_along_(smooth, init_scale)
+    assert module.noise.abs().max() <= epsilon + 1e-7
+    expected = smooth * (target_rms / smooth.pow(2).mean().sqrt())
+    if expected.abs().max() <= epsilon:  # nothing clipped: the direction at the uniform start's size
+        torch.testing.assert_close(module.noise, expected, atol=1e-7, rtol=1e-5)
+    spiky = torch.zeros(3, 8, 8)
+    spiky[0, 0, 0] = -1.0  # one value far out: clipped to the budget, sign kept
+    module.start_along_(spiky, init_scale)
+    assert module.noise[0, 0, 0].item() == pytest.approx(-min(epsilon, target_rms * math.sqrt(3 * 8 * 8)))
+    assert module.noise.abs().max() <= epsilon + 1e-7
 
 
 def test_non_key_regions_get_half_the_noise():
