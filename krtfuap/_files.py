@@ -1,8 +1,12 @@
-"""Writing files so that a crash never leaves a half-written one in place."""
+"""Writing files so that a crash never leaves a half-written one in place.
+
+Text is UTF-8 whatever the machine's locale, so that a photo named in any script is written and read back.
+"""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Callable
 
 
@@ -27,3 +31,8 @@ def replace_atomically(path: str | os.PathLike, write: Callable[[str], None]) ->
         if os.path.exists(partial):
             os.remove(partial)
         raise
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` as UTF-8 through :func:`replace_atomically`."""
+    replace_atomically(path, lambda partial: Path(partial).write_text(text, encoding="utf-8"))

@@ -8,7 +8,10 @@ import hashlib
 import inspect
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,7 @@ import pytest
 import torch
 from fakes import TinyEmbedder
 from PIL import Image
+from processes import TIMEOUT_S
 from wrong_values import wrong_type, wrong_values
 
 from krtfuap.alignment import align_face, photo_to_tensor, sample_photos
@@ -481,6 +485,32 @@ def test_a_report_reads_back_as_written(tmp_path, detector, noise_attack, photos
     assert [row.as_record() for row in back] == [row.as_record() for row in rows]
     assert [row.status for row in back] == ["cloaked", "no face"] and math.isnan(back[1].similarity)
     assert isinstance(back[0].judges[0]["similarity"], float) and back[0].judges[0]["name"] == "other"
+
+
+def test_a_report_names_photos_in_any_script_on_a_machine_whose_locale_is_ascii(tmp_path) -> None:
+    """The report's CSV and JSON and the settings file are UTF-8, not the locale's encoding (ASCII here)."""
+    code = (
+        "import codecs, locale, sys\n"
+        "print(codecs.lookup(locale.getpreferredencoding(False)).name)\n"
+        "from krtfuap._files import write_text_atomically\n"
+        "from krtfuap.apps.cloak import CloakReport, FaceReport, read_report\n"
+        "name = '\\u5f20\\u4e09 Zo\\u00eb.jpg'\n"
+        "report = CloakReport(sys.argv[1], rows=[FaceReport(photo=name, output='o/' + name, face=0, status='cloaked')])\n"
+        "report.add([FaceReport(photo=name, output='o/' + name, face=1, status='cloaked')])\n"
+        "write_text_atomically(sys.argv[1] + '/settings.txt', name)\n"
+        "assert [row.photo for row in read_report(sys.argv[1])] == [name, name]\n"
+    )
+    environment = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    environment.pop("PYTHONIOENCODING", None)
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                          env=environment, timeout=TIMEOUT_S)
+    if done.stdout.strip().splitlines()[:1] != ["ascii"]:
+        pytest.skip(f"could not give a child process an ASCII locale (it got {done.stdout.strip()!r})")
+    assert done.returncode == 0, done.stderr
+    name = "\u5f20\u4e09 Zo\u00eb.jpg"
+    rows = list(csv.DictReader((tmp_path / "cloak-report.csv").read_text(encoding="utf-8").splitlines()))
+    assert [row["photo"] for row in rows] == [name, name]
+    assert (tmp_path / "settings.txt").read_text(encoding="utf-8") == name
 
 
 def test_a_report_row_as_recorded_holds_none_where_nothing_was_measured() -> None:

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from krtfuap._files import replace_atomically
+from krtfuap._files import write_text_atomically
 from krtfuap._validation import (
     Boolean, FaceModelLike, InstanceOf, Interval, Options, SequenceOf, check_param, check_params,
 )
@@ -246,13 +246,13 @@ class CloakReport:
         self.rows: list[FaceReport] = list(rows)
         self.columns = [name for name in FaceReport.__dataclass_fields__ if name != "judges"]
         self.columns += [f"{kind}_{judge}" for judge in judges for kind in ("similarity", "protected", "white_box")]
-        self.csv_path.write_text(self._csv_lines(self.rows, header=True), newline="")
+        self.csv_path.write_text(self._csv_lines(self.rows, header=True), encoding="utf-8", newline="")
         self._write_json()
 
     def add(self, rows: Sequence[FaceReport]) -> None:
         """Append the rows of one photo to both files."""
         self.rows += rows
-        with self.csv_path.open("a", newline="") as handle:
+        with self.csv_path.open("a", encoding="utf-8", newline="") as handle:
             handle.write(self._csv_lines(rows, header=False))
         self._write_json()
 
@@ -272,7 +272,7 @@ class CloakReport:
     def _write_json(self) -> None:
         records = [row.as_record() for row in self.rows]
         text = json.dumps(records, indent=1, allow_nan=False) + "\n"  # NaN / inf -> null: strict JSON
-        replace_atomically(self.json_path, lambda partial: Path(partial).write_text(text))
+        write_text_atomically(self.json_path, text)
 
 
 def _finite_or_none(value):
@@ -299,7 +299,7 @@ def read_report(folder: str | os.PathLike[str]) -> list[FaceReport]:
     path = Path(folder) / REPORT_JSON
     fix = f"delete {path} to cloak every photo again"
     try:
-        records = json.loads(path.read_text())
+        records = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{path} is not a cloak report ({error}); {fix}.") from error
     if not isinstance(records, list) or not all(isinstance(record, dict) for record in records):
@@ -748,7 +748,7 @@ class PhotoCloak:
         written = None
         if report:
             text = _settings_json(settings)
-            replace_atomically(Path(output) / SETTINGS_FILE, lambda partial: Path(partial).write_text(text))
+            write_text_atomically(Path(output) / SETTINGS_FILE, text)
             written = CloakReport(output, judges, rows)
 
         def finish(window: list[list[FaceReport] | _Detected]) -> None:
@@ -988,7 +988,7 @@ def _check_same_settings(folder: str | os.PathLike[str], settings: dict) -> None
     if not path.is_file():
         return
     try:
-        earlier = json.loads(path.read_text())
+        earlier = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         earlier = None
     if not isinstance(earlier, dict):

@@ -62,7 +62,7 @@ def write_report(result: BenchmarkResult, output: str | Path, *, command: str = 
     """
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    with open(output / "results.csv", "w", newline="") as handle:
+    with open(output / "results.csv", "w", encoding="utf-8", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(result.rows)
@@ -153,7 +153,7 @@ def write_report(result: BenchmarkResult, output: str | Path, *, command: str = 
     parts += ["", "All numbers: `results.csv` in this folder (one row per measurement, with model, data sizes, "
               "threshold, budget and seed)."]
     report = output / "report.md"
-    report.write_text("\n".join(parts) + "\n")
+    report.write_text("\n".join(parts) + "\n", encoding="utf-8")
     return report
 
 
