@@ -432,8 +432,13 @@ def test_resume_without_a_report_cloaks_everything_and_refuses_what_it_cannot_co
 
     judged = PhotoCloak(noise_attack, detector, model=TinyEmbedder(), threshold=0.999, refine_steps=0,
                         judges=[ModelJudge("other", TinyEmbedder(seed=3), 0.5)])
-    with pytest.raises(ValueError, match=r"written with the judges none, this run has \['other'\]: resume with"):
+    judge = r"\[\['other', 0.5, '[0-9a-f]{16}'\]\]"
+    with pytest.raises(ValueError, match=rf"other options \(judges: \[\] then, {judge} now\): resume with"):
         judged.cloak_files([photos["gdp.jpg"]], tmp_path / "out", resume=True)
+    judged.cloak_files([photos["gdp.jpg"]], tmp_path / "judged")
+    judged.judges = [ModelJudge("other", TinyEmbedder(seed=4), 0.5)]  # the same name, another model
+    with pytest.raises(ValueError, match=rf"other options \(judges: {judge} then, {judge} now\): resume with"):
+        judged.cloak_files([photos["gdp.jpg"]], tmp_path / "judged", resume=True)
     report = tmp_path / "out" / "cloak-report.json"
     for damage, problem in [("{not json", "is not a cloak report"), ('{"a": 1}', r"not a list of rows"),
                             ('[{"photo": "x"}]', r"row 0 has the fields \['photo'\], not a cloak report's"),
@@ -466,6 +471,12 @@ def test_resume_refuses_other_options_than_the_first_runs(tmp_path, detector, no
     recorded.write_text("[1, 2")
     with pytest.raises(ValueError, match=r"cloak-settings.json is damaged; delete it to resume without comparing"):
         PhotoCloak(noise_attack, detector, **settings).cloak_files([source], tmp_path / "out", resume=True)
+    recorded.write_text(json.dumps({"quality": CLOAK_DEFAULTS.write_quality}))  # an older krtfuap recorded less
+    with pytest.raises(ValueError, match=r"\(quality: \d+ then, 80 now\)"):
+        PhotoCloak(noise_attack, detector, **settings).cloak_files([source], tmp_path / "out", quality=80,
+                                                                   resume=True)
+    PhotoCloak(noise_attack, detector, **{**settings, "target_ssim": 0.9}).cloak_files(
+        [source], tmp_path / "out", resume=True)  # what it did not record is not compared
     recorded.unlink()  # as a run of an older krtfuap left it: resumed without comparing
     PhotoCloak(noise_attack, detector, **{**settings, "target_ssim": 0.9}).cloak_files(
         [source], tmp_path / "out", resume=True)
@@ -495,8 +506,9 @@ def test_a_report_names_photos_in_any_script_on_a_machine_whose_locale_is_ascii(
         "from krtfuap._files import write_text_atomically\n"
         "from krtfuap.apps.cloak import CloakReport, FaceReport, read_report\n"
         "name = '\\u5f20\\u4e09 Zo\\u00eb.jpg'\n"
-        "report = CloakReport(sys.argv[1], rows=[FaceReport(photo=name, output='o/' + name, face=0, status='cloaked')])\n"
-        "report.add([FaceReport(photo=name, output='o/' + name, face=1, status='cloaked')])\n"
+        "row = FaceReport(photo=name, output='o/' + name, face=0, status='cloaked')\n"
+        "report = CloakReport(sys.argv[1], rows=[row])\n"
+        "report.add([row])\n"
         "write_text_atomically(sys.argv[1] + '/settings.txt', name)\n"
         "assert [row.photo for row in read_report(sys.argv[1])] == [name, name]\n"
     )

@@ -743,7 +743,7 @@ class PhotoCloak:
         settings = self._run_settings(file_format, quality, verify) if report else {}
         if resume:
             _check_same_settings(output, settings)
-            rows, plan = self._resumed(output, judges, plan)
+            rows, plan = self._resumed(output, plan)
         Path(output).mkdir(parents=True, exist_ok=True)
         written = None
         if report:
@@ -774,8 +774,9 @@ class PhotoCloak:
         return rows
 
     def _run_settings(self, file_format: str | None, quality: int, verify: bool) -> dict:
-        """What decides a run's outputs, as JSON values: the attack's perturbation and each model by a digest
-        of its tensors, the cloak's options, and the options of :meth:`cloak_files` given."""
+        """What decides a run's outputs and its report, as JSON values: the attack's perturbation and each model
+        by a digest of its tensors, the cloak's options, the options of :meth:`cloak_files` given, and the
+        judges (name, threshold, model digest) when verifying."""
         surrogates = self.surrogates or []
         return {
             "perturbation": _digest([self.attack.perturbation_]),
@@ -790,22 +791,19 @@ class PhotoCloak:
             "file_format": file_format,
             "quality": quality,
             "verify": verify,
+            "judges": [[judge.name, float(judge.threshold),
+                        None if judge.model is None else _module_digest(judge.model)]
+                       for judge in self.judges or []] if verify else [],
         }
 
     @staticmethod
-    def _resumed(output: str | os.PathLike[str], judges: list[str], plan: list[tuple[Path, Path]]
+    def _resumed(output: str | os.PathLike[str], plan: list[tuple[Path, Path]]
                  ) -> tuple[list[FaceReport], list[tuple[Path, Path]]]:
         """What a resumed run keeps, and what it still cloaks: the rows of ``output``'s report for the photos
         of ``plan`` that are done (no error row, and the output file exists), and the rest of ``plan``."""
         if not (Path(output) / REPORT_JSON).is_file():
             return [], plan
         earlier = read_report(output)
-        if earlier and _judge_names(earlier) != judges and any(row.status == "cloaked" for row in earlier):
-            raise ValueError(
-                f"the report in {output} was written with the judges {_judge_names(earlier) or 'none'}, this run "
-                f"has {judges or 'none'}: resume with the judges (and verification) of the first run, or cloak "
-                "into a new folder."
-            )
         unfinished = {row.photo for row in earlier if row.status == "error" or not Path(row.output).is_file()}
         located = {photo: Path(photo).resolve() for photo in {row.photo for row in earlier} - unfinished}
         sources = {source: source.resolve() for source, _ in plan}
@@ -983,7 +981,8 @@ def _settings_json(settings: dict) -> str:
 
 def _check_same_settings(folder: str | os.PathLike[str], settings: dict) -> None:
     """Refuse to resume the run in ``folder`` with ``settings`` other than those it recorded, naming the
-    differences; a folder without the record (nothing to resume, or a run of an older krtfuap) passes."""
+    differences; a folder without the record (nothing to resume, or a run of an older krtfuap) passes, and
+    a setting the record lacks (one an older krtfuap did not record) is not compared."""
     path = Path(folder) / SETTINGS_FILE
     if not path.is_file():
         return
@@ -995,8 +994,8 @@ def _check_same_settings(folder: str | os.PathLike[str], settings: dict) -> None
         raise ValueError(f"{path} is damaged; delete it to resume without comparing this run's options "
                          "with the first run's.")
     now = json.loads(_settings_json(settings))  # as read back: tuples as lists
-    changed = [f"{key}: {earlier.get(key)!r} then, {now.get(key)!r} now"
-               for key in sorted(set(earlier) | set(now)) if earlier.get(key) != now.get(key)]
+    changed = [f"{key}: {earlier[key]!r} then, {now[key]!r} now"
+               for key in sorted(set(earlier) & set(now)) if earlier[key] != now[key]]
     if changed:
         raise ValueError(
             f"the run in {folder} was made with other options ({'; '.join(changed)}): resume with the "
