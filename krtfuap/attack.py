@@ -266,15 +266,18 @@ class UAPAttack(PerturbationEstimator):
         other callable ``(B, 3, H, W) -> (B, 3, H, W)`` is used as given.
         The clean embeddings, the stealth loss and the scoring after each
         epoch use the untransformed faces. ``None``: off.
-    init : {"uniform", "singular"}
+    init : {"uniform", "singular"} or torch.Tensor
         Where the noise starts. ``"uniform"``: uniform in ``[-init_scale * epsilon,
         init_scale * epsilon]`` (paper). ``"singular"``: along the input direction that moves the
         unit embeddings of the first 64 fit faces (all, when fewer) most (the top singular vector of
         their stacked Jacobians, :func:`krtfuap.singular.top_singular_direction`, 15 power
         iterations: 45 passes over 64 faces, counted in ``max_time``), scaled to the uniform start's
-        root mean square and clipped to ``epsilon``; a fit that resumes from a checkpoint keeps its
-        state. It fooled more held-out faces of ``w600k_mbf`` than the uniform start in every fit
-        measured, of foamliu in half of them (``benchmarks/RESULTS.md`` 8w).
+        root mean square and clipped to ``epsilon``. It fooled more held-out faces of ``w600k_mbf``
+        than the uniform start in every fit measured, of foamliu in half of them
+        (``benchmarks/RESULTS.md`` 8w). A ``(3, H, W)`` tensor of the faces' size (e.g. another
+        fit's ``perturbation_``): the noise starts there, clipped to ``epsilon``, ``init_scale``
+        unused (the perturbation starts equal to it without ``key_regions``, and is the key-region
+        mask times it with them). A fit that resumes from a checkpoint keeps its state.
     init_scale : float
         Size of the start, ``>= 0`` (paper: 1): the uniform noise's bound as a fraction of
         ``epsilon``; the singular start's root mean square is that of the uniform one.
@@ -334,7 +337,7 @@ class UAPAttack(PerturbationEstimator):
         "input_diversity": [Interval(float, 0, 1)],
         "diversity_min_scale": [Interval(float, 0, 1, closed="right")],
         "augment": [Options(*AUGMENT_PRESETS), IsCallable("a callable (B, 3, H, W) -> (B, 3, H, W)"), None],
-        "init": [Options("uniform", "singular")],
+        "init": [Options("uniform", "singular"), InstanceOf(torch.Tensor, description="a (3, H, W) tensor")],
         "init_scale": [Interval(float, 0, None)],
         "lowpass_size": [Interval(int, 1), None],
         "min_psnr": [Interval(float, 0, None, closed="neither", hint=" (dB)"), None],
@@ -372,7 +375,7 @@ class UAPAttack(PerturbationEstimator):
         input_diversity: float = 0.0,
         diversity_min_scale: float = 0.9,
         augment: str | Callable[[torch.Tensor], torch.Tensor] | None = None,
-        init: Literal["uniform", "singular"] = "uniform",
+        init: Literal["uniform", "singular"] | torch.Tensor = "uniform",
         init_scale: float = 1.0,
         lowpass_size: int | None = None,
         min_psnr: float | None = None,
@@ -508,6 +511,8 @@ class UAPAttack(PerturbationEstimator):
 
     def _make_solver(self, data, device, generator, embed, threshold):
         height, width = data.size
+        if isinstance(self.init, torch.Tensor):
+            _check_start(self.init, data.size)
         regions = self.key_regions
         mask = None if regions is None else regions.mask(data, data.size)
         stealth_loss, stealth_weight = resolve_stealth_loss(self.stealth_loss, self.stealth_weight)
@@ -553,6 +558,16 @@ class UAPAttack(PerturbationEstimator):
         return solver, learned
 
 
+def _check_start(start: torch.Tensor, size: tuple[int, int]) -> None:
+    """Refuse a tensor ``init`` that is not ``(3, H, W)`` of the faces' ``size`` or not finite."""
+    if tuple(start.shape) != (3, *size):
+        raise ValueError(f"init must be a tensor of shape (3, {size[0]}, {size[1]}), the faces' size, got "
+                         f"{tuple(start.shape)}; pass a perturbation_ fitted on faces of this size.")
+    if not torch.isfinite(start).all():
+        raise ValueError("init holds NaN or infinite values; pass a finite (3, H, W) tensor (e.g. a fit's "
+                         "perturbation_).")
+
+
 class _KeyRegionSolver(Solver):
     """KRT-FUAP's update: Adam (or another :mod:`krtfuap.optim` optimiser) on noise and flow of a
     :class:`MaskedPerturbation`, loss = adversarial + lambda * stealth.
@@ -582,7 +597,7 @@ class _KeyRegionSolver(Solver):
         lr: float,
         flow_lr: float,
         lr_progress: Callable[[int, float], float | None],
-        init: Literal["uniform", "singular"],
+        init: Literal["uniform", "singular"] | torch.Tensor,
         init_scale: float,
         generator: torch.Generator,
     ) -> None:
@@ -674,7 +689,11 @@ class _KeyRegionSolver(Solver):
 
     def initialise_(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """With ``init="singular"``: the noise along the top singular direction of the first
-        :data:`SINGULAR_INIT_FACES` faces, at the uniform start's root mean square, clipped to epsilon."""
+        :data:`SINGULAR_INIT_FACES` faces, at the uniform start's root mean square, clipped to epsilon;
+        with a tensor ``init``: the noise at it, clipped to epsilon."""
+        if isinstance(self.init, torch.Tensor):
+            self.module.start_at_(self.init)
+            return
         if self.init != "singular":
             return
         faces, count = [], 0

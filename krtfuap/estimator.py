@@ -683,16 +683,19 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
     def _fingerprint(
         self, data: FitData, threshold: float | tuple[float, ...], learned: dict[str, Any]
     ) -> dict[str, Any]:
-        """What determines the result of a fit: parameters, threshold, fixed inputs and a digest of the data."""
+        """What determines the result of a fit: parameters, threshold, and one digest of the data, the tensor
+        parameters (e.g. a tensor ``init``) and the fixed inputs."""
+        values = self.get_params(deep=False)
         params = {
-            name: _json_param(value) for name, value in self.get_params(deep=False).items()
+            name: _json_param(value) for name, value in values.items()
             if name not in _NOT_FINGERPRINTED and name != "model"
         }
         count, data_digest = data.digest()
         digest = hashlib.sha256(data_digest.encode())
-        for name in sorted(k for k, v in learned.items() if isinstance(v, torch.Tensor)):
+        tensors = {name: value for name, value in {**values, **learned}.items() if isinstance(value, torch.Tensor)}
+        for name in sorted(tensors):
             digest.update(name.encode())
-            digest.update(learned[name].detach().float().cpu().numpy().round(6).tobytes())
+            digest.update(tensors[name].detach().float().cpu().numpy().round(6).tobytes())
         rounded = round(threshold, 9) if member_count(threshold) is None else [round(value, 9) for value in threshold]
         return {**params, "threshold_": rounded, "n_faces": count, "data_digest": digest.hexdigest()[:16]}
 

@@ -221,6 +221,11 @@ class MaskedPerturbation(nn.Module):
         self.noise.copy_((direction * (rms / direction.pow(2).mean().sqrt())).clamp(-self.epsilon, self.epsilon))
 
     @torch.no_grad()
+    def start_at_(self, noise: torch.Tensor) -> None:
+        """Set the noise to ``noise`` (``(3, H, W)``, any device and dtype) clipped to ``[-epsilon, epsilon]``."""
+        self.noise.copy_(noise.clamp(-self.epsilon, self.epsilon))
+
+    @torch.no_grad()
     def project_(self) -> None:
         """Clip noise to ``[-epsilon, epsilon]`` and the flow to its bound, in place."""
         self.noise.clamp_(-self.epsilon, self.epsilon)

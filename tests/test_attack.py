@@ -49,8 +49,10 @@ def test_perturbation_within_budget_and_output_in_range(fitted):
 
 @settings(max_examples=8, deadline=None)
 @given(epsilon=st.floats(0.005, 0.3), lr=st.floats(0.001, 0.5), seed=st.integers(0, 1000),
-       optimizer=st.sampled_from(sorted(OPTIMIZERS)), init=st.sampled_from(["uniform", "singular"]))
+       optimizer=st.sampled_from(sorted(OPTIMIZERS)), init=st.sampled_from(["uniform", "singular", "tensor"]))
 def test_budget_holds_for_any_epsilon_learning_rate_optimizer_and_start(epsilon, lr, seed, optimizer, init):
+    if init == "tensor":  # a start beyond the budget, clipped to it
+        init = 4 * epsilon * torch.randn(3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
     attack = quick_attack(epsilon=epsilon, lr=lr, max_epochs=1, random_state=seed, stealth_loss=None,
                           optimizer=optimizer, init=init)
     attack.fit(faces(8, seed))
@@ -510,6 +512,46 @@ def test_a_resumed_singular_start_keeps_its_state_and_equals_the_uninterrupted_f
     assert len(calls) == 2  # the resumed fit starts from its checkpoint, not from a new direction
     assert torch.equal(resumed.perturbation_, whole.perturbation_)
     assert untimed(resumed.history_) == untimed(whole.history_)
+
+
+def test_a_tensor_start_is_where_the_fit_begins_clipped_to_epsilon():
+    from krtfuap.perturbation import masked_perturbation
+
+    x = faces(10, seed=2)
+    start = (torch.rand(3, SIZE, SIZE, generator=torch.Generator().manual_seed(1)) - 0.5) * 0.6
+    assert (start.abs() > 0.2).any()  # some values are clipped
+    common = dict(threshold=0.9, stealth_loss=None, max_steps=1, lr=1e-9, epsilon=0.2, batch_size=5, random_state=0)
+    begun = UAPAttack(TinyEmbedder(), init=start, **common).fit(x)
+    torch.testing.assert_close(begun.perturbation_, start.clamp(-0.2, 0.2), atol=1e-6, rtol=0)
+    regions = UAPAttack(TinyEmbedder(), init=start, key_regions=KeyRegions(), **common).fit(x)
+    expected = masked_perturbation(start.clamp(-0.2, 0.2), regions.warped_mask_, 0.2)  # the mask times it
+    torch.testing.assert_close(regions.perturbation_, expected, atol=1e-6, rtol=0)
+    again = UAPAttack(TinyEmbedder(), init=begun.perturbation_, **{**common, "lr": 0.01, "max_steps": 4}).fit(x)
+    assert torch.equal(again.init, begun.perturbation_)  # a parameter: stored, not changed by the fit
+
+
+@pytest.mark.parametrize("start, problem", [
+    (torch.zeros(3, SIZE, SIZE + 1), rf"init must be a tensor of shape \(3, {SIZE}, {SIZE}\), the faces' size, got "
+                                     rf"\(3, {SIZE}, {SIZE + 1}\); pass a perturbation_ fitted on faces of this size"),
+    (torch.zeros(1, 3, SIZE, SIZE), r"init must be a tensor of shape .* got \(1, 3, "),
+    (torch.full((3, SIZE, SIZE), math.nan), r"init holds NaN or infinite values; pass a finite"),
+])
+def test_a_tensor_start_of_the_wrong_shape_or_not_finite_is_refused(start, problem):
+    with pytest.raises(ValueError, match=problem):
+        UAPAttack(TinyEmbedder(), threshold=0.9, init=start, max_steps=1).fit(faces(4))
+
+
+def test_a_checkpoint_resumes_only_with_the_tensor_start_it_was_fitted_from(tmp_path):
+    x, path = faces(16), tmp_path / "fit.ckpt"
+    start = torch.full((3, SIZE, SIZE), 0.02)
+    whole = quick_attack(max_epochs=4, init=start, threshold=-1.0, random_state=0).fit(x)
+    quick_attack(max_epochs=2, init=start, threshold=-1.0, random_state=0, checkpoint_path=path).fit(x)
+    with pytest.raises(ValueError, match=r"other settings or data; differs in data_digest"):
+        quick_attack(max_epochs=4, init=-start, threshold=-1.0, random_state=0, checkpoint_path=path).fit(
+            x, resume=True)
+    resumed = quick_attack(max_epochs=4, init=start.clone(), threshold=-1.0, random_state=0,
+                           checkpoint_path=path).fit(x, resume=True)
+    assert torch.equal(resumed.perturbation_, whole.perturbation_)
 
 
 def test_the_default_decays_the_learning_rate_over_the_fits_budget_and_the_paper_keeps_it_constant(tmp_path):

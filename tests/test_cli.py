@@ -354,7 +354,7 @@ def test_cloak_command_refuses_unsafe_or_unverifiable_runs(mbf_attack: Path, tmp
     assert not (folder / "out").exists() and not (tmp_path / "o").exists()
 
 
-def test_fit_command_fits_and_saves(tmp_path: Path) -> None:
+def test_fit_command_fits_and_saves(tmp_path: Path, capsys) -> None:
     root = tmp_path / "faces"
     rng = np.random.default_rng(0)
     for person in ("ann", "bob"):
@@ -384,6 +384,14 @@ def test_fit_command_fits_and_saves(tmp_path: Path) -> None:
     unwarmed = UAPAttack.load(output)
     assert unwarmed.target_ssim_start is None and unwarmed.lr == 0.02 and unwarmed.optimizer == "tensorwise_adam"
     assert unwarmed.n_init == 2 and unwarmed.init == "singular" and attack.init == "uniform"
+    continued = tmp_path / "continued.safetensors"
+    assert main(["fit", str(root), "--output", str(continued), "--max-time", "0.01", "--threshold", "0.3",
+                 "--init", str(output), "--quiet"]) == 0
+    assert UAPAttack.load(continued).init.description == "a tensor of shape (3, 112, 112)"  # the file's perturbation
+    capsys.readouterr()
+    assert main(["fit", str(root), "--output", str(continued), "--threshold", "0.3", "--init",
+                 str(tmp_path / "nothing.safetensors"), "--quiet"]) == 1
+    assert "No saved attack at" in capsys.readouterr().err
     assert main(["fit", str(root), "--output", str(output), "--max-time", "0.01", "--augment", "round_trip",
                  "--lowpass-size", "56", "--threshold", "0.3", "--target-ssim", "0.95", "--target-ssim-start", "0.91",
                  "--quiet"]) == 0

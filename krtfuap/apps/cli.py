@@ -457,10 +457,11 @@ def _add_fit_parser(commands: argparse._SubParsersAction) -> None:
                      help="adam: every pixel steps about --lr (paper); tensorwise_adam: one root-mean-square for "
                      "the whole perturbation, so the step keeps the gradient's shape; with --lr 0.02 it helped "
                      "short fits of w600k_mbf, not foamliu's long ones (default: %(default)s)")
-    fit.add_argument("--init", choices=("uniform", "singular"), default="uniform",
-                     help="where the noise starts: uniform over the budget (paper), or along the direction that "
-                     "moves the first 64 faces' embeddings most; singular fooled more held-out faces of w600k_mbf "
-                     "in every fit measured, of foamliu in half (default: %(default)s)")
+    fit.add_argument("--init", default="uniform", metavar="{uniform,singular,FILE}",
+                     help="where the noise starts: uniform over the budget (paper), along the direction that "
+                     "moves the first 64 faces' embeddings most (singular: it fooled more held-out faces of "
+                     "w600k_mbf in every fit measured, of foamliu in half), or at the perturbation in FILE, saved "
+                     "by krtfuap fit (default: %(default)s)")
     fit.add_argument("--n-init", type=_positive_int, default=1, metavar="N",
                      help="fit from N seeds, each for --max-time / N, and keep the one that fools most of the "
                      "fitting faces at --target-ssim; the seed decides much of a fit at a high target "
@@ -502,10 +503,11 @@ def _run_fit(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
         threshold = INSIGHTFACE_MBF_THRESHOLD
     elif threshold is None:
         raise ValueError(f"{args.faces} has no pairs.csv to calibrate {args.model}'s threshold: pass --threshold T.")
+    init = args.init if args.init in ("uniform", "singular") else UAPAttack.load(args.init).perturbation_
     attack = UAPAttack(
         load_face_model(args.model, args.weights), threshold=threshold, epsilon=args.epsilon,
         target_ssim=args.target_ssim, target_ssim_start=args.target_ssim_start,
-        optimizer=args.optimizer, lr=args.lr, init=args.init,
+        optimizer=args.optimizer, lr=args.lr, init=init,
         augment=None if args.augment == "none" else args.augment,
         lowpass_size=args.lowpass_size, key_regions=KeyRegions() if args.key_regions else None,
         target_fooling_rate=1.0, max_time=args.max_time or None, random_state=args.seed, n_init=args.n_init,
