@@ -211,7 +211,10 @@ class UAPAttack(PerturbationEstimator):
         "Where the library departs from the paper").
     skip_fooled : bool
         Algorithm 1, line 7: only faces that are not yet fooled contribute to
-        the adversarial loss of a step (paper: True).
+        the adversarial loss of a step (paper: True). ``False`` keeps every face
+        pushing: from foamliu alone it fooled ``w600k_mbf``, left out of the fit,
+        more (seed 0: 0.573 against 0.435 with ``init="singular"``, 0.498 against
+        0.330 from the uniform start; ``benchmarks/RESULTS.md`` 8x).
     [[stopping]]
     optimizer : {"adam", "tensorwise_adam"}
         The update of noise and flow (:mod:`krtfuap.optim`). ``"adam"`` (paper): each element's
