@@ -389,9 +389,11 @@ def test_fit_command_fits_and_saves(tmp_path: Path, capsys) -> None:
                  "--init", str(output), "--quiet"]) == 0
     assert UAPAttack.load(continued).init.description == "a tensor of shape (3, 112, 112)"  # the file's perturbation
     capsys.readouterr()
-    assert main(["fit", str(root), "--output", str(continued), "--threshold", "0.3", "--init",
-                 str(tmp_path / "nothing.safetensors"), "--quiet"]) == 1
-    assert "No saved attack at" in capsys.readouterr().err
+    for wrong in ("singulr", str(tmp_path / "nothing.safetensors")):
+        assert main(["fit", str(root), "--output", str(continued), "--threshold", "0.3", "--init", wrong,
+                     "--quiet"]) == 1
+        assert f"--init takes uniform, singular or a file saved by krtfuap fit; {wrong!r} is none" in \
+            capsys.readouterr().err
     assert main(["fit", str(root), "--output", str(output), "--max-time", "0.01", "--augment", "round_trip",
                  "--lowpass-size", "56", "--threshold", "0.3", "--target-ssim", "0.95", "--target-ssim-start", "0.91",
                  "--quiet"]) == 0

@@ -493,6 +493,9 @@ def _run_fit(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
 
     if args.resume and args.checkpoint is None:
         raise ValueError("--resume needs --checkpoint PATH.")
+    if args.init not in ("uniform", "singular") and not Path(args.init).is_file():
+        raise ValueError(f"--init takes uniform, singular or a file saved by krtfuap fit; {args.init!r} is none "
+                         "of them (no such file).")
     faces = FaceFolder(args.faces)
     indices = sorted(random.Random(args.seed).sample(range(len(faces)), min(args.max_faces, len(faces))))
     pairs_file = Path(args.faces) / "pairs.csv"
