@@ -218,7 +218,7 @@ class MaskedPerturbation(nn.Module):
             As in the constructor, ``>= 0``.
         """
         rms = init_scale * self.epsilon / math.sqrt(3.0)
-        self.noise.copy_((direction * (rms / direction.pow(2).mean().sqrt())).clamp(-self.epsilon, self.epsilon))
+        self.start_at_(direction * (rms / direction.pow(2).mean().sqrt()))
 
     @torch.no_grad()
     def start_at_(self, noise: torch.Tensor) -> None:
