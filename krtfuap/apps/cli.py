@@ -493,9 +493,13 @@ def _run_fit(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
 
     if args.resume and args.checkpoint is None:
         raise ValueError("--resume needs --checkpoint PATH.")
-    if args.init not in ("uniform", "singular") and not Path(args.init).is_file():
-        raise ValueError(f"--init takes uniform, singular or a file saved by krtfuap fit; {args.init!r} is none "
-                         "of them (no such file).")
+    init = args.init
+    if init not in ("uniform", "singular"):
+        try:
+            init = UAPAttack.load(init).perturbation_
+        except FileNotFoundError as error:
+            raise ValueError(f"--init takes uniform, singular or a file saved by krtfuap fit; {args.init!r} is "
+                             "none of them (no such file).") from error
     faces = FaceFolder(args.faces)
     indices = sorted(random.Random(args.seed).sample(range(len(faces)), min(args.max_faces, len(faces))))
     pairs_file = Path(args.faces) / "pairs.csv"
@@ -506,7 +510,6 @@ def _run_fit(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
         threshold = INSIGHTFACE_MBF_THRESHOLD
     elif threshold is None:
         raise ValueError(f"{args.faces} has no pairs.csv to calibrate {args.model}'s threshold: pass --threshold T.")
-    init = args.init if args.init in ("uniform", "singular") else UAPAttack.load(args.init).perturbation_
     attack = UAPAttack(
         load_face_model(args.model, args.weights), threshold=threshold, epsilon=args.epsilon,
         target_ssim=args.target_ssim, target_ssim_start=args.target_ssim_start,
