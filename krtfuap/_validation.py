@@ -151,6 +151,43 @@ def check_embeddings(embeddings: object, batch_size: int, *, name: str = "model 
     return embeddings
 
 
+def check_perturbation(perturbation: object, size: tuple[int, int], *, name: str, fix: str = "") -> torch.Tensor:
+    """Check that a perturbation is a finite float tensor of shape ``(3, H, W)`` with ``(H, W) = size``.
+
+    Parameters
+    ----------
+    perturbation : torch.Tensor
+        Expected shape ``(3, H, W)``, any floating dtype.
+    size : tuple of int
+        ``(H, W)`` of the faces it is added to.
+    name : str
+        Name used in error messages.
+    fix : str
+        What the user can do, appended to each message after ``"; "`` (empty: nothing appended).
+
+    Returns
+    -------
+    torch.Tensor
+        The same tensor.
+
+    Raises
+    ------
+    ValueError
+        If it is not a float tensor, has another shape, or holds NaN or inf.
+    """
+    shape = (3, *size)
+    advice = f"; {fix}" if fix else ""
+    if not isinstance(perturbation, torch.Tensor) or not perturbation.is_floating_point():
+        got = f"dtype {perturbation.dtype}" if isinstance(perturbation, torch.Tensor) else type(perturbation).__name__
+        raise ValueError(f"{name} must be a float tensor of shape {shape}, got {got}{advice}")
+    if tuple(perturbation.shape) != shape:
+        raise ValueError(f"{name} must be a tensor of shape {shape}, the faces' size, got "
+                         f"{tuple(perturbation.shape)}{advice}")
+    if not torch.isfinite(perturbation).all():
+        raise ValueError(f"{name} holds NaN or infinite values{advice}")
+    return perturbation
+
+
 def torch_load_error(error: Exception, path: str | os.PathLike, *, what: str, fix: str) -> ValueError:
     """Turn an exception of ``torch.load(path, weights_only=True)`` into a clear ``ValueError``.
 

@@ -17,7 +17,7 @@ from typing import Any, Callable, ClassVar, Iterator, Literal
 import torch
 from torch import nn
 
-from krtfuap._validation import Boolean, InstanceOf, Interval, IsCallable, Options, store_params
+from krtfuap._validation import Boolean, InstanceOf, Interval, IsCallable, Options, check_perturbation, store_params
 from krtfuap.augment import AUGMENT_PRESETS, resolve_augment
 from krtfuap.distributed import average_gradients, broadcast_module_
 from krtfuap.diversity import RandomResizePad
@@ -515,7 +515,8 @@ class UAPAttack(PerturbationEstimator):
     def _make_solver(self, data, device, generator, embed, threshold):
         height, width = data.size
         if isinstance(self.init, torch.Tensor):
-            _check_start(self.init, data.size)
+            check_perturbation(self.init, data.size, name="init",
+                               fix="pass a finite float tensor, e.g. a perturbation_ fitted on faces of this size")
         regions = self.key_regions
         mask = None if regions is None else regions.mask(data, data.size)
         stealth_loss, stealth_weight = resolve_stealth_loss(self.stealth_loss, self.stealth_weight)
@@ -559,16 +560,6 @@ class UAPAttack(PerturbationEstimator):
         )
         learned = {"mask_": mask if mask is not None else torch.ones(height, width)}
         return solver, learned
-
-
-def _check_start(start: torch.Tensor, size: tuple[int, int]) -> None:
-    """Refuse a tensor ``init`` that is not ``(3, H, W)`` of the faces' ``size`` or not finite."""
-    if tuple(start.shape) != (3, *size):
-        raise ValueError(f"init must be a tensor of shape (3, {size[0]}, {size[1]}), the faces' size, got "
-                         f"{tuple(start.shape)}; pass a perturbation_ fitted on faces of this size.")
-    if not torch.isfinite(start).all():
-        raise ValueError("init holds NaN or infinite values; pass a finite (3, H, W) tensor (e.g. a fit's "
-                         "perturbation_).")
 
 
 class _KeyRegionSolver(Solver):

@@ -39,7 +39,9 @@ from tqdm.auto import tqdm
 from krtfuap._batches import FitData
 from krtfuap._files import replace_atomically
 from krtfuap._ops import call_model
-from krtfuap._validation import InstanceOf, Interval, check_embeddings, check_params, load_torch_file
+from krtfuap._validation import (
+    InstanceOf, Interval, check_embeddings, check_params, check_perturbation, load_torch_file,
+)
 from krtfuap.distributed import any_rank, is_main_process, mean_over_ranks
 from krtfuap.metrics import member_count
 from krtfuap.scoring import PerturbationScore, score_batch
@@ -398,7 +400,7 @@ class FitLoop:
             if self.generator is not None and payload["generator"] is not None:
                 self.generator.set_state(payload["generator"])
             torch.set_rng_state(payload["torch_rng"])
-            _check_perturbation(solver.perturbation(), size, "the perturbation of its solver")
+            check_perturbation(solver.perturbation(), size, name="the perturbation of its solver")
         except Exception as error:
             reason = f"missing entry {error}" if isinstance(error, KeyError) else " ".join(str(error).split())[:300]
             raise ValueError(f"Cannot resume from checkpoint {path}: {reason.rstrip('.')}. {fix}") from error
@@ -534,17 +536,6 @@ class FitLoop:
         )
 
 
-def _check_perturbation(perturbation: object, size: tuple[int, int], what: str) -> None:
-    """Refuse a perturbation that is not a finite ``(3, H, W)`` float tensor of the fit's size."""
-    shape = (3, *size)
-    if not isinstance(perturbation, torch.Tensor) or not perturbation.is_floating_point():
-        raise ValueError(f"{what} is not a float tensor (got {type(perturbation).__name__})")
-    if tuple(perturbation.shape) != shape:
-        raise ValueError(f"{what} has shape {tuple(perturbation.shape)}, not {shape} as the faces")
-    if not torch.isfinite(perturbation).all():
-        raise ValueError(f"{what} holds NaN or inf values (a damaged checkpoint)")
-
-
 def _check_checkpoint_state(payload: dict[str, Any], size: tuple[int, int]) -> None:
     """Check the fit state a checkpoint holds, like user input (``TypeError``, ``ValueError`` or ``KeyError``)."""
     missing = [name for name in (*_CHECKPOINT_FIELDS, "solver", "torch_rng", "generator") if name not in payload]
@@ -563,4 +554,4 @@ def _check_checkpoint_state(payload: dict[str, Any], size: tuple[int, int]) -> N
     if not all(name in score for name in scored):
         raise KeyError(f"best_score {next(name for name in scored if name not in score)}")
     check_params(score, {name: [Interval(float, -1, 1)] for name in scored}, prefix="best_score ")
-    _check_perturbation(payload["best_snapshot"].get("perturbation_"), size, "its best perturbation")
+    check_perturbation(payload["best_snapshot"].get("perturbation_"), size, name="its best perturbation")

@@ -532,11 +532,13 @@ def test_a_tensor_start_is_where_the_fit_begins_clipped_to_epsilon():
 
 @pytest.mark.parametrize("start, problem", [
     (torch.zeros(3, SIZE, SIZE + 1), rf"init must be a tensor of shape \(3, {SIZE}, {SIZE}\), the faces' size, got "
-                                     rf"\(3, {SIZE}, {SIZE + 1}\); pass a perturbation_ fitted on faces of this size"),
+                                     rf"\(3, {SIZE}, {SIZE + 1}\); pass a finite float tensor, e.g. a perturbation_ "
+                                     "fitted on faces of this size"),
     (torch.zeros(1, 3, SIZE, SIZE), r"init must be a tensor of shape .* got \(1, 3, "),
-    (torch.full((3, SIZE, SIZE), math.nan), r"init holds NaN or infinite values; pass a finite"),
+    (torch.full((3, SIZE, SIZE), math.nan), r"init holds NaN or infinite values; pass a finite float tensor"),
+    (torch.zeros(3, SIZE, SIZE, dtype=torch.int64), r"init must be a float tensor of shape .* got dtype torch.int64; "),
 ])
-def test_a_tensor_start_of_the_wrong_shape_or_not_finite_is_refused(start, problem):
+def test_a_tensor_start_not_a_finite_float_tensor_of_the_faces_size_is_refused(start, problem):
     with pytest.raises(ValueError, match=problem):
         UAPAttack(TinyEmbedder(), threshold=0.9, init=start, max_steps=1).fit(faces(4))
 

@@ -685,7 +685,7 @@ ROWS = [
     (fit_resume, _edited_checkpoint("n_iter_not_history", lambda state: state.update(n_iter=3)), ValueError,
      r"Cannot resume from checkpoint .*: history holds 4 entries for n_iter=3 steps" + CKPT_FIX),
     (fit_resume, _edited_checkpoint("nan_noise", _nan_noise), ValueError,
-     r"Cannot resume from checkpoint .*: the perturbation of its solver holds NaN or inf values" + CKPT_FIX),
+     r"Cannot resume from checkpoint .*: the perturbation of its solver holds NaN or infinite values" + CKPT_FIX),
     (fit_resume_params, params(checkpoint_path=None), ValueError, r"resume=True\) needs a checkpoint.*set checkpoint_path="),
     # --- UAPAttack.transform
     (transform, uint8, TypeError, IMAGES_DTYPE),

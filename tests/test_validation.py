@@ -12,7 +12,7 @@ from hypothesis.extra import numpy as hnp
 from torch.utils.data import DataLoader, TensorDataset
 
 from krtfuap._batches import iter_image_batches
-from krtfuap._validation import check_embeddings, check_images
+from krtfuap._validation import check_embeddings, check_images, check_perturbation
 
 
 def _images(batch: int = 2, size: int = 8) -> torch.Tensor:
@@ -147,6 +147,33 @@ def test_any_valid_float_batch_passes_unchanged(shape, dtype, data):
     before = images.clone()
     assert check_images(images) is images
     assert torch.equal(images, before)
+
+
+# --------------------------------------------------------------------------- check_perturbation
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_check_perturbation_returns_a_finite_float_tensor_of_the_size(dtype):
+    perturbation = torch.zeros(3, 4, 5, dtype=dtype)
+    assert check_perturbation(perturbation, (4, 5), name="v") is perturbation
+
+
+@pytest.mark.parametrize("value, problem", [
+    (np.zeros((3, 4, 5), np.float32), r"^v must be a float tensor of shape \(3, 4, 5\), got ndarray; fix it$"),
+    (torch.zeros(3, 4, 5, dtype=torch.int32), r"^v must be a float tensor of shape \(3, 4, 5\), got dtype torch.int32"),
+    (torch.zeros(3, 5, 4), r"^v must be a tensor of shape \(3, 4, 5\), the faces' size, got \(3, 5, 4\); fix it$"),
+    (torch.zeros(1, 3, 4, 5), r"got \(1, 3, 4, 5\); fix it$"),
+    (torch.full((3, 4, 5), float("inf")), r"^v holds NaN or infinite values; fix it$"),
+    (torch.zeros(3, 4, 5).index_fill_(1, torch.tensor([2]), float("nan")), r"^v holds NaN or infinite values; fix it$"),
+])
+def test_check_perturbation_names_the_problem_and_the_fix(value, problem):
+    with pytest.raises(ValueError, match=problem):
+        check_perturbation(value, (4, 5), name="v", fix="fix it")
+
+
+def test_check_perturbation_without_a_fix_ends_at_the_problem():
+    with pytest.raises(ValueError, match=r"^v holds NaN or infinite values$"):
+        check_perturbation(torch.full((3, 4, 5), float("nan")), (4, 5), name="v")
 
 
 # --------------------------------------------------------------------------- check_embeddings
