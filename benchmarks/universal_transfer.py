@@ -14,7 +14,10 @@ Example (2-core CPU, one run per direction)::
     python benchmarks/universal_transfer.py --fit insightface_mbf --judge foamliu_mobilefacenet \\
         --max-time 600 --lowpass 0 28
 
-``--options input_diversity=0.7`` passes further keywords to every fit; ``--bfloat16 facenet_casia``
+``--options input_diversity=0.7`` passes further keywords to every fit (``random_state=R`` there
+replaces ``--seed`` for the fit only; the split stays ``--seed``'s); ``--max-time 0`` fits without a
+time limit, for a fit limited by steps (``--options max_steps=3000``), which the machine's load does
+not move; ``--bfloat16 facenet_casia``
 runs the named models of ``--fit`` under bfloat16 autocast while fitting (they judge in float32);
 ``--save FILE`` keeps the fitted attack (``transfer_techniques.py --cloak FILE`` pastes it into photos
 for dlib's ResNet).
@@ -41,7 +44,7 @@ def main() -> None:
     parser.add_argument("--judge", nargs="+", default=["insightface_mbf", "foamliu_mobilefacenet"])
     parser.add_argument("--lowpass", nargs="+", type=int, default=[0], help="lowpass_size (0: none)")
     parser.add_argument("--target-ssim", type=float, default=0.93)
-    parser.add_argument("--max-time", type=float, default=600.0)
+    parser.add_argument("--max-time", type=float, default=600.0, help="seconds per fit (0: no time limit)")
     parser.add_argument("--fit-faces", type=int, default=600)
     parser.add_argument("--test-faces", type=int, default=400)
     parser.add_argument("--threads", type=int, default=1)
@@ -63,20 +66,21 @@ def main() -> None:
     thresholds = {name: calibrated_threshold(model, split.calibration) for name, model in models.items()}
     print(f"fit on {' + '.join(args.fit)} ({len(split.fit_faces)} faces), judged on {len(split.test_faces)} faces "
           f"of held-out people; thresholds {', '.join(f'{n} {t:.3f}' for n, t in thresholds.items())}; "
-          f"target_ssim {args.target_ssim}, max_time {args.max_time:.0f} s, options {options or 'none'}, "
+          f"target_ssim {args.target_ssim}, max_time {args.max_time or None} s, options {options or 'none'}, "
           f"bfloat16 while fitting: {', '.join(args.bfloat16) or 'none'}; torch threads {args.threads}; "
           f"load average at start {os.getloadavg()[0]:.2f}\n")
     judges = [f"{name}{'*' if name in args.fit else ''}" for name in args.judge]
     rates = " | ".join(f"fooling rate {name}" for name in judges)
-    print(f"| lowpass | {rates} | SSIM | PSNR dB | fit s | stop | load |")
-    print("|---|" + "---|" * len(judges) + "---|---|---|---|---|")
+    print(f"| lowpass | {rates} | SSIM | PSNR dB | fit s | steps | stop | load |")
+    print("|---|" + "---|" * len(judges) + "---|---|---|---|---|---|")
     for lowpass in args.lowpass:
         fitted = [BFloat16Autocast(models[name]) if name in args.bfloat16 else models[name] for name in args.fit]
         threshold = [thresholds[name] for name in args.fit]
         attack = UAPAttack(fitted[0] if len(fitted) == 1 else fitted,
                            threshold=threshold[0] if len(fitted) == 1 else threshold,
-                           target_ssim=args.target_ssim, max_time=args.max_time, random_state=args.seed,
-                           lowpass_size=lowpass or None, num_threads=args.threads, **options)
+                           target_ssim=args.target_ssim, max_time=args.max_time or None,
+                           lowpass_size=lowpass or None, num_threads=args.threads,
+                           **{"random_state": args.seed, **options})
         started = time.perf_counter()
         attack.fit(split.fit_faces)
         seconds = time.perf_counter() - started
@@ -84,7 +88,7 @@ def main() -> None:
                   for name in args.judge]
         cells = " | ".join(f"{score['fooling_rate']:.3f}" for score in scores)
         print(f"| {lowpass or '-'} | {cells} | {scores[0]['ssim']:.4f} | {scores[0]['psnr']:.1f} | {seconds:.0f} | "
-              f"{attack.stop_reason_} | {os.getloadavg()[0]:.2f} |", flush=True)
+              f"{attack.n_iter_} | {attack.stop_reason_} | {os.getloadavg()[0]:.2f} |", flush=True)
         if args.save:
             attack.save(args.save)
 
