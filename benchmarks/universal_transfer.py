@@ -66,7 +66,8 @@ def main() -> None:
     thresholds = {name: calibrated_threshold(model, split.calibration) for name, model in models.items()}
     print(f"fit on {' + '.join(args.fit)} ({len(split.fit_faces)} faces), judged on {len(split.test_faces)} faces "
           f"of held-out people; thresholds {', '.join(f'{n} {t:.3f}' for n, t in thresholds.items())}; "
-          f"target_ssim {args.target_ssim}, max_time {args.max_time or None} s, options {options or 'none'}, "
+          f"target_ssim {args.target_ssim}, max_time {f'{args.max_time:.0f} s' if args.max_time else 'none'}, "
+          f"options {options or 'none'}, "
           f"bfloat16 while fitting: {', '.join(args.bfloat16) or 'none'}; torch threads {args.threads}; "
           f"load average at start {os.getloadavg()[0]:.2f}\n")
     judges = [f"{name}{'*' if name in args.fit else ''}" for name in args.judge]
