@@ -97,6 +97,7 @@ def main() -> None:
         lowpass_size=args.lowpass_size,
         shuffle=False,  # the shipped cloak was fitted before shuffling became the default: keep it reproducible
         target_ssim_start=None,  # and before the stealth warm-up did
+        skip_fooled=True,  # and before fooled faces stayed in the loss
         augment=AUGMENTS[args.augment](),
         target_fooling_rate=1.0, max_epochs=50, max_steps=args.max_steps, max_time=args.max_time, random_state=0,
         num_threads=args.threads, verbose=True,

@@ -380,11 +380,11 @@ def test_fit_command_fits_and_saves(tmp_path: Path, capsys) -> None:
     assert keyed.key_regions == KeyRegions() and 0 < keyed.mask_.mean() < 1
     assert main(["fit", str(root), "--output", str(output), "--max-time", "0.01", "--threshold", "0.3",
                  "--target-ssim-start", "none", "--lr", "0.02", "--optimizer", "tensorwise_adam", "--n-init", "2",
-                 "--init", "singular", "--keep-fooled", "--quiet"]) == 0
+                 "--init", "singular", "--skip-fooled", "--quiet"]) == 0
     unwarmed = UAPAttack.load(output)
     assert unwarmed.target_ssim_start is None and unwarmed.lr == 0.02 and unwarmed.optimizer == "tensorwise_adam"
     assert unwarmed.n_init == 2 and unwarmed.init == "singular" and attack.init == "uniform"
-    assert unwarmed.skip_fooled is False and attack.skip_fooled is True
+    assert unwarmed.skip_fooled is True and attack.skip_fooled is False
     continued = tmp_path / "continued.safetensors"
     assert main(["fit", str(root), "--output", str(continued), "--max-time", "0.01", "--threshold", "0.3",
                  "--init", str(output), "--quiet"]) == 0
@@ -453,7 +453,7 @@ def test_each_subcommand_has_its_own_parser_function() -> None:
 
 
 def test_fit_command_repeats_the_attacks_own_defaults() -> None:
-    """``--epsilon``, ``--lr``, ``--optimizer``, ``--init``, ``--n-init`` and ``--keep-fooled`` repeat
+    """``--epsilon``, ``--lr``, ``--optimizer``, ``--init``, ``--n-init`` and ``--skip-fooled`` repeat
     ``UAPAttack``'s defaults and choices as literals (the parser imports no torch)."""
     import inspect
 
@@ -461,7 +461,7 @@ def test_fit_command_repeats_the_attacks_own_defaults() -> None:
 
     args = build_parser().parse_args(["fit", ".", "--output", "o"])
     parameters = inspect.signature(UAPAttack).parameters
-    assert (args.epsilon, args.lr, args.optimizer, args.init, args.n_init, not args.keep_fooled) == tuple(
+    assert (args.epsilon, args.lr, args.optimizer, args.init, args.n_init, args.skip_fooled) == tuple(
         parameters[name].default for name in ("epsilon", "lr", "optimizer", "init", "n_init", "skip_fooled"))
     for name in UAPAttack._parameter_constraints["init"][0].values:
         assert build_parser().parse_args(["fit", ".", "--output", "o", "--init", name]).init == name

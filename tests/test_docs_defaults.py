@@ -1,6 +1,6 @@
 """Every default the README and the docs quote is the default the code has.
 
-The prose says things like "``refine_steps=30`` by default" or "By default (``skip_fooled=True``)". This
+The prose says things like "``refine_steps=30`` by default" or "By default (``skip_fooled=False``)". This
 test finds such quotes and checks each against ``inspect.signature`` of the public callables (and the
 command line's own defaults for ``--flag`` quotes), so a changed default cannot leave the docs behind.
 """
