@@ -196,10 +196,11 @@ class UAPAttack(PerturbationEstimator):
         and this must stay ``"direction"``.
     ensemble_margin : float
         With one threshold per model: how far below its own threshold every
-        member must be, ``>= 0``, before ``skip_fooled`` leaves a face out of the
+        member must be, ``>= 0``, before ``skip_fooled=True`` leaves a face out of the
         adversarial loss (the fooling rate still counts a face fooled at the
         thresholds themselves; it moves the value of the worst-member loss,
-        not its gradient). Unused with one threshold.
+        not its gradient). Unused with one threshold; with ``skip_fooled=False``
+        (the default) it moves only that value.
     key_regions : KeyRegions or None
         ``None`` (the default) leaves the whole budget to every pixel (the
         paper's Table 3 ablation, a global perturbation). A
@@ -432,8 +433,8 @@ class UAPAttack(PerturbationEstimator):
         """This library's recipe held to the stealth of the paper's Table 1, any keyword overridable.
 
         The defaults with ``target_ssim=0.93`` and ``min_psnr=32``: the paper reports its fooling
-        rates at SSIM 0.90-0.93 and PSNR 33-34 dB; the defaults alone reach SSIM 0.93 at about 29.4
-        dB, because SSIM lets a perturbation grow where the face has texture and PSNR does not.
+        rates at SSIM 0.90-0.93 and PSNR 33-34 dB; the defaults alone reach SSIM 0.93 at about
+        29.2-29.6 dB, because SSIM lets a perturbation grow where the face has texture and PSNR does not.
         The l2 budget makes every perturbed face keep PSNR >= 32 dB (see ``min_psnr``); what it
         costs in fooling rate is measured in ``docs/method.rst``. In 600 s on one core of the
         2-core CPU it fooled 0.860 of held-out ``w600k_mbf`` faces and 0.843 of foamliu's at SSIM

@@ -142,7 +142,7 @@ def test_the_ensemble_margin_keeps_pushing_faces_fooled_at_the_thresholds():
     models, faces = tiny_members(), random_faces(16, size=SIZE)
     # Thresholds that the starting noise already meets on every face: without a margin skip_fooled drops them all.
     settings = dict(threshold=[0.9999, 0.9999], epsilon=0.2, max_epochs=1, batch_size=4, random_state=0,
-                    stealth_loss=None, target_fooling_rate=1.0)
+                    stealth_loss=None, target_fooling_rate=1.0, skip_fooled=True)
     still = UAPAttack(models, ensemble_margin=0.0, **settings).fit(faces)
     pushed = UAPAttack(models, ensemble_margin=0.3, **settings).fit(faces)
     assert still.fooling_rate_ == pushed.fooling_rate_ == 1.0
