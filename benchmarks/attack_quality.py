@@ -62,7 +62,8 @@ def main() -> None:
     parser.add_argument("--stealth", nargs="+", default=["ssim"], help="ssim, squeezenet, vgg or none")
     parser.add_argument("--weights", nargs="+", type=float, default=[None], help="stealth weights (lambda)")
     parser.add_argument("--flow-unit", nargs="+", default=["pixels"])
-    parser.add_argument("--skip-fooled", nargs="+", type=int, default=[1])
+    parser.add_argument("--skip-fooled", nargs="+", type=int, default=[1],
+                        help="1: the paper's rule, fooled faces leave the loss (UAPAttack's default is 0)")
     parser.add_argument("--init-scale", nargs="+", type=float, default=[1.0])
     parser.add_argument("--lr", nargs="+", type=float, default=[0.01])
     parser.add_argument("--epsilon", type=float, default=0.08)
