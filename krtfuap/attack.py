@@ -286,7 +286,10 @@ class UAPAttack(PerturbationEstimator):
         (``benchmarks/RESULTS.md`` 8w). A ``(3, H, W)`` tensor of the faces' size (e.g. another
         fit's ``perturbation_``): the noise starts there, clipped to ``epsilon``, ``init_scale``
         unused (the perturbation starts equal to it without ``key_regions``, and is the key-region
-        mask times it with them). A fit that resumes from a checkpoint keeps its state.
+        mask times it with them). The singular start from other faces or iterations is such a
+        tensor: ``d = top_singular_direction(model, faces, n_iterations=30)``, then
+        ``init=d * (epsilon / 3 ** 0.5) / d.pow(2).mean().sqrt()``. A fit that resumes from a
+        checkpoint keeps its state.
     init_scale : float
         Size of the start, ``>= 0`` (paper: 1): the uniform noise's bound as a fraction of
         ``epsilon``; the singular start's root mean square is that of the uniform one.
