@@ -29,6 +29,7 @@ from krtfuap.apps.cloak import (FaceReport, PhotoCloak, box_scores, plan_outputs
 from krtfuap.baselines import RandomNoiseUAP
 from krtfuap.cloak_defaults import CLOAK_DEFAULTS
 from krtfuap.metrics import haarpsi, ssim
+from krtfuap.models import FaceEmbedder
 from krtfuap.photo_face import PhotoFace, face_to_photo_matrix
 
 
@@ -480,6 +481,20 @@ def test_resume_refuses_other_options_than_the_first_runs(tmp_path, detector, no
     recorded.unlink()  # as a run of an older krtfuap left it: resumed without comparing
     PhotoCloak(noise_attack, detector, **{**settings, "target_ssim": 0.9}).cloak_files(
         [source], tmp_path / "out", resume=True)
+
+
+def test_resume_refuses_a_model_with_other_settings_and_the_same_weights(tmp_path, detector, noise_attack,
+                                                                        photos) -> None:
+    source = _photo_folder(tmp_path / "in", photos, ("gdp.jpg",))
+    settings = dict(threshold=0.999, refine_steps=0)
+    PhotoCloak(noise_attack, detector, model=FaceEmbedder(TinyEmbedder()), **settings).cloak_files(
+        [source], tmp_path / "out")
+    for changed in (dict(channel_order="BGR"), dict(flip_average=True), dict(input_size=(96, 96))):
+        with pytest.raises(ValueError, match=r"with other options \(model: '[0-9a-f]{16}' then, '[0-9a-f]{16}' now"):
+            PhotoCloak(noise_attack, detector, model=FaceEmbedder(TinyEmbedder(), **changed), **settings).cloak_files(
+                [source], tmp_path / "out", resume=True)
+    PhotoCloak(noise_attack, detector, model=FaceEmbedder(TinyEmbedder()), **settings).cloak_files(
+        [source], tmp_path / "out", resume=True)  # a new instance with the same weights and settings: resumed
 
 
 def test_a_report_reads_back_as_written(tmp_path, detector, noise_attack, photos) -> None:

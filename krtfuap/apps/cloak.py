@@ -969,8 +969,9 @@ def _digest(tensors: Sequence[torch.Tensor], name: str = "") -> str:
 
 
 def _module_digest(module: torch.nn.Module) -> str:
-    """:func:`_digest` of a model's class name and its parameters and buffers."""
-    return _digest(list(module.state_dict().values()), type(module).__name__)
+    """:func:`_digest` of a model's ``repr`` (its modules and their settings, e.g. an adapter's channel order,
+    input size and flip averaging, which are not tensors) and its parameters and buffers."""
+    return _digest(list(module.state_dict().values()), repr(module))
 
 
 def _settings_json(settings: dict) -> str:
