@@ -20,7 +20,8 @@ time limit, for a fit limited by steps (``--options max_steps=3000``), which the
 not move; ``--bfloat16 facenet_casia``
 runs the named models of ``--fit`` under bfloat16 autocast while fitting (they judge in float32);
 ``--save FILE`` keeps the fitted attack (``transfer_techniques.py --cloak FILE`` pastes it into photos
-for dlib's ResNet).
+for dlib's ResNet); ``--curve-every N`` also prints the held-out curve: every judge's fooling rate and
+the SSIM after every N-th epoch of the fit (the scoring's time is not counted in ``--max-time``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from typing import Any, Callable
+
+from torch import nn
 
 import torch
 from _common import calibrated_threshold, held_out_split, load_model
@@ -36,6 +40,25 @@ from engine_speed import parse_keywords
 from krtfuap import UAPAttack
 from krtfuap.models.precision import BFloat16Autocast
 from krtfuap.scoring import score_perturbation
+
+
+def held_out_curve(
+    models: dict[str, nn.Module], thresholds: dict[str, float], fitted: list[str], faces: torch.Tensor, every: int
+) -> Callable[[dict[str, Any]], None]:
+    """An ``on_epoch`` callback for :meth:`UAPAttack.fit` that scores the perturbation after every
+    ``every``-th epoch (the first, then each ``every`` later) for every model of ``models`` on the
+    held-out ``faces`` and prints one line: step, fooling rates (``*``: fitted on), SSIM."""
+    def on_epoch(event: dict[str, Any]) -> None:
+        if event["epoch"] % every:
+            return
+        rates, similarity = [], None
+        for name, model in models.items():
+            score = score_perturbation(model, faces, event["perturbation"], thresholds[name])
+            rates.append(f"{name}{'*' if name in fitted else ''} {score['fooling_rate']:.3f}")
+            similarity = score["ssim"]
+        print(f"  curve: step {event['step']}, {', '.join(rates)}, SSIM {similarity:.4f}, "
+              f"load {os.getloadavg()[0]:.2f}", flush=True)
+    return on_epoch
 
 
 def main() -> None:
@@ -54,8 +77,12 @@ def main() -> None:
     parser.add_argument("--bfloat16", nargs="*", default=[], metavar="MODEL",
                         help="models of --fit that run in bfloat16 while fitting (judges stay float32)")
     parser.add_argument("--save", default=None, help="save the (last) fitted attack here (UAPAttack.save)")
+    parser.add_argument("--curve-every", type=int, default=0, metavar="N",
+                        help="also score every judge on the held-out faces after every N-th epoch (0: off)")
     args = parser.parse_args()
     options = parse_keywords(args.options)
+    if args.curve_every < 0:
+        parser.error(f"--curve-every must be >= 0 (0: no curve), got {args.curve_every}")
     not_fitted = sorted(set(args.bfloat16) - set(args.fit))
     if not_fitted:
         parser.error(f"--bfloat16 names models that are not fitted on: {not_fitted}")
@@ -74,6 +101,9 @@ def main() -> None:
     rates = " | ".join(f"fooling rate {name}" for name in judges)
     print(f"| lowpass | {rates} | SSIM | PSNR dB | fit s | steps | stop | load |")
     print("|---|" + "---|" * len(judges) + "---|---|---|---|---|---|")
+    judged = {name: models[name] for name in args.judge}
+    curve = None if not args.curve_every else held_out_curve(judged, thresholds, args.fit, split.test_faces,
+                                                             args.curve_every)
     for lowpass in args.lowpass:
         fitted = [BFloat16Autocast(models[name]) if name in args.bfloat16 else models[name] for name in args.fit]
         threshold = [thresholds[name] for name in args.fit]
@@ -83,7 +113,7 @@ def main() -> None:
                            lowpass_size=lowpass or None, num_threads=args.threads,
                            **{"random_state": args.seed, **options})
         started = time.perf_counter()
-        attack.fit(split.fit_faces)
+        attack.fit(split.fit_faces, on_epoch=curve)
         seconds = time.perf_counter() - started
         scores = [score_perturbation(models[name], split.test_faces, attack.perturbation_, thresholds[name])
                   for name in args.judge]

@@ -39,3 +39,35 @@ def test_engine_speed_scores_and_gives_the_lowest_face_ssim_both_ways():
     for scores, per_face_ssim in ((uniform, None), (scaled, 0.97)):
         expected = attack.evaluate(faces, per_face_ssim=per_face_ssim)
         assert {key: scores[key] for key in expected} == expected
+
+
+def test_universal_transfer_curve_scores_every_judge_on_the_chosen_epochs(capsys):
+    import universal_transfer
+    from fakes import random_faces
+
+    from krtfuap import UAPAttack
+    from krtfuap.scoring import score_perturbation
+
+    fit_faces, held_out = random_faces(16, seed=1, size=32), random_faces(8, seed=2, size=32)
+    models = {"fitted": TinyEmbedder(), "left_out": TinyEmbedder(seed=3)}
+    thresholds = {"fitted": 0.9, "left_out": 0.95}
+    curve = universal_transfer.held_out_curve(models, thresholds, ["fitted"], held_out, every=2)
+    events = []
+
+    def on_epoch(event):
+        events.append(event)
+        curve(event)
+
+    UAPAttack(models["fitted"], threshold=0.9, max_epochs=5, batch_size=8, target_fooling_rate=1.0,
+              random_state=0).fit(fit_faces, on_epoch=on_epoch)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("curve:")]
+    scored = [event for event in events if event["epoch"] % 2 == 0]
+    assert len(events) == 5 and [event["epoch"] for event in scored] == [0, 2, 4]
+    assert len(lines) == len(scored)
+    for line, event in zip(lines, scored):
+        fitted = score_perturbation(models["fitted"], held_out, event["perturbation"], 0.9)
+        left_out = score_perturbation(models["left_out"], held_out, event["perturbation"], 0.95)
+        assert line.strip().startswith(
+            f"curve: step {event['step']}, fitted* {fitted['fooling_rate']:.3f}, "
+            f"left_out {left_out['fooling_rate']:.3f}, SSIM {left_out['ssim']:.4f}, load "
+        )
