@@ -31,9 +31,8 @@ import os
 import time
 from typing import Any, Callable
 
-from torch import nn
-
 import torch
+from torch import nn
 from _common import calibrated_threshold, held_out_split, load_model
 from engine_speed import parse_keywords
 
@@ -51,12 +50,12 @@ def held_out_curve(
     def on_epoch(event: dict[str, Any]) -> None:
         if event["epoch"] % every:
             return
-        rates, similarity = [], None
-        for name, model in models.items():
-            score = score_perturbation(model, faces, event["perturbation"], thresholds[name])
-            rates.append(f"{name}{'*' if name in fitted else ''} {score['fooling_rate']:.3f}")
-            similarity = score["ssim"]
-        print(f"  curve: step {event['step']}, {', '.join(rates)}, SSIM {similarity:.4f}, "
+        scores = {name: score_perturbation(model, faces, event["perturbation"], thresholds[name])
+                  for name, model in models.items()}
+        rates = ", ".join(f"{name}{'*' if name in fitted else ''} {score['fooling_rate']:.3f}"
+                          for name, score in scores.items())
+        similarity = next(iter(scores.values()))["ssim"]  # the same faces and change for every model
+        print(f"  curve: step {event['step']}, {rates}, SSIM {similarity:.4f}, "
               f"load {os.getloadavg()[0]:.2f}", flush=True)
     return on_epoch
 
