@@ -469,7 +469,11 @@ class UAPAttack(PerturbationEstimator):
         ``skip_fooled=True``, 0.502 and 0.465 after 3000 steps without reaching the target;
         ``benchmarks/RESULTS.md`` 8z). It needs more steps than the defaults to reach the same
         fooling rate on the fitted model: leave ``max_time`` out (the fit stops at
-        ``target_fooling_rate``) or give it about twice the time. Measured in
+        ``target_fooling_rate``) or give it about twice the time. The other way, from foamliu with
+        ``init="singular", max_steps=3000``, the number of fitting faces matters: on 1200 faces it
+        fooled ``w600k_mbf``, left out, on 0.536 of held-out faces on average over four seeds
+        (0.465-0.588; 0.532 and 0.475 on a second draw of people), on 600 faces 0.449 (RESULTS 9g, 8y);
+        on ``w600k_mbf`` 1200 faces with ``max_steps=3000`` did not help (0.415-0.422). Measured in
         ``docs/evaluation.rst``; any keyword overridable.
 
         Returns
