@@ -472,9 +472,9 @@ class UAPAttack(PerturbationEstimator):
         ``target_fooling_rate``) or give it about twice the time. The other way, from foamliu with
         ``init="singular", max_steps=3000``, the number of fitting faces matters: on 1200 faces it
         fooled ``w600k_mbf``, left out, on 0.536 of held-out faces on average over four seeds
-        (0.465-0.588; 0.532 and 0.475 on a second draw of people), on 600 faces 0.449 (RESULTS 9g, 8y);
-        on ``w600k_mbf`` 1200 faces with ``max_steps=3000`` did not help (0.415-0.422). Measured in
-        ``docs/evaluation.rst``; any keyword overridable.
+        (0.465-0.588; 0.532 and 0.475 on a second draw of people), on 600 faces 0.449 (RESULTS 9g, 8y).
+        Fitted on ``w600k_mbf``, 1200 faces with ``max_steps=3000`` did not help (0.415-0.422). Measured
+        in ``docs/evaluation.rst``; any keyword overridable.
 
         Returns
         -------
