@@ -231,6 +231,8 @@ def test_transferable_feeds_the_model_shrunk_faces_at_every_step():
     attack = UAPAttack.transferable(TinyEmbedder(), threshold=0.9)
     assert (attack.input_diversity, attack.diversity_min_scale, attack.key_regions) == (1.0, 0.8, None)
     assert attack.skip_fooled is False  # fooled faces kept, as by default
+    assert attack.target_fooling_rate == 0.9  # runs on past the defaults' 0.8
+    assert UAPAttack.transferable(TinyEmbedder(), target_fooling_rate=0.8).target_fooling_rate == 0.8
     assert UAPAttack.transferable(TinyEmbedder(), diversity_min_scale=0.7).diversity_min_scale == 0.7
     x = faces()
     plain = UAPAttack(TinyEmbedder(), threshold=0.9, max_epochs=2, batch_size=8, random_state=0, lr=0.05).fit(x)
