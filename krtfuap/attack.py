@@ -387,6 +387,7 @@ class UAPAttack(PerturbationEstimator):
         max_epochs: int = 50,
         max_time: float | None = None,
         max_steps: int | None = None,
+        score_size: int | None = None,
         optimizer: Literal["adam", "tensorwise_adam"] = "adam",
         lr: float = 0.01,
         lr_decay_steps: int | Literal["auto"] | None = "auto",

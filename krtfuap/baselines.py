@@ -404,6 +404,10 @@ class RandomNoiseUAP(PerturbationEstimator):
         """One draw: noise has nothing to restart."""
         return 1
 
+    def _score_size(self) -> None:
+        """All faces score the draw (there is no epoch to score cheaply)."""
+        return None
+
     def _loop_settings(self) -> dict[str, Any]:
         """One scoring pass and nothing else (the loop does not step a solver that does not learn)."""
         return {"max_epochs": 1, "max_time": None, "max_steps": None, "target_fooling_rate": 1.0, "shuffle": False,
@@ -477,6 +481,7 @@ class DeepFoolUAP(PerturbationEstimator):
         max_epochs: int = 50,
         max_time: float | None = None,
         max_steps: int | None = None,
+        score_size: int | None = None,
         batch_size: int = 32,
         shuffle: bool = False,
         random_state: Any = None,
@@ -547,6 +552,7 @@ class FGUAP(PerturbationEstimator):
         max_epochs: int = 50,
         max_time: float | None = None,
         max_steps: int | None = None,
+        score_size: int | None = None,
         batch_size: int = 32,
         shuffle: bool = False,
         random_state: Any = None,
@@ -635,6 +641,7 @@ class FrequencyUAP(PerturbationEstimator):
         max_epochs: int = 50,
         max_time: float | None = None,
         max_steps: int | None = None,
+        score_size: int | None = None,
         batch_size: int = 32,
         shuffle: bool = False,
         random_state: Any = None,

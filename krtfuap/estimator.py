@@ -125,6 +125,7 @@ FIT_LOOP_CONSTRAINTS: dict[str, list] = {
     "max_epochs": [Interval(int, 1)],
     "max_time": [Interval(float, 0, None, hint=" (seconds)"), None],
     "max_steps": [Interval(int, 1), None],
+    "score_size": [Interval(int, 1), None],
     "n_init": [Interval(int, 1)],
     "shuffle": [Boolean()],
     "checkpoint_path": [PathLike(), None],
@@ -215,6 +216,17 @@ max_steps : int, optional
     Stop after this many update steps in all (the epoch in progress is
     scored). Unlike ``max_time`` it does not depend on the machine, so a fit
     limited by it repeats exactly on the CPU.""",
+    "score_size": """\
+score_size : int, optional
+    Score each epoch's perturbation (the stop check, the choice of the
+    returned perturbation, ``fooling_rate_`` and ``ssim_``) on this many fit
+    faces, drawn once from ``random_state``, instead of on all of them (at
+    least as many as ``X`` holds: all). Scoring is one forward pass per face
+    and epoch, about a quarter of a fit's time on a CPU (``UAPAttack`` at
+    ``batch_size=10``, ``benchmarks/RESULTS.md`` 9k); with a time limit a few
+    hundred faces leave most of it to steps, at the cost of a noisier score.
+    Every restart of ``n_init`` scores on the same faces. ``X`` must be a
+    tensor (for a loader pass ``fit(X, validation=...)``). ``None``: all.""",
     "shuffle": """\
 shuffle : bool
     Visit the faces in a new random order every epoch, drawn from
@@ -239,7 +251,7 @@ checkpoint_every : int
 
 #: Shared parameters documented together, in this order, by one line ``[[group]]``.
 PARAMETER_GROUPS: dict[str, tuple[str, ...]] = {
-    "stopping": ("target_fooling_rate", "max_epochs", "max_time", "max_steps"),
+    "stopping": ("target_fooling_rate", "max_epochs", "max_time", "max_steps", "score_size"),
     "fitting": ("batch_size", "shuffle", "random_state", "n_init", "device", "amp", "channels_last", "num_threads",
                 "checkpoint_path", "checkpoint_every", "verbose"),
 }
@@ -389,7 +401,7 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
     _takes_member_thresholds: ClassVar[bool] = True
     #: Parameters added after format 2 that change nothing in a fit saved before they existed (e.g. one
     #: that acts only with values older files cannot hold): ``load`` gives them today's default silently.
-    _silent_defaults: ClassVar[tuple[str, ...]] = ("n_init",)
+    _silent_defaults: ClassVar[tuple[str, ...]] = ("n_init", "score_size")
     #: Parameters added after format 2 whose default is not what a fit before them did: ``load`` gives a
     #: file without one this value (the behaviour its fit had), silently.
     _values_before: ClassVar[dict[str, Any]] = {}
@@ -519,6 +531,10 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
         """How many fits from different seeds ``fit`` runs (``n_init``)."""
         return int(self.n_init)
 
+    def _score_size(self) -> int | None:
+        """How many fit faces score each epoch (``score_size``); ``None``: all."""
+        return None if self.score_size is None else int(self.score_size)
+
     def _loop_settings(self) -> dict[str, Any]:
         """Keywords of :class:`~krtfuap.engine.FitLoop` from the fit-loop parameters (:data:`FIT_LOOP_CONSTRAINTS`)."""
         return {
@@ -611,10 +627,11 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
         checkpoint_path = settings["checkpoint_path"]
         fit_started = time.perf_counter()
         data = FitData(X, self.batch_size, shuffle=settings["shuffle"])
+        seed = int(check_random_state(self.random_state).randint(2**31 - 1))
+        validation = self._scoring_faces(X, validation, seed)
         checked_validation = None
         if validation is not None:
             checked_validation = FitData(validation, self.batch_size, name="validation", size=data.size)
-        seed = int(check_random_state(self.random_state).randint(2**31 - 1))
         generator = torch.Generator().manual_seed(seed)
         device = self._device()
         model = self._embedder(self.threshold)
@@ -635,6 +652,28 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
         self._set_fitted(result, learned, threshold, accuracy, solver, time.perf_counter() - fit_started)
         return self
 
+    def _scoring_faces(self, X: ImageData, validation: ImageData | None, seed: int) -> ImageData | None:
+        """The faces that score each epoch: ``validation``, or under ``score_size`` that many rows of tensor
+        ``X`` drawn with ``seed`` (by a generator of their own, so the fit's other draws do not move), or
+        ``None`` (all of ``X``)."""
+        score_size = self._score_size()
+        if score_size is None:
+            return validation
+        if validation is not None:
+            raise ValueError(
+                "score_size and fit(validation=...) both choose the faces that score each epoch; pass one of "
+                "them (score_size=None to score on the validation faces)."
+            )
+        if not isinstance(X, torch.Tensor):
+            raise ValueError(
+                f"score_size={score_size} draws its faces from a (N, 3, H, W) tensor X; X is a "
+                f"{type(X).__name__}. Pass the scoring faces as fit(X, validation=...), or set score_size=None."
+            )
+        if score_size >= len(X):
+            return None
+        rows = torch.randperm(len(X), generator=torch.Generator().manual_seed(seed))[:score_size]
+        return X[rows.sort().values.to(X.device)]
+
     def _fit_restarts(
         self, X: ImageData, *, pairs: Iterable | None, validation: ImageData | None, resume: bool,
         on_epoch: Callable[[dict[str, Any]], None] | None,
@@ -652,6 +691,7 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
         random_state = check_random_state(self.random_state)
         seeds = [int(random_state.randint(2**31 - 1)) for _ in range(n_init)]
         max_time = None if self.max_time is None else float(self.max_time) / n_init
+        validation = self._scoring_faces(X, validation, seeds[0])  # every restart scores on the same faces
         restarts: list[PerturbationEstimator] = []
         threshold = self.threshold
         for index, seed in enumerate(seeds):
@@ -659,7 +699,7 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
             if checkpoint_path is not None:
                 checkpoint_path = _restart_checkpoint_path(checkpoint_path, index)
             restart = clone(self).set_params(n_init=1, random_state=seed, max_time=max_time, threshold=threshold,
-                                             checkpoint_path=checkpoint_path)
+                                             checkpoint_path=checkpoint_path, score_size=None)
             hook = None if on_epoch is None else functools.partial(_tagged_event, on_epoch, index)
             restarts.append(restart._fit_once(X, pairs=pairs if threshold is None else None, validation=validation,
                                               resume=resume, on_epoch=hook))

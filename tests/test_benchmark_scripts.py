@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from fakes import TinyEmbedder
@@ -71,3 +72,14 @@ def test_universal_transfer_curve_scores_every_judge_on_the_chosen_epochs(capsys
             f"curve: step {event['step']}, fitted* {fitted['fooling_rate']:.3f}, "
             f"left_out {left_out['fooling_rate']:.3f}, SSIM {left_out['ssim']:.4f}, load "
         )
+
+
+def test_scoring_share_splits_each_epoch_after_the_first_into_steps_and_scoring():
+    import scoring_share
+    from fakes import random_faces, tiny_attack
+
+    attack = tiny_attack(max_epochs=3, target_fooling_rate=1.0, batch_size=4).fit(random_faces(16))
+    times = scoring_share.epoch_times(attack)
+    assert len(times) == 2 and all(steps > 0 and scoring > 0 for steps, scoring in times)
+    scored = [score["time"] for score in attack.epoch_scores_]
+    assert [steps + scoring for steps, scoring in times] == pytest.approx([scored[1] - scored[0], scored[2] - scored[1]])

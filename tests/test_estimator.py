@@ -386,6 +386,58 @@ def test_n_init_splits_max_time_and_keeps_max_steps_per_restart(monkeypatch):
     assert [entry["n_iter"] for entry in attack.init_scores_] == [2] * 4
 
 
+def scoring_faces_of_each_loop(monkeypatch) -> list:
+    """Patch the fit loop to record, for every run, the faces that score its epochs (``None``: the fit faces)."""
+    from krtfuap import estimator
+    scored = []
+
+    class RecordingLoop(estimator.FitLoop):
+        def run(self, data, solver, *, validation=None, **kwargs):
+            scored.append(None if validation is None else validation.data)
+            return super().run(data, solver, validation=validation, **kwargs)
+
+    monkeypatch.setattr(estimator, "FitLoop", RecordingLoop)
+    return scored
+
+
+@pytest.mark.parametrize("cls", [cls for cls in ESTIMATORS if "score_size" in cls._parameter_constraints])
+def test_score_size_scores_every_epoch_on_one_draw_of_the_fit_faces_and_moves_no_other_draw(cls, monkeypatch):
+    scored = scoring_faces_of_each_loop(monkeypatch)
+    x = faces(12)
+    settings = {**valid_settings(cls), "threshold": 0.99, "max_epochs": 3, "target_fooling_rate": 1.0}
+    subset = cls(TinyEmbedder(), **settings, score_size=5).fit(x)
+    every = cls(TinyEmbedder(), **settings).fit(x)
+    assert {s["n_images"] for s in subset.epoch_scores_} == {5} and every.epoch_scores_[0]["n_images"] == 12
+    drawn = scored[0]
+    assert len(drawn) == 5 and all(any(torch.equal(face, row) for row in x) for face in drawn)
+    assert len({face.sum().item() for face in drawn}) == 5  # five different faces
+    assert untimed(subset.history_) == untimed(every.history_)  # the draw has a generator of its own
+    assert subset.evaluate(drawn)["fooling_rate"] == subset.fooling_rate_
+    again = cls(TinyEmbedder(), **settings, score_size=5).fit(x)
+    assert torch.equal(scored[2], drawn) and untimed_scores(again) == untimed_scores(subset)
+    whole = cls(TinyEmbedder(), **settings, score_size=12).fit(x)  # as many as X holds: all of X
+    assert scored[3] is None and untimed_scores(whole) == untimed_scores(every)
+
+
+def untimed_scores(attack) -> list[dict]:
+    """``epoch_scores_`` without the wall-clock ``time`` field."""
+    return untimed(attack.epoch_scores_)
+
+
+def test_score_size_gives_every_restart_the_same_faces(monkeypatch):
+    scored = scoring_faces_of_each_loop(monkeypatch)
+    attack = tiny_attack(n_init=2, score_size=5).fit(faces(12))
+    assert len(scored) == 2 and len(scored[0]) == 5 and torch.equal(scored[0], scored[1])
+    assert attack.score_size == 5 and all(s["n_images"] == 5 for s in attack.epoch_scores_)
+
+
+def test_score_size_is_refused_beside_validation_faces_or_a_loader_naming_the_fix():
+    with pytest.raises(ValueError, match=r"score_size and fit\(validation=...\) .*pass one"):
+        tiny_attack(score_size=4).fit(faces(12), validation=faces(4, seed=1))
+    with pytest.raises(ValueError, match=r"score_size=4 draws its faces from a \(N, 3, H, W\) tensor X; X is a list"):
+        tiny_attack(score_size=4).fit(list(faces(12).split(4)))
+
+
 def test_n_init_calibrates_the_threshold_once_from_pairs_read_once():
     model = TinyEmbedder()
     pairs = iter([(faces(8), faces(8, seed=1), torch.tensor([True, False] * 4))])  # an iterator: read once
