@@ -82,4 +82,4 @@ def test_scoring_share_splits_each_epoch_after_the_first_into_steps_and_scoring(
     times = scoring_share.epoch_times(attack)
     assert len(times) == 2 and all(steps > 0 and scoring > 0 for steps, scoring in times)
     scored = [score["time"] for score in attack.epoch_scores_]
-    assert [steps + scoring for steps, scoring in times] == pytest.approx([scored[1] - scored[0], scored[2] - scored[1]])
+    assert [steps + scoring for steps, scoring in times] == pytest.approx([b - a for a, b in zip(scored, scored[1:])])
