@@ -104,7 +104,7 @@ def tiny_attack(estimator: type = UAPAttack, model: nn.Module | None = None, **p
 
 
 def untimed(history: list[dict]) -> list[dict]:
-    """``history_`` without the wall-clock ``time`` field, which differs between runs."""
+    """Records (``history_``, ``epoch_scores_``) without the wall-clock ``time`` field, which differs between runs."""
     return [{key: value for key, value in record.items() if key != "time"} for record in history]
 
 

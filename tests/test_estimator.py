@@ -414,14 +414,9 @@ def test_score_size_scores_every_epoch_on_one_draw_of_the_fit_faces_and_moves_no
     assert untimed(subset.history_) == untimed(every.history_)  # the draw has a generator of its own
     assert subset.evaluate(drawn)["fooling_rate"] == subset.fooling_rate_
     again = cls(TinyEmbedder(), **settings, score_size=5).fit(x)
-    assert torch.equal(scored[2], drawn) and untimed_scores(again) == untimed_scores(subset)
+    assert torch.equal(scored[2], drawn) and untimed(again.epoch_scores_) == untimed(subset.epoch_scores_)
     whole = cls(TinyEmbedder(), **settings, score_size=12).fit(x)  # as many as X holds: all of X
-    assert scored[3] is None and untimed_scores(whole) == untimed_scores(every)
-
-
-def untimed_scores(attack) -> list[dict]:
-    """``epoch_scores_`` without the wall-clock ``time`` field."""
-    return untimed(attack.epoch_scores_)
+    assert scored[3] is None and untimed(whole.epoch_scores_) == untimed(every.epoch_scores_)
 
 
 def test_score_size_gives_every_restart_the_same_faces(monkeypatch):
