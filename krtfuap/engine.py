@@ -110,6 +110,40 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
             parameter.requires_grad_(requires_grad)
 
 
+@contextmanager
+def in_memory_format(model: nn.Module, memory_format: torch.memory_format | None) -> Iterator[nn.Module]:
+    """``model``'s 4-D weights in ``memory_format`` (e.g. ``torch.channels_last``); the originals put back on exit.
+
+    Converting replaces each weight's storage (:meth:`torch.nn.Module.to`); the tensors it held before
+    are recorded and restored afterwards, also when the body raises, so the caller's model leaves a fit
+    in the layout it came in. Meant for frozen models (:func:`frozen`): weights changed inside are lost.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    memory_format : torch.memory_format, optional
+        ``None``: the model as it is.
+
+    Yields
+    ------
+    torch.nn.Module
+        ``model``.
+    """
+    if memory_format is None:
+        yield model
+        return
+    weights = [(parameter, parameter.data) for parameter in model.parameters()]
+    buffers = [(module, name, buffer) for module in model.modules() for name, buffer in module._buffers.items()]
+    try:
+        model.to(memory_format=memory_format)
+        yield model
+    finally:
+        for parameter, data in weights:
+            parameter.data = data
+        for module, name, buffer in buffers:
+            module._buffers[name] = buffer
+
+
 class Solver:
     """What an estimator adds to the fit loop: its learnable state and its update rule.
 

@@ -37,7 +37,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable
+from typing import Any, Callable, ClassVar, Iterable, Literal
 
 import numpy as np
 import torch
@@ -58,6 +58,7 @@ from krtfuap._validation import (
     FaceModelLike,
     InstanceOf,
     Interval,
+    Options,
     PathLike,
     RandomStateLike,
     SequenceOf,
@@ -67,7 +68,7 @@ from krtfuap._validation import (
     check_params,
 )
 from krtfuap.distributed import is_main_process
-from krtfuap.engine import FitLoop, FitResult, Solver, frozen, selection_key
+from krtfuap.engine import FitLoop, FitResult, Solver, frozen, in_memory_format, selection_key
 from krtfuap.metrics import calibrate_threshold, member_count, pair_similarities
 from krtfuap.models.ensemble import EnsembleEmbedder, MemberwiseEmbedder
 from krtfuap.scoring import score_perturbation
@@ -119,13 +120,16 @@ COMMON_CONSTRAINTS: dict[str, list] = {
     "verbose": [Boolean()],
 }
 
+#: Fit faces that score each epoch under ``score_size="auto"`` (a tensor ``X``, no ``validation``).
+AUTO_SCORE_SIZE = 300
+
 #: Parameters of every estimator that learns its perturbation in :class:`krtfuap.engine.FitLoop`.
 FIT_LOOP_CONSTRAINTS: dict[str, list] = {
     "target_fooling_rate": [Interval(float, 0, 1)],
     "max_epochs": [Interval(int, 1)],
     "max_time": [Interval(float, 0, None, hint=" (seconds)"), None],
     "max_steps": [Interval(int, 1), None],
-    "score_size": [Interval(int, 1), None],
+    "score_size": [Interval(int, 1), Options("auto"), None],
     "n_init": [Interval(int, 1)],
     "shuffle": [Boolean()],
     "checkpoint_path": [PathLike(), None],
@@ -187,8 +191,12 @@ amp : bool
     bfloat16 during ``fit``; CUDA with bfloat16 only (``ValueError`` elsewhere).""",
     "channels_last": """\
 channels_last : bool
-    Convert the model (in place; it stays converted) and the image batches
-    to the ``torch.channels_last`` memory format during ``fit``.""",
+    Pass the model's weights and the image batches in the
+    ``torch.channels_last`` memory format during ``fit`` (the weights are
+    put back in their layout afterwards). On the 2-core CPU it shortened an
+    epoch of steps by 11-23 % (``benchmarks/RESULTS.md`` 9k); a model that
+    cannot take that layout gets an error at the start of ``fit`` naming
+    ``channels_last=False``.""",
     "num_threads": """\
 num_threads : int, optional
     torch's intra-op CPU threads while ``fit`` and ``evaluate`` run
@@ -226,7 +234,9 @@ score_size : int, optional
     ``batch_size=10``, ``benchmarks/RESULTS.md`` 9k); with a time limit a few
     hundred faces leave most of it to steps, at the cost of a noisier score.
     Every restart of ``n_init`` scores on the same faces. ``X`` must be a
-    tensor (for a loader pass ``fit(X, validation=...)``). ``None``: all.""",
+    tensor (for a loader pass ``fit(X, validation=...)``). ``"auto"``:
+    :data:`AUTO_SCORE_SIZE` (300) faces when ``X`` is a tensor and no
+    ``validation`` is given, else all. ``None``: all.""",
     "shuffle": """\
 shuffle : bool
     Visit the faces in a new random order every epoch, drawn from
@@ -531,9 +541,9 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
         """How many fits from different seeds ``fit`` runs (``n_init``)."""
         return int(self.n_init)
 
-    def _score_size(self) -> int | None:
+    def _score_size(self) -> int | Literal["auto"] | None:
         """How many fit faces score each epoch (``score_size``); ``None``: all."""
-        return None if self.score_size is None else int(self.score_size)
+        return self.score_size if self.score_size in (None, "auto") else int(self.score_size)
 
     def _loop_settings(self) -> dict[str, Any]:
         """Keywords of :class:`~krtfuap.engine.FitLoop` from the fit-loop parameters (:data:`FIT_LOOP_CONSTRAINTS`)."""
@@ -640,15 +650,16 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
             threshold, accuracy = self._calibrated_threshold(pairs)
             embed = self._embed_function(model)
             solver, learned = self._make_solver(data, device, generator, embed, threshold)
-            if self.channels_last:
-                model.to(memory_format=torch.channels_last)
-            loop = FitLoop(
-                embed=embed, threshold=threshold, device=device, target_ssim=self._stealth_target(),
-                memory_format=memory_format, generator=generator,
-                fingerprint=self._fingerprint(data, threshold, learned) if checkpoint_path is not None else {},
-                description=f"{type(self).__name__} fit", verbose=self.verbose, **settings,
-            )
-            result = loop.run(data, solver, validation=checked_validation, resume=resume, on_epoch=on_epoch)
+            with in_memory_format(model, torch.channels_last if self.channels_last else None):
+                if self.channels_last:
+                    _check_channels_last(model, data.size, device)
+                loop = FitLoop(
+                    embed=embed, threshold=threshold, device=device, target_ssim=self._stealth_target(),
+                    memory_format=memory_format, generator=generator,
+                    fingerprint=self._fingerprint(data, threshold, learned) if checkpoint_path is not None else {},
+                    description=f"{type(self).__name__} fit", verbose=self.verbose, **settings,
+                )
+                result = loop.run(data, solver, validation=checked_validation, resume=resume, on_epoch=on_epoch)
         self._set_fitted(result, learned, threshold, accuracy, solver, time.perf_counter() - fit_started)
         return self
 
@@ -657,6 +668,10 @@ class PerturbationEstimator(TransformerMixin, BaseEstimator):
         ``X`` drawn with ``seed`` (by a generator of their own, so the fit's other draws do not move), or
         ``None`` (all of ``X``)."""
         score_size = self._score_size()
+        if score_size == "auto":
+            if validation is not None or not isinstance(X, torch.Tensor):
+                return validation
+            score_size = AUTO_SCORE_SIZE
         if score_size is None:
             return validation
         if validation is not None:
@@ -1116,6 +1131,20 @@ def _check_one_threshold_per_model(model: object, threshold: object, name: str) 
             f"{name} gives {count} thresholds for {len(model)} models; give one cosine threshold per model, in the "
             "order of the list of models."
         )
+
+
+def _check_channels_last(model: nn.Module, size: tuple[int, int], device: torch.device) -> None:
+    """Pass two blank faces through ``model`` in ``torch.channels_last``; a model that cannot take that layout
+    (e.g. one that calls ``.view`` on a feature map) gets an error naming the fix instead of failing mid-fit."""
+    probe = torch.zeros(2, 3, *size, device=device).contiguous(memory_format=torch.channels_last)
+    try:
+        with torch.no_grad():
+            call_model(model, probe)
+    except RuntimeError as error:
+        raise ValueError(
+            f"The model failed on channels_last input ({error}); fit it with channels_last=False (or make it "
+            "layout-agnostic, e.g. .reshape or torch.flatten instead of .view)."
+        ) from error
 
 
 def _check_writable(path: str | os.PathLike, name: str) -> None:

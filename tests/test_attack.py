@@ -209,7 +209,7 @@ def test_lowpass_size_band_limits_the_fitted_perturbation():
 
 def test_min_psnr_keeps_every_perturbed_face_at_or_above_it():
     x = faces()
-    loud = quick_attack(key_regions=None, lr=0.05, stealth_loss=None).fit(x)
+    loud = quick_attack(key_regions=None, lr=0.05, stealth_loss=None, min_psnr=None).fit(x)
     assert loud.evaluate(x)["psnr"] < 30  # without the floor the fit goes far below it
     quiet = quick_attack(key_regions=None, lr=0.05, stealth_loss=None, min_psnr=34.0).fit(x)
     adversarial = (x + quiet.perturbation_).clamp(0, 1)
@@ -234,6 +234,12 @@ def test_transferable_feeds_the_model_shrunk_faces_at_every_step():
     assert attack.target_fooling_rate == 0.9  # runs on past the defaults' 0.8
     assert UAPAttack.transferable(TinyEmbedder(), target_fooling_rate=0.8).target_fooling_rate == 0.8
     assert UAPAttack.transferable(TinyEmbedder(), diversity_min_scale=0.7).diversity_min_scale == 0.7
+    # The budget and engine its transfer was measured with, not the defaults' wider budget.
+    assert (attack.epsilon, attack.init_scale, attack.min_psnr, attack.channels_last, attack.score_size) == (
+        0.08, 1.0, None, False, None)
+    assert (UAPAttack(None).epsilon, UAPAttack(None).min_psnr, UAPAttack(None).score_size) == (0.16, 30.0, "auto")
+    assert (UAPAttack.paper(None).epsilon, UAPAttack.paper(None).min_psnr, UAPAttack.paper(None).score_size) == (
+        0.08, None, None)
     x = faces()
     plain = UAPAttack(TinyEmbedder(), threshold=0.9, max_epochs=2, batch_size=8, random_state=0, lr=0.05).fit(x)
     diverse = UAPAttack.transferable(TinyEmbedder(), threshold=0.9, max_epochs=2, batch_size=8, random_state=0,
@@ -487,7 +493,8 @@ def test_the_singular_start_lies_along_the_top_direction_of_the_first_faces():
     from krtfuap.singular import top_singular_direction
 
     model, x = TinyEmbedder(), faces(SINGULAR_INIT_FACES + 6, seed=3)
-    common = dict(threshold=0.9, stealth_loss=None, max_steps=1, lr=1e-9, epsilon=0.3, batch_size=8, random_state=0)
+    common = dict(threshold=0.9, stealth_loss=None, max_steps=1, lr=1e-9, epsilon=0.3, init_scale=1.0, min_psnr=None,
+                  batch_size=8, random_state=0)
     start = UAPAttack(model, init="singular", **common).fit(x).perturbation_
     direction = top_singular_direction(model, x[:SINGULAR_INIT_FACES], generator=torch.Generator().manual_seed(5))
     rms = 0.3 / math.sqrt(3)  # the uniform start's, then clipped to epsilon
@@ -523,7 +530,8 @@ def test_a_tensor_start_is_where_the_fit_begins_clipped_to_epsilon():
     x = faces(10, seed=2)
     start = (torch.rand(3, SIZE, SIZE, generator=torch.Generator().manual_seed(1)) - 0.5) * 0.6
     assert (start.abs() > 0.2).any()  # some values are clipped
-    common = dict(threshold=0.9, stealth_loss=None, max_steps=1, lr=1e-9, epsilon=0.2, batch_size=5, random_state=0)
+    common = dict(threshold=0.9, stealth_loss=None, max_steps=1, lr=1e-9, epsilon=0.2, min_psnr=None, batch_size=5,
+                  random_state=0)
     begun = UAPAttack(TinyEmbedder(), init=start, **common).fit(x)
     torch.testing.assert_close(begun.perturbation_, start.clamp(-0.2, 0.2), atol=1e-6, rtol=0)
     regions = UAPAttack(TinyEmbedder(), init=start, key_regions=KeyRegions(), **common).fit(x)

@@ -159,9 +159,10 @@ def test_sigkill_mid_fit_then_resume_matches_uninterrupted_run(tmp_path, start_f
     reference_counts = _finish(reference)
 
     # The resumed run only did the epochs left: per batch and epoch one adversarial forward to step
-    # and one to score the epoch, plus the clean forwards of the faces once per process (cached).
+    # and one to score the epoch, plus the clean forwards of the faces once per process (cached) and
+    # channels_last's probe of the model's layout.
     def forwards(epochs: int) -> int:
-        return STEPS_PER_EPOCH * (2 * epochs + 1)
+        return STEPS_PER_EPOCH * (2 * epochs + 1) + 1
 
     assert resumed_counts["forwards"] == forwards(MAX_EPOCHS - killed_at)
     assert reference_counts["forwards"] == forwards(MAX_EPOCHS)
@@ -231,9 +232,9 @@ def test_resuming_a_checkpoint_that_reached_a_limit_ends_at_once_with_its_state(
     checkpoint = tmp_path / "fit.ckpt"
     done = _attack(checkpoint, max_epochs=3).fit(_faces())  # 3 epochs of 4 steps, a checkpoint after each
     model, calls = TinyEmbedder(), []
-    model.register_forward_hook(lambda *args: calls.append(1))
+    model.register_forward_hook(lambda module, inputs, output: calls.append(bool(inputs[0].any())))
     resumed = _attack(checkpoint, model, **limits).fit(_faces(), resume=True)
-    assert calls == []  # no step and no scoring: the checkpoint's state is returned
+    assert not any(calls)  # no face passes (no step, no scoring; channels_last's probe is two blank faces)
     assert (resumed.n_epochs_, resumed.n_iter_, resumed.stop_reason_) == (3, 12, reason)
     assert torch.equal(resumed.perturbation_, done.perturbation_) and resumed.best_epoch_ == done.best_epoch_
     assert untimed(resumed.history_) == untimed(done.history_)

@@ -371,7 +371,8 @@ def test_fit_command_fits_and_saves(tmp_path: Path, capsys) -> None:
     with safe_open(str(output), framework="pt") as handle:
         assert json.loads(handle.metadata()["params"])["num_threads"] == 1  # the file records how it was fitted
     attack = UAPAttack.load(output)
-    assert attack.threshold_ == 0.3 and attack.n_iter_ >= 1 and attack.perturbation_.abs().max() <= 0.08
+    assert attack.threshold_ == 0.3 and attack.n_iter_ >= 1 and attack.perturbation_.abs().max() <= 0.16
+    assert (attack.epsilon, attack.min_psnr) == (0.16, 30.0)
     assert attack.key_regions is None and torch.equal(attack.mask_, torch.ones(112, 112))
     assert attack.target_ssim_start == "auto" and attack.lr == 0.01 and attack.optimizer == "adam"
     assert main(["fit", str(root), "--output", str(output), "--max-time", "0.01", "--key-regions",
@@ -400,6 +401,10 @@ def test_fit_command_fits_and_saves(tmp_path: Path, capsys) -> None:
                  "--quiet"]) == 0
     for_photos = UAPAttack.load(output)
     assert for_photos.augment == "round_trip" and for_photos.lowpass_size == 56
+    assert main(["fit", str(root), "--output", str(output), "--max-time", "0.01", "--threshold", "0.3",
+                 "--epsilon", "0.08", "--min-psnr", "none", "--quiet"]) == 0
+    papers_budget = UAPAttack.load(output)
+    assert (papers_budget.epsilon, papers_budget.min_psnr) == (0.08, None)
     assert (for_photos.target_ssim, for_photos.target_ssim_start) == (0.95, 0.91)
 
 
@@ -453,16 +458,16 @@ def test_each_subcommand_has_its_own_parser_function() -> None:
 
 
 def test_fit_command_repeats_the_attacks_own_defaults() -> None:
-    """``--epsilon``, ``--lr``, ``--optimizer``, ``--init``, ``--n-init`` and ``--skip-fooled`` repeat
-    ``UAPAttack``'s defaults and choices as literals (the parser imports no torch)."""
+    """``--epsilon``, ``--min-psnr``, ``--lr``, ``--optimizer``, ``--init``, ``--n-init`` and ``--skip-fooled``
+    repeat ``UAPAttack``'s defaults and choices as literals (the parser imports no torch)."""
     import inspect
 
     from krtfuap.apps.cli import build_parser
 
     args = build_parser().parse_args(["fit", ".", "--output", "o"])
     parameters = inspect.signature(UAPAttack).parameters
-    assert (args.epsilon, args.lr, args.optimizer, args.init, args.n_init, args.skip_fooled) == tuple(
-        parameters[name].default for name in ("epsilon", "lr", "optimizer", "init", "n_init", "skip_fooled"))
+    names = ("epsilon", "min_psnr", "lr", "optimizer", "init", "n_init", "skip_fooled")
+    assert tuple(getattr(args, name) for name in names) == tuple(parameters[name].default for name in names)
     for name in UAPAttack._parameter_constraints["init"][0].values:
         assert build_parser().parse_args(["fit", ".", "--output", "o", "--init", name]).init == name
     for name in OPTIMIZERS:

@@ -15,7 +15,7 @@ from krtfuap.attack import AUTO_WARM_UP, UAPAttack, adapt_stealth_weight
 from krtfuap.key_regions import KeyRegions
 from krtfuap.baselines import FGUAP, DeepFoolUAP, FrequencyUAP, RandomNoiseUAP
 from krtfuap._batches import FitData
-from krtfuap.engine import FitLoop, Solver, frozen, selection_key
+from krtfuap.engine import FitLoop, Solver, frozen, in_memory_format, selection_key
 from krtfuap.models.ensemble import EnsembleEmbedder
 from krtfuap.scoring import score_perturbation
 
@@ -65,6 +65,25 @@ def test_frozen_restores_on_error():
         with frozen(model):
             raise RuntimeError("boom")
     assert _states(model) == before
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_in_memory_format_converts_the_weights_and_puts_the_originals_back(fails):
+    model = _Mixed()
+    conv = model.backbone[0]
+    weight, storages = conv.weight.detach().clone(), (conv.weight.data_ptr(), conv.bias.data_ptr())
+    assert not weight.is_contiguous(memory_format=torch.channels_last)
+    try:
+        with in_memory_format(model, torch.channels_last):
+            assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(conv.weight, weight, atol=0, rtol=0)
+            if fails:
+                raise RuntimeError("boom")
+    except RuntimeError:
+        assert fails
+    assert (conv.weight.data_ptr(), conv.bias.data_ptr()) == storages and conv.weight.is_contiguous()
+    with in_memory_format(model, None):  # None: the model as it is
+        assert conv.weight.data_ptr() == storages[0]
 
 
 def test_ensemble_members_keep_their_eval_mode_after_fit_and_evaluate():
@@ -242,7 +261,7 @@ def test_target_ssim_holds_on_the_fit_faces(stealth_loss):
     coarse = torch.rand(24, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     X = torch.nn.functional.interpolate(coarse, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
     attack = make(UAPAttack, threshold=0.98, stealth_loss=stealth_loss, stealth_weight=0.01, target_ssim=0.9,
-                  init_scale=1.0, max_epochs=12, target_fooling_rate=1.0).fit(X)
+                  init_scale=1.0, min_psnr=None, max_epochs=12, target_fooling_rate=1.0).fit(X)
     assert attack.ssim_ >= 0.9
     assert attack.evaluate(X)["ssim"] >= 0.9
     assert attack.stealth_weight_ > 0.01  # the weight had to grow to meet the target

@@ -126,7 +126,8 @@ def test_a_face_counts_as_fooled_only_when_every_member_is_below_its_own_thresho
 
 def test_the_worst_member_fit_pushes_the_member_a_mean_leaves_behind():
     models, faces = tiny_members(), random_faces(16, size=SIZE)
-    settings = dict(epsilon=0.2, max_epochs=10, batch_size=8, random_state=0, stealth_loss=None)
+    settings = dict(epsilon=0.2, init_scale=1.0, min_psnr=None, max_epochs=10, batch_size=8, random_state=0,
+                    stealth_loss=None)
     # Thresholds out of reach, so that every step pushes every face.
     mean_fit = UAPAttack(models, threshold=-0.9, **settings).fit(faces)
     worst_fit = UAPAttack(models, threshold=[-0.9, -0.9], **settings).fit(faces)
@@ -141,8 +142,8 @@ def test_the_worst_member_fit_pushes_the_member_a_mean_leaves_behind():
 def test_the_ensemble_margin_keeps_pushing_faces_fooled_at_the_thresholds():
     models, faces = tiny_members(), random_faces(16, size=SIZE)
     # Thresholds that the starting noise already meets on every face: without a margin skip_fooled drops them all.
-    settings = dict(threshold=[0.9999, 0.9999], epsilon=0.2, max_epochs=1, batch_size=4, random_state=0,
-                    stealth_loss=None, target_fooling_rate=1.0, skip_fooled=True)
+    settings = dict(threshold=[0.9999, 0.9999], epsilon=0.2, init_scale=1.0, min_psnr=None, max_epochs=1,
+                    batch_size=4, random_state=0, stealth_loss=None, target_fooling_rate=1.0, skip_fooled=True)
     still = UAPAttack(models, ensemble_margin=0.0, **settings).fit(faces)
     pushed = UAPAttack(models, ensemble_margin=0.3, **settings).fit(faces)
     assert still.fooling_rate_ == pushed.fooling_rate_ == 1.0

@@ -244,6 +244,8 @@ def test_a_format_1_file_loads_and_names_what_it_takes_from_todays_defaults(tmp_
     [
         ("target_ssim_start", dict(target_ssim=0.9), None),  # files before the warm-up were fitted without one
         ("optimizer", dict(optimizer="tensorwise_adam"), "adam"),  # and before the choice, with Adam
+        ("min_psnr", dict(min_psnr=25.0), None),  # and before the l2 budget, without one
+        ("score_size", dict(score_size=5), None),  # and before score_size, scored on all their faces
     ],
 )
 def test_a_file_from_before_a_parameter_loads_as_it_was_fitted(tmp_path, name, fitted_with, value_before):
@@ -433,6 +435,24 @@ def test_score_size_is_refused_beside_validation_faces_or_a_loader_naming_the_fi
         tiny_attack(score_size=4).fit(list(faces(12).split(4)))
 
 
+def test_score_size_auto_draws_from_a_tensor_and_leaves_a_loader_or_validation_faces_whole(monkeypatch):
+    from krtfuap import estimator
+
+    monkeypatch.setattr(estimator, "AUTO_SCORE_SIZE", 5)
+    scored = scoring_faces_of_each_loop(monkeypatch)
+    x, validation = faces(12), faces(4, seed=1)
+    assert UAPAttack(None).score_size == "auto"
+    auto = tiny_attack(score_size="auto").fit(x)
+    five = tiny_attack(score_size=5).fit(x)
+    assert len(scored[0]) == 5 and torch.equal(scored[0], scored[1])
+    assert untimed(auto.epoch_scores_) == untimed(five.epoch_scores_)
+    tiny_attack(score_size="auto").fit(list(x.split(4)))  # a loader: no error, all of its faces score
+    tiny_attack(score_size="auto").fit(x, validation=validation)  # the validation faces, all of them
+    assert scored[2] is None and torch.equal(scored[3], validation)
+    tiny_attack(score_size="auto").fit(x[:5])  # no more faces than the draw: all of X
+    assert scored[4] is None
+
+
 def test_n_init_calibrates_the_threshold_once_from_pairs_read_once():
     model = TinyEmbedder()
     pairs = iter([(faces(8), faces(8, seed=1), torch.tensor([True, False] * 4))])  # an iterator: read once
@@ -494,7 +514,8 @@ def test_n_init_resume_skips_the_ended_restart_and_continues_the_interrupted_one
 
 
 def test_n_init_prefers_a_restart_that_meets_the_stealth_target_to_one_that_fools_more():
-    attack = tiny_attack(threshold=0.99, target_ssim=0.9, epsilon=0.3, n_init=3, random_state=3).fit(faces(12))
+    attack = tiny_attack(threshold=0.99, target_ssim=0.9, epsilon=0.3, init_scale=1.0, min_psnr=None, n_init=3,
+                         random_state=3).fit(faces(12))
     scores, kept = attack.init_scores_, attack.init_scores_[attack.best_init_]
     meeting = [entry for entry in scores if entry["ssim"] >= 0.9]
     assert kept in meeting and kept["fooling_rate"] == max(entry["fooling_rate"] for entry in meeting)

@@ -9,6 +9,7 @@ import torch
 from fakes import TinyEmbedder, tiny_attack
 from fakes import random_faces as faces
 from sklearn.base import clone
+from torch import nn
 
 from krtfuap.attack import UAPAttack
 
@@ -18,10 +19,10 @@ attack = partial(tiny_attack, UAPAttack, threshold=0.995, stealth_loss="ssim", m
 
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_channels_last_gives_the_same_fit_on_cpu(shuffle):
-    plain = attack(shuffle=shuffle).fit(faces())
+    plain = attack(channels_last=False, shuffle=shuffle).fit(faces())
     fast = attack(channels_last=True, shuffle=shuffle)
     fast.fit(faces())
-    assert fast.model.net[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert fast.model.net[0].weight.is_contiguous()  # the model's weights are put back in their layout
     # Convolutions in another memory format round differently, and Adam amplifies rounding over
     # the steps, by how much depends on the path and the CPU's kernels: agree to 1e-4 in the data's
     # order and to 5e-4 shuffled (epsilon is 0.08; measured shuffled: 1.1e-4 at most on one CPU,
@@ -29,6 +30,32 @@ def test_channels_last_gives_the_same_fit_on_cpu(shuffle):
     torch.testing.assert_close(fast.perturbation_, plain.perturbation_, atol=5e-4 if shuffle else 1e-4, rtol=0)
     assert fast.perturbation_.is_contiguous()
     assert [r["fooling_rate"] for r in fast.history_] == [r["fooling_rate"] for r in plain.history_]
+
+
+class _ViewFlattened(nn.Module):
+    """Flattens its feature map with ``.view``, which a channels_last map refuses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=4)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.conv(images)
+        return features.view(len(features), -1)
+
+
+def test_a_model_that_cannot_take_channels_last_gets_an_error_naming_the_fix():
+    model = _ViewFlattened()
+    with pytest.raises(ValueError, match=r"failed on channels_last input .*fit it with channels_last=False"):
+        attack(model=model).fit(faces())
+    assert model.conv.weight.is_contiguous()  # put back in its layout after the error too
+    assert attack(model=model, channels_last=False).fit(faces()).perturbation_.shape == faces().shape[1:]
+
+
+def test_a_model_already_in_channels_last_stays_so_after_the_fit():
+    model = TinyEmbedder().to(memory_format=torch.channels_last)
+    attack(model=model, channels_last=True).fit(faces())
+    assert model.net[0].weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_amp_on_cpu_raises_a_clear_error():

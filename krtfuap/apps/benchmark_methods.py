@@ -84,8 +84,12 @@ def _built(value: Any) -> Any:
 
 
 def _krt(label: str, table: str, **switches: Any) -> Method:
-    """A KRT-FUAP row: ``UAPAttack`` with the paper's key regions and constant rates, unless ``switches`` differ."""
-    options = {"key_regions": ("KeyRegions", {}), "lr_decay_steps": None, **switches}
+    """A KRT-FUAP row: ``UAPAttack`` with the paper's key regions, start, l_inf budget alone and constant rates,
+    scored on all fit faces like the baselines, unless ``switches`` differ."""
+    options = {
+        "key_regions": ("KeyRegions", {}), "lr_decay_steps": None, "init_scale": 1.0, "min_psnr": None,
+        "score_size": None, "channels_last": False, **switches,
+    }
     return Method(label, table, "krtfuap.attack.UAPAttack", options, stealth=True)
 
 

@@ -81,6 +81,11 @@ def _warm_up_start(text: str) -> float | str | None:
     return _open_probability(text)
 
 
+def _psnr_floor(text: str) -> float | None:
+    """``none`` or a PSNR in dB, ``> 0``."""
+    return None if text.lower() == "none" else _positive(text)
+
+
 def _similarity(text: str) -> float:
     return _number(text, float, -1.0, high=1.0)
 
@@ -448,7 +453,11 @@ def _add_fit_parser(commands: argparse._SubParsersAction) -> None:
                      "photo: through random JPEG, rescaling and re-alignment (default: %(default)s)")
     fit.add_argument("--lowpass-size", type=_positive_int, default=None, metavar="N",
                      help="band-limit the perturbation to an N x N grid (e.g. 72: survives photos better)")
-    fit.add_argument("--epsilon", type=_epsilon, default=0.08, help="l_inf budget (default: %(default)s)")
+    fit.add_argument("--epsilon", type=_epsilon, default=0.16,
+                     help="l_inf budget; the paper's is 0.08 (default: %(default)s)")
+    fit.add_argument("--min-psnr", type=_psnr_floor, default=30.0, metavar="DB",
+                     help="keep every perturbed face at this PSNR or above (an l2 budget beside --epsilon); "
+                     "none: no floor, as in the paper (default: %(default)s)")
     fit.add_argument("--lr", type=_positive, default=0.01,
                      help="learning rate of the perturbation (of --optimizer), decayed to a tenth over the fit; 0.02 fooled "
                      "more held-out faces of w600k_mbf, and of others in fits of a few hundred steps "
@@ -516,7 +525,7 @@ def _run_fit(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
         raise ValueError(f"{args.faces} has no pairs.csv to calibrate {args.model}'s threshold: pass --threshold T.")
     attack = UAPAttack(
         load_face_model(args.model, args.weights), threshold=threshold, epsilon=args.epsilon,
-        target_ssim=args.target_ssim, target_ssim_start=args.target_ssim_start,
+        min_psnr=args.min_psnr, target_ssim=args.target_ssim, target_ssim_start=args.target_ssim_start,
         optimizer=args.optimizer, lr=args.lr, init=init, skip_fooled=args.skip_fooled,
         augment=None if args.augment == "none" else args.augment,
         lowpass_size=args.lowpass_size, key_regions=KeyRegions() if args.key_regions else None,
