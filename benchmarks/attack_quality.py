@@ -114,7 +114,7 @@ def main() -> None:
             attack = UAPAttack(
                 model, threshold=threshold, epsilon=args.epsilon, stealth_loss=stealth_spec(stealth),
                 stealth_weight=weight, key_regions=KeyRegions(flow_unit=unit), skip_fooled=bool(skip),
-                init_scale=init, lr=lr,
+                init_scale=init, lr=lr, min_psnr=None, score_size=None,  # the baselines' budget and scoring
                 target_fooling_rate=args.target, max_epochs=args.max_epochs, batch_size=args.batch_size,
                 random_state=args.seed, device=args.device,
             )

@@ -122,7 +122,8 @@ def main() -> None:
     fit_faces, test_faces = split.fit_faces, split.test_faces
     print(f"fit: {len(fit_faces)} faces of {len(split.fit_identities)} identities; held-out: {len(test_faces)} "
           f"faces of {len(split.test_identities)} other identities; epsilon {UAPAttack(None).epsilon:g} "
-          f"(the defaults; 0.08 in 'paper' configurations); max_time {args.max_time:.0f} s; max_epochs {args.max_epochs}; "
+          f"(the defaults; 0.08 in 'paper' configurations); max_time {args.max_time:.0f} s; "
+          f"max_epochs {args.max_epochs}; "
           f"torch threads {torch.get_num_threads()}; device {args.device}; "
           f"load average at start {os.getloadavg()[0]:.2f}\n")
     goals = " | ".join(f"steps / s to FR {goal:g}" for goal in args.goal_fr)

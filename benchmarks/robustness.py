@@ -231,7 +231,8 @@ def main() -> None:
 
     split = held_out_split(args.fit_faces, args.test_faces, args.pairs, args.seed)
     print(f"fit: {len(split.fit_faces)} faces of {len(split.fit_identities)} identities; held-out: "
-          f"{len(split.test_faces)} faces of {len(split.test_identities)} other identities; epsilon 0.08; "
+          f"{len(split.test_faces)} faces of {len(split.test_identities)} other identities; "
+          f"epsilon {UAPAttack(None).epsilon:g} (the defaults'); "
           f"target_ssim {args.target_ssim or None}; max_time {args.max_time:.0f} s; torch threads "
           f"{torch.get_num_threads()}; load average at start {os.getloadavg()[0]:.2f}\n")
     refined = f"photo JPEG q85 refined {args.refine_steps}"

@@ -8,13 +8,14 @@ shared fitting faces, the configurations in turns (``--rounds`` times, so load h
 over the timed epochs of the seconds of steps and of scoring per epoch, the scoring's share of the
 loop, and the steps a 600-s fit would make at that pace, with its ratio to the first configuration.
 
-Configurations (``--configs``): ``plain`` (the defaults) or ``,``-separated ``keyword=value``
-pairs of ``UAPAttack``, e.g. ``channels_last=True,score_size=300``.
+Configurations (``--configs``): ``plain`` (the defaults, ``channels_last=True, score_size="auto"``:
+300 faces) or ``,``-separated ``keyword=value`` pairs of ``UAPAttack``, e.g.
+``channels_last=False,score_size=None`` (the defaults before ``benchmarks/RESULTS.md`` 9m).
 
 Example (2-core CPU, about 10 minutes)::
 
     python benchmarks/scoring_share.py --models insightface_mbf foamliu_mobilefacenet \
-        --configs plain channels_last=True score_size=300 channels_last=True,score_size=300
+        --configs channels_last=False,score_size=None score_size=None channels_last=False plain
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ def epoch_times(attack: UAPAttack) -> list[tuple[float, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["insightface_mbf", "foamliu_mobilefacenet"])
-    parser.add_argument("--configs", nargs="+", default=["plain", "channels_last=True", "score_size=300",
-                                                         "channels_last=True,score_size=300"])
+    parser.add_argument("--configs", nargs="+", default=["channels_last=False,score_size=None", "score_size=None",
+                                                         "channels_last=False", "plain"])
     parser.add_argument("--fit-faces", type=int, default=1232)
     parser.add_argument("--epochs", type=int, default=1, help="timed epochs per fit, after an untimed one")
     parser.add_argument("--rounds", type=int, default=1, help="times every configuration is fitted, in turns")

@@ -161,7 +161,7 @@ def main() -> None:
     fit_index, heldout_index = split_groups(groups, random_state=0)
 
     attack = UAPAttack(model, threshold=INSIGHTFACE_MBF_THRESHOLD, epsilon=0.08, stealth_loss="ssim",
-                       key_regions=KeyRegions(), lr_decay_steps=None,
+                       key_regions=KeyRegions(), lr_decay_steps=None, init_scale=1.0, min_psnr=None,
                        target_fooling_rate=0.8, max_epochs=args.max_epochs, random_state=0)
     attack.fit(faces[fit_index])
     heldout = faces[heldout_index]

@@ -82,7 +82,7 @@ def main() -> None:
     fit_faces = Subset(fit_set, sorted(rng.permutation(len(fit_set))[: args.max_faces].tolist()))
     heldout_faces = Subset(heldout_set, sorted(rng.permutation(len(heldout_set))[: args.max_faces].tolist()))
 
-    attack = UAPAttack(model, threshold=None, epsilon=0.08, stealth_loss="ssim", target_fooling_rate=0.8,
+    attack = UAPAttack(model, threshold=None, stealth_loss="ssim", target_fooling_rate=0.8,
                        max_epochs=args.max_epochs, random_state=0)
     attack.fit(DataLoader(fit_faces, batch_size=32), pairs=DataLoader(PairDataset(pairs, args.faces), batch_size=64))
     print(f"threshold {attack.threshold_:.3f}, calibrated on {len(pairs)} pairs of fitting identities")

@@ -37,7 +37,8 @@ def main() -> None:
     parser.add_argument("--max-faces", type=int, default=256, help="fit on at most this many faces")
     parser.add_argument("--max-epochs", type=int, default=30, help="most passes over the faces")
     parser.add_argument("--max-time", type=float, default=None, help="most seconds of fitting")
-    parser.add_argument("--epsilon", type=float, default=0.08, help="l_inf budget on [0, 1] images")
+    parser.add_argument("--epsilon", type=float, default=0.16,
+                        help="l_inf budget on [0, 1] images (UAPAttack's default; the paper's is 0.08)")
     parser.add_argument("--stealth-weight", type=float, default=None, help="weight of 1 - SSIM (default: 3)")
     parser.add_argument("--threshold", type=float, default=INSIGHTFACE_MBF_THRESHOLD,
                         help="verification threshold on cosine similarity (default: %(default)s)")

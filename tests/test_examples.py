@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import itertools
-import math
 import os
 import re
 import shutil
@@ -156,7 +155,7 @@ def test_fit_and_save_fits_on_the_fitting_identities_and_saves(fitted):
     assert steps == attack.n_iter_ and reason == attack.stop_reason_ and attack.n_epochs_ <= 2
     assert f"saved {output}" in stdout
     assert attack.perturbation_.shape == (3, 112, 112)
-    assert attack.perturbation_.abs().max() <= 0.08 + 1e-6
+    assert attack.perturbation_.abs().max() <= 0.16 + 1e-6 and attack.epsilon == 0.16  # the example's default
     assert attack.threshold_ == pytest.approx(0.202)
 
 
@@ -268,8 +267,8 @@ def test_custom_model_wraps_a_backbone_calibrates_and_fits(shared_assets, tiny_f
     match = re.search(r"held-out identities \((\d+) faces\): fooling rate ([\d.]+), SSIM ([\d.]+), PSNR ([\d.]+)",
                       stdout)
     assert match and int(match[1]) == 8 and _is_share_of(float(match[2]), 8)
-    # A change of at most epsilon = 0.08 per pixel: every face's PSNR is at least 20 log10(1 / 0.08) = 21.9 dB.
-    assert float(match[4]) >= 20 * math.log10(1 / 0.08) and float(match[3]) < 1
+    # The defaults' PSNR floor (min_psnr=30) holds every face at 30 dB or above, so their mean too.
+    assert float(match[4]) >= 30 - 1e-3 and float(match[3]) < 1
 
 
 @pytest.mark.real

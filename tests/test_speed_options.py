@@ -14,7 +14,7 @@ from torch import nn
 from krtfuap.attack import UAPAttack
 
 
-attack = partial(tiny_attack, UAPAttack, threshold=0.995, stealth_loss="ssim", max_epochs=3)
+attack = partial(tiny_attack, UAPAttack, threshold=0.995, epsilon=0.08, stealth_loss="ssim", max_epochs=3)
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
