@@ -32,8 +32,8 @@ from krtfuap.perturbation import MaskedPerturbation, psnr_to_rms
 from krtfuap.singular import top_singular_direction
 from krtfuap.stealth import StealthLossLike, resolve_stealth_loss
 
-__all__ = ["UAPAttack", "AUTO_DECAY_STEPS", "AUTO_WARM_UP", "SINGULAR_INIT_FACES", "SINGULAR_INIT_ITERATIONS",
-           "adapt_stealth_weight", "cosine_decay", "decay_progress"]
+__all__ = ["UAPAttack", "AUTO_DECAY_STEPS", "AUTO_WARM_UP", "PAPER_BUDGET", "SINGULAR_INIT_FACES",
+           "SINGULAR_INIT_ITERATIONS", "adapt_stealth_weight", "cosine_decay", "decay_progress"]
 
 #: Bounds of an adapted stealth weight.
 _WEIGHT_RANGE = (1e-3, 1e4)
@@ -46,6 +46,9 @@ AUTO_WARM_UP = 0.06
 AUTO_DECAY_STEPS = 600
 #: Faces and power iterations of ``init="singular"`` (:func:`krtfuap.singular.top_singular_direction`).
 SINGULAR_INIT_FACES, SINGULAR_INIT_ITERATIONS = 64, 15
+#: The paper's budget and start (Section 4.1): an l_inf bound of 0.08, noise uniform over all of it, no PSNR
+#: floor. :meth:`UAPAttack.paper` and :meth:`UAPAttack.transferable` keep it; the defaults are wider.
+PAPER_BUDGET: dict[str, Any] = {"epsilon": 0.08, "init_scale": 1.0, "min_psnr": None}
 
 
 def adapt_stealth_weight(weight: float, measured_ssim: float, target_ssim: float, rate: float) -> float:
@@ -436,9 +439,8 @@ class UAPAttack(PerturbationEstimator):
             Unfitted.
         """
         recipe = dict(
-            stealth_loss="vgg", stealth_weight=0.05, target_ssim=None, target_ssim_start=None,
-            key_regions=KeyRegions(),
-            epsilon=0.08, skip_fooled=True, init="uniform", init_scale=1.0, lowpass_size=None, min_psnr=None,
+            **PAPER_BUDGET, stealth_loss="vgg", stealth_weight=0.05, target_ssim=None, target_ssim_start=None,
+            key_regions=KeyRegions(), skip_fooled=True, init="uniform", lowpass_size=None,
             optimizer="adam", lr=0.01, lr_decay_steps=None, batch_size=10, shuffle=False, target_fooling_rate=0.8,
             adversarial_loss="direction", score_size=None,
         )
@@ -496,8 +498,8 @@ class UAPAttack(PerturbationEstimator):
             Unfitted.
         """
         recipe = {
+            **PAPER_BUDGET, "channels_last": False, "score_size": None,
             "input_diversity": 1.0, "diversity_min_scale": 0.8, "target_fooling_rate": 0.9,
-            "epsilon": 0.08, "init_scale": 1.0, "min_psnr": None, "channels_last": False, "score_size": None,
         }
         return cls(model, **{**recipe, **overrides})
 
